@@ -1,0 +1,1 @@
+"""Hot per-batch reductions: plain-torch references, with optimised kernels beside them."""

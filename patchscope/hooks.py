@@ -1,0 +1,291 @@
+"""Capture, patch and stop at named sites of a raw HF model.
+
+Every install is a context manager that removes its handles in ``finally``. They compose:
+
+    with capture(model, ["blocks.4.mlp.hook_post"]) as cache, stop_after(model, "blocks.4.mlp.hook_post"):
+        model(input_ids)
+    cache["blocks.4.mlp.hook_post"]  # [batch, pos, d_mlp]; layers 5.. never ran
+
+A stop raises `StopForward` inside the model; `stop_after` swallows it when the block exits, so
+put the model call last in the block.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from .sites import SiteRef, base_model, resolve
+
+
+class HookFn(Protocol):
+    """The one hook contract: see the site's tensor, optionally return a replacement."""
+
+    def __call__(self, value: Tensor, step: Step) -> Tensor | None:
+        """``value`` is ``[batch, pos, d]``. Return ``None`` to leave it, or a tensor of the same shape."""
+        ...
+
+
+class StopForward(Exception):
+    """Raised inside the forward pass by `stop_after`; never escapes its context."""
+
+
+@dataclass
+class Step:
+    """What a hook knows about the forward call it runs in."""
+
+    site: str
+    """The site being hooked."""
+    _call: _CallTracker | None = field(default=None, repr=False)
+
+    @property
+    def offset(self) -> int:
+        """Absolute token position of ``value[:, 0]``: 0 without a KV cache, the cached length with one."""
+        return 0 if self._call is None else self._call.offset()
+
+
+class _CallTracker:
+    """Notes, as the decoder stack is called, how many tokens its KV cache already holds.
+
+    Read at call time: by the time a hook in layer L runs, layers before it have grown the cache.
+    """
+
+    def __init__(self) -> None:
+        self.cache_position: Tensor | None = None
+        self.cached = 0
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.cache_position = kwargs.get("cache_position")  # transformers 4.x passes it
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # renamed to `cache` in 5.x
+        self.cached = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+
+    def offset(self) -> int:
+        if self.cache_position is not None:
+            return int(self.cache_position[0])
+        return self.cached
+
+
+def _split(output: Any) -> tuple[Tensor, Any]:
+    """Decoder layers return a tensor (transformers 5.x) or a tuple (4.x); attention returns a tuple."""
+    if isinstance(output, tuple):
+        return output[0], output[1:]
+    return output, None
+
+
+def _join(tensor: Tensor, rest: Any) -> Any:
+    return tensor if rest is None else (tensor, *rest)
+
+
+# Modules with an active stop hook, so a hook installed later on the same module can be put before it.
+_STOPS: weakref.WeakKeyDictionary[nn.Module, list[Any]] = weakref.WeakKeyDictionary()
+
+
+def _register(ref: SiteRef, fn: HookFn, tracker: _CallTracker) -> RemovableHandle:
+    if ref.point == "input":
+
+        def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+            from_kwargs = not args
+            value = kwargs["hidden_states"] if from_kwargs else args[0]
+            new = fn(value, Step(ref.name, tracker))
+            if new is None:
+                return None
+            if from_kwargs:
+                return args, {**kwargs, "hidden_states": new}
+            return (new, *args[1:]), kwargs
+
+        handle = ref.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    else:
+
+        def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+            value, rest = _split(output)
+            new = fn(value, Step(ref.name, tracker))
+            return None if new is None else _join(new, rest)
+
+        handle = ref.module.register_forward_hook(hook)
+    for stop in _STOPS.get(ref.module, []):
+        stop.move_to_end(ref.module)
+    return handle
+
+
+@contextmanager
+def hooks(model: nn.Module, fns: Mapping[str, HookFn]) -> Iterator[None]:
+    """Install ``{site: fn}`` for the duration of the block."""
+    refs = {name: resolve(model, name) for name in fns}  # resolve all before installing any
+    tracker = _CallTracker()
+    handles: list[RemovableHandle] = []
+    try:
+        handles.append(base_model(model).register_forward_pre_hook(tracker, with_kwargs=True))
+        for name, fn in fns.items():
+            handles.append(_register(refs[name], fn, tracker))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+PositionSpec = int | Sequence[int] | Tensor | None
+"""Absolute token positions: one int, a list, a ``[batch, n]`` tensor (per row), or None for all."""
+
+
+def _position_index(positions: PositionSpec, batch: int, device: torch.device) -> Tensor | None:
+    """Normalise to a ``[batch|1, n]`` LongTensor of absolute positions."""
+    if positions is None:
+        return None
+    index = torch.as_tensor(positions, dtype=torch.long)
+    if index.dim() == 0:
+        index = index.view(1, 1)
+    elif index.dim() == 1:
+        index = index.view(1, -1)
+    return index.to(device)
+
+
+class Capture(dict):
+    """``{site: tensor}`` from the latest forward call; ``history[site]`` keeps every call when asked."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.history: dict[str, list[Tensor]] = {}
+
+
+@contextmanager
+def capture(
+    model: nn.Module,
+    names: str | Sequence[str],
+    *,
+    positions: Sequence[int] | None = None,
+    to_cpu: bool = False,
+    keep_history: bool = False,
+) -> Iterator[Capture]:
+    """Record sites as ``[batch, pos, d]`` (``pos`` restricted to ``positions`` when given).
+
+    ``keep_history`` keeps every forward call's tensor, e.g. one per generation step.
+    """
+    names = [names] if isinstance(names, str) else list(names)
+    store = Capture()
+
+    def make(name: str) -> HookFn:
+        def record(value: Tensor, step: Step) -> None:
+            kept = value.detach()
+            if positions is not None:
+                kept = kept[:, [p - step.offset for p in positions]]
+            if to_cpu:
+                kept = kept.to("cpu", non_blocking=True)
+            store[name] = kept
+            if keep_history:
+                store.history.setdefault(name, []).append(kept)
+
+        return record
+
+    with hooks(model, {name: make(name) for name in names}):
+        yield store
+
+
+@contextmanager
+def patch(
+    model: nn.Module,
+    name: str,
+    value: Tensor,
+    *,
+    positions: PositionSpec = None,
+    mode: Literal["replace", "add"] = "replace",
+    rows: Tensor | None = None,
+) -> Iterator[None]:
+    """Write ``value`` into site ``name`` at absolute ``positions``.
+
+    ``value`` is ``[d]``, ``[n_positions, d]`` or ``[batch, n_positions, d]``. Positions are
+    absolute token indices, so under generation with a KV cache the patch lands in the prefill and is
+    skipped at decode steps (which cover later positions); without a cache every step re-runs the
+    prefix and is patched again. ``rows`` (``[batch]`` bool) limits the patch to some batch rows.
+    """
+    if mode not in ("replace", "add"):
+        raise ValueError(f"patch mode must be 'replace' or 'add', not {mode!r}")
+
+    def write(current: Tensor, step: Step) -> Tensor | None:
+        batch, seq_len, _ = current.shape
+        patch_value = value.to(device=current.device, dtype=current.dtype)
+        if positions is None:
+            target = torch.broadcast_to(patch_value, current.shape)
+            new = target if mode == "replace" else current + target
+            if rows is not None:
+                new = torch.where(rows.to(current.device).view(-1, 1, 1), new, current)
+            return new
+        index = _position_index(positions, batch, current.device)  # [batch|1, n]
+        index = index.expand(batch, -1) - step.offset
+        inside = (index >= 0) & (index < seq_len)  # [batch, n]
+        if rows is not None:
+            inside &= rows.to(current.device).view(-1, 1)
+        if not bool(inside.any()):
+            return None
+        if patch_value.dim() < 3:  # [d] or [n, d]: the same for every row
+            patch_value = patch_value.view(1, -1, current.shape[-1])
+        patch_value = torch.broadcast_to(patch_value, (batch, index.shape[1], current.shape[-1]))
+        row_index, col_index = inside.nonzero(as_tuple=True)
+        new = current.clone()
+        written = patch_value[row_index, col_index]
+        if mode == "add":
+            written = written + current[row_index, index[row_index, col_index]]
+        new[row_index, index[row_index, col_index]] = written
+        return new
+
+    with hooks(model, {name: write}):
+        yield
+
+
+class _Stop:
+    """A hook that raises `StopForward`; re-registers itself last when another hook joins its module."""
+
+    def __init__(self, ref: SiteRef) -> None:
+        self.ref = ref
+        self.handle: RemovableHandle | None = None
+        self.install()
+
+    def install(self) -> None:
+        if self.ref.point == "input":
+            self.handle = self.ref.module.register_forward_pre_hook(self._raise_pre)
+        else:
+            self.handle = self.ref.module.register_forward_hook(self._raise_post)
+
+    def move_to_end(self, module: nn.Module) -> None:
+        self.remove()
+        self.install()
+
+    def remove(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+    def _raise_pre(self, module: nn.Module, args: tuple) -> None:
+        raise StopForward(self.ref.name)
+
+    def _raise_post(self, module: nn.Module, args: tuple, output: Any) -> None:
+        raise StopForward(self.ref.name)
+
+
+@contextmanager
+def stop_after(model: nn.Module, name: str) -> Iterator[None]:
+    """End the forward pass right after site ``name``: later layers and the LM head never run.
+
+    Hooks at the same site, installed before or after this one, still run first.
+    """
+    stop = _Stop(resolve(model, name))
+    _STOPS.setdefault(stop.ref.module, []).append(stop)
+    try:
+        yield
+    except StopForward:
+        pass
+    finally:
+        stop.remove()
+        _STOPS[stop.ref.module].remove(stop)
+
+
+def run_until(model: nn.Module, name: str, **inputs: Any) -> None:
+    """Run ``model(**inputs)`` and stop right after ``name``; use inside `capture` to read sites."""
+    with stop_after(model, name):
+        model(**inputs)

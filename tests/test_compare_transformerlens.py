@@ -1,0 +1,26 @@
+"""Our sites against TransformerLens on identical weights (needs the `compare` extra)."""
+
+import pytest
+import torch
+
+from patchscope import capture, load_model
+
+bridge_module = pytest.importorskip("transformer_lens.model_bridge", reason="install the `compare` extra")
+
+SITES = ["blocks.1.hook_resid_pre", "blocks.2.hook_resid_pre", "blocks.1.mlp.hook_post", "blocks.2.mlp.hook_post", "blocks.1.hook_mlp_out", "blocks.1.hook_attn_out"]
+
+
+@pytest.mark.parametrize("family", ["gemma_dir", "llama_dir"])
+def test_sites_match_transformerlens(family, request):
+    directory = str(request.getfixturevalue(family))
+    ours, tokenizer = load_model(directory, dtype="float32", device="cpu")
+    theirs, _ = load_model(directory, dtype="float32", device="cpu")  # TL wraps its model: keep ours untouched
+    bridge = bridge_module.TransformerBridge.boot_transformers(
+        directory, hf_model=theirs, tokenizer=tokenizer, device="cpu", dtype=torch.float32
+    )
+    ids = tokenizer(["The next train to the city leaves at 7", "Proteins fold into shapes"], return_tensors="pt", padding=True).input_ids
+    _, tl_cache = bridge.run_with_cache(ids, names_filter=lambda name: name in SITES)
+    with capture(ours, SITES) as cache:
+        ours(ids)
+    for site in SITES:
+        torch.testing.assert_close(cache[site], tl_cache[site], rtol=1e-5, atol=1e-5, msg=lambda m: f"{site}: {m}")

@@ -1,0 +1,182 @@
+import pytest
+import torch
+
+from patchscope import StopForward, capture, hooks, patch, stop_after
+from patchscope.sites import base_model
+
+TEXT = "In 1994 the committee met 3 times to review the budget of 12 million dollars."
+
+
+def _ids(tokenizer, text=TEXT):
+    return tokenizer(text, return_tensors="pt").input_ids
+
+
+def _handle_count(model) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_patch_changes_only_later_positions(any_model):
+    model, tokenizer = any_model
+    ids = _ids(tokenizer)
+    p = 5
+    clean = model(ids).logits
+    vector = torch.randn(model.config.hidden_size) * 3
+    with patch(model, "blocks.1.hook_resid_pre", vector, positions=[p]):
+        patched = model(ids).logits
+    torch.testing.assert_close(patched[:, :p], clean[:, :p], rtol=0, atol=0)
+    assert (patched[:, p:] - clean[:, p:]).abs().amax(-1).min() > 1e-4
+
+
+def test_patch_with_own_value_changes_nothing(any_model):
+    model, tokenizer = any_model
+    ids = _ids(tokenizer)
+    site = "blocks.1.mlp.hook_post"
+    with capture(model, site) as cache:
+        clean = model(ids).logits
+    with patch(model, site, cache[site][0, [2, 7]], positions=[2, 7]):
+        same = model(ids).logits
+    torch.testing.assert_close(same, clean, rtol=0, atol=0)
+
+
+def test_patch_add_mode_and_rows(gemma):
+    model, tokenizer = gemma
+    ids = _ids(tokenizer).repeat(2, 1)
+    site = "blocks.2.hook_resid_pre"
+    delta = torch.randn(model.config.hidden_size)
+    with capture(model, site) as clean:
+        model(ids)
+    with patch(model, site, delta, positions=[4], mode="add", rows=torch.tensor([True, False])), capture(model, site) as cache:
+        model(ids)
+    torch.testing.assert_close(cache[site][0, 4], clean[site][0, 4] + delta)
+    torch.testing.assert_close(cache[site][1], clean[site][1], rtol=0, atol=0)
+
+
+def test_patched_generation_same_with_and_without_cache(any_model):
+    model, tokenizer = any_model
+    ids = _ids(tokenizer, "A detailed description of x is that")
+    vector = torch.randn(model.config.hidden_size) * 4
+    runs = []
+    settings = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_logits=True)
+    for use_cache in (True, False):
+        with patch(model, "blocks.1.hook_resid_pre", vector, positions=[7]):
+            runs.append(model.generate(ids, use_cache=use_cache, **settings))
+    unpatched = model.generate(ids, **settings)
+    assert torch.equal(runs[0].sequences, runs[1].sequences)
+    for cached, uncached in zip(runs[0].logits, runs[1].logits):
+        torch.testing.assert_close(cached, uncached, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(runs[0].logits[-1], unpatched.logits[-1], atol=1e-3)
+
+
+def test_decode_steps_are_not_patched(gemma):
+    model, tokenizer = gemma
+    ids = _ids(tokenizer, "A detailed description of x is that")
+    seen = []
+
+    def spy(value, step):
+        seen.append((step.offset, value.shape[1]))
+
+    with patch(model, "blocks.1.hook_resid_pre", torch.zeros(64), positions=[3]), hooks(model, {"blocks.1.hook_resid_pre": spy}):
+        model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert seen == [(0, ids.shape[1]), (ids.shape[1], 1), (ids.shape[1] + 1, 1)]
+
+
+def _counter(model, layer):
+    calls = []
+    handle = model.model.layers[layer].register_forward_hook(lambda *a: calls.append(1))
+    return calls, handle
+
+
+def test_stop_after_skips_later_layers(any_model):
+    model, tokenizer = any_model
+    ids = _ids(tokenizer)
+    site = "blocks.1.mlp.hook_post"
+    full_cache_site = "blocks.1.hook_resid_post"
+    with capture(model, [site, full_cache_site]) as full:
+        reference = model(ids).logits
+    later, h1 = _counter(model, 2)
+    head_calls = []
+    h2 = model.lm_head.register_forward_hook(lambda *a: head_calls.append(1))
+    try:
+        with stop_after(model, site), capture(model, site) as cache:  # capture installed after the stop still runs
+            model(ids)
+            pytest.fail("the forward pass should have stopped")
+    finally:
+        h1.remove()
+        h2.remove()
+    assert later == [] and head_calls == []
+    torch.testing.assert_close(cache[site], full[site], rtol=0, atol=0)
+    torch.testing.assert_close(model(ids).logits, reference, rtol=0, atol=0)  # usable afterwards
+
+
+def test_capture_patch_stop_compose(gemma):
+    model, tokenizer = gemma
+    ids = _ids(tokenizer)
+    vector = torch.randn(64)
+    with capture(model, ["blocks.1.hook_resid_pre", "blocks.2.hook_resid_pre"]) as cache, patch(
+        model, "blocks.1.hook_resid_pre", vector, positions=[3]
+    ), stop_after(model, "blocks.2.hook_resid_pre"):
+        model(ids)
+    # capture was installed before the patch on the same site, so it saw the unpatched value
+    assert not torch.equal(cache["blocks.1.hook_resid_pre"][0, 3], vector)
+    with patch(model, "blocks.1.hook_resid_pre", vector, positions=[3]), capture(model, "blocks.1.hook_resid_pre") as after:
+        model(ids)
+    torch.testing.assert_close(after["blocks.1.hook_resid_pre"][0, 3], vector)
+    assert "blocks.2.hook_resid_pre" in cache
+
+
+def test_no_handles_remain(gemma):
+    model, tokenizer = gemma
+    ids = _ids(tokenizer)
+    before = _handle_count(model)
+    with capture(model, "blocks.0.hook_resid_post"), patch(model, "blocks.1.hook_resid_pre", torch.zeros(64), positions=[1]):
+        with capture(model, "blocks.1.mlp.hook_post"), stop_after(model, "blocks.2.hook_resid_pre"):
+            model(ids)
+            assert _handle_count(model) > before
+    assert _handle_count(model) == before
+    with pytest.raises(RuntimeError, match="boom"):
+        with capture(model, "blocks.0.hook_resid_post"), stop_after(model, "blocks.1.hook_resid_post"):
+            raise RuntimeError("boom")
+    assert _handle_count(model) == before
+    with pytest.raises(ValueError):  # a failing hook also unwinds everything
+        with hooks(model, {"blocks.0.mlp.hook_pre": lambda v, s: (_ for _ in ()).throw(ValueError("in hook"))}):
+            model(ids)
+    assert _handle_count(model) == before
+    with pytest.raises(Exception):  # a bad name fails before anything is installed
+        with capture(model, ["blocks.0.hook_resid_post", "blocks.99.hook_resid_post"]):
+            pass
+    assert _handle_count(model) == before
+
+
+def test_stop_forward_does_not_escape(gemma):
+    model, tokenizer = gemma
+    with stop_after(model, "hook_embed"):
+        model(_ids(tokenizer))
+    assert issubclass(StopForward, Exception)
+
+
+def test_capture_positions_and_cpu(gemma):
+    model, tokenizer = gemma
+    ids = _ids(tokenizer)
+    with capture(model, "blocks.0.hook_resid_post") as full:
+        model(ids)
+    with capture(model, "blocks.0.hook_resid_post", positions=[0, 4], to_cpu=True) as some:
+        model(ids)
+    value = some["blocks.0.hook_resid_post"]
+    assert value.shape == (1, 2, 64) and value.device.type == "cpu"
+    torch.testing.assert_close(value, full["blocks.0.hook_resid_post"][:, [0, 4]])
+
+
+def test_resid_pre_accepts_keyword_hidden_states(gemma):
+    model, tokenizer = gemma
+    ids = _ids(tokenizer)
+    block = base_model(model).layers[1]
+    with capture(model, "blocks.1.hook_resid_pre") as positional:
+        hidden = model(ids, output_hidden_states=True).hidden_states[1]
+    # call the decoder layer directly with a keyword argument
+    from patchscope.hooks import hooks as install
+
+    seen = {}
+    with install(model, {"blocks.1.hook_resid_pre": lambda v, s: seen.setdefault("v", v)}):
+        rotary = base_model(model).rotary_emb(hidden, torch.arange(ids.shape[1])[None])
+        block(hidden_states=hidden, position_embeddings=rotary, attention_mask=None)
+    torch.testing.assert_close(seen["v"], positional["blocks.1.hook_resid_pre"])
