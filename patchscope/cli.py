@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from ._version import __version__
 
@@ -21,6 +21,58 @@ def _cmd_sites(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from .config import from_namespace
+    from .data import SourceConfig, TextSource
+    from .models import load_model
+    from .profiler import ProfileConfig, profile
+    from .storage import check_writable
+
+    source = TextSource(from_namespace(SourceConfig, args))
+    config = from_namespace(ProfileConfig, args)
+    config.validate()
+    out = check_writable(args.out)
+    check_layers(args.model, [int(site.split(".")[1]) for site in config.site_names() if site.startswith("blocks.")])
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    atlas = profile(model, tokenizer, source, config, out=out, resume=args.resume, model_name=args.model)
+    print(summarize_atlas(atlas))
+    texts = source.fetch(atlas.documents())
+    for site in atlas.sites:
+        layer = site.split(".")[1]
+        if site.endswith("mlp.hook_post"):
+            atlas.export_original(out / f"gemma2_neuron_mapping_layer_{layer}.json", site, texts, tokenizer)
+        atlas.export_parquet(out / f"top_examples_{site}.parquet", site, texts, tokenizer)
+    print(f"wrote {out}/atlas.safetensors, atlas.json, the neuron mapping and top_examples_*.parquet")
+    return 0
+
+
+def check_layers(model_name: str, layers: list[int]) -> None:
+    """Layer numbers against the model's config, before its weights load."""
+    from .models import load_config
+
+    count = load_config(model_name).num_hidden_layers
+    for layer in layers:
+        if not 0 <= layer < count:
+            raise ValueError(f"layer {layer} is out of range: {model_name} has layers 0..{count - 1}")
+
+
+def summarize_atlas(atlas) -> str:
+    extra = atlas.meta.extra
+    lines = [
+        f"profiled {atlas.meta.n_documents} documents ({atlas.meta.skipped_empty} empty skipped), "
+        f"{atlas.n_tokens} tokens counted, {extra.get('tokens_per_second')} tok/s, "
+        f"padding {100 * extra.get('padding_fraction', 0):.1f}%"
+    ]
+    for site in atlas.sites:
+        top = atlas.top_neurons(site, 5)
+        maxima = ", ".join(f"{n} ({float(atlas[site].max[n]):.3f})" for n in top)
+        lines.append(f"  {site}: top neurons by max activation: {maxima}")
+    nonfinite = extra.get("nonfinite_activations", 0)
+    if nonfinite:
+        lines.append(f"!! WARNING: {nonfinite} activations were inf/nan and were left out: use bfloat16 or float32 !!")
+    return "\n".join(lines)
+
+
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="google/gemma-2-2b", help="hub id, preset name or local directory")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -34,12 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
     sites_parser = commands.add_parser("sites", help="list the hook sites of a model and the HF module behind each")
     _add_model_flags(sites_parser)
     sites_parser.set_defaults(run=_cmd_sites)
-    for register in _EXTRA_COMMANDS:
-        register(commands)
+    from .config import add_dataclass_arguments
+    from .data import SourceConfig
+    from .profiler import ProfileConfig
+
+    profile_parser = commands.add_parser("profile", help="profile every neuron of a layer over a corpus into an atlas")
+    _add_model_flags(profile_parser)
+    add_dataclass_arguments(profile_parser, SourceConfig)
+    add_dataclass_arguments(profile_parser, ProfileConfig)
+    profile_parser.add_argument("--out", required=True, help="output directory")
+    profile_parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    profile_parser.set_defaults(run=_cmd_profile)
     return parser
-
-
-_EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -50,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return args.run(args)
-    except (ValueError, RuntimeError, FileNotFoundError, IndexError) as error:
+    except (ValueError, RuntimeError, OSError, IndexError) as error:
         print(f"patchscope {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -63,7 +63,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, *, skip:
             kwargs["type"] = get_args(base)[0]
         else:
             kwargs["type"] = base
-        group.add_argument(_flag(spec.name), dest=spec.name, **kwargs)
+        flags = spec.metadata.get("flags", (_flag(spec.name),))
+        group.add_argument(*flags, dest=spec.name, **kwargs)
 
 
 def _unwrap(hint: Any) -> tuple[Any, bool]:

@@ -84,6 +84,16 @@ def _explain(name_or_path: str, error: Exception) -> ModelLoadError:
     return ModelLoadError(f"could not load {name_or_path!r}: {hint}.\n  ({text})")
 
 
+def load_config(name_or_path: str, *, trust_remote_code: bool = False, token: str | bool | None = None):
+    """Just the model's config (small, fast): lets callers check layer and neuron numbers before loading weights."""
+    preset = PRESETS.get(name_or_path)
+    source = preset.hub_id if preset else name_or_path
+    try:
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, token=token)
+    except Exception as error:  # noqa: BLE001
+        raise _explain(source, error) from error
+
+
 def load_model(
     name_or_path: str = DEFAULT_MODEL,
     *,

@@ -22,3 +22,33 @@ def test_sites_command_lists_modules(gemma_dir, capsys):
 def test_console_script_installed(tmp_path):
     result = subprocess.run([sys.executable, "-m", "patchscope.cli", "--version"], cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0 and __version__ in result.stdout
+
+
+def test_profile_command_end_to_end(gemma_dir, tmp_path, capsys):
+    import json
+
+    from factories import FIXTURE_CORPUS
+
+    from patchscope.atlas import Atlas
+
+    data = tmp_path / "corpus.jsonl"
+    data.write_text("\n".join(json.dumps({"body": t}) for t in FIXTURE_CORPUS))
+    out = tmp_path / "out"
+    argv = ["profile", "--model", str(gemma_dir), "--device", "cpu", "--dataset", str(data), "--split", "[2:12]",
+            "--text-column", "body", "--layer", "1", "--top-k", "3", "--max-length", "16", "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "blocks.1.mlp.hook_post: top neurons" in printed
+    atlas = Atlas.load(out)
+    mapping = json.loads((out / "gemma2_neuron_mapping_layer_1.json").read_text())
+    assert len(mapping) == 128 and all(2 <= v["text_index"] < 12 for v in mapping.values())
+    assert (out / "top_examples_blocks.1.mlp.hook_post.parquet").exists()
+    assert atlas.meta.dataset == str(data) and atlas.meta.split == "[2:12]"
+
+
+def test_profile_command_rejects_bad_layer_before_loading(gemma_dir, tmp_path, capsys):
+    assert main(["profile", "--model", str(gemma_dir), "--layer", "7", "--dataset", "x.txt", "--split", "", "--out", str(tmp_path)]) == 2
+    assert "no such file" in capsys.readouterr().err
+    (tmp_path / "x.txt").write_text("hello")
+    assert main(["profile", "--model", str(gemma_dir), "--layer", "7", "--dataset", str(tmp_path / "x.txt"), "--split", "", "--out", str(tmp_path)]) == 2
+    assert "layer 7 is out of range" in capsys.readouterr().err

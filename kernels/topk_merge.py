@@ -1,0 +1,136 @@
+"""Per-batch neuron statistics: the masked top-k merge and running moments, in plain torch.
+
+This is the reference. An optimised kernel must produce the same `TopK` and `Moments` on the same
+inputs (``tests/test_kernels.py`` holds the checks it has to pass).
+
+Ranking rule, used everywhere: larger activation first; among exact ties, smaller document index,
+then smaller position. Empty slots hold ``-inf`` with document ``-1`` and sort last.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+
+POSITION_BITS = 24
+"""Tie-break key = doc << POSITION_BITS | position; positions stay below 16.7M tokens."""
+EMPTY_KEY = torch.iinfo(torch.int64).max
+
+
+@dataclass
+class TopK:
+    """The k largest activations of each neuron so far, best first."""
+
+    values: Tensor  # [k, n] float32
+    doc: Tensor  # [k, n] int64, absolute document (row) index; -1 where empty
+    pos: Tensor  # [k, n] int64, token position in the document (BOS = 0)
+    token: Tensor  # [k, n] int64, token id
+
+    @classmethod
+    def empty(cls, k: int, n: int, device: torch.device | str = "cpu") -> TopK:
+        return cls(
+            values=torch.full((k, n), float("-inf"), device=device),
+            doc=torch.full((k, n), -1, dtype=torch.long, device=device),
+            pos=torch.zeros((k, n), dtype=torch.long, device=device),
+            token=torch.zeros((k, n), dtype=torch.long, device=device),
+        )
+
+    @property
+    def k(self) -> int:
+        return self.values.shape[0]
+
+    def to(self, device: torch.device | str) -> TopK:
+        return TopK(*(getattr(self, f.name).to(device) for f in fields(self)))
+
+
+@dataclass
+class Moments:
+    """Per-neuron running counts and sums over every counted token."""
+
+    fire_count: Tensor  # [n] int64, tokens with activation > 0
+    total: Tensor  # [n] float64, sum of activations
+    total_sq: Tensor  # [n] float64, sum of squared activations
+    nonfinite: Tensor  # [n] int64, tokens whose activation was inf or nan (excluded from everything else)
+    n_tokens: Tensor  # [] int64, tokens counted (the same for every neuron)
+
+    @classmethod
+    def zeros(cls, n: int, device: torch.device | str = "cpu") -> Moments:
+        return cls(
+            fire_count=torch.zeros(n, dtype=torch.long, device=device),
+            total=torch.zeros(n, dtype=torch.float64, device=device),
+            total_sq=torch.zeros(n, dtype=torch.float64, device=device),
+            nonfinite=torch.zeros(n, dtype=torch.long, device=device),
+            n_tokens=torch.zeros((), dtype=torch.long, device=device),
+        )
+
+    def __add__(self, other: Moments) -> Moments:
+        return Moments(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+
+    def to(self, device: torch.device | str) -> Moments:
+        return Moments(*(getattr(self, f.name).to(device) for f in fields(self)))
+
+
+def _order_key(doc: Tensor, pos: Tensor) -> Tensor:
+    return torch.where(doc >= 0, (doc << POSITION_BITS) | pos, EMPTY_KEY)
+
+
+def merge_topk(a: TopK, b: TopK) -> TopK:
+    """The best ``a.k`` of the union of two top-k sets, by the ranking rule."""
+    values = torch.cat([a.values, b.values])  # [ka + kb, n]
+    doc = torch.cat([a.doc, b.doc])
+    pos = torch.cat([a.pos, b.pos])
+    token = torch.cat([a.token, b.token])
+    # Lexicographic sort as two stable sorts: by tie-break key, then by value (descending).
+    by_key = _order_key(doc, pos).argsort(dim=0, stable=True)
+    by_value = values.gather(0, by_key).argsort(dim=0, descending=True, stable=True)
+    order = by_key.gather(0, by_value)[: a.k]
+    return TopK(values.gather(0, order), doc.gather(0, order), pos.gather(0, order), token.gather(0, order))
+
+
+def batch_topk(acts: Tensor, doc: Tensor, pos: Tensor, token: Tensor, counted: Tensor, k: int) -> TopK:
+    """Top-k of one batch, per neuron.
+
+    acts: [tokens, n] in any float dtype; doc, pos, token: [tokens]; counted: [tokens] bool, False for
+    padding and excluded positions. Uncounted and non-finite activations never enter.
+    Where more than k tokens of one batch tie exactly at the k-th value, which of them enter is
+    torch.topk's choice; ties between batches follow the ranking rule.
+    """
+    values = acts.float()
+    usable = counted.unsqueeze(1) & torch.isfinite(values)  # [tokens, n]
+    masked = torch.where(usable, values, float("-inf"))
+    kb = min(k, values.shape[0])
+    top_values, top_index = masked.topk(kb, dim=0)  # [kb, n]
+    filled = torch.isfinite(top_values)
+    result = TopK(
+        values=top_values,
+        doc=torch.where(filled, doc[top_index], -1),
+        pos=pos[top_index],
+        token=token[top_index],
+    )
+    if kb < k:
+        result = merge_topk(TopK.empty(k, values.shape[1], values.device), result)
+    return result
+
+
+def batch_moments(acts: Tensor, counted: Tensor) -> Moments:
+    """Counts and sums of one batch; acts [tokens, n], counted [tokens] bool."""
+    values = acts.float()
+    finite = torch.isfinite(values)
+    usable = counted.unsqueeze(1) & finite
+    kept = torch.where(usable, values, 0.0)
+    return Moments(
+        fire_count=(kept > 0).sum(0),
+        total=kept.sum(0, dtype=torch.float64),
+        total_sq=kept.square().sum(0, dtype=torch.float64),
+        nonfinite=(counted.unsqueeze(1) & ~finite).sum(0),
+        n_tokens=counted.sum(),
+    )
+
+
+def update(
+    state: TopK, moments: Moments, acts: Tensor, doc: Tensor, pos: Tensor, token: Tensor, counted: Tensor
+) -> tuple[TopK, Moments]:
+    """Fold one batch of activations ``[tokens, n]`` into the running state."""
+    return merge_topk(state, batch_topk(acts, doc, pos, token, counted, state.k)), moments + batch_moments(acts, counted)

@@ -1,0 +1,287 @@
+"""The activation atlas: per-neuron top-k examples and moments for one or more sites.
+
+On disk it is ``atlas.safetensors`` (tensors, with the metadata JSON inside the same file so the
+two can never disagree) plus ``atlas.json`` (the same metadata, for people and tools).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from transformers import PreTrainedTokenizerBase
+
+from patchscope.kernels.topk_merge import Moments, TopK, merge_topk
+
+from .batching import Overflow, segment_at
+from .sites import parse_site
+from .storage import write_json, write_tensors
+
+ATLAS_TENSORS = "atlas.safetensors"
+ATLAS_JSON = "atlas.json"
+METADATA_KEY = "patchscope_atlas"
+CONTEXT_TOKENS = 5
+
+
+class AtlasError(ValueError):
+    """An atlas file is missing, corrupt, or inconsistent with what it is used for."""
+
+
+@dataclass
+class AtlasMeta:
+    """What produced an atlas; enough to re-run any entry."""
+
+    model: str
+    dataset: str
+    split: str
+    text_column: str = "text"
+    max_length: int = 128
+    overflow: Overflow = "truncate"
+    exclude_bos: bool = True
+    dtype: str = "float32"
+    top_k: int = 20
+    n_documents: int = 0
+    skipped_empty: int = 0
+    versions: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SiteAtlas:
+    """Statistics of every neuron at one site."""
+
+    top: TopK  # [k, n]
+    moments: Moments  # [n]
+
+    @property
+    def n_neurons(self) -> int:
+        return self.top.values.shape[1]
+
+    @property
+    def max(self) -> torch.Tensor:  # [n]
+        return self.top.values[0]
+
+    @property
+    def mean(self) -> torch.Tensor:  # [n]
+        return self.moments.total / self.moments.n_tokens.clamp(min=1)
+
+    @property
+    def std(self) -> torch.Tensor:  # [n]
+        mean = self.mean
+        return (self.moments.total_sq / self.moments.n_tokens.clamp(min=1) - mean.square()).clamp(min=0).sqrt()
+
+    @property
+    def fire_rate(self) -> torch.Tensor:  # [n]
+        return self.moments.fire_count / self.moments.n_tokens.clamp(min=1)
+
+    def merge(self, other: SiteAtlas) -> SiteAtlas:
+        if other.n_neurons != self.n_neurons or other.top.k != self.top.k:
+            raise AtlasError(f"cannot merge atlases of shape {tuple(self.top.values.shape)} and {tuple(other.top.values.shape)}")
+        return SiteAtlas(merge_topk(self.top, other.top), self.moments + other.moments)
+
+    def to(self, device: torch.device | str) -> SiteAtlas:
+        return SiteAtlas(self.top.to(device), self.moments.to(device))
+
+
+@dataclass(frozen=True)
+class AtlasEntry:
+    """One recorded example: neuron ``neuron`` reached ``activation`` at (doc, position)."""
+
+    site: str
+    neuron: int
+    rank: int
+    activation: float
+    doc: int
+    position: int
+    token: int
+
+
+@dataclass
+class Atlas:
+    meta: AtlasMeta
+    sites: dict[str, SiteAtlas]
+
+    def __getitem__(self, site: str) -> SiteAtlas:
+        if site not in self.sites:
+            raise AtlasError(f"this atlas has no site {site!r}; it has {', '.join(self.sites)}")
+        return self.sites[site]
+
+    @property
+    def n_tokens(self) -> int:
+        first = next(iter(self.sites.values()))
+        return int(first.moments.n_tokens)
+
+    def merge(self, other: Atlas) -> Atlas:
+        """The atlas of the union of both inputs (shards, or a checkpoint and the rest of a run)."""
+        if self.sites.keys() != other.sites.keys():
+            raise AtlasError(f"cannot merge atlases of different sites: {list(self.sites)} vs {list(other.sites)}")
+        meta = dataclasses.replace(
+            self.meta,
+            n_documents=self.meta.n_documents + other.meta.n_documents,
+            skipped_empty=self.meta.skipped_empty + other.meta.skipped_empty,
+        )
+        return Atlas(meta, {site: self.sites[site].merge(other.sites[site]) for site in self.sites})
+
+    def to(self, device: torch.device | str) -> Atlas:
+        return Atlas(self.meta, {site: stats.to(device) for site, stats in self.sites.items()})
+
+    # -- queries
+
+    def entry(self, site: str, neuron: int, rank: int = 0) -> AtlasEntry:
+        stats = self[site]
+        if not 0 <= neuron < stats.n_neurons:
+            raise IndexError(f"neuron {neuron} is out of range: {site} has neurons 0..{stats.n_neurons - 1}")
+        if not 0 <= rank < stats.top.k:
+            raise IndexError(f"rank {rank} is out of range: the atlas keeps the top {stats.top.k}")
+        doc = int(stats.top.doc[rank, neuron])
+        if doc < 0:
+            raise AtlasError(f"neuron {neuron} of {site} has no example at rank {rank}")
+        return AtlasEntry(
+            site, neuron, rank, float(stats.top.values[rank, neuron]), doc, int(stats.top.pos[rank, neuron]), int(stats.top.token[rank, neuron])
+        )
+
+    def entries(self, site: str, ranks: int | None = None) -> list[AtlasEntry]:
+        """Every filled example of every neuron, for ranks ``0..ranks-1`` (all by default)."""
+        top = self[site].top
+        ranks = top.k if ranks is None else ranks
+        values, docs, positions, tokens = (t[:ranks].tolist() for t in (top.values, top.doc, top.pos, top.token))
+        return [
+            AtlasEntry(site, n, r, values[r][n], docs[r][n], positions[r][n], tokens[r][n])
+            for n in range(top.values.shape[1])
+            for r in range(ranks)
+            if docs[r][n] >= 0
+        ]
+
+    def top_neurons(self, site: str, n: int = 1) -> list[int]:
+        """Neurons with the largest maximum activation, best first (ties: lower index)."""
+        maxima = self[site].max
+        order = torch.sort(maxima, descending=True, stable=True).indices
+        return order[:n].tolist()
+
+    def nonfinite_total(self) -> int:
+        return int(sum(int(stats.moments.nonfinite.sum()) for stats in self.sites.values()))
+
+    # -- storage
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for site, stats in self.sites.items():
+            for group in (stats.top, stats.moments):
+                for spec in dataclasses.fields(group):
+                    out[f"{site}/{spec.name}"] = getattr(group, spec.name)
+        return out
+
+    def save(self, directory: str | Path, extra_metadata: Mapping[str, str] | None = None) -> Path:
+        directory = Path(directory)
+        meta = dataclasses.asdict(self.meta)
+        meta["sites"] = list(self.sites)
+        meta["n_tokens"] = self.n_tokens
+        metadata = {METADATA_KEY: json.dumps(meta), **(extra_metadata or {})}
+        write_tensors(directory / ATLAS_TENSORS, self.tensors(), metadata)
+        write_json(directory / ATLAS_JSON, meta)
+        return directory
+
+    @classmethod
+    def load(cls, path: str | Path, device: torch.device | str = "cpu") -> Atlas:
+        """Read ``atlas.safetensors`` (a directory holding it, or the file itself)."""
+        atlas, _ = cls.load_with_metadata(path, device)
+        return atlas
+
+    @classmethod
+    def load_with_metadata(cls, path: str | Path, device: torch.device | str = "cpu") -> tuple[Atlas, dict[str, str]]:
+        path = Path(path)
+        file = path / ATLAS_TENSORS if path.is_dir() else path
+        if not file.is_file():
+            raise AtlasError(f"no atlas at {str(path)!r} (expected {ATLAS_TENSORS}); run `patchscope profile` first")
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+            tensors = load_file(str(file), device=str(device))
+            raw = json.loads(metadata[METADATA_KEY])
+        except Exception as error:  # noqa: BLE001 - safetensors raises several types on bad bytes
+            raise AtlasError(f"{file} is not a readable atlas ({type(error).__name__}: {error}); re-run the profile") from error
+        sites = raw.pop("sites")
+        raw.pop("n_tokens", None)
+        meta = AtlasMeta(**{k: v for k, v in raw.items() if k in {f.name for f in dataclasses.fields(AtlasMeta)}})
+        stats = {}
+        for site in sites:
+            parse_site(site)
+            top = TopK(*(tensors[f"{site}/{f.name}"] for f in dataclasses.fields(TopK)))
+            moments = Moments(*(tensors[f"{site}/{f.name}"] for f in dataclasses.fields(Moments)))
+            stats[site] = SiteAtlas(top, moments)
+        return cls(meta, stats), metadata
+
+    # -- exports
+
+    def contexts(
+        self, entries: list[AtlasEntry], texts: Mapping[int, str], tokenizer: PreTrainedTokenizerBase
+    ) -> list[tuple[str, str]]:
+        """``(token, context)`` strings for entries: the token and ±5 tokens of its segment."""
+        out = []
+        cache: dict[tuple[int, int], tuple] = {}
+        for entry in entries:
+            key = (entry.doc, entry.position)
+            if key not in cache:
+                segment, local = segment_at(tokenizer, texts[entry.doc], entry.position, self.meta.max_length, self.meta.overflow)
+                lo, hi = max(segment.first_counted, local - CONTEXT_TOKENS), local + CONTEXT_TOKENS + 1
+                cache[key] = (tokenizer.decode([segment.ids[local]]), tokenizer.decode(list(segment.ids[lo:hi])))
+            out.append(cache[key])
+        return out
+
+    def export_original(
+        self, path: str | Path, site: str, texts: Mapping[int, str], tokenizer: PreTrainedTokenizerBase
+    ) -> Path:
+        """The original experiment's ``gemma2_neuron_mapping_layer_{L}.json``, with absolute text indices."""
+        entries = self.entries(site, ranks=1)
+        mapping = {}
+        for entry, (token, context) in zip(entries, self.contexts(entries, texts, tokenizer)):
+            mapping[str(entry.neuron)] = {
+                "text_index": entry.doc,
+                "token_position": entry.position,
+                "trigger_token": token,
+                "activation_score": _json_float(entry.activation),
+                "context": context,
+            }
+        return write_json(path, mapping)
+
+    def export_parquet(
+        self, path: str | Path, site: str, texts: Mapping[int, str], tokenizer: PreTrainedTokenizerBase
+    ) -> Path:
+        """Every top-k example as a table: neuron, rank, activation, doc, position, token, context."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from .storage import atomic_write
+
+        entries = self.entries(site)
+        strings = self.contexts(entries, texts, tokenizer)
+        table = pa.table(
+            {
+                "neuron": [e.neuron for e in entries],
+                "rank": [e.rank for e in entries],
+                "activation": [e.activation for e in entries],
+                "doc": [e.doc for e in entries],
+                "position": [e.position for e in entries],
+                "token_id": [e.token for e in entries],
+                "token": [s[0] for s in strings],
+                "context": [s[1] for s in strings],
+            }
+        )
+        return atomic_write(path, lambda tmp: pq.write_table(table, str(tmp)))
+
+    def documents(self, site: str | None = None) -> set[int]:
+        """Every document index that appears among the recorded examples."""
+        chosen = [self[site]] if site else list(self.sites.values())
+        return {int(d) for stats in chosen for d in stats.top.doc.unique().tolist() if d >= 0}
+
+
+def _json_float(value: float) -> float | None:
+    return value if math.isfinite(value) else None

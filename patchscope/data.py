@@ -1,0 +1,183 @@
+"""Text sources: a HF dataset or a local file, each document keeping its absolute row index."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".csv")
+_SPLIT = re.compile(r"^(?P<name>[\w.-]*)(?:\[(?P<start>\d*):(?P<stop>\d*)\])?$")
+
+
+class DataError(ValueError):
+    """The text source cannot be read as asked; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """Where the profiled texts come from."""
+
+    dataset: str = "NeelNanda/pile-10k"
+    """HF dataset id or data folder, or a local .txt / .jsonl / .json / .parquet / .csv file."""
+    split: str = "train[100:250]"
+    """Split and optional row slice, e.g. ``train[100:250]``; for local files just ``[100:250]`` or empty."""
+    text_column: str = "text"
+    """Column holding the text (tables and HF datasets)."""
+    streaming: bool = False
+    """Stream the HF dataset instead of downloading it whole."""
+    txt_mode: Literal["lines", "file"] = "lines"
+    """For .txt files: one document per line, or the whole file as one document."""
+
+
+@dataclass(frozen=True)
+class Document:
+    index: int
+    """Absolute row index in the source (a slice starting at 100 gives 100, 101, ...)."""
+    text: str
+
+
+def parse_split(split: str) -> tuple[str, int, int | None]:
+    """``train[100:250]`` -> ``("train", 100, 250)``."""
+    match = _SPLIT.match(split.strip())
+    if match is None:
+        raise DataError(f"cannot read split {split!r}; write it like 'train' or 'train[100:250]'")
+    start = int(match["start"]) if match["start"] else 0
+    stop = int(match["stop"]) if match["stop"] else None
+    if stop is not None and stop <= start:
+        raise DataError(f"split {split!r} selects no rows: the slice end must be larger than its start")
+    return match["name"] or "train", start, stop
+
+
+def is_local(dataset: str) -> bool:
+    """A single local file we read ourselves; hub ids and data folders go through `datasets.load_dataset`."""
+    return Path(dataset).suffix.lower() in LOCAL_SUFFIXES
+
+
+class TextSource:
+    """Iterates the documents of a source; counts the empty ones it skips."""
+
+    def __init__(self, config: SourceConfig) -> None:
+        self.config = config
+        self.split_name, self.start, self.stop = parse_split(config.split)
+        self.skipped_empty = 0
+        if is_local(config.dataset):
+            path = Path(config.dataset)
+            if not path.is_file():
+                raise DataError(f"no such file: {config.dataset!r}")
+            if path.suffix.lower() not in LOCAL_SUFFIXES:
+                raise DataError(f"{path.name}: unsupported file type; use one of {', '.join(LOCAL_SUFFIXES)}")
+
+    def describe(self) -> str:
+        return f"{self.config.dataset} {self.config.split}".strip()
+
+    def __iter__(self) -> Iterator[Document]:
+        self.skipped_empty = 0
+        produced = 0
+        for index, text in self._rows():
+            if not isinstance(text, str) or not text.strip():
+                self.skipped_empty += 1
+                continue
+            produced += 1
+            yield Document(index, text)
+        if produced == 0:
+            raise DataError(
+                f"{self.describe()} has no non-empty documents in column {self.config.text_column!r} "
+                f"({self.skipped_empty} empty rows skipped); check the split slice and --text-column"
+            )
+
+    def fetch(self, indices: Iterable[int]) -> dict[int, str]:
+        """The texts of some absolute row indices (one pass over the source)."""
+        wanted = set(indices)
+        found: dict[int, str] = {}
+        for index, text in self._rows():
+            if index in wanted:
+                found[index] = text
+                if len(found) == len(wanted):
+                    break
+        missing = wanted - found.keys()
+        if missing:
+            raise DataError(f"rows {sorted(missing)[:5]} are not in {self.describe()}")
+        return found
+
+    # -- readers: each yields (absolute row index, text) for the sliced rows
+
+    def _rows(self) -> Iterator[tuple[int, object]]:
+        if is_local(self.config.dataset):
+            texts = self._local_column()
+            stop = len(texts) if self.stop is None else min(self.stop, len(texts))
+            for index in range(self.start, stop):
+                yield index, texts[index]
+        else:
+            yield from self._hub_rows()
+
+    def _local_column(self) -> list:
+        path = Path(self.config.dataset)
+        suffix = path.suffix.lower()
+        column = self.config.text_column
+        if suffix == ".txt":
+            content = path.read_text(encoding="utf-8")
+            return [content] if self.config.txt_mode == "file" else content.splitlines()
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            schema = pq.read_schema(path)
+            self._check_column(column, schema.names)
+            return pq.read_table(path, columns=[column]).column(column).to_pylist()
+        if suffix == ".csv":
+            import pandas as pd
+
+            frame = pd.read_csv(path, keep_default_na=False)
+            self._check_column(column, list(frame.columns))
+            return frame[column].tolist()
+        if suffix == ".jsonl":
+            lines = path.read_text(encoding="utf-8").splitlines()
+            records = [json.loads(line) for line in lines if line.strip()]
+        else:
+            loaded = json.loads(path.read_text(encoding="utf-8"))
+            records = loaded if isinstance(loaded, list) else loaded.get("data", loaded.get("rows", []))
+            if records and isinstance(records[0], str):
+                return records
+        if records:
+            self._check_column(column, list(records[0]))
+        return [record.get(column) for record in records]
+
+    def _check_column(self, column: str, available: list[str]) -> None:
+        if column not in available:
+            raise DataError(
+                f"{self.config.dataset} has no column {column!r}; available: {', '.join(map(str, available))}. "
+                "Pass --text-column"
+            )
+
+    def _hub_rows(self) -> Iterator[tuple[int, object]]:
+        from datasets import load_dataset
+
+        try:
+            data = load_dataset(self.config.dataset, split=self.split_name, streaming=self.config.streaming)
+        except Exception as error:  # noqa: BLE001 - hub errors come in many types
+            raise DataError(
+                f"could not load dataset {self.config.dataset!r} split {self.split_name!r}: {error}. "
+                "Check the id and split, go online, or pass a local file"
+            ) from error
+        column = self.config.text_column
+        if self.config.streaming:
+            if data.column_names is not None:
+                self._check_column(column, data.column_names)
+            rows = data.skip(self.start)
+            if self.stop is not None:
+                rows = rows.take(self.stop - self.start)
+            for offset, row in enumerate(rows):
+                if offset == 0:
+                    self._check_column(column, list(row))
+                yield self.start + offset, row[column]
+            return
+        self._check_column(column, data.column_names)
+        stop = len(data) if self.stop is None else min(self.stop, len(data))
+        if self.start >= stop:
+            return
+        texts = data.select(range(self.start, stop))[column]
+        for offset, text in enumerate(texts):
+            yield self.start + offset, text

@@ -1,0 +1,95 @@
+"""The plain-torch top-k merge against a brute-force Python reference."""
+
+import random
+
+import torch
+
+from patchscope.kernels.topk_merge import Moments, TopK, batch_moments, merge_topk, update
+
+
+def brute_topk(rows, k, n):
+    """rows: list of (acts list[n], doc, pos, token, counted). Plain Python sort per neuron."""
+    out = []
+    for neuron in range(n):
+        candidates = [(r[0][neuron], r[1], r[2], r[3]) for r in rows if r[4] and r[0][neuron] == r[0][neuron] and abs(r[0][neuron]) != float("inf")]
+        candidates.sort(key=lambda c: (-c[0], c[1], c[2]))
+        out.append(candidates[:k])
+    return out
+
+
+def run_batches(batches, k, n):
+    state, moments = TopK.empty(k, n), Moments.zeros(n)
+    for acts, doc, pos, tok, counted in batches:
+        state, moments = update(state, moments, acts, doc, pos, tok, counted)
+    return state, moments
+
+
+def make_batches(seed, n_batches=5, tokens=13, n=7, ties=True):
+    gen = torch.Generator().manual_seed(seed)
+    batches, rows = [], []
+    doc_ids = list(range(40))
+    random.Random(seed).shuffle(doc_ids)  # batches do not arrive in document order
+    for b in range(n_batches):
+        acts = torch.randn(tokens, n, generator=gen)
+        if ties:  # coarse values make exact ties across batches and documents
+            acts = (acts * 2).round() / 2
+        doc = torch.tensor([doc_ids[b * 2 + (i % 2)] for i in range(tokens)])
+        pos = torch.tensor([i // 2 for i in range(tokens)])
+        tok = torch.randint(0, 50, (tokens,), generator=gen)
+        counted = torch.rand(tokens, generator=gen) > 0.2
+        batches.append((acts, doc, pos, tok, counted))
+        rows += [(acts[i].tolist(), int(doc[i]), int(pos[i]), int(tok[i]), bool(counted[i])) for i in range(tokens)]
+    return batches, rows
+
+
+def test_topk_matches_brute_force_with_ties():
+    k, n = 4, 7
+    for seed in range(5):
+        batches, rows = make_batches(seed, n=n)
+        state, _ = run_batches(batches, k, n)
+        expected = brute_topk(rows, k, n)
+        for neuron in range(n):
+            got = [(state.values[r, neuron].item(), state.doc[r, neuron].item(), state.pos[r, neuron].item(), state.token[r, neuron].item()) for r in range(k)]
+            assert got == expected[neuron], (seed, neuron)
+
+
+def test_short_batches_and_empty_slots():
+    k, n = 5, 3
+    acts = torch.tensor([[1.0, -2.0, 0.5], [3.0, -1.0, float("nan")]])
+    state, moments = update(TopK.empty(k, n), Moments.zeros(n), acts, torch.tensor([7, 8]), torch.tensor([1, 1]), torch.tensor([4, 5]), torch.tensor([True, True]))
+    assert state.values[:2, 0].tolist() == [3.0, 1.0]
+    assert state.values[0, 1].item() == -1.0  # negative maxima are kept
+    assert state.doc[2:].eq(-1).all() and torch.isinf(state.values[2:]).all()
+    assert state.values[0, 2].item() == 0.5 and state.doc[1, 2].item() == -1  # nan never enters
+    assert moments.nonfinite.tolist() == [0, 0, 1]
+    assert moments.fire_count.tolist() == [2, 0, 1]
+
+
+def test_moments_match_plain_sums():
+    batches, rows = make_batches(3, ties=False)
+    _, moments = run_batches(batches, 3, 7)
+    counted = [r for r in rows if r[4]]
+    assert moments.n_tokens.item() == len(counted)
+    for neuron in range(7):
+        values = [r[0][neuron] for r in counted]
+        assert abs(moments.total[neuron].item() - sum(values)) < 1e-4
+        assert abs(moments.total_sq[neuron].item() - sum(v * v for v in values)) < 1e-4
+        assert moments.fire_count[neuron].item() == sum(v > 0 for v in values)
+
+
+def test_merge_is_order_independent():
+    batches, _ = make_batches(11)
+    a, ma = run_batches(batches[:2], 4, 7)
+    b, mb = run_batches(batches[2:], 4, 7)
+    whole, mw = run_batches(batches, 4, 7)
+    for merged in (merge_topk(a, b), merge_topk(b, a)):
+        for name in ("values", "doc", "pos", "token"):
+            assert torch.equal(getattr(merged, name), getattr(whole, name))
+    torch.testing.assert_close((ma + mb).total, mw.total)
+
+
+def test_fp16_overflow_never_wins():
+    acts = torch.tensor([[60000.0], [1.0]], dtype=torch.float16) * 2  # inf in fp16
+    top, _ = update(TopK.empty(2, 1), Moments.zeros(1), acts, torch.tensor([0, 1]), torch.tensor([1, 1]), torch.tensor([0, 0]), torch.tensor([True, True]))
+    assert top.values[0, 0].item() == 2.0 and top.doc[1, 0].item() == -1
+    assert batch_moments(acts, torch.tensor([True, True])).nonfinite.item() == 1
