@@ -46,6 +46,47 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sae(args: argparse.Namespace) -> int:
+    import torch
+
+    from .attribution import attribute_neuron
+    from .hooks import capture, stop_after
+    from .models import load_config, load_model
+    from .sae import check_site, top_features
+    from .sae_io import load_sae
+
+    sae = load_sae(args.sae, d_model=load_config(args.model).hidden_size)
+    site = args.site or sae.info.site
+    if site is None:
+        raise ValueError("this SAE does not record its site; pass --site")
+    check_site(sae, site, allow_mismatch=args.allow_site_mismatch)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    ids = tokenizer(args.text, return_tensors="pt").input_ids.to(model.device)
+    if not 0 <= args.position < ids.shape[1]:
+        raise IndexError(f"--position {args.position} is outside the text's {ids.shape[1]} tokens (BOS is 0)")
+    with torch.no_grad(), capture(model, site) as cache, stop_after(model, site):
+        model(input_ids=ids)
+    vector = cache[site][0, args.position]
+    sae = sae.to(vector.device)
+    token = tokenizer.decode([int(ids[0, args.position])])
+    print(f"SAE {sae.info.source} (trained on {sae.info.site}, d_sae {sae.d_sae}) at {site}, position {args.position} {token!r}")
+    print(format_readout(top_features(sae, vector, args.k, position=args.position)))
+    if args.neuron is not None:
+        result = attribute_neuron(model, sae, ids, args.position, vector, site=site, neuron=args.neuron, allow_site_mismatch=args.allow_site_mismatch)
+        print(f"\nfeatures that drive neuron {args.neuron} of {result.neuron_site} (value {result.value:.4f}):")
+        for feature in result.features[: args.k]:
+            print(f"  {feature.index:>7d}  act {feature.activation:8.3f}  contribution {feature.contribution:+9.4f}  {feature.url or ''}")
+        print(f"  b_dec {result.bias_contribution:+.4f}   SAE error {result.error_contribution:+.4f}")
+    return 0
+
+
+def format_readout(readout) -> str:
+    lines = [f"  L0 {readout.l0}   relative error {readout.relative_error:.3f}   cosine {readout.cosine:.3f}"]
+    lines += [f"  {hit.index:>7d}  {hit.activation:9.3f}  {hit.url or ''}" for hit in readout.features]
+    lines += [f"  ! {note}" for note in readout.warnings]
+    return "\n".join(lines)
+
+
 def check_layers(model_name: str, layers: list[int]) -> None:
     """Layer numbers against the model's config, before its weights load."""
     from .models import load_config
@@ -97,6 +138,17 @@ def build_parser() -> argparse.ArgumentParser:
     profile_parser.add_argument("--out", required=True, help="output directory")
     profile_parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     profile_parser.set_defaults(run=_cmd_profile)
+
+    sae_parser = commands.add_parser("sae", help="print the top SAE features of one token's residual vector")
+    _add_model_flags(sae_parser)
+    sae_parser.add_argument("--sae", required=True, help="params.npz / .safetensors file, SAELens folder, or REPO_ID/PATH")
+    sae_parser.add_argument("--text", required=True)
+    sae_parser.add_argument("--position", type=int, required=True, help="token position, BOS = 0")
+    sae_parser.add_argument("--site", help="site to read (default: the site the SAE was trained on)")
+    sae_parser.add_argument("--k", type=int, default=10, help="features to show")
+    sae_parser.add_argument("--neuron", type=int, help="also rank the features by how much they drive this MLP neuron")
+    sae_parser.add_argument("--allow-site-mismatch", action="store_true", help="read a vector from another site anyway")
+    sae_parser.set_defaults(run=_cmd_sae)
     return parser
 
 
