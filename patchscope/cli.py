@@ -80,6 +80,26 @@ def _cmd_sae(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .config import from_namespace
+    from .data import SourceConfig
+    from .patchscope import PatchscopeConfig
+    from .pipeline import ExperimentConfig, format_summary, run_experiment
+    from .profiler import ProfileConfig
+
+    config = from_namespace(
+        ExperimentConfig,
+        args,
+        source=from_namespace(SourceConfig, args),
+        profile=from_namespace(ProfileConfig, args),
+        patchscope=from_namespace(PatchscopeConfig, args),
+    )
+    result = run_experiment(config)
+    print(format_summary(result))
+    print(f"\nwrote {config.out}/results.json")
+    return 0
+
+
 def format_readout(readout) -> str:
     lines = [f"  L0 {readout.l0}   relative error {readout.relative_error:.3f}   cosine {readout.cosine:.3f}"]
     lines += [f"  {hit.index:>7d}  {hit.activation:9.3f}  {hit.url or ''}" for hit in readout.features]
@@ -149,6 +169,16 @@ def build_parser() -> argparse.ArgumentParser:
     sae_parser.add_argument("--neuron", type=int, help="also rank the features by how much they drive this MLP neuron")
     sae_parser.add_argument("--allow-site-mismatch", action="store_true", help="read a vector from another site anyway")
     sae_parser.set_defaults(run=_cmd_sae)
+
+    from .patchscope import PatchscopeConfig
+    from .pipeline import ExperimentConfig
+
+    run_parser = commands.add_parser("run", help="the whole experiment: profile, extract, SAE, Patchscope; writes results.json")
+    add_dataclass_arguments(run_parser, ExperimentConfig, skip=("source", "profile", "patchscope"))
+    add_dataclass_arguments(run_parser, SourceConfig)
+    add_dataclass_arguments(run_parser, ProfileConfig)
+    add_dataclass_arguments(run_parser, PatchscopeConfig)
+    run_parser.set_defaults(run=_cmd_run)
     return parser
 
 

@@ -78,7 +78,7 @@ def _unwrap(hint: Any) -> tuple[Any, bool]:
 
 def from_namespace(cls: type, namespace: argparse.Namespace, **extra: Any) -> Any:
     """Build ``cls`` from the parsed flags that belong to it."""
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    names = {f.name for f in dataclasses.fields(cls) if f.init} - extra.keys()
     values = {name: getattr(namespace, name) for name in names if hasattr(namespace, name)}
     values.update(extra)
     for spec in dataclasses.fields(cls):  # nargs="+" gives lists; keep tuples where declared

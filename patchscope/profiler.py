@@ -56,8 +56,8 @@ class ProfileConfig:
     """Budget of padded tokens per batch."""
     exclude_bos: bool = True
     """Keep BOS positions out of the statistics (they dominate naive top lists)."""
-    checkpoint_every: int = 0
-    """Write a resumable checkpoint every N batches (0: never)."""
+    checkpoint_every: int = 50
+    """Write a resumable checkpoint to the output directory every N batches (0: never)."""
     sort_buffer: int = 4096
     """Documents buffered and length-sorted together; bounds memory for streamed sources."""
 
@@ -192,8 +192,8 @@ def profile(
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     key = fingerprint(model_name, source_config, config, dtype)
     out = check_writable(out) if out is not None else None
-    if (config.checkpoint_every or resume) and out is None:
-        raise ValueError("checkpoints and --resume need an output directory (--out)")
+    if resume and out is None:
+        raise ValueError("--resume needs the output directory (--out) that holds the checkpoint")
 
     done = 0
     if resume and out is not None and (out / CHECKPOINT).exists():

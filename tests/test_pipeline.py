@@ -1,0 +1,118 @@
+import json
+
+import pytest
+import torch
+from factories import FIXTURE_CORPUS
+from sae_files import sae_params, write_npz
+
+from patchscope.atlas import Atlas
+from patchscope.cli import main
+from patchscope.data import SourceConfig
+from patchscope.patchscope import PatchscopeConfig, Row, extract, inject, plan_prompt
+from patchscope.pipeline import ExperimentConfig, run_experiment
+from patchscope.profiler import ProfileConfig
+from patchscope.sae import SAEError, top_features
+from patchscope.sae_io import load_sae
+
+LAYER = 2
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("\n".join(json.dumps({"text": t}) for t in FIXTURE_CORPUS * 2))
+    return path
+
+
+@pytest.fixture
+def sae_file(tmp_path):
+    return write_npz(tmp_path / "sae" / "layer_1/width_16k/average_l0_30/params.npz", sae_params(seed=7))
+
+
+def test_run_command_end_to_end(gemma, gemma_dir, corpus, sae_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["run", "--model", str(gemma_dir), "--device", "cpu", "--dataset", str(corpus), "--split", "[2:25]", "--layer", str(LAYER),
+            "--max-length", "16", "--top-k", "4", "--top-neurons", "2", "--sae", str(sae_file), "--max-new-tokens", "5", "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "=== Experiment Results ===" in printed and "reactivation ratio" in printed and "control random_same_norm" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) >= {"config", "prompt", "neurons", "timings", "versions", "atlas"}
+    assert set(results["timings"]) >= {"load_model", "profile", "extract", "sae", "patchscope"}
+    assert results["prompt"]["position"] == 7 and len(results["neurons"]) == 2
+
+    # every number against direct library calls
+    model, tokenizer = gemma
+    atlas = Atlas.load(out)
+    site, neuron_site = f"blocks.{LAYER}.hook_resid_pre", f"blocks.{LAYER}.mlp.hook_post"
+    assert [n["neuron"] for n in results["neurons"]] == atlas.top_neurons(neuron_site, 2)
+    sae = load_sae(sae_file)
+    plan = plan_prompt(tokenizer, PatchscopeConfig())
+    rows = FIXTURE_CORPUS * 2
+    for record in results["neurons"]:
+        entry = atlas.entry(neuron_site, record["neuron"])
+        assert record["max_activation"] == pytest.approx(entry.activation)
+        assert 2 <= record["source"]["doc"] < 25 and record["source"]["doc"] == entry.doc
+        ex = extract(model, tokenizer, rows[entry.doc], site=site, position=entry.position, entry=entry, max_length=16)
+        readout = top_features(sae, ex.vector, 10, position=ex.position)
+        assert [f["index"] for f in record["sae"]["top_features"]] == [f.index for f in readout.features]
+        assert record["sae"]["relative_error"] == pytest.approx(readout.relative_error, rel=1e-5)
+        (direct,) = inject(model, tokenizer, [Row("p", entry.neuron, ex.vector)], plan, target_site=site, observe_site=neuron_site, max_new_tokens=5)
+        assert record["patched"]["at_placeholder"] == pytest.approx(direct.at_placeholder, abs=1e-4)
+        assert record["patched"]["generated_tokens"] == direct.generated_tokens
+        assert record["patched"]["ratio"] == pytest.approx(direct.at_placeholder / entry.activation, abs=1e-4)
+        assert set(record["controls"]) == {"unpatched", "random_same_norm", "corpus_mean"}
+        assert record["controls"]["random_same_norm"]["norm"] == pytest.approx(record["patched"]["norm"], rel=1e-4)
+        mean = atlas[site].mean.float()
+        (mean_row,) = inject(model, tokenizer, [Row("m", entry.neuron, mean)], plan, target_site=site, observe_site=neuron_site, max_new_tokens=5)
+        assert record["controls"]["corpus_mean"]["at_placeholder"] == pytest.approx(mean_row.at_placeholder, abs=1e-4)
+
+    # a second run reuses the atlas instead of profiling again
+    assert main(argv) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert again["atlas"]["reused"] is True and "profile" not in again["timings"]
+    assert again["neurons"][0]["patched"]["at_placeholder"] == pytest.approx(results["neurons"][0]["patched"]["at_placeholder"])
+
+
+def _config(gemma_dir, corpus, tmp_path, **changes):
+    base = dict(
+        model=str(gemma_dir), device="cpu", out=str(tmp_path / "o"), sae="none",
+        source=SourceConfig(dataset=str(corpus), split=""), profile=ProfileConfig(layer=LAYER, max_length=16),
+        patchscope=PatchscopeConfig(max_new_tokens=2),
+    )
+    base.update(changes)
+    return ExperimentConfig(**base)
+
+
+@pytest.mark.parametrize(
+    "changes, error, message",
+    [
+        (dict(neuron=500), IndexError, "neuron 500 is out of range"),
+        (dict(patchscope=PatchscopeConfig(source_site="blocks.2.hook_resid_middle")), ValueError, "unknown hook site"),
+        (dict(profile=ProfileConfig(layer=9)), ValueError, "out of range"),
+        (dict(patchscope=PatchscopeConfig(max_new_tokens=-1)), ValueError, "max-new-tokens"),
+        (dict(patchscope=PatchscopeConfig(prompt="no placeholder")), ValueError, "not a word of the prompt"),
+    ],
+)
+def test_bad_input_fails_before_the_model_loads(gemma_dir, corpus, tmp_path, monkeypatch, changes, error, message):
+    monkeypatch.setattr("patchscope.pipeline.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(error, match=message):
+        run_experiment(_config(gemma_dir, corpus, tmp_path, **changes))
+
+
+def test_sae_width_mismatch_fails_before_the_model_loads(gemma_dir, corpus, tmp_path, monkeypatch):
+    wide = write_npz(tmp_path / "layer_1/width_16k/average_l0_9/params.npz", sae_params(d_model=128))
+    monkeypatch.setattr("patchscope.pipeline.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(SAEError, match="width mismatch"):
+        run_experiment(_config(gemma_dir, corpus, tmp_path, sae=str(wide)))
+    wrong_layer = write_npz(tmp_path / "layer_2/width_16k/average_l0_9/params.npz", sae_params())
+    with pytest.raises(SAEError, match="allow-site-mismatch"):  # the layer-2 SAE does not read blocks.2.hook_resid_pre
+        run_experiment(_config(gemma_dir, corpus, tmp_path, sae=str(wrong_layer)))
+
+
+def test_explicit_neuron_and_cross_layer_patch(gemma_dir, corpus, tmp_path):
+    config = _config(gemma_dir, corpus, tmp_path, neuron=12, patchscope=PatchscopeConfig(target_site="blocks.1.hook_resid_pre", max_new_tokens=3, controls=False))
+    result = run_experiment(config, progress=False)
+    (record,) = result.neurons
+    assert record.neuron == 12 and record.controls == {} and len(record.patched["generated_tokens"]) <= 3
+    assert torch.isfinite(torch.tensor(record.patched["at_placeholder"]))
