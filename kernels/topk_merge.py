@@ -4,7 +4,7 @@ This is the reference. An optimised kernel must produce the same `TopK` and `Mom
 inputs (``tests/test_kernels.py`` holds the checks it has to pass).
 
 Ranking rule, used everywhere: larger activation first; among exact ties, smaller document index,
-then smaller position. Empty slots hold ``-inf`` with document ``-1`` and sort last.
+then smaller position. Empty slots hold ``-inf`` with document ``-1`` (position and token 0) and sort last.
 """
 
 from __future__ import annotations
@@ -106,8 +106,8 @@ def batch_topk(acts: Tensor, doc: Tensor, pos: Tensor, token: Tensor, counted: T
     result = TopK(
         values=top_values,
         doc=torch.where(filled, doc[top_index], -1),
-        pos=pos[top_index],
-        token=token[top_index],
+        pos=torch.where(filled, pos[top_index], 0),
+        token=torch.where(filled, token[top_index], 0),
     )
     if kb < k:
         result = merge_topk(TopK.empty(k, values.shape[1], values.device), result)

@@ -23,7 +23,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from patchscope.kernels.topk_merge import Moments, TopK, batch_moments, batch_topk
+from patchscope.kernels.topk_merge import Moments, TopK
+from patchscope.kernels.topk_merge_fast import batch_moments, batch_topk
 
 from .atlas import METADATA_KEY, Atlas, AtlasError, AtlasMeta, SiteAtlas
 from .batching import Batch, Overflow, Segment, collate, plan

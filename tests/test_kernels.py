@@ -93,3 +93,28 @@ def test_fp16_overflow_never_wins():
     top, _ = update(TopK.empty(2, 1), Moments.zeros(1), acts, torch.tensor([0, 1]), torch.tensor([1, 1]), torch.tensor([0, 0]), torch.tensor([True, True]))
     assert top.values[0, 0].item() == 2.0 and top.doc[1, 0].item() == -1
     assert batch_moments(acts, torch.tensor([True, True])).nonfinite.item() == 1
+
+
+def test_fast_kernels_match_the_reference():
+    from patchscope.kernels import topk_merge, topk_merge_fast
+
+    gen = torch.Generator().manual_seed(7)
+    for tokens, k in ((1024, 20), (1029, 20), (37, 20), (300, 3), (12, 5)):
+        acts = torch.randn(tokens, 33, generator=gen)
+        acts[torch.rand(tokens, 33, generator=gen) < 0.01] = float("inf")
+        acts[torch.rand(tokens, 33, generator=gen) < 0.01] = float("nan")
+        acts[:, 5] = float("-inf")  # a neuron that never has a finite value
+        doc = torch.arange(tokens) // 10
+        pos = torch.arange(tokens) % 10
+        tok = torch.randint(0, 99, (tokens,), generator=gen)
+        counted = torch.rand(tokens, generator=gen) > 0.1
+        ref = topk_merge.batch_topk(acts, doc, pos, tok, counted, k)
+        fast = topk_merge_fast.batch_topk(acts, doc, pos, tok, counted, k)
+        for name in ("values", "doc", "pos", "token"):
+            assert torch.equal(getattr(fast, name), getattr(ref, name)), (tokens, k, name)
+        ref_m, fast_m = topk_merge.batch_moments(acts, counted), topk_merge_fast.batch_moments(acts, counted)
+        for name in ("fire_count", "nonfinite", "n_tokens"):
+            assert torch.equal(getattr(fast_m, name), getattr(ref_m, name)), name
+        torch.testing.assert_close(fast_m.total, ref_m.total, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(fast_m.total_sq, ref_m.total_sq, rtol=1e-5, atol=1e-4)
+    assert fast.doc[:, 5].eq(-1).all()
