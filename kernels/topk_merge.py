@@ -76,16 +76,17 @@ def _order_key(doc: Tensor, pos: Tensor) -> Tensor:
     return torch.where(doc >= 0, (doc << POSITION_BITS) | pos, EMPTY_KEY)
 
 
-def merge_topk(a: TopK, b: TopK) -> TopK:
-    """The best ``a.k`` of the union of two top-k sets, by the ranking rule."""
-    values = torch.cat([a.values, b.values])  # [ka + kb, n]
-    doc = torch.cat([a.doc, b.doc])
-    pos = torch.cat([a.pos, b.pos])
-    token = torch.cat([a.token, b.token])
+def merge_topk(first: TopK, *rest: TopK) -> TopK:
+    """The best ``first.k`` of the union of several top-k sets, by the ranking rule."""
+    parts = (first, *rest)
+    values = torch.cat([p.values for p in parts])  # [sum of k, n]
+    doc = torch.cat([p.doc for p in parts])
+    pos = torch.cat([p.pos for p in parts])
+    token = torch.cat([p.token for p in parts])
     # Lexicographic sort as two stable sorts: by tie-break key, then by value (descending).
     by_key = _order_key(doc, pos).argsort(dim=0, stable=True)
     by_value = values.gather(0, by_key).argsort(dim=0, descending=True, stable=True)
-    order = by_key.gather(0, by_value)[: a.k]
+    order = by_key.gather(0, by_value)[: first.k]
     return TopK(values.gather(0, order), doc.gather(0, order), pos.gather(0, order), token.gather(0, order))
 
 

@@ -8,9 +8,9 @@ for a ``[1024, 2048]`` fp32 batch (see ``benchmarks/RESULTS.md`` for the end-to-
   instead of all of them (about 4 ms instead of 14 ms);
 - moments without boolean reductions: non-finite entries are the NaNs of ``x - x``, firing is
   ``sign(relu(x))``, and every column sum is one GEMV with the counted-token row (about 2.3 ms
-  instead of 20 ms).
-
-Neither needs a host sync.
+  instead of 20 ms);
+- on the CPU, where reading a flag costs no device sync, a batch whose counted column sums are all
+  finite (the usual case) skips every inf/nan cleaning pass. On a GPU nothing is read back.
 """
 
 from __future__ import annotations
@@ -23,15 +23,46 @@ from .topk_merge import Moments, TopK, merge_topk
 BLOCK_ROWS = 8
 
 
-def _masked(acts: Tensor, counted: Tensor) -> Tensor:
-    """float32 activations with uncounted and non-finite entries set to -inf: ``[tokens, n]``."""
-    values = acts.float().masked_fill(~counted.unsqueeze(1), float("-inf"))
-    return torch.nan_to_num(values, nan=float("-inf"), posinf=float("-inf"), neginf=float("-inf"))
+def _masked(values: Tensor, counted: Tensor, all_finite: bool) -> Tensor:
+    """Activations with uncounted and non-finite entries set to -inf: ``[tokens, n]``."""
+    masked = values.masked_fill(~counted.unsqueeze(1), float("-inf"))
+    if all_finite:
+        return masked
+    return torch.nan_to_num(masked, nan=float("-inf"), posinf=float("-inf"), neginf=float("-inf"))
+
+
+def _finite_sums(values: Tensor, weight: Tensor) -> tuple[Tensor, bool]:
+    """Column sums over counted tokens, and whether they prove every counted entry finite.
+
+    The proof is only read on the CPU, where it costs no device sync; elsewhere it is False.
+    """
+    total = (weight @ values).squeeze(0)  # inf or nan in a column if any counted entry is
+    return total, values.device.type == "cpu" and bool(torch.isfinite(total).all())
+
+
+def batch_stats(acts: Tensor, doc: Tensor, pos: Tensor, token: Tensor, counted: Tensor, k: int) -> tuple[TopK, Moments]:
+    """`batch_topk` and `batch_moments` in one go, sharing the float copy and the finiteness check."""
+    values = acts.float()
+    weight = counted.to(values.dtype).unsqueeze(0)  # [1, tokens]
+    total, all_finite = _finite_sums(values, weight)
+    return _topk(values, doc, pos, token, counted, k, all_finite), _moments(values, weight, counted, total, all_finite)
 
 
 def batch_topk(acts: Tensor, doc: Tensor, pos: Tensor, token: Tensor, counted: Tensor, k: int) -> TopK:
     """Same contract as `topk_merge.batch_topk`."""
-    values = _masked(acts, counted)  # [tokens, n]
+    return batch_stats(acts, doc, pos, token, counted, k)[0]
+
+
+def batch_moments(acts: Tensor, counted: Tensor) -> Moments:
+    """Same contract as `topk_merge.batch_moments`."""
+    values = acts.float()
+    weight = counted.to(values.dtype).unsqueeze(0)
+    total, all_finite = _finite_sums(values, weight)
+    return _moments(values, weight, counted, total, all_finite)
+
+
+def _topk(values: Tensor, doc: Tensor, pos: Tensor, token: Tensor, counted: Tensor, k: int, all_finite: bool) -> TopK:
+    values = _masked(values, counted, all_finite)  # [tokens, n]
     tokens, n = values.shape
     full_blocks = tokens // BLOCK_ROWS
     if full_blocks < 2 * k:  # too few blocks to gain anything
@@ -61,23 +92,20 @@ def batch_topk(acts: Tensor, doc: Tensor, pos: Tensor, token: Tensor, counted: T
     return result
 
 
-def batch_moments(acts: Tensor, counted: Tensor) -> Moments:
-    """Same contract as `topk_merge.batch_moments`.
-
-    Column sums as ``weight @ x`` (a GEMV) are several times faster on CPU than ``x.sum(0)`` over
+def _moments(values: Tensor, weight: Tensor, counted: Tensor, total: Tensor, all_finite: bool) -> Moments:
+    """Column sums as ``weight @ x`` (a GEMV) are several times faster on CPU than ``x.sum(0)`` over
     masked copies, and the weight row drops uncounted tokens at the same time.
     """
-    values = acts.float()
-    weight = counted.to(values.dtype).unsqueeze(0)  # [1, tokens]: 1 where counted
-    nonfinite = (values - values).nan_to_num_(nan=1.0)  # x - x is NaN exactly where x is inf or nan
-    kept = torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
-    total = (weight @ kept).squeeze(0)
-    total_sq = (weight @ (kept * kept)).squeeze(0)
-    fire_count = (weight @ kept.relu_().sign_()).squeeze(0)
+    if all_finite:
+        kept, nonfinite = values, torch.zeros_like(total)
+    else:
+        nonfinite = (weight @ (values - values).nan_to_num_(nan=1.0)).squeeze(0)  # x - x is NaN where x is inf/nan
+        kept = torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
+        total = (weight @ kept).squeeze(0)
     return Moments(
-        fire_count=fire_count.round().long(),
+        fire_count=(weight @ torch.relu(kept).sign_()).squeeze(0).round().long(),
         total=total.double(),
-        total_sq=total_sq.double(),
-        nonfinite=(weight @ nonfinite).squeeze(0).round().long(),
+        total_sq=(weight @ (kept * kept)).squeeze(0).double(),
+        nonfinite=nonfinite.round().long(),
         n_tokens=counted.sum(),
     )

@@ -23,8 +23,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from patchscope.kernels.topk_merge import Moments, TopK
-from patchscope.kernels.topk_merge_fast import batch_moments, batch_topk
+from patchscope.kernels.topk_merge import Moments, TopK, merge_topk
+from patchscope.kernels.topk_merge_fast import batch_stats
 
 from .atlas import METADATA_KEY, Atlas, AtlasError, AtlasMeta, SiteAtlas
 from .batching import Batch, Overflow, Segment, collate, plan
@@ -37,6 +37,7 @@ from .versions import versions
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.safetensors"
+MERGE_EVERY = 8
 
 
 @dataclass(frozen=True)
@@ -108,13 +109,15 @@ class Profiler:
         self.splits = 0  # each OOM doubles how many pieces a planned batch is cut into
         self._fields = _BatchFields()
         self._pending: dict[str, SiteAtlas] = {}
+        # Per-batch top-ks wait here and are merged into the state MERGE_EVERY at a time: one sort
+        # of [k * (MERGE_EVERY + 1), n] costs much less than MERGE_EVERY sorts of [2k, n].
+        self._unmerged: dict[str, list[TopK]] = {site: [] for site in self.sites}
 
     def _site_hook(self, site: str):
         def reduce(value: Tensor, step) -> None:
             acts = value.reshape(-1, value.shape[-1])  # [tokens, n]
             f = self._fields
-            top = batch_topk(acts, f.doc, f.position, f.token, f.counted, self.config.top_k)
-            partial = SiteAtlas(top, batch_moments(acts, f.counted))
+            partial = SiteAtlas(*batch_stats(acts, f.doc, f.position, f.token, f.counted, self.config.top_k))
             previous = self._pending.get(site)
             self._pending[site] = partial if previous is None else previous.merge(partial)
 
@@ -149,8 +152,20 @@ class Profiler:
                 self.splits += 1
                 log.warning("out of memory on %d rows; halving the batch token budget and retrying", size)
         for site, partial in self._pending.items():
-            self.state[site] = self.state[site].merge(partial)
+            current = self.state[site]
+            self.state[site] = SiteAtlas(current.top, current.moments + partial.moments)
+            self._unmerged[site].append(partial.top)
+            if len(self._unmerged[site]) >= MERGE_EVERY:
+                self.flush(site)
         self._pending = {}
+
+    def flush(self, site: str | None = None) -> None:
+        """Merge the waiting per-batch top-ks into the state (before a checkpoint, and at the end)."""
+        for name in [site] if site else self.sites:
+            if self._unmerged[name]:
+                current = self.state[name]
+                self.state[name] = SiteAtlas(merge_topk(current.top, *self._unmerged[name]), current.moments)
+                self._unmerged[name] = []
 
 
 def fingerprint(model_name: str, source: SourceConfig | None, config: ProfileConfig, dtype: str) -> str:
@@ -229,6 +244,7 @@ def profile(
                 _checkpoint(profiler, out / CHECKPOINT, key, index)
     finally:
         bar.close()
+    profiler.flush()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
@@ -286,6 +302,7 @@ class _Counter:
 
 
 def _checkpoint(profiler: Profiler, path: Path, key: str, batches: int) -> None:
+    profiler.flush()
     meta = AtlasMeta(model="", dataset="", split="", top_k=profiler.config.top_k)
     partial = Atlas(meta, profiler.state)
     # the cursor lives inside the same file as the tensors: one rename makes both durable

@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m benchmarks` runs the suite and writes RESULTS.md."""
