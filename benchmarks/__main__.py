@@ -22,7 +22,7 @@ from patchscope.storage import write_json
 from .common import SHAPES, Conditions, build_model
 from .generation import generation, sae_encode
 from .hook_cost import hook_costs
-from .profiling import scaling, sweep, throughput
+from .profiling import padding, scaling, sweep, throughput
 from .report import render
 
 HERE = Path(__file__).parent
@@ -33,6 +33,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtypes", nargs="+", help="default: float32 bfloat16 on CPU, float16 bfloat16 on CUDA")
     parser.add_argument("--shape", choices=sorted(SHAPES), help="default: small on CPU, gemma-2-2b-shape on CUDA")
+    parser.add_argument("--model", help="benchmark real weights instead (hub id or folder, e.g. google/gemma-2-2b), loaded with patchscope.load_model")
     parser.add_argument("--layers", type=int, help="scale the shape down to this many layers")
     parser.add_argument("--layer", type=int, default=4, help="profiled layer (default 4; 12 for gemma-2-2b-shape)")
     parser.add_argument("--batch", type=int, default=8)
@@ -41,7 +42,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="tiny shape, one run each: checks the suite works, numbers mean little")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["peers", "sweep", "scaling", "hooks", "sae", "generation"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["peers", "sweep", "padding", "scaling", "hooks", "sae", "generation"])
     parser.add_argument("--out", default=str(HERE / "RESULTS.md"))
     parser.add_argument("--json", default=str(HERE / "results.json"))
     args = parser.parse_args(argv)
@@ -57,10 +58,17 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run_dtype(args: argparse.Namespace, dtype_name: str) -> dict:
     dtype = getattr(torch, dtype_name)
-    model = build_model(args.shape, layers=args.layers, dtype=dtype, device=args.device)
+    if args.model:
+        from patchscope import load_model
+
+        model, _ = load_model(args.model, dtype=dtype, device=args.device)
+        name = args.model
+    else:
+        model = build_model(args.shape, layers=args.layers, dtype=dtype, device=args.device)
+        name = args.shape + (f" ({args.layers} layers)" if args.layers else "")
     config = model.config
     conditions = Conditions(
-        device=args.device, dtype=dtype_name, shape=args.shape + (f" ({args.layers} layers)" if args.layers else ""),
+        device=args.device, dtype=dtype_name, shape=name,
         d_model=config.hidden_size, d_mlp=config.intermediate_size, n_layers=config.num_hidden_layers, vocab=config.vocab_size,
         layer=args.layer, batch=args.batch, seq_len=args.seq_len, warmup=args.warmup, runs=args.runs,
     )
@@ -77,6 +85,9 @@ def run_dtype(args: argparse.Namespace, dtype_name: str) -> dict:
         settings = [(b, args.seq_len) for b in (1, 4, args.batch, 2 * args.batch)] + [(args.batch, s) for s in (args.seq_len // 2, 2 * args.seq_len)]
         out["sweep"] = sweep(model, layer=args.layer, settings=settings, n_batches=1, **common)
         print("  sweep done", flush=True)
+    if "padding" not in args.skip:
+        out["padding"] = padding(model, layer=args.layer, batch=args.batch, seq_len=args.seq_len, n_docs=8 * args.batch, **common)
+        print("  padding done", flush=True)
     if "scaling" not in args.skip:
         out["scaling"] = scaling(model, layer=args.layer, batch=args.batch, seq_len=args.seq_len, sizes=[1, 2, 4, 8], **common)
         print("  scaling done", flush=True)
@@ -101,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     store = Path(args.json)
     results = json.loads(store.read_text()) if store.exists() else {}
     for dtype_name in args.dtypes:
-        key = f"{args.device}/{dtype_name}/{args.shape}" + (f"/{args.layers}L" if args.layers else "")
+        key = f"{args.device}/{dtype_name}/{args.model or args.shape}" + (f"/{args.layers}L" if args.layers and not args.model else "")
         results[key] = run_dtype(args, dtype_name)
         write_json(store, results)
     from patchscope.storage import atomic_write

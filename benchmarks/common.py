@@ -6,6 +6,7 @@ import copy
 import gc
 import os
 import platform
+import random
 import statistics
 import tempfile
 import threading
@@ -162,6 +163,8 @@ def interleaved(
 ) -> dict[str, Timing]:
     """Time every peer ``runs`` times, round-robin so drift hits all alike; each value is one run.
 
+    The order is shuffled every round (seeded): whichever peer runs first after another's big
+    allocations pays for fresh memory pages, and that cost should not always land on the same one.
     ``peers`` maps a name to (function doing one run, tokens per run).
     """
     for fn, _ in peers.values():
@@ -169,8 +172,12 @@ def interleaved(
             fn()
     sync(device)
     samples: dict[str, list[float]] = {name: [] for name in peers}
+    order = list(peers)
+    shuffler = random.Random(0)
     for _ in range(runs):
-        for name, (fn, _) in peers.items():
+        shuffler.shuffle(order)
+        for name in order:
+            fn = peers[name][0]
             sync(device)
             started = time.perf_counter()
             fn()

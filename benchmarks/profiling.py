@@ -185,3 +185,45 @@ def scaling(model, *, layer: int, batch: int, seq_len: int, sizes: list[int], wa
         timing = interleaved({"ours": (ours(model, batches, layer), n_batches * batch * seq_len)}, warmup=warmup, runs=runs, device=device)["ours"]
         rows.append(dict(batches=n_batches, **timing.as_dict()))
     return rows
+
+
+def padding(model, *, layer: int, batch: int, seq_len: int, n_docs: int, warmup: int, runs: int, device: str) -> dict:
+    """Documents of varied length: length-sorted packing (ours) against batches in arrival order.
+
+    Reports the padding fraction of both plans and our profiler's tokens/s on each, beside the
+    floor on the same padded batches.
+    """
+    from patchscope.batching import pack_by_length, collate
+
+    generator = torch.Generator().manual_seed(5)
+    lengths = torch.randint(seq_len // 8, seq_len + 1, (n_docs,), generator=generator).tolist()
+    documents = [Segment(i, 0, (2, *torch.randint(3, model.config.vocab_size, (n - 1,), generator=generator).tolist()), 1) for i, n in enumerate(lengths)]
+    plans = {
+        "length-sorted under a token budget (ours)": list(pack_by_length(documents, batch * seq_len)),
+        "arrival order, fixed batch size": [documents[i : i + batch] for i in range(0, n_docs, batch)],
+    }
+    real = sum(lengths)
+    out = {}
+    for name, planned in plans.items():
+        padded = sum(len(rows) * max(len(r.ids) for r in rows) for rows in planned)
+        profiler = Profiler(model, ProfileConfig(layer=layer, checkpoint_every=0))
+        tensors = [collate(rows, 0) for rows in planned]
+        layers = model.model.layers
+
+        def run_ours(planned=planned, profiler=profiler) -> None:
+            for rows in planned:
+                profiler.fold(rows, pad_id=0)
+
+        def run_floor(tensors=tensors) -> None:
+            model.model.layers = layers[: layer + 1]
+            try:
+                with torch.inference_mode():
+                    for b in tensors:
+                        model.model(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device), use_cache=False)
+            finally:
+                model.model.layers = layers
+
+        timings = interleaved({"ours": (run_ours, real), "floor": (run_floor, real)}, warmup=warmup, runs=runs, device=device)
+        out[name] = dict(batches=len(planned), padding_fraction=round(1 - real / padded, 4), ours=timings["ours"].as_dict(),
+                         floor=timings["floor"].as_dict(), ratio=timings["ours"].tokens_per_s / timings["floor"].tokens_per_s)
+    return dict(documents=n_docs, real_tokens=real, min_len=min(lengths), max_len=max(lengths), plans=out)

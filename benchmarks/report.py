@@ -54,6 +54,19 @@ def _scaling(section: dict) -> list[str]:
     return lines
 
 
+def _padding(section: dict) -> list[str]:
+    p = section["padding"]
+    lines = [
+        f"{p['documents']} documents of {p['min_len']}-{p['max_len']} tokens ({p['real_tokens']} real tokens); tokens/s count real tokens only.",
+        "",
+        "| batching | batches | padding fraction | ours tokens/s | floor tokens/s (same batches) | ours / floor |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in p["plans"].items():
+        lines.append(f"| {name} | {r['batches']} | {r['padding_fraction']:.3f} | {_fmt(r['ours']['tokens_per_s'])} | {_fmt(r['floor']['tokens_per_s'])} | {r['ratio']:.3f} |")
+    return lines
+
+
 def _cell(v: dict | None) -> str:
     if not v:
         return "-"
@@ -101,6 +114,8 @@ def render(results: dict[str, dict]) -> str:
             out += ["### Profiling throughput", "", *_throughput(section), ""]
         if "sweep" in section:
             out += ["### Batch size and sequence length", "", *_sweep(section), ""]
+        if "padding" in section:
+            out += ["### Documents of varied length: padding", "", *_padding(section), ""]
         if "scaling" in section:
             out += ["### Growing the dataset (our profiler)", "", *_scaling(section), ""]
         if "hook_cost" in section:

@@ -124,12 +124,12 @@ def plan(
         buffer.extend(segments(tokenizer, document, max_length, overflow, exclude_bos, has_bos))
         count += 1
         if count % sort_buffer == 0:
-            yield from _pack(buffer, batch_tokens)
+            yield from pack_by_length(buffer, batch_tokens)
             buffer = []
-    yield from _pack(buffer, batch_tokens)
+    yield from pack_by_length(buffer, batch_tokens)
 
 
-def _pack(buffer: list[Segment], batch_tokens: int) -> Iterator[list[Segment]]:
+def pack_by_length(buffer: list[Segment], batch_tokens: int) -> Iterator[list[Segment]]:
     ordered = sorted(buffer, key=lambda s: (-len(s.ids), s.doc, s.offset))
     batch: list[Segment] = []
     for segment in ordered:

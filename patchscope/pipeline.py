@@ -21,8 +21,8 @@ from .data import SourceConfig, TextSource
 from .models import DEFAULT_MODEL, DeviceName, DTypeName, load_config, load_model, preset_for
 from .patchscope import PatchscopeConfig, PromptPlan, Row, control_rows, extract, inject, plan_prompt
 from .profiler import CHECKPOINT, ProfileConfig, fingerprint, profile
-from .sae import SAEError, check_for_model, check_site, sae_layer_for_site, top_features
-from .sae_io import gemma_scope_spec, load_sae
+from .sae import check_for_model, check_site, top_features
+from .sae_io import load_sae, sae_spec_for_site
 from .sites import parse_site
 from .storage import check_writable, write_json
 from .versions import versions
@@ -143,10 +143,9 @@ def _load_matching_sae(config: ExperimentConfig, d_model: int):
         return None, "SAE read-out skipped (--sae none)"
     spec = config.sae
     if spec is None:
-        preset = preset_for(config.model)
-        if preset is None:
+        if preset_for(config.model) is None:
             return None, f"no default SAE for {config.model}; pass --sae to read the vector"
-        spec = gemma_scope_spec(preset.sae_repo, sae_layer_for_site(config.source_site))
+        spec = sae_spec_for_site(config.model, config.source_site)
     sae = load_sae(spec)
     check_for_model(sae, d_model)
     check_site(sae, config.source_site, allow_mismatch=config.allow_site_mismatch)

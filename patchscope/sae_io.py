@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .sae import JumpReLUSAE, SAEError, SAEInfo, check_for_model
+from .sae import JumpReLUSAE, SAEError, SAEInfo, check_for_model, sae_layer_for_site
 
 KEYS = ("W_enc", "b_enc", "threshold", "W_dec", "b_dec")
 GEMMA_SCOPE_PATH = re.compile(r"layer_(?P<layer>\d+)/width_(?P<width>\w+?)/(?:average_l0_(?P<l0>\d+)|(?P<canonical>canonical))")
@@ -218,3 +218,16 @@ def gemma_scope_spec(repo_id: str, layer: int, width: str = "16k", l0: str | int
     """The hub spec of a Gemma Scope residual SAE."""
     tail = "canonical" if l0 == "canonical" else f"average_l0_{l0}"
     return f"{repo_id}/layer_{layer}/width_{width}/{tail}"
+
+
+def sae_spec_for_site(model: str, site: str, width: str = "16k", l0: str | int = "canonical") -> str:
+    """The Gemma Scope residual SAE that reads ``site`` of a preset model, by the site rule.
+
+    ``sae_spec_for_site("google/gemma-2-2b", "blocks.12.hook_resid_pre")`` is the layer-11 SAE.
+    """
+    from .models import preset_for
+
+    preset = preset_for(model)
+    if preset is None:
+        raise SAEError(f"no Gemma Scope SAEs are known for {model!r}; pass an SAE spec explicitly")
+    return gemma_scope_spec(preset.sae_repo, sae_layer_for_site(site), width, l0)

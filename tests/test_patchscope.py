@@ -58,7 +58,7 @@ def test_explicit_position_overrides(gemma):
 def manual_neuron(model, ids, vector, position):
     """Layer by layer by hand, the residual entering layer LAYER overwritten at `position`."""
     base = model.model
-    hidden = base.embed_tokens(ids)
+    hidden = model(ids, output_hidden_states=True).hidden_states[0]  # the scaled embedding, in any transformers version
     length = ids.shape[1]
     embeddings = base.rotary_emb(hidden, torch.arange(length)[None])
     mask = torch.full((length, length), torch.finfo(hidden.dtype).min).triu(1)[None, None]

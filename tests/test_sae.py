@@ -111,6 +111,15 @@ def test_bad_files(tmp_path):
         load_sae(lens)
 
 
+def test_matching_sae_for_a_site():
+    from patchscope.sae_io import sae_spec_for_site
+
+    assert sae_spec_for_site("google/gemma-2-2b", "blocks.12.hook_resid_pre") == "google/gemma-scope-2b-pt-res/layer_11/width_16k/canonical"
+    assert sae_spec_for_site("gemma-2-2b", "blocks.12.hook_resid_post", l0=82).endswith("layer_12/width_16k/average_l0_82")
+    with pytest.raises(SAEError, match="no Gemma Scope SAEs"):
+        sae_spec_for_site("meta-llama/Llama-3.2-1B", "blocks.3.hook_resid_pre")
+
+
 def test_site_rule(tmp_path):
     sae = load_sae(write_npz(tmp_path / "layer_1/width_16k/average_l0_22/params.npz", sae_params()))
     assert sae_layer_for_site("blocks.12.hook_resid_pre") == 11
