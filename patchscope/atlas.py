@@ -21,7 +21,7 @@ from transformers import PreTrainedTokenizerBase
 
 from patchscope.kernels.topk_merge import Moments, TopK, merge_topk
 
-from .batching import Overflow, segment_at
+from .batching import Overflow, document_segments, locate
 from .sites import parse_site
 from .storage import write_json, write_tensors
 
@@ -224,17 +224,20 @@ class Atlas:
     def contexts(
         self, entries: list[AtlasEntry], texts: Mapping[int, str], tokenizer: PreTrainedTokenizerBase
     ) -> list[tuple[str, str]]:
-        """``(token, context)`` strings for entries: the token and ±5 tokens of its segment."""
-        out = []
-        cache: dict[tuple[int, int], tuple] = {}
+        """``(token, context)`` strings for entries: the token and ±5 tokens of its segment.
+
+        Each document is tokenized once, and all strings are decoded in one batch.
+        """
+        by_doc: dict[int, list] = {}
+        pieces: list[list[int]] = []
         for entry in entries:
-            key = (entry.doc, entry.position)
-            if key not in cache:
-                segment, local = segment_at(tokenizer, texts[entry.doc], entry.position, self.meta.max_length, self.meta.overflow)
-                lo, hi = max(segment.first_counted, local - CONTEXT_TOKENS), local + CONTEXT_TOKENS + 1
-                cache[key] = (tokenizer.decode([segment.ids[local]]), tokenizer.decode(list(segment.ids[lo:hi])))
-            out.append(cache[key])
-        return out
+            if entry.doc not in by_doc:
+                by_doc[entry.doc] = document_segments(tokenizer, texts[entry.doc], self.meta.max_length, self.meta.overflow)
+            segment, local = locate(by_doc[entry.doc], entry.position)
+            lo, hi = max(segment.first_counted, local - CONTEXT_TOKENS), local + CONTEXT_TOKENS + 1
+            pieces += [[segment.ids[local]], list(segment.ids[lo:hi])]
+        decoded = tokenizer.batch_decode(pieces)
+        return list(zip(decoded[0::2], decoded[1::2]))
 
     def export_original(
         self, path: str | Path, site: str, texts: Mapping[int, str], tokenizer: PreTrainedTokenizerBase

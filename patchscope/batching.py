@@ -91,12 +91,21 @@ def segment_at(
     tokenizer: PreTrainedTokenizerBase, text: str, position: int, max_length: int, overflow: Overflow
 ) -> tuple[Segment, int]:
     """The segment that holds document ``position`` as the profiler saw it, and its local index."""
-    has_bos = adds_bos(tokenizer)
-    for segment in segments(tokenizer, Document(-1, text), max_length, overflow, False, has_bos):
+    return locate(document_segments(tokenizer, text, max_length, overflow), position)
+
+
+def document_segments(tokenizer: PreTrainedTokenizerBase, text: str, max_length: int, overflow: Overflow) -> list[Segment]:
+    """Every segment of one text, BOS positions included (for looking positions up)."""
+    return segments(tokenizer, Document(-1, text), max_length, overflow, False, adds_bos(tokenizer))
+
+
+def locate(parts: list[Segment], position: int) -> tuple[Segment, int]:
+    """The segment holding document ``position``, and the position's index inside it."""
+    for segment in parts:
         local = position - segment.offset
         if segment.first_counted <= local < len(segment.ids):  # a later window's repeated BOS is not the token
             return segment, local
-    raise IndexError(f"position {position} is beyond this text's {max_length}-token {overflow} segments")
+    raise IndexError(f"position {position} is beyond this text's segments ({len(parts)} of them)")
 
 
 def plan(

@@ -94,6 +94,19 @@ def load_config(name_or_path: str, *, trust_remote_code: bool = False, token: st
         raise _explain(source, error) from error
 
 
+def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, token: str | bool | None = None) -> PreTrainedTokenizerBase:
+    """Just the tokenizer: lets callers check a prompt before the weights load."""
+    preset = PRESETS.get(name_or_path)
+    source = preset.hub_id if preset else name_or_path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, token=token)
+    except Exception as error:  # noqa: BLE001
+        raise _explain(source, error) from error
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_model(
     name_or_path: str = DEFAULT_MODEL,
     *,

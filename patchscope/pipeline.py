@@ -18,7 +18,7 @@ import torch
 from .atlas import ATLAS_TENSORS, Atlas
 from .attribution import attribute_neuron
 from .data import SourceConfig, TextSource
-from .models import DEFAULT_MODEL, DeviceName, DTypeName, load_config, load_model, preset_for
+from .models import DEFAULT_MODEL, DeviceName, DTypeName, load_config, load_model, load_tokenizer, preset_for
 from .patchscope import PatchscopeConfig, PromptPlan, Row, control_rows, extract, inject, plan_prompt
 from .profiler import CHECKPOINT, ProfileConfig, fingerprint, profile
 from .sae import check_for_model, check_site, top_features
@@ -128,11 +128,7 @@ def _preflight(config: ExperimentConfig):
             raise ValueError(f"site {site}: layer {layer} is out of range, the model has layers 0..{n_layers - 1}")
     if config.neuron is not None and not 0 <= config.neuron < model_config.intermediate_size:
         raise IndexError(f"--neuron {config.neuron} is out of range: the MLP has neurons 0..{model_config.intermediate_size - 1}")
-    from transformers import AutoTokenizer
-
-    preset = preset_for(config.model)
-    tokenizer = AutoTokenizer.from_pretrained(preset.hub_id if preset else config.model)
-    prompt = plan_prompt(tokenizer, config.patchscope)
+    prompt = plan_prompt(load_tokenizer(config.model), config.patchscope)
     sae, sae_note = _load_matching_sae(config, model_config.hidden_size)
     out = check_writable(config.out)
     return prompt, sae, sae_note, out

@@ -23,8 +23,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from patchscope.kernels.topk_merge import Moments, TopK, merge_topk
-from patchscope.kernels.topk_merge_fast import batch_stats
+from patchscope.kernels.topk_merge import Moments, TopK
+from patchscope.kernels.topk_merge_fast import batch_stats, merge_topk_fast
 
 from .atlas import METADATA_KEY, Atlas, AtlasError, AtlasMeta, SiteAtlas
 from .batching import Batch, Overflow, Segment, collate, plan
@@ -37,7 +37,7 @@ from .versions import versions
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.safetensors"
-MERGE_EVERY = 8
+MERGE_EVERY = 4
 
 
 @dataclass(frozen=True)
@@ -108,18 +108,21 @@ class Profiler:
         }
         self.splits = 0  # each OOM doubles how many pieces a planned batch is cut into
         self._fields = _BatchFields()
-        self._pending: dict[str, SiteAtlas] = {}
-        # Per-batch top-ks wait here and are merged into the state MERGE_EVERY at a time: one sort
-        # of [k * (MERGE_EVERY + 1), n] costs much less than MERGE_EVERY sorts of [2k, n].
+        self._pending: dict[str, list[tuple[TopK, Moments]]] = {}  # this batch's pieces, per site
+        # Per-batch top-k candidates wait here and are merged into the state MERGE_EVERY at a time:
+        # one sort of all of them costs much less than MERGE_EVERY small sorts.
         self._unmerged: dict[str, list[TopK]] = {site: [] for site in self.sites}
+        self._scratch = torch.empty(0, device=self.device)  # float32 copy of bf16/fp16 activations, reused
 
     def _site_hook(self, site: str):
         def reduce(value: Tensor, step) -> None:
             acts = value.reshape(-1, value.shape[-1])  # [tokens, n]
             f = self._fields
-            partial = SiteAtlas(*batch_stats(acts, f.doc, f.position, f.token, f.counted, self.config.top_k))
-            previous = self._pending.get(site)
-            self._pending[site] = partial if previous is None else previous.merge(partial)
+            if acts.dtype != torch.float32 and self._scratch.numel() < acts.numel():
+                self._scratch = torch.empty(acts.numel(), dtype=torch.float32, device=acts.device)
+            self._pending.setdefault(site, []).append(
+                batch_stats(acts, f.doc, f.position, f.token, f.counted, self.config.top_k, self._scratch)
+            )
 
         return reduce
 
@@ -151,10 +154,12 @@ class Profiler:
                     torch.cuda.empty_cache()
                 self.splits += 1
                 log.warning("out of memory on %d rows; halving the batch token budget and retrying", size)
-        for site, partial in self._pending.items():
-            current = self.state[site]
-            self.state[site] = SiteAtlas(current.top, current.moments + partial.moments)
-            self._unmerged[site].append(partial.top)
+        for site, pieces in self._pending.items():
+            moments = self.state[site].moments
+            for candidates, piece_moments in pieces:
+                moments = moments + piece_moments
+                self._unmerged[site].append(candidates)
+            self.state[site] = SiteAtlas(self.state[site].top, moments)
             if len(self._unmerged[site]) >= MERGE_EVERY:
                 self.flush(site)
         self._pending = {}
@@ -164,7 +169,7 @@ class Profiler:
         for name in [site] if site else self.sites:
             if self._unmerged[name]:
                 current = self.state[name]
-                self.state[name] = SiteAtlas(merge_topk(current.top, *self._unmerged[name]), current.moments)
+                self.state[name] = SiteAtlas(merge_topk_fast(current.top, *self._unmerged[name]), current.moments)
                 self._unmerged[name] = []
 
 

@@ -95,6 +95,26 @@ def test_fp16_overflow_never_wins():
     assert batch_moments(acts, torch.tensor([True, True])).nonfinite.item() == 1
 
 
+def test_within_batch_ties_follow_the_ranking_rule():
+    from patchscope.kernels import topk_merge, topk_merge_fast
+
+    gen = torch.Generator().manual_seed(4)
+    acts = (torch.randn(1024, 9, generator=gen) * 2).round().to(torch.bfloat16)  # big tie groups
+    acts[:, 0] = 1.0
+    acts[[900, 3, 512], 0] = 2.0  # three tokens tie for the top of neuron 0
+    doc = torch.randperm(1024, generator=gen)  # rows arrive out of document order
+    pos = torch.zeros(1024, dtype=torch.long)
+    counted = torch.ones(1024, dtype=torch.bool)
+    for topk in (topk_merge.batch_topk, topk_merge_fast.batch_topk):
+        top = topk(acts, doc, pos, torch.zeros(1024, dtype=torch.long), counted, 2)
+        assert top.doc[:, 0].tolist() == sorted(doc[[900, 3, 512]].tolist())[:2], topk
+    rows = [(acts[i].float().tolist(), int(doc[i]), 0, 0, True) for i in range(1024)]
+    expected = brute_topk(rows, 2, 9)
+    top = topk_merge_fast.batch_topk(acts, doc, pos, torch.zeros(1024, dtype=torch.long), counted, 2)
+    for neuron in range(9):
+        assert [(top.values[r, neuron].item(), top.doc[r, neuron].item()) for r in range(2)] == [(c[0], c[1]) for c in expected[neuron]]
+
+
 def test_fast_kernels_match_the_reference():
     from patchscope.kernels import topk_merge, topk_merge_fast
 
@@ -120,3 +140,33 @@ def test_fast_kernels_match_the_reference():
         torch.testing.assert_close(fast_m.total_sq, ref_m.total_sq, rtol=1e-5, atol=1e-4)
         if not clean:
             assert fast.doc[:, 5].eq(-1).all()
+
+
+def test_fast_kernel_scratch_buffer_for_half_precision():
+    from patchscope.kernels import topk_merge, topk_merge_fast
+
+    gen = torch.Generator().manual_seed(9)
+    acts = torch.randn(200, 17, generator=gen).to(torch.bfloat16)
+    doc, pos, tok = torch.arange(200) // 10, torch.arange(200) % 10, torch.arange(200)
+    counted = torch.ones(200, dtype=torch.bool)
+    scratch = torch.full((5000,), 123.0)
+    candidates, moments = topk_merge_fast.batch_stats(acts, doc, pos, tok, counted, 4, scratch)
+    top = topk_merge.merge_topk(topk_merge.TopK.empty(4, 17), candidates)
+    ref = topk_merge.batch_topk(acts, doc, pos, tok, counted, 4)
+    assert torch.equal(top.values, ref.values) and torch.equal(top.doc, ref.doc) and torch.equal(top.pos, ref.pos)
+    torch.testing.assert_close(moments.total, topk_merge.batch_moments(acts, counted).total, rtol=1e-5, atol=1e-4)
+
+
+def test_fast_merge_matches_the_reference_merge():
+    from patchscope.kernels import topk_merge, topk_merge_fast
+
+    gen = torch.Generator().manual_seed(12)
+    parts = []
+    for b in range(5):
+        acts = ((torch.randn(300, 11, generator=gen) * 8).round() / 8).to(torch.bfloat16)  # small tie groups at the top
+        doc = torch.randperm(10_000, generator=gen)[:300]
+        parts.append(topk_merge_fast.batch_stats(acts, doc, torch.arange(300), torch.arange(300), torch.ones(300, dtype=torch.bool), 6)[0])
+    state = topk_merge.TopK.empty(6, 11)
+    fast, ref = topk_merge_fast.merge_topk_fast(state, *parts), topk_merge.merge_topk(state, *parts)
+    for name in ("values", "doc", "pos", "token"):
+        assert torch.equal(getattr(fast, name), getattr(ref, name)), name
