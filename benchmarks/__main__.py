@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from patchscope.storage import write_json
+from patchscope.storage import atomic_write, write_json
 
 from .common import SHAPES, Conditions, build_model
 from .generation import generation, sae_encode
@@ -45,6 +45,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip", nargs="*", default=[], choices=["peers", "sweep", "padding", "scaling", "hooks", "sae", "generation"])
     parser.add_argument("--out", default=str(HERE / "RESULTS.md"))
     parser.add_argument("--json", default=str(HERE / "results.json"))
+    parser.add_argument("--render", action="store_true", help="only rewrite --out from the results already in --json")
     args = parser.parse_args(argv)
     cuda = args.device.startswith("cuda")
     if args.quick:
@@ -111,12 +112,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--device cuda asked for, but torch sees no GPU")
     store = Path(args.json)
     results = json.loads(store.read_text()) if store.exists() else {}
-    for dtype_name in args.dtypes:
+    for dtype_name in [] if args.render else args.dtypes:
         key = f"{args.device}/{dtype_name}/{args.model or args.shape}" + (f"/{args.layers}L" if args.layers and not args.model else "")
         results[key] = run_dtype(args, dtype_name)
         write_json(store, results)
-    from patchscope.storage import atomic_write
-
     atomic_write(args.out, lambda tmp: tmp.write_text(render(results), encoding="utf-8"))
     print(f"wrote {args.out} and {args.json}")
     return 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import re
 import zipfile
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch
 
 from .sae import JumpReLUSAE, SAEError, SAEInfo, check_for_model, sae_layer_for_site
 
+log = logging.getLogger(__name__)
 KEYS = ("W_enc", "b_enc", "threshold", "W_dec", "b_dec")
 GEMMA_SCOPE_PATH = re.compile(r"layer_(?P<layer>\d+)/width_(?P<width>\w+?)/(?:average_l0_(?P<l0>\d+)|(?P<canonical>canonical))")
 CANONICAL_TARGET_L0 = 100
@@ -149,8 +151,8 @@ def canonical_l0(repo_id: str, layer: int, width: str, *, offline: bool = False)
             options = sorted(int(m.group(1)) for f in files if (m := prefix.match(f)))
             if options:
                 return min(options, key=lambda l0: (abs(l0 - CANONICAL_TARGET_L0), l0))
-        except Exception:  # noqa: BLE001 - offline or no access: fall back to the table
-            pass
+        except Exception as error:  # noqa: BLE001 - offline or no access: fall back to the table
+            log.info("could not list %s (%s); using the built-in canonical table", repo_id, type(error).__name__)
     table = OFFLINE_CANONICAL.get((repo_id, width), {})
     if layer in table:
         return table[layer]
