@@ -25,13 +25,14 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     from .config import from_namespace
     from .data import SourceConfig, TextSource
     from .models import load_model
-    from .profiler import ProfileConfig, profile
+    from .profiler import ProfileConfig, guard_output, profile
     from .storage import check_writable
 
     source = TextSource(from_namespace(SourceConfig, args))
     config = from_namespace(ProfileConfig, args)
     config.validate()
     out = check_writable(args.out)
+    guard_output(out, args.resume)
     check_layers(args.model, [int(site.split(".")[1]) for site in config.site_names() if site.startswith("blocks.")])
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     atlas = profile(model, tokenizer, source, config, out=out, resume=args.resume, model_name=args.model)

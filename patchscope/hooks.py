@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -277,9 +277,8 @@ def stop_after(model: nn.Module, name: str) -> Iterator[None]:
     stop = _Stop(resolve(model, name))
     _STOPS.setdefault(stop.ref.module, []).append(stop)
     try:
-        yield
-    except StopForward:
-        pass
+        with suppress(StopForward):  # the stop's own signal ends the block normally
+            yield
     finally:
         stop.remove()
         _STOPS[stop.ref.module].remove(stop)

@@ -18,7 +18,7 @@ import torch
 from .atlas import ATLAS_TENSORS, Atlas
 from .attribution import attribute_neuron
 from .data import SourceConfig, TextSource
-from .models import DEFAULT_MODEL, DeviceName, DTypeName, load_config, load_model, load_tokenizer, preset_for
+from .models import DEFAULT_MODEL, DeviceName, DTypeName, load_config, load_model, load_tokenizer, preset_for, resolve_device, resolve_dtype
 from .patchscope import PatchscopeConfig, PromptPlan, Row, control_rows, extract, inject, plan_prompt
 from .profiler import CHECKPOINT, ProfileConfig, fingerprint, profile
 from .sae import check_for_model, check_site, top_features
@@ -131,6 +131,7 @@ def _preflight(config: ExperimentConfig):
     prompt = plan_prompt(load_tokenizer(config.model), config.patchscope)
     sae, sae_note = _load_matching_sae(config, model_config.hidden_size)
     out = check_writable(config.out)
+    _check_existing_atlas(config, out)
     return prompt, sae, sae_note, out
 
 
@@ -148,14 +149,27 @@ def _load_matching_sae(config: ExperimentConfig, d_model: int):
     return sae, f"SAE {sae.info.source} (trained on {sae.info.site})"
 
 
+def _atlas_key(config: ExperimentConfig, dtype: torch.dtype) -> str:
+    return fingerprint(config.model, config.source, config.profile_config(), str(dtype).removeprefix("torch."))
+
+
+def _check_existing_atlas(config: ExperimentConfig, out: Path) -> None:
+    """An atlas in --out made with other settings is refused, not overwritten."""
+    if not (out / ATLAS_TENSORS).exists():
+        return
+    dtype = resolve_dtype(config.dtype, resolve_device(config.device))
+    found = Atlas.load(out).meta.extra.get("fingerprint")
+    if found != _atlas_key(config, dtype):
+        raise FileExistsError(
+            f"{out} holds an atlas made with other settings (model, data, layer, sites, max length or dtype); "
+            "use another --out, or delete it to profile again"
+        )
+
+
 def _atlas(model, tokenizer, config: ExperimentConfig, out: Path, timer: _Timer, progress: bool) -> tuple[Atlas, bool]:
     profile_config = config.profile_config()
-    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    key = fingerprint(config.model, config.source, profile_config, dtype)
-    if (out / ATLAS_TENSORS).exists():
-        atlas = Atlas.load(out)
-        if atlas.meta.extra.get("fingerprint") == key:
-            return atlas, True
+    if (out / ATLAS_TENSORS).exists():  # checked against the settings before the model loaded
+        return Atlas.load(out), True
     with timer.phase("profile"):
         atlas = profile(
             model, tokenizer, TextSource(config.source), profile_config, out=out, resume=(out / CHECKPOINT).exists(), model_name=config.model,

@@ -215,6 +215,8 @@ def profile(
     out = check_writable(out) if out is not None else None
     if resume and out is None:
         raise ValueError("--resume needs the output directory (--out) that holds the checkpoint")
+    if out is not None:
+        guard_output(out, resume)
 
     done = 0
     if resume and out is not None and (out / CHECKPOINT).exists():
@@ -291,6 +293,19 @@ def profile(
         atlas.save(out)
         (out / CHECKPOINT).unlink(missing_ok=True)
     return atlas
+
+
+def guard_output(out: Path, resume: bool) -> None:
+    """Never overwrite finished or interrupted work in ``out`` without being told to."""
+    from .atlas import ATLAS_TENSORS
+
+    if (out / ATLAS_TENSORS).exists():
+        raise FileExistsError(f"{out} already holds an atlas; load it with Atlas.load, or pick another --out (or delete it)")
+    if (out / CHECKPOINT).exists() and not resume:
+        raise FileExistsError(
+            f"{out} holds the checkpoint of an interrupted run: pass --resume to continue it, or delete "
+            f"{CHECKPOINT} to start over"
+        )
 
 
 class _Counter:

@@ -110,6 +110,13 @@ def test_sae_width_mismatch_fails_before_the_model_loads(gemma_dir, corpus, tmp_
         run_experiment(_config(gemma_dir, corpus, tmp_path, sae=str(wrong_layer)))
 
 
+def test_atlas_made_with_other_settings_is_refused_before_loading(gemma_dir, corpus, tmp_path, monkeypatch):
+    run_experiment(_config(gemma_dir, corpus, tmp_path), progress=False)
+    monkeypatch.setattr("patchscope.pipeline.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(FileExistsError, match="other settings"):
+        run_experiment(_config(gemma_dir, corpus, tmp_path, profile=ProfileConfig(layer=LAYER, max_length=12)))
+
+
 def test_explicit_neuron_and_cross_layer_patch(gemma_dir, corpus, tmp_path):
     config = _config(gemma_dir, corpus, tmp_path, neuron=12, patchscope=PatchscopeConfig(target_site="blocks.1.hook_resid_pre", max_new_tokens=3, controls=False))
     result = run_experiment(config, progress=False)

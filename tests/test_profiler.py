@@ -280,3 +280,18 @@ def test_resume_with_other_settings_is_refused(gemma, tmp_path):
     _checkpoint(Profiler(model, config), tmp_path / CHECKPOINT, fingerprint("m", source, config, "float32"), 1)
     with pytest.raises(AtlasError, match="other settings"):
         profile(model, tokenizer, source, ProfileConfig(layer=LAYER, max_length=20), out=tmp_path, resume=True, progress=False)
+
+
+def test_finished_or_interrupted_work_is_never_overwritten(gemma, tmp_path):
+    model, tokenizer = gemma
+    config = ProfileConfig(layer=LAYER, max_length=16)
+    profile(model, tokenizer, CORPUS[:4], config, out=tmp_path / "done", progress=False)
+    before = (tmp_path / "done" / "atlas.safetensors").read_bytes()
+    with pytest.raises(FileExistsError, match="already holds an atlas"):
+        profile(model, tokenizer, CORPUS[4:8], config, out=tmp_path / "done", progress=False)
+    assert (tmp_path / "done" / "atlas.safetensors").read_bytes() == before
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / CHECKPOINT).write_bytes(b"hours of work")
+    with pytest.raises(FileExistsError, match="pass --resume"):
+        profile(model, tokenizer, CORPUS, config, out=tmp_path / "cut", progress=False)
+    assert (tmp_path / "cut" / CHECKPOINT).read_bytes() == b"hours of work"
