@@ -25,6 +25,7 @@ def test_dtype_choice(gemma_dir):
 
 def test_offline_hub_id_gives_clear_message(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # read at import; set it as a user's env would
     with pytest.raises(ModelLoadError, match="local directory"):
         load_model("google/gemma-2-2b-does-not-exist", device="cpu")
 
@@ -35,3 +36,12 @@ def test_unsupported_family_is_refused(tmp_path):
     GPT2Config(n_layer=1, n_embd=16, n_head=2).save_pretrained(tmp_path)
     with pytest.raises(ModelLoadError, match="gpt2"):
         load_model(str(tmp_path), device="cpu")
+
+
+def test_gated_model_message(monkeypatch):
+    def refuse(*args, **kwargs):  # what transformers raises for a gated repo without a token
+        raise OSError("You are trying to access a gated repo. 401 Client Error. Access to model google/gemma-2-2b is restricted.")
+
+    monkeypatch.setattr("patchscope.models.AutoConfig.from_pretrained", refuse)
+    with pytest.raises(ModelLoadError, match="gated.*huggingface-cli login.*local directory"):
+        load_model("google/gemma-2-2b", device="cpu")
