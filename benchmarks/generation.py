@@ -54,7 +54,7 @@ def generation(model, *, layer: int, batches: tuple[int, ...], new_tokens: int, 
     observe = f"blocks.{layer}.mlp.hook_post"
     rows = []
     for batch in batches:
-        def make(patched: bool):
+        def make(patched: bool, batch: int = batch):
             def run() -> None:
                 inject(model, tokenizer, [Row("r", 0, vector if patched else None) for _ in range(batch)], plan,
                        target_site=site, observe_site=observe, max_new_tokens=new_tokens)
@@ -62,7 +62,7 @@ def generation(model, *, layer: int, batches: tuple[int, ...], new_tokens: int, 
 
         ids = torch.tensor([prompt_ids] * batch, device=device)
 
-        def plain() -> None:
+        def plain(ids: torch.Tensor = ids) -> None:
             with torch.inference_mode():
                 model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
 

@@ -214,7 +214,7 @@ def padding(model, *, layer: int, batch: int, seq_len: int, n_docs: int, warmup:
             for rows in planned:
                 profiler.fold(rows, pad_id=0)
 
-        def run_floor(tensors=tensors) -> None:
+        def run_floor(tensors=tensors, layers=layers) -> None:
             model.model.layers = layers[: layer + 1]
             try:
                 with torch.inference_mode():

@@ -19,7 +19,7 @@ from .atlas import ATLAS_TENSORS, Atlas
 from .attribution import attribute_neuron
 from .data import SourceConfig, TextSource
 from .models import DEFAULT_MODEL, DeviceName, DTypeName, load_config, load_model, load_tokenizer, preset_for, resolve_device, resolve_dtype
-from .patchscope import PatchscopeConfig, PromptPlan, Row, control_rows, extract, inject, plan_prompt
+from .patchscope import PatchscopeConfig, Row, control_rows, extract, inject, plan_prompt
 from .profiler import CHECKPOINT, ProfileConfig, fingerprint, profile
 from .sae import check_for_model, check_site, top_features
 from .sae_io import load_sae, sae_spec_for_site

@@ -23,4 +23,4 @@ def test_sites_match_transformerlens(family, request):
     with capture(ours, SITES) as cache:
         ours(ids)
     for site in SITES:
-        torch.testing.assert_close(cache[site], tl_cache[site], rtol=1e-5, atol=1e-5, msg=lambda m: f"{site}: {m}")
+        torch.testing.assert_close(cache[site], tl_cache[site], rtol=1e-5, atol=1e-5, msg=lambda m, site=site: f"{site}: {m}")

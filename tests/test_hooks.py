@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from patchscope import StopForward, capture, hooks, patch, stop_after
+from patchscope import SiteError, StopForward, capture, hooks, patch, stop_after
 from patchscope.sites import base_model
 
 TEXT = "In 1994 the committee met 3 times to review the budget of 12 million dollars."
@@ -141,7 +141,7 @@ def test_no_handles_remain(gemma):
         with hooks(model, {"blocks.0.mlp.hook_pre": lambda v, s: (_ for _ in ()).throw(ValueError("in hook"))}):
             model(ids)
     assert _handle_count(model) == before
-    with pytest.raises(Exception):  # a bad name fails before anything is installed
+    with pytest.raises(SiteError):  # a bad name fails before anything is installed
         with capture(model, ["blocks.0.hook_resid_post", "blocks.99.hook_resid_post"]):
             pass
     assert _handle_count(model) == before

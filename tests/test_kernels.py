@@ -162,7 +162,7 @@ def test_fast_merge_matches_the_reference_merge():
 
     gen = torch.Generator().manual_seed(12)
     parts = []
-    for b in range(5):
+    for _ in range(5):
         acts = ((torch.randn(300, 11, generator=gen) * 8).round() / 8).to(torch.bfloat16)  # small tie groups at the top
         doc = torch.randperm(10_000, generator=gen)[:300]
         parts.append(topk_merge_fast.batch_stats(acts, doc, torch.arange(300), torch.arange(300), torch.ones(300, dtype=torch.bool), 6)[0])

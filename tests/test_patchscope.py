@@ -9,7 +9,6 @@ from patchscope import patch
 from patchscope.patchscope import (
     PatchscopeConfig,
     PlaceholderError,
-    PromptPlan,
     ReproductionError,
     Row,
     extract,
