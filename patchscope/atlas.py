@@ -179,14 +179,18 @@ class Atlas:
                     out[f"{site}/{spec.name}"] = getattr(group, spec.name)
         return out
 
-    def save(self, directory: str | Path, extra_metadata: Mapping[str, str] | None = None) -> Path:
-        directory = Path(directory)
+    def write(self, path: str | Path, extra_metadata: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """Write the tensors, with the metadata inside the same file, atomically; returns that metadata."""
         meta = dataclasses.asdict(self.meta)
         meta["sites"] = list(self.sites)
         meta["n_tokens"] = self.n_tokens
-        metadata = {METADATA_KEY: json.dumps(meta), **(extra_metadata or {})}
-        write_tensors(directory / ATLAS_TENSORS, self.tensors(), metadata)
-        write_json(directory / ATLAS_JSON, meta)
+        write_tensors(path, self.tensors(), {METADATA_KEY: json.dumps(meta), **(extra_metadata or {})})
+        return meta
+
+    def save(self, directory: str | Path) -> Path:
+        """``atlas.safetensors`` plus ``atlas.json`` in ``directory``."""
+        directory = Path(directory)
+        write_json(directory / ATLAS_JSON, self.write(directory / ATLAS_TENSORS))
         return directory
 
     @classmethod

@@ -1,8 +1,9 @@
 """Fill an activation atlas: batched, early-exit, resumable, reductions on the device.
 
 Per batch the forward pass stops right after the deepest requested site; a hook at each site folds
-``[batch, pos, n]`` into a per-batch top-k and moments (`patchscope.kernels.topk_merge`), which
-join the running state only once the whole batch succeeded. Nothing is copied to the host until a
+``[batch, pos, n]`` into top-k candidates and moments (`patchscope.kernels.topk_merge_fast`, checked
+against the plain reference in `topk_merge`), which join the running state only once the whole
+batch succeeded. Nothing is copied to the host until a
 checkpoint or the end of the run.
 """
 
@@ -26,13 +27,13 @@ from transformers import PreTrainedTokenizerBase
 from patchscope.kernels.topk_merge import Moments, TopK
 from patchscope.kernels.topk_merge_fast import batch_stats, merge_topk_fast
 
-from .atlas import METADATA_KEY, Atlas, AtlasError, AtlasMeta, SiteAtlas
+from .atlas import Atlas, AtlasError, AtlasMeta, SiteAtlas
 from .batching import Batch, Overflow, Segment, collate, plan
 from .data import Document, SourceConfig, TextSource
 from .hooks import hooks, stop_after
 from .models import model_device
 from .sites import check_layer, resolve, site_width
-from .storage import check_writable, write_tensors
+from .storage import check_writable
 from .versions import versions
 
 log = logging.getLogger(__name__)
@@ -323,11 +324,9 @@ class _Counter:
 
 def _checkpoint(profiler: Profiler, path: Path, key: str, batches: int) -> None:
     profiler.flush()
-    meta = AtlasMeta(model="", dataset="", split="", top_k=profiler.config.top_k)
-    partial = Atlas(meta, profiler.state)
+    partial = Atlas(AtlasMeta(model="", dataset="", split="", top_k=profiler.config.top_k), profiler.state)
     # the cursor lives inside the same file as the tensors: one rename makes both durable
-    metadata = {METADATA_KEY: json.dumps({**dataclasses.asdict(meta), "sites": list(profiler.state)}), "batches_done": str(batches), "fingerprint": key}
-    write_tensors(path, partial.tensors(), metadata)
+    partial.write(path, {"batches_done": str(batches), "fingerprint": key})
 
 
 def _restore(profiler: Profiler, path: Path, key: str) -> int:
