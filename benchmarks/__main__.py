@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from patchscope.storage import atomic_write, write_json
+from patchscope.util.storage import atomic_write, write_json
 
 from .common import SHAPES, Conditions, build_model
 from .generation import generation, sae_encode

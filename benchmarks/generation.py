@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from patchscope.patchscope import PromptPlan, Row, inject
-from patchscope.sae import JumpReLUSAE
+from patchscope.scope.inject import Row, inject
+from patchscope.scope.placeholder import PromptPlan
+from patchscope.sae.jumprelu import JumpReLUSAE
 
 from .common import interleaved
 

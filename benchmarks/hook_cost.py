@@ -6,8 +6,8 @@ from collections.abc import Callable
 
 import torch
 
-from patchscope.hooks import capture, patch
-from patchscope.sites import sites
+from patchscope.model.hooks import capture, patch
+from patchscope.model.sites import list_sites
 
 from .common import Timing, interleaved, random_batches
 from .profiling import transformer_lens_bridge
@@ -68,7 +68,7 @@ def hook_costs(model, *, layer: int, batch: int, seq_len: int, warmup: int, runs
         if bridge is not None:
             peers[f"tl:capture:{suffix}"] = (_tl(bridge, ids, "capture", [name]), tokens)
             peers[f"tl:patch:{suffix}"] = (_tl(bridge, ids, "patch", [name]), tokens)
-    everything = sites(model)
+    everything = list_sites(model)
     peers["ours:capture:all"] = (_ours(model, ids, "capture", everything), tokens)
     if bridge is not None:
         peers["tl:capture:all"] = (_tl(bridge, ids, "capture", None), tokens)

@@ -10,9 +10,10 @@ from collections.abc import Callable
 
 import torch
 
-from patchscope.batching import Segment
-from patchscope.hooks import stop_after
-from patchscope.profiler import ProfileConfig, Profiler
+from patchscope.atlas.batching import Segment
+from patchscope.model.hooks import stop_after
+from patchscope.atlas.config import ProfileConfig
+from patchscope.atlas.engine import Profiler
 
 from .common import Timing, clone, config_dir, interleaved, random_batches
 
@@ -193,7 +194,7 @@ def padding(model, *, layer: int, batch: int, seq_len: int, n_docs: int, warmup:
     Reports the padding fraction of both plans and our profiler's tokens/s on each, beside the
     floor on the same padded batches.
     """
-    from patchscope.batching import pack_by_length, collate
+    from patchscope.atlas.batching import pack_by_length, collate
 
     generator = torch.Generator().manual_seed(5)
     lengths = torch.randint(seq_len // 8, seq_len + 1, (n_docs,), generator=generator).tolist()

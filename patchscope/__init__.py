@@ -1,48 +1,110 @@
-"""patchscope: TransformerLens-named hooks, neuron atlases, Gemma Scope SAEs and Patchscopes on plain HF models."""
+"""patchscope: TransformerLens-named hooks, neuron atlases, Gemma Scope SAEs and Patchscopes on plain HF models.
 
-from ._version import __version__
-from .atlas import Atlas, AtlasEntry
-from .attribution import attribute_neuron
-from .data import SourceConfig, TextSource
-from .hooks import Capture, HookFn, StopForward, capture, hooks, patch, run_until, stop_after
-from .models import PRESETS, load_model
-from .patchscope import PatchscopeConfig, extract, find_placeholder, inject
-from .pipeline import ExperimentConfig, ExperimentResult, run_experiment
-from .profiler import ProfileConfig, profile
-from .sae import JumpReLUSAE, top_features
-from .sae_io import load_sae
-from .sites import SiteError, resolve, sites
+The package is layered; imports only go down:
 
-__all__ = [
-    "__version__",
-    "Atlas",
-    "AtlasEntry",
-    "Capture",
-    "ExperimentConfig",
-    "ExperimentResult",
-    "HookFn",
-    "JumpReLUSAE",
-    "PRESETS",
-    "PatchscopeConfig",
-    "ProfileConfig",
-    "SiteError",
-    "SourceConfig",
-    "StopForward",
-    "TextSource",
-    "attribute_neuron",
-    "capture",
-    "extract",
-    "find_placeholder",
-    "hooks",
-    "inject",
-    "load_model",
-    "load_sae",
-    "patch",
-    "profile",
-    "resolve",
-    "run_experiment",
-    "run_until",
-    "sites",
-    "stop_after",
-    "top_features",
-]
+    util/        storage (atomic writes), versions
+    model/       sites (TransformerLens names -> HF modules), hooks (capture / patch / stop), loading
+    atlas/       sources, batching, the fold engine, the atlas and its files, exports, runs
+    sae/         the JumpReLU module, its loaders, neuron attribution
+    scope/       placeholder, extraction, inject (the Patchscope)
+    experiment   the whole experiment
+    cli/         the ``patchscope`` command
+
+Public names are imported lazily, so ``import patchscope`` (and ``patchscope --help``) does not
+pay for torch and transformers until a name is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from patchscope._version import __version__
+
+# public name -> module that defines it
+_EXPORTS: dict[str, str] = {
+    "Atlas": "patchscope.atlas.atlas",
+    "AtlasEntry": "patchscope.atlas.atlas",
+    "AtlasError": "patchscope.atlas.atlas",
+    "AtlasMeta": "patchscope.atlas.atlas",
+    "SiteAtlas": "patchscope.atlas.atlas",
+    "load_atlas": "patchscope.atlas.store",
+    "save_atlas": "patchscope.atlas.store",
+    "export_original": "patchscope.atlas.exports",
+    "export_parquet": "patchscope.atlas.exports",
+    "ProfileConfig": "patchscope.atlas.config",
+    "profile": "patchscope.atlas.run",
+    "SourceConfig": "patchscope.atlas.sources",
+    "TextSource": "patchscope.atlas.sources",
+    "Document": "patchscope.atlas.sources",
+    "attribute_neuron": "patchscope.sae.attribution",
+    "JumpReLUSAE": "patchscope.sae.jumprelu",
+    "SAEError": "patchscope.sae.jumprelu",
+    "top_features": "patchscope.sae.jumprelu",
+    "load_sae": "patchscope.sae.loaders",
+    "Capture": "patchscope.model.hooks",
+    "HookFn": "patchscope.model.hooks",
+    "Step": "patchscope.model.hooks",
+    "StopForward": "patchscope.model.hooks",
+    "add_hooks": "patchscope.model.hooks",
+    "capture": "patchscope.model.hooks",
+    "patch": "patchscope.model.hooks",
+    "run_until": "patchscope.model.hooks",
+    "stop_after": "patchscope.model.hooks",
+    "PRESETS": "patchscope.model.loading",
+    "load_model": "patchscope.model.loading",
+    "SiteError": "patchscope.model.sites",
+    "SiteRef": "patchscope.model.sites",
+    "list_sites": "patchscope.model.sites",
+    "resolve": "patchscope.model.sites",
+    "PatchscopeConfig": "patchscope.scope.config",
+    "Extraction": "patchscope.scope.extract",
+    "ReproductionError": "patchscope.scope.extract",
+    "extract": "patchscope.scope.extract",
+    "Observation": "patchscope.scope.inject",
+    "Row": "patchscope.scope.inject",
+    "control_rows": "patchscope.scope.inject",
+    "inject": "patchscope.scope.inject",
+    "PlaceholderError": "patchscope.scope.placeholder",
+    "PromptPlan": "patchscope.scope.placeholder",
+    "find_placeholder": "patchscope.scope.placeholder",
+    "plan_prompt": "patchscope.scope.placeholder",
+    "ExperimentConfig": "patchscope.experiment",
+    "ExperimentResult": "patchscope.experiment",
+    "run_experiment": "patchscope.experiment",
+}
+
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'patchscope' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
+
+
+if TYPE_CHECKING:  # for type checkers and editors: the same names, imported eagerly
+    from patchscope.atlas.atlas import Atlas, AtlasEntry, AtlasError, AtlasMeta, SiteAtlas
+    from patchscope.atlas.config import ProfileConfig
+    from patchscope.atlas.exports import export_original, export_parquet
+    from patchscope.atlas.run import profile
+    from patchscope.atlas.sources import Document, SourceConfig, TextSource
+    from patchscope.atlas.store import load_atlas, save_atlas
+    from patchscope.experiment import ExperimentConfig, ExperimentResult, run_experiment
+    from patchscope.model.hooks import Capture, HookFn, Step, StopForward, add_hooks, capture, patch, run_until, stop_after
+    from patchscope.model.loading import PRESETS, load_model
+    from patchscope.model.sites import SiteError, SiteRef, list_sites, resolve
+    from patchscope.sae.attribution import attribute_neuron
+    from patchscope.sae.jumprelu import JumpReLUSAE, SAEError, top_features
+    from patchscope.sae.loaders import load_sae
+    from patchscope.scope.config import PatchscopeConfig
+    from patchscope.scope.extract import Extraction, ReproductionError, extract
+    from patchscope.scope.inject import Observation, Row, control_rows, inject
+    from patchscope.scope.placeholder import PlaceholderError, PromptPlan, find_placeholder, plan_prompt

@@ -2,7 +2,7 @@ import subprocess
 import sys
 
 from patchscope import __version__
-from patchscope.cli import main
+from patchscope.cli.main import main
 
 
 def test_version_flag(capsys):
@@ -20,7 +20,7 @@ def test_sites_command_lists_modules(gemma_dir, capsys):
 
 
 def test_console_script_installed(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "patchscope.cli", "--version"], cwd=tmp_path, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "patchscope", "--version"], cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0 and __version__ in result.stdout
 
 
@@ -29,7 +29,7 @@ def test_profile_command_end_to_end(gemma_dir, tmp_path, capsys):
 
     from factories import FIXTURE_CORPUS
 
-    from patchscope.atlas import Atlas
+    from patchscope.atlas.store import load_atlas
 
     data = tmp_path / "corpus.jsonl"
     data.write_text("\n".join(json.dumps({"body": t}) for t in FIXTURE_CORPUS))
@@ -39,7 +39,7 @@ def test_profile_command_end_to_end(gemma_dir, tmp_path, capsys):
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "blocks.1.mlp.hook_post: top neurons" in printed
-    atlas = Atlas.load(out)
+    atlas = load_atlas(out)
     mapping = json.loads((out / "gemma2_neuron_mapping_layer_1.json").read_text())
     assert len(mapping) == 128 and all(2 <= v["text_index"] < 12 for v in mapping.values())
     assert (out / "top_examples_blocks.1.mlp.hook_post.parquet").exists()

@@ -3,7 +3,7 @@ import json
 import pandas as pd
 import pytest
 
-from patchscope.data import DataError, SourceConfig, TextSource, parse_split
+from patchscope.atlas.sources import DataError, SourceConfig, TextSource, parse_split
 
 ROWS = ["alpha text", "", "gamma text", "delta text", "   ", "zeta text"]
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from transformers import GemmaConfig, GemmaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from patchscope import capture, sites
+from patchscope import capture, list_sites
 
 COMMON = dict(vocab_size=120, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
 
@@ -24,7 +24,7 @@ def test_family_sites(build, act):
     model = build().eval()
     ids = torch.randint(0, 120, (2, 9))
     names = ["blocks.1.hook_resid_pre", "blocks.1.hook_resid_mid", "blocks.1.hook_attn_out", "blocks.1.mlp.hook_post", "blocks.1.hook_mlp_out", "blocks.1.hook_resid_post"]
-    assert set(names) <= set(sites(model))
+    assert set(names) <= set(list_sites(model))
     normed = {}
     block = model.model.layers[1]
     handle = block.post_attention_layernorm.register_forward_hook(lambda m, a, o: normed.__setitem__("x", o))

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from patchscope import SiteError, StopForward, capture, hooks, patch, stop_after
-from patchscope.sites import base_model
+from patchscope import SiteError, StopForward, add_hooks, capture, patch, stop_after
+from patchscope.model.sites import base_model
 
 TEXT = "In 1994 the committee met 3 times to review the budget of 12 million dollars."
 
@@ -75,7 +75,7 @@ def test_decode_steps_are_not_patched(gemma):
     def spy(value, step):
         seen.append((step.offset, value.shape[1]))
 
-    with patch(model, "blocks.1.hook_resid_pre", torch.zeros(64), positions=[3]), hooks(model, {"blocks.1.hook_resid_pre": spy}):
+    with patch(model, "blocks.1.hook_resid_pre", torch.zeros(64), positions=[3]), add_hooks(model, {"blocks.1.hook_resid_pre": spy}):
         model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert seen == [(0, ids.shape[1]), (ids.shape[1], 1), (ids.shape[1] + 1, 1)]
 
@@ -138,7 +138,7 @@ def test_no_handles_remain(gemma):
             raise RuntimeError("boom")
     assert _handle_count(model) == before
     with pytest.raises(ValueError):  # a failing hook also unwinds everything
-        with hooks(model, {"blocks.0.mlp.hook_pre": lambda v, s: (_ for _ in ()).throw(ValueError("in hook"))}):
+        with add_hooks(model, {"blocks.0.mlp.hook_pre": lambda v, s: (_ for _ in ()).throw(ValueError("in hook"))}):
             model(ids)
     assert _handle_count(model) == before
     with pytest.raises(SiteError):  # a bad name fails before anything is installed
@@ -173,7 +173,7 @@ def test_resid_pre_accepts_keyword_hidden_states(gemma):
     with capture(model, "blocks.1.hook_resid_pre") as positional:
         hidden = model(ids, output_hidden_states=True).hidden_states[1]
     # call the decoder layer directly with a keyword argument
-    from patchscope.hooks import hooks as install
+    from patchscope.model.hooks import add_hooks as install
 
     seen = {}
     with install(model, {"blocks.1.hook_resid_pre": lambda v, s: seen.setdefault("v", v)}):

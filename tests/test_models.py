@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from patchscope import load_model
-from patchscope.models import ModelLoadError, resolve_dtype
+from patchscope.model.loading import ModelLoadError, resolve_dtype
 
 
 def test_load_from_directory_uses_eager_and_eval(gemma):
@@ -42,6 +42,6 @@ def test_gated_model_message(monkeypatch):
     def refuse(*args, **kwargs):  # what transformers raises for a gated repo without a token
         raise OSError("You are trying to access a gated repo. 401 Client Error. Access to model google/gemma-2-2b is restricted.")
 
-    monkeypatch.setattr("patchscope.models.AutoConfig.from_pretrained", refuse)
+    monkeypatch.setattr("patchscope.model.loading.AutoConfig.from_pretrained", refuse)
     with pytest.raises(ModelLoadError, match="gated.*huggingface-cli login.*local directory"):
         load_model("google/gemma-2-2b", device="cpu")

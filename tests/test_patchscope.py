@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from factories import FIXTURE_CORPUS
 
 from patchscope import patch
-from patchscope.patchscope import (
+from patchscope import (
     PatchscopeConfig,
     PlaceholderError,
     ReproductionError,
@@ -16,7 +16,8 @@ from patchscope.patchscope import (
     inject,
     plan_prompt,
 )
-from patchscope.profiler import ProfileConfig, profile
+from patchscope.atlas.config import ProfileConfig
+from patchscope.atlas.run import profile
 
 LAYER = 2
 SITE = f"blocks.{LAYER}.hook_resid_pre"
@@ -116,7 +117,7 @@ def test_batched_sweep_equals_one_by_one(gemma):
 
 
 def test_extract_reproduces_atlas_and_catches_slice_offsets(gemma, tmp_path):
-    from patchscope.data import SourceConfig, TextSource
+    from patchscope.atlas.sources import SourceConfig, TextSource
 
     model, tokenizer = gemma
     data = tmp_path / "c.jsonl"

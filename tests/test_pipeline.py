@@ -5,14 +5,15 @@ import torch
 from factories import FIXTURE_CORPUS
 from sae_files import sae_params, write_npz
 
-from patchscope.atlas import Atlas
-from patchscope.cli import main
-from patchscope.data import SourceConfig
-from patchscope.patchscope import PatchscopeConfig, Row, extract, inject, plan_prompt
-from patchscope.pipeline import ExperimentConfig, run_experiment
-from patchscope.profiler import ProfileConfig
-from patchscope.sae import SAEError, top_features
-from patchscope.sae_io import load_sae
+from patchscope.atlas.atlas import Atlas
+from patchscope.atlas.store import load_atlas
+from patchscope.cli.main import main
+from patchscope.atlas.sources import SourceConfig
+from patchscope import PatchscopeConfig, Row, extract, inject, plan_prompt
+from patchscope.experiment import ExperimentConfig, run_experiment
+from patchscope.atlas.config import ProfileConfig
+from patchscope.sae.jumprelu import SAEError, top_features
+from patchscope.sae.loaders import load_sae
 
 LAYER = 2
 
@@ -43,7 +44,7 @@ def test_run_command_end_to_end(gemma, gemma_dir, corpus, sae_file, tmp_path, ca
 
     # every number against direct library calls
     model, tokenizer = gemma
-    atlas = Atlas.load(out)
+    atlas = load_atlas(out)
     site, neuron_site = f"blocks.{LAYER}.hook_resid_pre", f"blocks.{LAYER}.mlp.hook_post"
     assert [n["neuron"] for n in results["neurons"]] == atlas.top_neurons(neuron_site, 2)
     sae = load_sae(sae_file)
@@ -95,14 +96,14 @@ def _config(gemma_dir, corpus, tmp_path, **changes):
     ],
 )
 def test_bad_input_fails_before_the_model_loads(gemma_dir, corpus, tmp_path, monkeypatch, changes, error, message):
-    monkeypatch.setattr("patchscope.pipeline.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr("patchscope.experiment.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     with pytest.raises(error, match=message):
         run_experiment(_config(gemma_dir, corpus, tmp_path, **changes))
 
 
 def test_sae_width_mismatch_fails_before_the_model_loads(gemma_dir, corpus, tmp_path, monkeypatch):
     wide = write_npz(tmp_path / "layer_1/width_16k/average_l0_9/params.npz", sae_params(d_model=128))
-    monkeypatch.setattr("patchscope.pipeline.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr("patchscope.experiment.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     with pytest.raises(SAEError, match="width mismatch"):
         run_experiment(_config(gemma_dir, corpus, tmp_path, sae=str(wide)))
     wrong_layer = write_npz(tmp_path / "layer_2/width_16k/average_l0_9/params.npz", sae_params())
@@ -112,7 +113,7 @@ def test_sae_width_mismatch_fails_before_the_model_loads(gemma_dir, corpus, tmp_
 
 def test_atlas_made_with_other_settings_is_refused_before_loading(gemma_dir, corpus, tmp_path, monkeypatch):
     run_experiment(_config(gemma_dir, corpus, tmp_path), progress=False)
-    monkeypatch.setattr("patchscope.pipeline.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr("patchscope.experiment.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     with pytest.raises(FileExistsError, match="other settings"):
         run_experiment(_config(gemma_dir, corpus, tmp_path, profile=ProfileConfig(layer=LAYER, max_length=12)))
 

@@ -14,10 +14,13 @@ from factories import FIXTURE_CORPUS
 from safetensors import safe_open
 
 from patchscope import load_model
-from patchscope.atlas import Atlas, AtlasError
-from patchscope.data import DataError, SourceConfig
-from patchscope.profiler import CHECKPOINT, ProfileConfig, profile
-from patchscope.sites import SiteError
+from patchscope.atlas.atlas import Atlas, AtlasError
+from patchscope.atlas.store import load_atlas
+from patchscope.atlas.exports import export_original, export_parquet
+from patchscope.atlas.sources import DataError, SourceConfig
+from patchscope.atlas.config import ProfileConfig
+from patchscope.atlas.run import CHECKPOINT, profile
+from patchscope.model.sites import SiteError
 
 LAYER = 2
 SITE = f"blocks.{LAYER}.mlp.hook_post"
@@ -85,7 +88,7 @@ def test_atlas_matches_brute_force(gemma, overflow, exclude_bos):
 
 
 def _rerun(model, tokenizer, text, position, max_length, overflow):
-    from patchscope.batching import segment_at
+    from patchscope.atlas.batching import segment_at
 
     segment, local = segment_at(tokenizer, text, position, max_length, overflow)
     store = {}
@@ -117,13 +120,13 @@ def test_round_trip_and_slice_offsets(gemma, tmp_path):
 def test_save_load_and_exports(gemma, tmp_path):
     model, tokenizer = gemma
     atlas = profile(model, tokenizer, CORPUS, ProfileConfig(layer=LAYER, top_k=3, max_length=16), out=tmp_path, progress=False, model_name="tiny")
-    loaded = Atlas.load(tmp_path)
+    loaded = load_atlas(tmp_path)
     for name, tensor in atlas.tensors().items():
         assert torch.equal(tensor, loaded.tensors()[name]), name
     meta = json.loads((tmp_path / "atlas.json").read_text())
     assert meta["model"] == "tiny" and meta["max_length"] == 16 and meta["n_tokens"] == atlas.n_tokens and "torch" in meta["versions"]
     texts = dict(enumerate(CORPUS))
-    original = json.loads(atlas.export_original(tmp_path / f"gemma2_neuron_mapping_layer_{LAYER}.json", SITE, texts, tokenizer).read_text())
+    original = json.loads(export_original(atlas, tmp_path / f"gemma2_neuron_mapping_layer_{LAYER}.json", SITE, texts, tokenizer).read_text())
     assert len(original) == 128
     first = original["7"]
     entry = atlas.entry(SITE, 7)
@@ -132,7 +135,7 @@ def test_save_load_and_exports(gemma, tmp_path):
     assert first["trigger_token"] == tokenizer.decode([entry.token]) and first["trigger_token"] in first["context"]
     import pandas as pd
 
-    table = pd.read_parquet(atlas.export_parquet(tmp_path / "top.parquet", SITE, texts, tokenizer))
+    table = pd.read_parquet(export_parquet(atlas, tmp_path / "top.parquet", SITE, texts, tokenizer))
     assert len(table) == 128 * 3 and set(table.columns) >= {"neuron", "rank", "activation", "doc", "position", "token", "context"}
     row = table[(table.neuron == 7) & (table["rank"] == 0)].iloc[0]
     assert row.doc == entry.doc and row.activation == pytest.approx(entry.activation)
@@ -141,16 +144,16 @@ def test_save_load_and_exports(gemma, tmp_path):
 def test_corrupt_atlas_file_is_reported(tmp_path):
     (tmp_path / "atlas.safetensors").write_bytes(b"\x00\x01 not a safetensors file")
     with pytest.raises(AtlasError, match="not a readable atlas"):
-        Atlas.load(tmp_path)
+        load_atlas(tmp_path)
     with pytest.raises(AtlasError, match="no atlas"):
-        Atlas.load(tmp_path / "nowhere")
+        load_atlas(tmp_path / "nowhere")
 
 
 def test_merge_of_shards_equals_one_run(gemma):
     model, tokenizer = gemma
     config = ProfileConfig(layer=LAYER, top_k=4, max_length=16, batch_tokens=48)
     docs = list(enumerate(CORPUS))
-    from patchscope.data import Document
+    from patchscope.atlas.sources import Document
 
     whole = profile(model, tokenizer, [Document(i, t) for i, t in docs], config, progress=False)
     first = profile(model, tokenizer, [Document(i, t) for i, t in docs[:9]], config, progress=False)
@@ -220,8 +223,9 @@ KILLED_RUN = """
 import sys, time, torch
 sys.path.insert(0, {tests!r})
 from patchscope import load_model
-from patchscope.data import SourceConfig
-from patchscope.profiler import ProfileConfig, profile
+from patchscope.atlas.sources import SourceConfig
+from patchscope.atlas.config import ProfileConfig
+from patchscope.atlas.run import profile
 torch.set_num_threads(1)
 model, tokenizer = load_model({model!r}, dtype="float32", device="cpu")
 model.model.layers[0].register_forward_pre_hook(lambda *a: time.sleep(0.15))  # slow enough to be killed mid-run
@@ -274,7 +278,8 @@ def test_resume_with_other_settings_is_refused(gemma, tmp_path):
     data = tmp_path / "corpus.txt"
     data.write_text("\n".join(CORPUS))
     source = SourceConfig(dataset=str(data), split="")
-    from patchscope.profiler import Profiler, _checkpoint, fingerprint
+    from patchscope.atlas.engine import Profiler
+    from patchscope.atlas.run import _checkpoint, fingerprint
 
     config = ProfileConfig(layer=LAYER, max_length=16, checkpoint_every=1)
     _checkpoint(Profiler(model, config), tmp_path / CHECKPOINT, fingerprint("m", source, config, "float32"), 1)

@@ -8,8 +8,8 @@ from sae_files import D_MODEL, numpy_jumprelu, sae_params, write_hub_cache, writ
 from safetensors.numpy import save_file
 
 from patchscope import capture
-from patchscope.sae import JumpReLUSAE, SAEError, SAESiteWarning, check_site, sae_layer_for_site, top_features
-from patchscope.sae_io import load_sae
+from patchscope.sae.jumprelu import JumpReLUSAE, SAEError, SAESiteWarning, check_site, sae_layer_for_site, top_features
+from patchscope.sae.loaders import load_sae
 
 
 def _inputs(n=5, seed=1):
@@ -112,7 +112,7 @@ def test_bad_files(tmp_path):
 
 
 def test_matching_sae_for_a_site():
-    from patchscope.sae_io import sae_spec_for_site
+    from patchscope.sae.loaders import sae_spec_for_site
 
     assert sae_spec_for_site("google/gemma-2-2b", "blocks.12.hook_resid_pre") == "google/gemma-scope-2b-pt-res/layer_11/width_16k/canonical"
     assert sae_spec_for_site("gemma-2-2b", "blocks.12.hook_resid_post", l0=82).endswith("layer_12/width_16k/average_l0_82")
@@ -151,7 +151,7 @@ def test_top_features_read_out(tmp_path):
 
 
 def test_neuron_attribution_against_finite_differences_and_ablation(gemma, tmp_path):
-    from patchscope.attribution import attribute_neuron, neuron_function
+    from patchscope.sae.attribution import attribute_neuron, neuron_function
 
     model, tokenizer = gemma
     params = sae_params(seed=5, decoder_scale=0.2)

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from patchscope import SiteError, capture, resolve, sites
+from patchscope import SiteError, capture, list_sites, resolve
 
 TEXT = "The quick brown fox jumps over the lazy dog near the river bank."
 
@@ -13,7 +13,7 @@ def _ids(tokenizer, text=TEXT):
 
 def test_sites_lists_every_block_site(gemma):
     model, _ = gemma
-    names = sites(model)
+    names = list_sites(model)
     assert names[0] == "hook_embed"
     assert "blocks.3.mlp.hook_post" in names and "blocks.4.hook_resid_pre" not in names
     assert len(names) == 1 + 4 * 7
@@ -33,7 +33,7 @@ def test_unsupported_architecture_is_named():
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
     with pytest.raises(SiteError, match="gpt2.*supported"):
-        sites(model)
+        list_sites(model)
 
 
 def test_resid_pre_equals_hidden_states(any_model):

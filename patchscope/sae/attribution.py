@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .hooks import Step, hooks, patch, stop_after
-from .sae import JumpReLUSAE, check_site
-from .sites import parse_site, site_order
+from patchscope.model.hooks import Step, add_hooks, patch, stop_after
+from patchscope.sae.jumprelu import JumpReLUSAE, check_site
+from patchscope.model.sites import parse_site, site_order
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ def neuron_function(model: nn.Module, input_ids: Tensor, site: str, position: in
         def keep(value: Tensor, step: Step) -> None:
             seen["value"] = value
 
-        with patch(model, site, vector, positions=[position]), hooks(model, {neuron_site: keep}), stop_after(model, neuron_site):
+        with patch(model, site, vector, positions=[position]), add_hooks(model, {neuron_site: keep}), stop_after(model, neuron_site):
             model(input_ids=input_ids, use_cache=False)
         return seen["value"][0, position, neuron].float()
 

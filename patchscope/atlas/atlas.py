@@ -1,33 +1,20 @@
 """The activation atlas: per-neuron top-k examples and moments for one or more sites.
 
-On disk it is ``atlas.safetensors`` (tensors, with the metadata JSON inside the same file so the
-two can never disagree) plus ``atlas.json`` (the same metadata, for people and tools).
+The data model only; `store` reads and writes it, `exports` turns it into tables for people.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
-from transformers import PreTrainedTokenizerBase
 
 from patchscope.kernels.topk_merge import Moments, TopK, merge_topk
 
-from .batching import Overflow, document_segments, locate
-from .sites import parse_site
-from .storage import write_json, write_tensors
+from patchscope.atlas.batching import Overflow
 
-ATLAS_TENSORS = "atlas.safetensors"
-ATLAS_JSON = "atlas.json"
-METADATA_KEY = "patchscope_atlas"
 CONTEXT_TOKENS = 5
 
 
@@ -169,8 +156,6 @@ class Atlas:
     def nonfinite_total(self) -> int:
         return int(sum(int(stats.moments.nonfinite.sum()) for stats in self.sites.values()))
 
-    # -- storage
-
     def tensors(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         for site, stats in self.sites.items():
@@ -179,116 +164,7 @@ class Atlas:
                     out[f"{site}/{spec.name}"] = getattr(group, spec.name)
         return out
 
-    def write(self, path: str | Path, extra_metadata: Mapping[str, str] | None = None) -> dict[str, Any]:
-        """Write the tensors, with the metadata inside the same file, atomically; returns that metadata."""
-        meta = dataclasses.asdict(self.meta)
-        meta["sites"] = list(self.sites)
-        meta["n_tokens"] = self.n_tokens
-        write_tensors(path, self.tensors(), {METADATA_KEY: json.dumps(meta), **(extra_metadata or {})})
-        return meta
-
-    def save(self, directory: str | Path) -> Path:
-        """``atlas.safetensors`` plus ``atlas.json`` in ``directory``."""
-        directory = Path(directory)
-        write_json(directory / ATLAS_JSON, self.write(directory / ATLAS_TENSORS))
-        return directory
-
-    @classmethod
-    def load(cls, path: str | Path, device: torch.device | str = "cpu") -> Atlas:
-        """Read ``atlas.safetensors`` (a directory holding it, or the file itself)."""
-        atlas, _ = cls.load_with_metadata(path, device)
-        return atlas
-
-    @classmethod
-    def load_with_metadata(cls, path: str | Path, device: torch.device | str = "cpu") -> tuple[Atlas, dict[str, str]]:
-        path = Path(path)
-        file = path / ATLAS_TENSORS if path.is_dir() else path
-        if not file.is_file():
-            raise AtlasError(f"no atlas at {str(path)!r} (expected {ATLAS_TENSORS}); run `patchscope profile` first")
-        try:
-            with safe_open(str(file), framework="pt") as handle:
-                metadata = handle.metadata() or {}
-            tensors = load_file(str(file), device=str(device))
-            raw = json.loads(metadata[METADATA_KEY])
-        except Exception as error:  # noqa: BLE001 - safetensors raises several types on bad bytes
-            raise AtlasError(f"{file} is not a readable atlas ({type(error).__name__}: {error}); re-run the profile") from error
-        sites = raw.pop("sites")
-        raw.pop("n_tokens", None)
-        meta = AtlasMeta(**{k: v for k, v in raw.items() if k in {f.name for f in dataclasses.fields(AtlasMeta)}})
-        stats = {}
-        for site in sites:
-            parse_site(site)
-            top = TopK(*(tensors[f"{site}/{f.name}"] for f in dataclasses.fields(TopK)))
-            moments = Moments(*(tensors[f"{site}/{f.name}"] for f in dataclasses.fields(Moments)))
-            stats[site] = SiteAtlas(top, moments)
-        return cls(meta, stats), metadata
-
-    # -- exports
-
-    def contexts(
-        self, entries: list[AtlasEntry], texts: Mapping[int, str], tokenizer: PreTrainedTokenizerBase
-    ) -> list[tuple[str, str]]:
-        """``(token, context)`` strings for entries: the token and ±5 tokens of its segment.
-
-        Each document is tokenized once, and all strings are decoded in one batch.
-        """
-        by_doc: dict[int, list] = {}
-        pieces: list[list[int]] = []
-        for entry in entries:
-            if entry.doc not in by_doc:
-                by_doc[entry.doc] = document_segments(tokenizer, texts[entry.doc], self.meta.max_length, self.meta.overflow)
-            segment, local = locate(by_doc[entry.doc], entry.position)
-            lo, hi = max(segment.first_counted, local - CONTEXT_TOKENS), local + CONTEXT_TOKENS + 1
-            pieces += [[segment.ids[local]], list(segment.ids[lo:hi])]
-        decoded = tokenizer.batch_decode(pieces)
-        return list(zip(decoded[0::2], decoded[1::2]))
-
-    def export_original(
-        self, path: str | Path, site: str, texts: Mapping[int, str], tokenizer: PreTrainedTokenizerBase
-    ) -> Path:
-        """The original experiment's ``gemma2_neuron_mapping_layer_{L}.json``, with absolute text indices."""
-        entries = self.entries(site, ranks=1)
-        mapping = {}
-        for entry, (token, context) in zip(entries, self.contexts(entries, texts, tokenizer)):
-            mapping[str(entry.neuron)] = {
-                "text_index": entry.doc,
-                "token_position": entry.position,
-                "trigger_token": token,
-                "activation_score": _json_float(entry.activation),
-                "context": context,
-            }
-        return write_json(path, mapping)
-
-    def export_parquet(
-        self, path: str | Path, site: str, texts: Mapping[int, str], tokenizer: PreTrainedTokenizerBase
-    ) -> Path:
-        """Every top-k example as a table: neuron, rank, activation, doc, position, token, context."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        from .storage import atomic_write
-
-        entries = self.entries(site)
-        strings = self.contexts(entries, texts, tokenizer)
-        table = pa.table(
-            {
-                "neuron": [e.neuron for e in entries],
-                "rank": [e.rank for e in entries],
-                "activation": [e.activation for e in entries],
-                "doc": [e.doc for e in entries],
-                "position": [e.position for e in entries],
-                "token_id": [e.token for e in entries],
-                "token": [s[0] for s in strings],
-                "context": [s[1] for s in strings],
-            }
-        )
-        return atomic_write(path, lambda tmp: pq.write_table(table, str(tmp)))
-
     def documents(self, site: str | None = None) -> set[int]:
         """Every document index that appears among the recorded examples."""
         chosen = [self[site]] if site else list(self.sites.values())
         return {int(d) for stats in chosen for d in stats.top.doc.unique().tolist() if d >= 0}
-
-
-def _json_float(value: float) -> float | None:
-    return value if math.isfinite(value) else None

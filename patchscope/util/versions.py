@@ -7,7 +7,7 @@ from importlib import metadata
 
 import torch
 
-from ._version import __version__
+from patchscope._version import __version__
 
 
 def versions() -> dict[str, str]:

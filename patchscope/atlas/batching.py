@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from .data import Document
+from patchscope.atlas.sources import Document
 
 Overflow = Literal["truncate", "window"]
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .sae import JumpReLUSAE, SAEError, SAEInfo, check_for_model, sae_layer_for_site
+from patchscope.sae.jumprelu import JumpReLUSAE, SAEError, SAEInfo, check_for_model, sae_layer_for_site
 
 log = logging.getLogger(__name__)
 KEYS = ("W_enc", "b_enc", "threshold", "W_dec", "b_dec")
@@ -227,7 +227,7 @@ def sae_spec_for_site(model: str, site: str, width: str = "16k", l0: str | int =
 
     ``sae_spec_for_site("google/gemma-2-2b", "blocks.12.hook_resid_pre")`` is the layer-11 SAE.
     """
-    from .models import preset_for
+    from patchscope.model.loading import preset_for
 
     preset = preset_for(model)
     if preset is None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .sites import parse_site
+from patchscope.model.sites import parse_site
 
 
 class SAEError(ValueError):

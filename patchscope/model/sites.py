@@ -93,7 +93,7 @@ def n_layers(model: nn.Module) -> int:
     return len(base_model(model).layers)
 
 
-def sites(model: nn.Module) -> list[str]:
+def list_sites(model: nn.Module) -> list[str]:
     """Every hook name of this model, in forward order."""
     model_family(model)
     names = ["hook_embed"]

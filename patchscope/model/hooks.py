@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from .sites import SiteRef, base_model, resolve
+from patchscope.model.sites import SiteRef, base_model, resolve
 
 
 class HookFn(Protocol):
@@ -115,7 +115,7 @@ def _register(ref: SiteRef, fn: HookFn, tracker: _CallTracker) -> RemovableHandl
 
 
 @contextmanager
-def hooks(model: nn.Module, fns: Mapping[str, HookFn]) -> Iterator[None]:
+def add_hooks(model: nn.Module, fns: Mapping[str, HookFn]) -> Iterator[None]:
     """Install ``{site: fn}`` for the duration of the block."""
     refs = {name: resolve(model, name) for name in fns}  # resolve all before installing any
     tracker = _CallTracker()
@@ -183,7 +183,7 @@ def capture(
 
         return record
 
-    with hooks(model, {name: make(name) for name in names}):
+    with add_hooks(model, {name: make(name) for name in names}):
         yield store
 
 
@@ -234,7 +234,7 @@ def patch(
         new[row_index, index[row_index, col_index]] = written
         return new
 
-    with hooks(model, {name: write}):
+    with add_hooks(model, {name: write}):
         yield
 
 

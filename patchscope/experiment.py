@@ -15,17 +15,22 @@ from typing import Any
 
 import torch
 
-from .atlas import ATLAS_TENSORS, Atlas
-from .attribution import attribute_neuron
-from .data import SourceConfig, TextSource
-from .models import DEFAULT_MODEL, DeviceName, DTypeName, load_config, load_model, load_tokenizer, preset_for, resolve_device, resolve_dtype
-from .patchscope import PatchscopeConfig, Row, control_rows, extract, inject, plan_prompt
-from .profiler import CHECKPOINT, ProfileConfig, fingerprint, profile
-from .sae import check_for_model, check_site, top_features
-from .sae_io import load_sae, sae_spec_for_site
-from .sites import parse_site
-from .storage import check_writable, write_json
-from .versions import versions
+from patchscope.atlas.atlas import Atlas
+from patchscope.atlas.store import ATLAS_TENSORS, load_atlas
+from patchscope.sae.attribution import attribute_neuron
+from patchscope.atlas.sources import SourceConfig, TextSource
+from patchscope.model.loading import DEFAULT_MODEL, DeviceName, DTypeName, load_config, load_model, load_tokenizer, preset_for, resolve_device, resolve_dtype
+from patchscope.scope.config import PatchscopeConfig
+from patchscope.scope.extract import extract
+from patchscope.scope.inject import Row, control_rows, inject
+from patchscope.scope.placeholder import plan_prompt
+from patchscope.atlas.config import ProfileConfig
+from patchscope.atlas.run import CHECKPOINT, fingerprint, profile
+from patchscope.sae.jumprelu import check_for_model, check_site, top_features
+from patchscope.sae.loaders import load_sae, sae_spec_for_site
+from patchscope.model.sites import parse_site
+from patchscope.util.storage import check_writable, write_json
+from patchscope.util.versions import versions
 
 RESULTS = "results.json"
 
@@ -158,7 +163,7 @@ def _check_existing_atlas(config: ExperimentConfig, out: Path) -> None:
     if not (out / ATLAS_TENSORS).exists():
         return
     dtype = resolve_dtype(config.dtype, resolve_device(config.device))
-    found = Atlas.load(out).meta.extra.get("fingerprint")
+    found = load_atlas(out).meta.extra.get("fingerprint")
     if found != _atlas_key(config, dtype):
         raise FileExistsError(
             f"{out} holds an atlas made with other settings (model, data, layer, sites, max length or dtype); "
@@ -169,7 +174,7 @@ def _check_existing_atlas(config: ExperimentConfig, out: Path) -> None:
 def _atlas(model, tokenizer, config: ExperimentConfig, out: Path, timer: _Timer, progress: bool) -> tuple[Atlas, bool]:
     profile_config = config.profile_config()
     if (out / ATLAS_TENSORS).exists():  # checked against the settings before the model loaded
-        return Atlas.load(out), True
+        return load_atlas(out), True
     with timer.phase("profile"):
         atlas = profile(
             model, tokenizer, TextSource(config.source), profile_config, out=out, resume=(out / CHECKPOINT).exists(), model_name=config.model,

@@ -1,0 +1,76 @@
+"""Tables for people: the original experiment's neuron mapping and a Parquet table of every example."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+
+from transformers import PreTrainedTokenizerBase
+
+from patchscope.util.storage import atomic_write, write_json
+from patchscope.atlas.atlas import CONTEXT_TOKENS, Atlas, AtlasEntry
+from patchscope.atlas.batching import document_segments, locate
+
+
+
+def contexts(
+    atlas: Atlas, entries: list[AtlasEntry], texts: Mapping[int, str], tokenizer: PreTrainedTokenizerBase
+) -> list[tuple[str, str]]:
+    """``(token, context)`` strings for entries: the token and ±5 tokens of its segment.
+
+    Each document is tokenized once, and all strings are decoded in one batch.
+    """
+    by_doc: dict[int, list] = {}
+    pieces: list[list[int]] = []
+    for entry in entries:
+        if entry.doc not in by_doc:
+            by_doc[entry.doc] = document_segments(tokenizer, texts[entry.doc], atlas.meta.max_length, atlas.meta.overflow)
+        segment, local = locate(by_doc[entry.doc], entry.position)
+        lo, hi = max(segment.first_counted, local - CONTEXT_TOKENS), local + CONTEXT_TOKENS + 1
+        pieces += [[segment.ids[local]], list(segment.ids[lo:hi])]
+    decoded = tokenizer.batch_decode(pieces)
+    return list(zip(decoded[0::2], decoded[1::2]))
+
+def export_original(
+    atlas: Atlas, path: str | Path, site: str, texts: Mapping[int, str], tokenizer: PreTrainedTokenizerBase
+) -> Path:
+    """The original experiment's ``gemma2_neuron_mapping_layer_{L}.json``, with absolute text indices."""
+    entries = atlas.entries(site, ranks=1)
+    mapping = {}
+    for entry, (token, context) in zip(entries, contexts(atlas, entries, texts, tokenizer)):
+        mapping[str(entry.neuron)] = {
+            "text_index": entry.doc,
+            "token_position": entry.position,
+            "trigger_token": token,
+            "activation_score": _json_float(entry.activation),
+            "context": context,
+        }
+    return write_json(path, mapping)
+
+def export_parquet(
+    atlas: Atlas, path: str | Path, site: str, texts: Mapping[int, str], tokenizer: PreTrainedTokenizerBase
+) -> Path:
+    """Every top-k example as a table: neuron, rank, activation, doc, position, token, context."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    entries = atlas.entries(site)
+    strings = contexts(atlas, entries, texts, tokenizer)
+    table = pa.table(
+        {
+            "neuron": [e.neuron for e in entries],
+            "rank": [e.rank for e in entries],
+            "activation": [e.activation for e in entries],
+            "doc": [e.doc for e in entries],
+            "position": [e.position for e in entries],
+            "token_id": [e.token for e in entries],
+            "token": [s[0] for s in strings],
+            "context": [s[1] for s in strings],
+        }
+    )
+    return atomic_write(path, lambda tmp: pq.write_table(table, str(tmp)))
+
+
+def _json_float(value: float) -> float | None:
+    return value if math.isfinite(value) else None

@@ -1,0 +1,1 @@
+"""The ``patchscope`` command. Subcommands import torch and transformers only when they run."""

@@ -1,0 +1,55 @@
+"""The ``patchscope`` command: a registry of subcommands, each in its own module.
+
+A subcommand's module is imported only when that subcommand runs (or its ``--help`` is asked
+for), so ``patchscope --help`` and ``--version`` never import torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from patchscope._version import __version__
+
+# name -> (module, one-line help). Each module defines ``register(parser)`` and ``run(args) -> int``.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "sites": ("patchscope.cli.sites", "list the hook sites of a model and the HF module behind each"),
+    "profile": ("patchscope.cli.profile", "profile every neuron of a layer over a corpus into an atlas"),
+    "sae": ("patchscope.cli.sae", "print the top SAE features of one token's residual vector"),
+    "run": ("patchscope.cli.run", "the whole experiment: profile, extract, SAE, Patchscope; writes results.json"),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The top-level parser; only ``command``'s own flags are loaded (all of them when None)."""
+    parser = argparse.ArgumentParser(prog="patchscope", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"patchscope {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        if command is None or command == name:
+            module = importlib.import_module(module_name)
+            module.register(sub)
+            sub.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(chosen if chosen in COMMANDS else "")
+    args = parser.parse_args(argv)
+    if not getattr(args, "run", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.run(args)
+    except (ValueError, RuntimeError, OSError, IndexError) as error:
+        print(f"patchscope {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""``patchscope run``: the whole experiment, written to results.json."""
+
+from __future__ import annotations
+
+import argparse
+
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    from patchscope.atlas.config import ProfileConfig
+    from patchscope.atlas.sources import SourceConfig
+    from patchscope.cli.args import add_dataclass_arguments
+    from patchscope.experiment import ExperimentConfig
+    from patchscope.scope.config import PatchscopeConfig
+
+    add_dataclass_arguments(parser, ExperimentConfig, skip=("source", "profile", "patchscope"))
+    add_dataclass_arguments(parser, SourceConfig)
+    add_dataclass_arguments(parser, ProfileConfig)
+    add_dataclass_arguments(parser, PatchscopeConfig)
+
+
+def run(args: argparse.Namespace) -> int:
+    from patchscope.cli.args import from_namespace
+    from patchscope.atlas.sources import SourceConfig
+    from patchscope.scope.config import PatchscopeConfig
+    from patchscope.experiment import ExperimentConfig, format_summary, run_experiment
+    from patchscope.atlas.config import ProfileConfig
+
+    config = from_namespace(
+        ExperimentConfig,
+        args,
+        source=from_namespace(SourceConfig, args),
+        profile=from_namespace(ProfileConfig, args),
+        patchscope=from_namespace(PatchscopeConfig, args),
+    )
+    result = run_experiment(config)
+    print(format_summary(result))
+    print(f"\nwrote {config.out}/results.json")
+    return 0

@@ -1,0 +1,1 @@
+"""The model layer: TransformerLens site names on HF modules, hooks installed as context managers, loading."""

@@ -1,0 +1,1 @@
+"""JumpReLU SAEs (Gemma Scope): the module, pure loaders for each file layout, neuron attribution."""

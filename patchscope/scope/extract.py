@@ -1,0 +1,126 @@
+"""Take a residual vector from a source text: re-run it as the profiler saw it, re-check the neuron."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
+
+from patchscope.atlas.atlas import CONTEXT_TOKENS, AtlasEntry
+from patchscope.atlas.batching import Overflow, segment_at
+from patchscope.model.hooks import capture, stop_after
+from patchscope.model.loading import model_device
+from patchscope.model.sites import site_order
+
+
+class ReproductionError(RuntimeError):
+    """Re-running an atlas entry did not give the recorded value: the wrong text, model or settings."""
+
+
+@dataclass
+class Extraction:
+    """A residual vector and where it came from."""
+
+    vector: Tensor  # [d_model], on the model's device, in its dtype
+    site: str
+    doc: int | None
+    """Absolute document index, when taken from an atlas entry."""
+    position: int
+    """Token position in the document (BOS = 0)."""
+    token_id: int
+    token: str
+    context: str
+    """The token with ±5 tokens around it."""
+    neuron_site: str | None = None
+    neuron: int | None = None
+    activation: float | None = None
+    """The neuron recomputed at this token."""
+    recorded: float | None = None
+    """The value the atlas recorded, when extracted from one."""
+    segment_ids: list[int] = field(default_factory=list)
+    """The token ids that were run (the document's segment holding the position)."""
+    local_position: int = 0
+    """Index of the token within ``segment_ids``."""
+
+
+def tolerance(dtype: torch.dtype) -> tuple[float, float]:
+    """(rtol, atol) between a batched atlas value and a single re-run: padding changes kernel shapes."""
+    return {torch.float32: (1e-4, 1e-4), torch.float16: (1e-2, 1e-2), torch.bfloat16: (4e-2, 4e-2)}.get(dtype, (1e-4, 1e-4))
+
+
+def extract(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    text: str,
+    *,
+    site: str,
+    position: int,
+    neuron: int | None = None,
+    neuron_site: str | None = None,
+    entry: AtlasEntry | None = None,
+    max_length: int = 128,
+    overflow: Overflow = "truncate",
+) -> Extraction:
+    """Re-run ``text`` as the profiler saw it and copy the vector at ``(site, position)``.
+
+    With an atlas ``entry``, the token and the neuron's activation must match what the atlas
+    recorded (within the dtype's tolerance), or `ReproductionError` is raised: that catches texts
+    indexed relative to a slice, a different model, or different truncation settings.
+    """
+    if entry is not None:
+        neuron = entry.neuron if neuron is None else neuron
+        neuron_site = entry.site if neuron_site is None else neuron_site
+    try:
+        segment, local = segment_at(tokenizer, text, position, max_length, overflow)
+    except IndexError as error:
+        if entry is None:
+            raise
+        raise ReproductionError(f"document {entry.doc} has no position {entry.position}: not the text that was profiled") from error
+    ids = torch.tensor([segment.ids], device=model_device(model))
+    names = [site] + ([neuron_site] if neuron_site and neuron_site != site else [])
+    deepest = max(names, key=site_order)
+    with torch.no_grad(), capture(model, names) as cache, stop_after(model, deepest):
+        model(input_ids=ids, use_cache=False)
+    vector = cache[site][0, local]
+    activation = None
+    if neuron is not None and neuron_site is not None:
+        values = cache[neuron_site][0, local]
+        if not 0 <= neuron < values.shape[-1]:
+            raise IndexError(f"neuron {neuron} is out of range: {neuron_site} has neurons 0..{values.shape[-1] - 1}")
+        activation = float(values[neuron])
+    token_id = segment.ids[local]
+    lo = max(segment.first_counted, local - CONTEXT_TOKENS)
+    result = Extraction(
+        vector=vector,
+        site=site,
+        doc=entry.doc if entry else None,
+        position=position,
+        token_id=token_id,
+        token=tokenizer.decode([token_id]),
+        context=tokenizer.decode(list(segment.ids[lo : local + CONTEXT_TOKENS + 1])),
+        neuron_site=neuron_site,
+        neuron=neuron,
+        activation=activation,
+        recorded=entry.activation if entry else None,
+        segment_ids=list(segment.ids),
+        local_position=local,
+    )
+    if entry is not None:
+        _check_reproduced(result, entry, vector.dtype)
+    return result
+
+
+def _check_reproduced(result: Extraction, entry: AtlasEntry, dtype: torch.dtype) -> None:
+    if result.token_id != entry.token:
+        raise ReproductionError(
+            f"document {entry.doc} position {entry.position} holds token {result.token!r}, but the atlas recorded "
+            f"token id {entry.token}: this is not the text that was profiled (absolute row index? same dataset and split?)"
+        )
+    rtol, atol = tolerance(dtype)
+    if result.activation is None or abs(result.activation - entry.activation) > atol + rtol * abs(entry.activation):
+        raise ReproductionError(
+            f"re-running document {entry.doc} gives {result.activation} for neuron {entry.neuron}, but the atlas "
+            f"recorded {entry.activation} ({dtype} tolerance rtol={rtol}, atol={atol}): wrong text, model or dtype"
+        )

@@ -1,0 +1,81 @@
+"""Where the vector goes in the target prompt: the placeholder, found by character offsets."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from transformers import PreTrainedTokenizerBase
+
+from patchscope.atlas.batching import adds_bos
+from patchscope.scope.config import PatchscopeConfig
+
+
+class PlaceholderError(ValueError):
+    """The placeholder cannot be found as exactly one token of the prompt."""
+
+
+def find_placeholder(tokenizer: PreTrainedTokenizerBase, prompt: str, placeholder: str = "x") -> int:
+    """Position (BOS counted) of the one token whose text is exactly ``placeholder``.
+
+    Whole-word match on characters, then on the tokenizer's offsets; leading whitespace inside a
+    token (``' x'``, ``'▁x'``) is allowed. Raises `PlaceholderError` when the word is absent, occurs
+    more than once, or is split across or merged into other tokens.
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        raise PlaceholderError("finding the placeholder needs a fast tokenizer (offset mapping); pass --position instead")
+    if not placeholder.strip():
+        raise PlaceholderError("the placeholder must be a non-empty word")
+    hits = [m.span() for m in re.finditer(rf"(?<!\w){re.escape(placeholder)}(?!\w)", prompt)]
+    if not hits:
+        inside = placeholder in prompt
+        raise PlaceholderError(
+            f"placeholder {placeholder!r} is not a word of the prompt {prompt!r}"
+            + (" (it only appears inside other words)" if inside else "")
+            + "; put it in the prompt, choose --placeholder, or pass --position"
+        )
+    if len(hits) > 1:
+        raise PlaceholderError(
+            f"placeholder {placeholder!r} appears {len(hits)} times in the prompt (characters {hits}); "
+            "make it unique or pass --position"
+        )
+    start, end = hits[0]
+    encoding = tokenizer(prompt, return_offsets_mapping=True)
+    overlapping = []
+    for index, (token_start, token_end) in enumerate(encoding["offset_mapping"]):
+        if token_end <= token_start or token_end <= start or token_start >= end:
+            continue  # special tokens (BOS) have empty spans
+        while token_start < token_end and prompt[token_start].isspace():
+            token_start += 1
+        overlapping.append((index, token_start, token_end))
+    if len(overlapping) == 1 and overlapping[0][1:] == (start, end):
+        return overlapping[0][0]
+    pieces = [tokenizer.convert_ids_to_tokens(encoding["input_ids"][i]) for i, _, _ in overlapping]
+    how = "split across" if len(overlapping) > 1 else "merged into"
+    raise PlaceholderError(
+        f"placeholder {placeholder!r} is {how} tokens {pieces}, so no single position holds it; "
+        "choose a placeholder that is one token, or pass --position"
+    )
+
+
+@dataclass
+class PromptPlan:
+    """The tokenized target prompt and where the vector goes."""
+
+    input_ids: list[int]
+    position: int
+    tokens: list[str] = field(default_factory=list)
+
+
+def plan_prompt(tokenizer: PreTrainedTokenizerBase, config: PatchscopeConfig) -> PromptPlan:
+    """Tokenize the prompt (BOS as the model expects) and fix the patch position; no model needed."""
+    ids = tokenizer(config.prompt).input_ids
+    if config.position is not None:
+        if not 0 <= config.position < len(ids):
+            raise PlaceholderError(f"--position {config.position} is outside the prompt's {len(ids)} tokens (BOS is 0)")
+        position = config.position
+    else:
+        position = find_placeholder(tokenizer, config.prompt, config.placeholder)
+    if position == 0 and adds_bos(tokenizer):
+        raise PlaceholderError("position 0 is BOS; patching it is almost never meant")
+    return PromptPlan(ids, position, tokenizer.convert_ids_to_tokens(ids))

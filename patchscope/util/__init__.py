@@ -1,0 +1,1 @@
+"""Leaf helpers with no knowledge of models: atomic file writes, version stamps."""
