@@ -124,7 +124,7 @@ def _preflight(config: ExperimentConfig):
     config.patchscope.validate()
     config.profile.validate()
     if config.top_neurons < 1:
-        raise ValueError(f"--top-neurons must be at least 1, got {config.top_neurons}")
+        raise ValueError(f"`top_neurons` must be at least 1, got {config.top_neurons}")
     model_config = load_config(config.model)
     n_layers = model_config.num_hidden_layers
     for site in (config.source_site, config.target_site, config.neuron_site):
@@ -132,7 +132,7 @@ def _preflight(config: ExperimentConfig):
         if not -1 <= layer < n_layers:
             raise ValueError(f"site {site}: layer {layer} is out of range, the model has layers 0..{n_layers - 1}")
     if config.neuron is not None and not 0 <= config.neuron < model_config.intermediate_size:
-        raise IndexError(f"--neuron {config.neuron} is out of range: the MLP has neurons 0..{model_config.intermediate_size - 1}")
+        raise IndexError(f"`neuron` {config.neuron} is out of range: the MLP has neurons 0..{model_config.intermediate_size - 1}")
     prompt = plan_prompt(load_tokenizer(config.model), config.patchscope)
     sae, sae_note = _load_matching_sae(config, model_config.hidden_size)
     out = check_writable(config.out)
@@ -142,11 +142,11 @@ def _preflight(config: ExperimentConfig):
 
 def _load_matching_sae(config: ExperimentConfig, d_model: int):
     if config.sae and config.sae.lower() == "none":
-        return None, "SAE read-out skipped (--sae none)"
+        return None, "SAE read-out skipped (`sae` none)"
     spec = config.sae
     if spec is None:
         if preset_for(config.model) is None:
-            return None, f"no default SAE for {config.model}; pass --sae to read the vector"
+            return None, f"no default SAE for {config.model}; pass `sae` to read the vector"
         spec = sae_spec_for_site(config.model, config.source_site)
     sae = load_sae(spec)
     check_for_model(sae, d_model)
@@ -167,7 +167,7 @@ def _check_existing_atlas(config: ExperimentConfig, out: Path) -> None:
     if found != _atlas_key(config, dtype):
         raise FileExistsError(
             f"{out} holds an atlas made with other settings (model, data, layer, sites, max length or dtype); "
-            "use another --out, or delete it to profile again"
+            "use another `out`, or delete it to profile again"
         )
 
 
@@ -202,7 +202,7 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True) -> Experi
     with timer.phase("load_model"):
         model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
     atlas, reused = _atlas(model, tokenizer, config, out, timer, progress)
-    notes.append("atlas reused from --out" if reused else "atlas profiled in this run")
+    notes.append("atlas reused from `out`" if reused else "atlas profiled in this run")
     source = TextSource(config.source)
 
     with timer.phase("extract"):

@@ -1,6 +1,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from patchscope import __version__
 from patchscope.cli.main import main
 
@@ -68,3 +70,15 @@ def test_sae_command(gemma_dir, tmp_path, capsys):
     assert "width mismatch" in capsys.readouterr().err
     assert main(["sae", "--sae", str(sae), "--model", str(gemma_dir), "--text", "x", "--position", "1", "--site", "blocks.1.hook_resid_pre"]) == 2
     assert "allow-site-mismatch" in capsys.readouterr().err
+
+
+def test_library_messages_name_parameters_and_the_cli_names_flags(tmp_path, capsys):
+    from patchscope.atlas.config import ProfileConfig
+
+    with pytest.raises(ValueError, match="`top_k` must be at least 1"):
+        ProfileConfig(top_k=0).validate()
+    data = tmp_path / "corpus.txt"
+    data.write_text("hello\n")
+    argv = ["profile", "--model", str(tmp_path), "--dataset", str(data), "--top-k", "0", "--out", str(tmp_path / "o")]
+    assert main(argv) == 2
+    assert "--top-k must be at least 1" in capsys.readouterr().err

@@ -88,10 +88,10 @@ def _config(gemma_dir, corpus, tmp_path, **changes):
 @pytest.mark.parametrize(
     "changes, error, message",
     [
-        (dict(neuron=500), IndexError, "neuron 500 is out of range"),
+        (dict(neuron=500), IndexError, "`neuron` 500 is out of range"),
         (dict(patchscope=PatchscopeConfig(source_site="blocks.2.hook_resid_middle")), ValueError, "unknown hook site"),
         (dict(profile=ProfileConfig(layer=9)), ValueError, "out of range"),
-        (dict(patchscope=PatchscopeConfig(max_new_tokens=-1)), ValueError, "max-new-tokens"),
+        (dict(patchscope=PatchscopeConfig(max_new_tokens=-1)), ValueError, "`max_new_tokens`"),
         (dict(patchscope=PatchscopeConfig(prompt="no placeholder")), ValueError, "not a word of the prompt"),
     ],
 )

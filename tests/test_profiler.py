@@ -297,6 +297,6 @@ def test_finished_or_interrupted_work_is_never_overwritten(gemma, tmp_path):
     assert (tmp_path / "done" / "atlas.safetensors").read_bytes() == before
     (tmp_path / "cut").mkdir()
     (tmp_path / "cut" / CHECKPOINT).write_bytes(b"hours of work")
-    with pytest.raises(FileExistsError, match="pass --resume"):
+    with pytest.raises(FileExistsError, match="pass `resume`"):
         profile(model, tokenizer, CORPUS, config, out=tmp_path / "cut", progress=False)
     assert (tmp_path / "cut" / CHECKPOINT).read_bytes() == b"hours of work"

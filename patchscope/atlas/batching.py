@@ -125,7 +125,7 @@ def plan(
     deterministic, so a resumed run sees the same batches.
     """
     if batch_tokens < max_length:
-        raise ValueError(f"--batch-tokens ({batch_tokens}) must be at least --max-length ({max_length})")
+        raise ValueError(f"`batch_tokens` ({batch_tokens}) must be at least `max_length` ({max_length})")
     has_bos = adds_bos(tokenizer)
     buffer: list[Segment] = []
     count = 0

@@ -35,8 +35,8 @@ class ProfileConfig:
 
     def validate(self) -> None:
         if self.top_k < 1:
-            raise ValueError(f"--top-k must be at least 1, got {self.top_k}")
+            raise ValueError(f"`top_k` must be at least 1, got {self.top_k}")
         if self.max_length < 2:
-            raise ValueError(f"--max-length must be at least 2, got {self.max_length}")
+            raise ValueError(f"`max_length` must be at least 2, got {self.max_length}")
         if self.batch_tokens < self.max_length:
-            raise ValueError(f"--batch-tokens ({self.batch_tokens}) must be at least --max-length ({self.max_length})")
+            raise ValueError(f"`batch_tokens` ({self.batch_tokens}) must be at least `max_length` ({self.max_length})")

@@ -70,7 +70,7 @@ def profile(
     key = fingerprint(model_name, source_config, config, dtype)
     out = check_writable(out) if out is not None else None
     if resume and out is None:
-        raise ValueError("--resume needs the output directory (--out) that holds the checkpoint")
+        raise ValueError("`resume` needs the output directory (`out`) that holds the checkpoint")
     if out is not None:
         guard_output(out, resume)
 
@@ -154,10 +154,10 @@ def profile(
 def guard_output(out: Path, resume: bool) -> None:
     """Never overwrite finished or interrupted work in ``out`` without being told to."""
     if (out / ATLAS_TENSORS).exists():
-        raise FileExistsError(f"{out} already holds an atlas; load it with load_atlas, or pick another --out (or delete it)")
+        raise FileExistsError(f"{out} already holds an atlas; load it with load_atlas, or pick another `out` (or delete it)")
     if (out / CHECKPOINT).exists() and not resume:
         raise FileExistsError(
-            f"{out} holds the checkpoint of an interrupted run: pass --resume to continue it, or delete "
+            f"{out} holds the checkpoint of an interrupted run: pass `resume` to continue it, or delete "
             f"{CHECKPOINT} to start over"
         )
 
@@ -187,7 +187,7 @@ def _restore(profiler: Profiler, path: Path, key: str) -> int:
     if metadata.get("fingerprint") != key:
         raise AtlasError(
             f"the checkpoint in {path.parent} was made with other settings (model, data or profile options); "
-            "resume with the same options, or use a new --out"
+            "resume with the same options, or use a new `out`"
         )
     profiler.state = dict(atlas.sites)
     return int(metadata["batches_done"])

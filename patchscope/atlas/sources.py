@@ -86,7 +86,7 @@ class TextSource:
         if produced == 0:
             raise DataError(
                 f"{self.describe()} has no non-empty documents in column {self.config.text_column!r} "
-                f"({self.skipped_empty} empty rows skipped); check the split slice and --text-column"
+                f"({self.skipped_empty} empty rows skipped); check the split slice and `text_column`"
             )
 
     def fetch(self, indices: Iterable[int]) -> dict[int, str]:
@@ -149,7 +149,7 @@ class TextSource:
         if column not in available:
             raise DataError(
                 f"{self.config.dataset} has no column {column!r}; available: {', '.join(map(str, available))}. "
-                "Pass --text-column"
+                "Pass `text_column`"
             )
 
     def _hub_rows(self) -> Iterator[tuple[int, object]]:

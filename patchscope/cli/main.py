@@ -47,8 +47,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args)
     except (ValueError, RuntimeError, OSError, IndexError) as error:
-        print(f"patchscope {args.command}: error: {error}", file=sys.stderr)
+        from patchscope.util.errors import as_flags
+
+        print(f"patchscope {args.command}: error: {as_flags(str(error), _flags(parser))}", file=sys.stderr)
         return 2
+
+
+def _flags(parser: argparse.ArgumentParser) -> set[str]:
+    """Every long option of the parser and its subcommands."""
+    found = {option for action in parser._actions for option in action.option_strings}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found |= _flags(sub)
+    return found
 
 
 if __name__ == "__main__":

@@ -109,7 +109,7 @@ def sae_layer_for_site(site: str) -> int:
         return layer - 1
     raise SAEError(
         f"no Gemma Scope residual SAE reads {site!r}: they read blocks.L.hook_resid_post "
-        "(= blocks.L+1.hook_resid_pre); pass --sae explicitly for other sites"
+        "(= blocks.L+1.hook_resid_pre); pass `sae` explicitly for other sites"
     )
 
 

@@ -36,9 +36,9 @@ class PatchscopeConfig:
 
     def validate(self) -> None:
         if self.max_new_tokens < 0:
-            raise ValueError(f"--max-new-tokens must be 0 or more, got {self.max_new_tokens}")
+            raise ValueError(f"`max_new_tokens` must be 0 or more, got {self.max_new_tokens}")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise ValueError("--temperature must be >= 0 and --top-p in (0, 1]")
+            raise ValueError("`temperature` must be >= 0 and `top_p` in (0, 1]")
         for site in (self.source_site, self.target_site):
             if site is not None:
                 parse_site(site)

@@ -23,7 +23,7 @@ def find_placeholder(tokenizer: PreTrainedTokenizerBase, prompt: str, placeholde
     more than once, or is split across or merged into other tokens.
     """
     if not getattr(tokenizer, "is_fast", False):
-        raise PlaceholderError("finding the placeholder needs a fast tokenizer (offset mapping); pass --position instead")
+        raise PlaceholderError("finding the placeholder needs a fast tokenizer (offset mapping); pass `position` instead")
     if not placeholder.strip():
         raise PlaceholderError("the placeholder must be a non-empty word")
     hits = [m.span() for m in re.finditer(rf"(?<!\w){re.escape(placeholder)}(?!\w)", prompt)]
@@ -32,12 +32,12 @@ def find_placeholder(tokenizer: PreTrainedTokenizerBase, prompt: str, placeholde
         raise PlaceholderError(
             f"placeholder {placeholder!r} is not a word of the prompt {prompt!r}"
             + (" (it only appears inside other words)" if inside else "")
-            + "; put it in the prompt, choose --placeholder, or pass --position"
+            + "; put it in the prompt, choose `placeholder`, or pass `position`"
         )
     if len(hits) > 1:
         raise PlaceholderError(
             f"placeholder {placeholder!r} appears {len(hits)} times in the prompt (characters {hits}); "
-            "make it unique or pass --position"
+            "make it unique or pass `position`"
         )
     start, end = hits[0]
     encoding = tokenizer(prompt, return_offsets_mapping=True)
@@ -54,7 +54,7 @@ def find_placeholder(tokenizer: PreTrainedTokenizerBase, prompt: str, placeholde
     how = "split across" if len(overlapping) > 1 else "merged into"
     raise PlaceholderError(
         f"placeholder {placeholder!r} is {how} tokens {pieces}, so no single position holds it; "
-        "choose a placeholder that is one token, or pass --position"
+        "choose a placeholder that is one token, or pass `position`"
     )
 
 
@@ -72,7 +72,7 @@ def plan_prompt(tokenizer: PreTrainedTokenizerBase, config: PatchscopeConfig) ->
     ids = tokenizer(config.prompt).input_ids
     if config.position is not None:
         if not 0 <= config.position < len(ids):
-            raise PlaceholderError(f"--position {config.position} is outside the prompt's {len(ids)} tokens (BOS is 0)")
+            raise PlaceholderError(f"`position` {config.position} is outside the prompt's {len(ids)} tokens (BOS is 0)")
         position = config.position
     else:
         position = find_placeholder(tokenizer, config.prompt, config.placeholder)

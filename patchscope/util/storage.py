@@ -48,5 +48,5 @@ def check_writable(directory: str | Path) -> Path:
         probe.write_text("ok")
         probe.unlink()
     except OSError as error:
-        raise PermissionError(f"cannot write to output directory {str(directory)!r}: {error.strerror}; pick another --out") from error
+        raise PermissionError(f"cannot write to output directory {str(directory)!r}: {error.strerror}; pick another `out`") from error
     return directory
