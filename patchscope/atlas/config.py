@@ -11,24 +11,27 @@ from patchscope.atlas.batching import Overflow
 class ProfileConfig:
     """What to profile and how to batch it."""
 
-    layer: int = 12
-    """Layer whose MLP neurons (``blocks.L.mlp.hook_post``) are profiled when no --site is given."""
-    sites: tuple[str, ...] = field(default=(), metadata={"flags": ("--site", "--sites")})
-    """Explicit sites to profile instead of --layer; any number, any layers."""
-    top_k: int = 20
-    """Examples kept per neuron."""
-    max_length: int = 128
-    """Tokens per segment, BOS included (the original used 128)."""
-    overflow: Overflow = "truncate"
-    """Longer documents: truncate (as the original), or split into consecutive windows."""
-    batch_tokens: int = 4096
-    """Budget of padded tokens per batch."""
-    exclude_bos: bool = True
-    """Keep BOS positions out of the statistics (they dominate naive top lists)."""
-    checkpoint_every: int = 50
-    """Write a resumable checkpoint to the output directory every N batches (0: never)."""
-    sort_buffer: int = 4096
-    """Documents buffered and length-sorted together; bounds memory for streamed sources."""
+    layer: int = field(
+        default=12, metadata={"help": "Layer whose MLP neurons (blocks.L.mlp.hook_post) are profiled when no --site is given."}
+    )
+    sites: tuple[str, ...] = field(
+        default=(), metadata={"help": "Explicit sites to profile instead of --layer; any number, any layers.", "flags": ("--site", "--sites")}
+    )
+    top_k: int = field(default=20, metadata={"help": "Examples kept per neuron."})
+    max_length: int = field(default=128, metadata={"help": "Tokens per segment, BOS included (the original used 128)."})
+    overflow: Overflow = field(
+        default="truncate", metadata={"help": "Longer documents: truncate (as the original), or split into consecutive windows."}
+    )
+    batch_tokens: int = field(default=4096, metadata={"help": "Budget of padded tokens per batch."})
+    exclude_bos: bool = field(
+        default=True, metadata={"help": "Keep BOS positions out of the statistics (they dominate naive top lists)."}
+    )
+    checkpoint_every: int = field(
+        default=50, metadata={"help": "Write a resumable checkpoint to the output directory every N batches (0: never)."}
+    )
+    sort_buffer: int = field(
+        default=4096, metadata={"help": "Documents buffered and length-sorted together; bounds memory for streamed sources."}
+    )
 
     def site_names(self) -> tuple[str, ...]:
         return self.sites or (f"blocks.{self.layer}.mlp.hook_post",)

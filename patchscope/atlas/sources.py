@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -21,16 +21,17 @@ class DataError(ValueError):
 class SourceConfig:
     """Where the profiled texts come from."""
 
-    dataset: str = "NeelNanda/pile-10k"
-    """HF dataset id or data folder, or a local .txt / .jsonl / .json / .parquet / .csv file."""
-    split: str = "train[100:250]"
-    """Split and optional row slice, e.g. ``train[100:250]``; for local files just ``[100:250]`` or empty."""
-    text_column: str = "text"
-    """Column holding the text (tables and HF datasets)."""
-    streaming: bool = False
-    """Stream the HF dataset instead of downloading it whole."""
-    txt_mode: Literal["lines", "file"] = "lines"
-    """For .txt files: one document per line, or the whole file as one document."""
+    dataset: str = field(
+        default="NeelNanda/pile-10k", metadata={"help": "HF dataset id or data folder, or a local .txt / .jsonl / .json / .parquet / .csv file."}
+    )
+    split: str = field(
+        default="train[100:250]", metadata={"help": "Split and optional row slice, e.g. train[100:250]; for local files just [100:250] or empty."}
+    )
+    text_column: str = field(default="text", metadata={"help": "Column holding the text (tables and HF datasets)."})
+    streaming: bool = field(default=False, metadata={"help": "Stream the HF dataset instead of downloading it whole."})
+    txt_mode: Literal["lines", "file"] = field(
+        default="lines", metadata={"help": "For .txt files: one document per line, or the whole file as one document."}
+    )
 
 
 @dataclass(frozen=True)
