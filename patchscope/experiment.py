@@ -149,7 +149,7 @@ def _load_matching_sae(config: ExperimentConfig, d_model: int):
         spec = sae_spec_for_site(config.model, config.source_site)
     sae = load_sae(spec)
     check_for_model(sae, d_model)
-    check_site(sae, config.source_site, allow_mismatch=config.allow_site_mismatch)
+    check_site(sae, config.source_site, allow_site_mismatch=config.allow_site_mismatch)
     return sae, f"SAE {sae.info.source} (trained on {sae.info.site})"
 
 

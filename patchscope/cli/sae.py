@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     site = args.site or sae.info.site
     if site is None:
         raise ValueError("this SAE does not record its site; pass --site")
-    check_site(sae, site, allow_mismatch=args.allow_site_mismatch)
+    check_site(sae, site, allow_site_mismatch=args.allow_site_mismatch)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     ids = tokenizer(args.text, return_tensors="pt").input_ids.to(model.device)
     if not 0 <= args.position < ids.shape[1]:
