@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+
+import torch
 
 from patchscope.atlas.batching import Overflow
 
@@ -43,3 +49,56 @@ class ProfileConfig:
             raise ValueError(f"`max_length` must be at least 2, got {self.max_length}")
         if self.batch_tokens < self.max_length:
             raise ValueError(f"`batch_tokens` ({self.batch_tokens}) must be at least `max_length` ({self.max_length})")
+        if self.sort_buffer < 1:
+            raise ValueError(f"`sort_buffer` must be at least 1 document, got {self.sort_buffer}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"`checkpoint_every` must be 0 (never) or a number of batches, got {self.checkpoint_every}")
+
+    def atlas_bytes(self, widths: Mapping[str, int]) -> int:
+        """Bytes of the top-k state for sites of these widths (a float32 value and three int64 indices per slot)."""
+        return ATLAS_BYTES_PER_SLOT * self.top_k * sum(widths.values())
+
+    def check_atlas_size(self, widths: Mapping[str, int], device: torch.device | str = "cpu") -> None:
+        """Refuse, before allocating, a top-k state that cannot fit in the device's memory.
+
+        The running state and the merge of new candidates into it are held at once: about twice
+        `atlas_bytes`.
+        """
+        needed = 2 * self.atlas_bytes(widths)
+        available = _memory_bytes(torch.device(device))
+        if available is not None and needed > available // 2:
+            raise ValueError(
+                f"`top_k` {self.top_k} over {sum(widths.values())} neurons needs about {needed / 2**30:.1f} GiB, more "
+                f"than half of the {available / 2**30:.1f} GiB of {torch.device(device).type} memory; lower `top_k`"
+            )
+
+    def capped_for(self, n_documents: int | None) -> ProfileConfig:
+        """This config with `top_k` capped at the tokens ``n_documents`` can hold (with a warning).
+
+        A longer list could never fill: truncated documents give at most `max_length` counted tokens each.
+        """
+        if n_documents is None or self.overflow != "truncate":
+            return self
+        most = n_documents * self.max_length
+        if self.top_k <= most:
+            return self
+        warnings.warn(
+            f"`top_k` {self.top_k} is more than the at most {most} tokens of {n_documents} documents "
+            f"of up to {self.max_length} tokens; keeping top {most}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return dataclasses.replace(self, top_k=max(1, most))
+
+
+ATLAS_BYTES_PER_SLOT = 4 + 3 * 8
+
+
+def _memory_bytes(device: torch.device) -> int | None:
+    """Total memory of a CUDA device, or the machine's physical memory for the CPU; None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None

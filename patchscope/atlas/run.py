@@ -22,7 +22,7 @@ from patchscope.atlas.atlas import Atlas, AtlasError, AtlasMeta
 from patchscope.atlas.batching import plan
 from patchscope.atlas.config import ProfileConfig
 from patchscope.atlas.engine import Profiler
-from patchscope.atlas.sources import Document, SourceConfig, TextSource
+from patchscope.atlas.sources import Document, SourceConfig, TextSource, count_documents
 from patchscope.atlas.store import ATLAS_TENSORS, load_atlas_with_metadata, save_atlas, write_atlas
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,7 @@ def profile(
     every N batches, and ``resume=True`` continues from it, giving the same atlas as an
     uninterrupted run.
     """
+    config = config.capped_for(count_documents(source))
     profiler = Profiler(model, config)
     documents, text_source = _documents(source)
     source_config = text_source.config if text_source else None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -94,6 +94,13 @@ class TextSource:
                 f"{self.describe()} has no non-empty documents in column {self.config.text_column!r} "
                 f"({self.skipped_empty} empty rows skipped); check the split slice and `text_column`"
             )
+
+    def count(self) -> int | None:
+        """Rows in the slice (empty ones included) where that is cheap to know: local files; else None."""
+        if not is_local(self.config.dataset):
+            return None
+        total = len(self._local_column())
+        return max(0, (total if self.stop is None else min(self.stop, total)) - self.start)
 
     def fetch(self, indices: Iterable[int]) -> dict[int, str]:
         """The texts of some absolute row indices (one pass over the source)."""
@@ -202,6 +209,17 @@ class TextSource:
         texts = data.select(range(self.start, stop))[column]
         for offset, text in enumerate(texts):
             yield self.start + offset, text
+
+
+def count_documents(source: object) -> int | None:
+    """How many documents a profile source holds, where that is cheap to know (local files, lists); else None."""
+    if isinstance(source, SourceConfig):
+        source = TextSource(source)
+    if isinstance(source, TextSource):
+        return source.count()
+    if isinstance(source, Sequence) and not isinstance(source, str):
+        return len(source)
+    return None
 
 
 def split_lines(content: str) -> list[str]:
