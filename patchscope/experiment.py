@@ -91,6 +91,19 @@ class NeuronResult:
 
 @dataclass
 class ExperimentResult:
+    """What `run_experiment` found; ``summary()`` reads it as text, ``to_json()`` is ``results.json``.
+
+    Attributes:
+        config: the `ExperimentConfig` as plain data.
+        prompt: the target prompt, its tokens and the patched position.
+        neurons: one `NeuronResult` per studied neuron: its top example, SAE read-out, patched
+            activation, controls and verdict.
+        timings: seconds per phase (load_model, profile, extract, sae, patchscope).
+        versions: library versions of the run.
+        atlas: where the atlas is, whether it was reused, and its size.
+        notes: remarks on how the run went.
+    """
+
     config: dict[str, Any]
     prompt: dict[str, Any]
     neurons: list[NeuronResult]
@@ -101,6 +114,10 @@ class ExperimentResult:
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def summary(self) -> str:
+        """The readable report: the original's "Experiment Results" block, plus the controls."""
+        return format_summary(self)
 
 
 class _Timer:
@@ -194,7 +211,22 @@ def _verdict(patched: float, controls: dict[str, float]) -> str:
 
 
 def run_experiment(config: ExperimentConfig, *, progress: bool = True) -> ExperimentResult:
-    """Profile, pick neurons, extract their vectors, read them with the SAE, patch them into the prompt."""
+    """Profile, pick neurons, extract their vectors, read them with the SAE, patch them into the prompt.
+
+    Every input is checked before the model loads. An atlas already in ``config.out`` with the same
+    settings is reused; ``results.json`` is written there at the end.
+
+    Args:
+        config: model, data, profile, SAE and Patchscope settings (`ExperimentConfig`).
+        progress: show progress bars.
+
+    Returns:
+        An `ExperimentResult`; ``result.summary()`` is the readable report.
+
+    Example:
+        >>> config = ExperimentConfig(model="./my-model", out="run", source=SourceConfig(dataset="notes.txt", split=""))
+        >>> print(run_experiment(config).summary())
+    """
     timer = _Timer()
     prompt, sae, sae_note, out = _preflight(config)
     notes = [sae_note]

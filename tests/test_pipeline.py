@@ -135,3 +135,13 @@ def test_explicit_neuron_and_cross_layer_patch(gemma, gemma_dir, corpus, tmp_pat
     with patch(model, "blocks.1.hook_resid_pre", vector, positions=[position]), capture(model, neuron_site) as target:
         model(prompt_ids)
     assert record.patched["at_placeholder"] == pytest.approx(float(target[neuron_site][0, position, 12]), abs=1e-4)
+
+
+def test_result_summary_is_the_text_report(gemma_dir, corpus, tmp_path):
+    from patchscope.experiment import ExperimentResult, format_summary
+
+    result = run_experiment(_config(gemma_dir, corpus, tmp_path, neuron=3, patchscope=PatchscopeConfig(max_new_tokens=1, controls=False)), progress=False)
+    text = result.summary()
+    assert text == format_summary(result) and text.startswith("=== Experiment Results ===")
+    assert f"neuron 3: max activation {result.neurons[0].max_activation:.4f}" in text
+    assert ExperimentResult.__doc__ and "summary()" in ExperimentResult.__doc__

@@ -250,9 +250,24 @@ def load_from_hub(repo_id: str, path: str, *, offline: bool = False, d_model: in
 
 
 def load_sae(spec: str | Path, *, device: str | torch.device = "cpu", d_model: int | None = None, offline: bool = False) -> JumpReLUSAE:
-    """Load an SAE from a file, a folder or a hub location (see the module docstring).
+    """Load a JumpReLU SAE from a file, a folder or a hub location (see the module docstring).
 
-    ``d_model`` (the model's width) is checked before the SAE is used.
+    Args:
+        spec: a ``params.npz`` or ``.safetensors`` file, a SAELens folder, a folder holding
+            ``params.npz``, or ``REPO_ID/PATH`` on the hub (the last part may be ``canonical``).
+        device: where the SAE's tensors go.
+        d_model: the model's width; checked against the declared shapes before any tensor is read.
+        offline: use the local hub cache only.
+
+    Returns:
+        A `JumpReLUSAE` (float32), with `SAEInfo` on where it came from and the site it reads.
+
+    Raises:
+        SAEError: a missing, corrupt or inconsistent file (shapes, dtypes, NaN, duplicate keys).
+
+    Example:
+        >>> sae = load_sae("google/gemma-scope-2b-pt-res/layer_11/width_16k/canonical", d_model=2304)
+        >>> top_features(sae, vector, k=5)
     """
     text = str(spec)
     path = Path(text)
