@@ -108,7 +108,7 @@ class TextSource:
         found: dict[int, str] = {}
         for index, text in self._rows():
             if index in wanted:
-                found[index] = text
+                found[index] = str(text)
                 if len(found) == len(wanted):
                     break
         missing = wanted - found.keys()
@@ -158,17 +158,18 @@ class TextSource:
                 loaded = json.loads(_read_utf8(path))
             except json.JSONDecodeError as error:
                 raise DataError(f"{path}: invalid JSON at line {error.lineno} column {error.colno}: {error.msg}") from error
-            records = loaded if isinstance(loaded, list) else loaded.get("data", loaded.get("rows", [])) if isinstance(loaded, dict) else None
-            if not isinstance(records, list):
+            listed = loaded if isinstance(loaded, list) else loaded.get("data", loaded.get("rows", [])) if isinstance(loaded, dict) else None
+            if not isinstance(listed, list):
                 raise DataError(f"{path}: expected a list of records (or {{\"data\": [...]}}), got {type(loaded).__name__}")
-            if records and all(isinstance(record, str) for record in records):
-                return records
-            for number, record in enumerate(records):
+            if not any(isinstance(record, dict) for record in listed):
+                return listed  # a plain list of texts
+            for number, record in enumerate(listed):
                 if not isinstance(record, dict):
                     raise DataError(
                         f"{path}: record {number} is a JSON {_json_kind(record)}, not an object; "
                         "write one object per record, e.g. {\"text\": \"...\"}"
                     )
+            records = listed
         if records:
             self._check_column(column, list(records[0]))
         return [record.get(column) for record in records]

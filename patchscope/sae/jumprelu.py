@@ -49,6 +49,12 @@ class JumpReLUSAE(nn.Module):
     Everything is computed in float32, whatever the input dtype (Gemma Scope's convention).
     """
 
+    W_enc: Tensor  # buffers, declared for type checkers
+    b_enc: Tensor
+    threshold: Tensor
+    W_dec: Tensor
+    b_dec: Tensor
+
     def __init__(
         self, W_enc: Tensor, b_enc: Tensor, threshold: Tensor, W_dec: Tensor, b_dec: Tensor, info: SAEInfo = SAEInfo(), *, apply_b_dec_to_input: bool = False
     ) -> None:

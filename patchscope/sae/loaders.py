@@ -192,7 +192,7 @@ def load_saelens_dir(directory: str | Path, *, d_model: int | None = None) -> Ju
         raise SAEError(f"{directory}: SAELens architecture is {architecture!r}; patchscope loads only 'jumprelu' SAEs")
     if cfg.get("normalize_activations", "none") not in ("none", None):
         raise SAEError(f"{directory}: normalize_activations={cfg['normalize_activations']!r} is not supported")
-    metadata = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+    metadata: dict = cfg["metadata"] if isinstance(cfg.get("metadata"), dict) else {}
     site = metadata.get("hook_name", cfg.get("hook_name"))
     model = metadata.get("model_name", cfg.get("model_name"))
     base = info_from_path(str(directory))
