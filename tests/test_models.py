@@ -47,7 +47,7 @@ def test_gated_model_message(monkeypatch):
         raise OSError("You are trying to access a gated repo. 401 Client Error. Access to model google/gemma-2-2b is restricted.")
 
     monkeypatch.setattr("patchscope.model.loading.AutoConfig.from_pretrained", refuse)
-    monkeypatch.setattr("patchscope.model.loading._hub_reachable", lambda endpoint: True)
+    monkeypatch.setattr("patchscope.model.loading.hub_reachable", lambda endpoint: True)
     with pytest.raises(ModelLoadError, match="gated.*`hf auth login`.*local directory"):
         load_model("google/gemma-2-2b", device="cpu")
 

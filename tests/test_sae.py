@@ -259,3 +259,21 @@ def test_npy_named_npz_and_bad_saelens_configs(tmp_path):
         load_sae(lens)
     (lens / "cfg.json").write_text(json.dumps(dict(cfg, metadata=["x"])))
     assert load_sae(lens).info.site is None
+
+
+def test_unreachable_hub_reads_the_cache_without_retrying(tmp_path, monkeypatch):
+    params = sae_params(seed=4)
+    write_hub_cache(tmp_path, "google/gemma-scope-2b-pt-res", "layer_11/width_16k/average_l0_80", params)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+
+    def no_listing(*args, **kwargs):
+        raise AssertionError("an unreachable hub must not be asked (each request retries for seconds)")
+
+    monkeypatch.setattr("huggingface_hub.list_repo_files", no_listing)
+    sae = load_sae("google/gemma-scope-2b-pt-res/layer_11/width_16k/canonical")  # offline not asked for
+    _check_against_numpy(sae, params)
+    with pytest.raises(SAEError, match="the hub cannot be reached and it is not in the local cache"):
+        load_sae("google/gemma-scope-2b-pt-res/layer_3/width_16k/average_l0_59")

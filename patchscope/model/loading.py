@@ -72,9 +72,13 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or name.endswith("/")
 
 
-def _hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
+def hub_reachable(endpoint: str | None = None, timeout: float = 3.0) -> bool:
     """One TCP connection to the hub, so an offline machine fails in a moment instead of after 30 s of retries."""
     from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    endpoint = endpoint or constants.ENDPOINT
 
     if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         return True  # the connection goes through a proxy we do not probe
@@ -86,7 +90,8 @@ def _hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
         return False
 
 
-def _offline_mode() -> bool:
+def offline_mode() -> bool:
+    """Whether the user switched the hub off (``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE``)."""
     return any(os.environ.get(name, "").upper() in ("1", "ON", "YES", "TRUE") for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
@@ -107,8 +112,8 @@ def check_source(name_or_path: str, revision: str | None = None) -> dict[str, bo
         )
     from huggingface_hub import constants, try_to_load_from_cache
 
-    offline = _offline_mode()
-    if not offline and _hub_reachable(constants.ENDPOINT):
+    offline = offline_mode()
+    if not offline and hub_reachable(constants.ENDPOINT):
         return {}
     cached = isinstance(try_to_load_from_cache(name_or_path, "config.json", revision=revision), str)
     if cached:

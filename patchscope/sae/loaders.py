@@ -231,8 +231,16 @@ def canonical_l0(repo_id: str, layer: int, width: str, *, offline: bool = False)
 
 
 def load_from_hub(repo_id: str, path: str, *, offline: bool = False, d_model: int | None = None) -> JumpReLUSAE:
-    """``google/gemma-scope-2b-pt-res``, ``layer_11/width_16k/average_l0_80`` (or ``.../canonical``)."""
+    """``google/gemma-scope-2b-pt-res``, ``layer_11/width_16k/average_l0_80`` (or ``.../canonical``).
+
+    When the hub is switched off or cannot be reached, only the local cache is read (no retries).
+    """
     from huggingface_hub import hf_hub_download
+
+    from patchscope.model.loading import hub_reachable, offline_mode
+
+    unreachable = not offline and not offline_mode() and not hub_reachable()
+    offline = offline or unreachable or offline_mode()
 
     path = path.strip("/").removesuffix("/params.npz")
     match = GEMMA_SCOPE_PATH.fullmatch(path)
@@ -242,8 +250,9 @@ def load_from_hub(repo_id: str, path: str, *, offline: bool = False, d_model: in
     try:
         local = hf_hub_download(repo_id, f"{path}/params.npz", local_files_only=offline)
     except Exception as error:  # noqa: BLE001 - many hub error types, one explanation
+        why = "the hub cannot be reached and it is not in the local cache" if unreachable else type(error).__name__
         raise SAEError(
-            f"could not fetch {repo_id}/{path}/params.npz ({type(error).__name__}); check the path, go online "
+            f"could not fetch {repo_id}/{path}/params.npz ({why}); check the path, go online "
             "(`hf auth login` if needed), or pass a local params.npz"
         ) from error
     return load_npz(local, dataclasses.replace(info_from_path(path, repo=repo_id), source=f"{repo_id}/{path}"), d_model=d_model)
