@@ -77,8 +77,8 @@ class ProfileConfig:
 
         A longer list could never fill: truncated documents give at most `max_length` counted tokens each.
         """
-        if n_documents is None or self.overflow != "truncate":
-            return self
+        if not n_documents or self.overflow != "truncate":
+            return self  # unknown, or empty (which the source reports itself)
         most = n_documents * self.max_length
         if self.top_k <= most:
             return self
@@ -88,7 +88,7 @@ class ProfileConfig:
             RuntimeWarning,
             stacklevel=2,
         )
-        return dataclasses.replace(self, top_k=max(1, most))
+        return dataclasses.replace(self, top_k=most)
 
 
 ATLAS_BYTES_PER_SLOT = 4 + 3 * 8
