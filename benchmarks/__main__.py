@@ -1,11 +1,13 @@
-"""Run the benchmark suite and write benchmarks/RESULTS.md plus a JSON of every number.
+"""Run the benchmark suite; write a RESULTS.md and a JSON of every number into a run directory.
 
-    python -m benchmarks                     # CPU suite on the `small` shape, fp32 and bf16, a few minutes
+    python -m benchmarks                     # CPU suite on the small shape, fp32 and bf16, a few minutes
     python -m benchmarks --device cuda       # GPU: gemma-2-2b-shape, fp16 and bf16
-    python -m benchmarks --quick --out /tmp/r.md --json /tmp/r.json   # seconds; what the test runs
+    python -m benchmarks --quick             # tiny shape, one run each: checks the suite works (~1-2 min on CPU)
+    python -m benchmarks --record            # write into the recorded benchmarks/results.json + RESULTS.md
 
-Results from several runs (CPU and GPU) accumulate in the JSON, keyed by device and dtype, and
-RESULTS.md is rewritten from all of them.
+By default a run writes only to benchmarks/runs/<UTC time>/ (not tracked by git). With --record,
+results from several runs (CPU and GPU) accumulate in benchmarks/results.json, keyed by device,
+dtype and shape, and benchmarks/RESULTS.md is rewritten from all of them.
 """
 
 from __future__ import annotations
@@ -36,17 +38,28 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", help="benchmark real weights instead (hub id or folder, e.g. google/gemma-2-2b), loaded with patchscope.load_model")
     parser.add_argument("--layers", type=int, help="scale the shape down to this many layers")
     parser.add_argument("--layer", type=int, default=4, help="profiled layer (default 4; 12 for gemma-2-2b-shape)")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=8, help="rows per batch (default 8)")
+    parser.add_argument("--seq-len", type=int, default=128, help="tokens per row (default 128)")
     parser.add_argument("--batches", type=int, default=2, help="batches per timed run")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--quick", action="store_true", help="tiny shape, one run each: checks the suite works, numbers mean little")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["peers", "sweep", "padding", "scaling", "hooks", "sae", "generation"])
-    parser.add_argument("--out", default=str(HERE / "RESULTS.md"))
-    parser.add_argument("--json", default=str(HERE / "results.json"))
-    parser.add_argument("--render", action="store_true", help="only rewrite --out from the results already in --json")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs before timing (default 1)")
+    parser.add_argument("--runs", type=int, default=5, help="timed runs; the median is reported (default 5)")
+    parser.add_argument(
+        "--quick", action="store_true",
+        help="tiny shape, one run of each benchmark: checks that the suite works (about 1-2 minutes on CPU); the numbers mean little",
+    )
+    parser.add_argument("--skip", nargs="*", default=[], help="benchmarks to leave out", choices=["peers", "sweep", "padding", "scaling", "hooks", "sae", "generation"])
+    parser.add_argument("--record", action="store_true", help="merge into the recorded benchmarks/results.json and rewrite benchmarks/RESULTS.md")
+    parser.add_argument("--run-dir", help="folder for this run's RESULTS.md and results.json (default: benchmarks/runs/<UTC time>/)")
+    parser.add_argument("--out", help="markdown report path (default: RESULTS.md in the run directory, or the recorded one with --record)")
+    parser.add_argument("--json", help="JSON results path, merged into if it exists (default: results.json beside --out's default)")
+    parser.add_argument("--render", action="store_true", help="only rewrite the recorded RESULTS.md (or --out) from the recorded JSON (or --json)")
     args = parser.parse_args(argv)
+    if args.record or args.render:
+        folder = HERE
+    else:
+        folder = Path(args.run_dir) if args.run_dir else HERE / "runs" / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    args.out = args.out or str(folder / "RESULTS.md")
+    args.json = args.json or str(folder / "results.json")
     cuda = args.device.startswith("cuda")
     if args.quick:
         args.shape, args.layers, args.layer, args.batch, args.seq_len, args.batches, args.warmup, args.runs = "tiny", 3, 1, 2, 16, 1, 0, 1
@@ -111,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda asked for, but torch sees no GPU")
     store = Path(args.json)
+    store.parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     results = json.loads(store.read_text()) if store.exists() else {}
     for dtype_name in [] if args.render else args.dtypes:
         key = f"{args.device}/{dtype_name}/{args.model or args.shape}" + (f"/{args.layers}L" if args.layers and not args.model else "")

@@ -101,7 +101,7 @@ def render(results: dict[str, dict]) -> str:
     out = [
         "# Benchmark results",
         "",
-        "Written by `python -m benchmarks` (see `benchmarks/__main__.py --help`). Every ratio compares runs made in the same",
+        "Written by `python -m benchmarks --record` (see `benchmarks/__main__.py --help`). Every ratio compares runs made in the same",
         "process on identical weights; peers that wrap modules (TransformerLens, nnsight) get a deep copy. Random-weight models",
         "built from `Gemma2Config` give true throughput for their shape. CPU peak memory is the sampled RSS rise during one run",
         "(0 means the run fit in memory the process already held, so it shows only large new allocations such as full-vocabulary",
@@ -111,7 +111,7 @@ def render(results: dict[str, dict]) -> str:
     if not any(key.startswith("cuda") for key in results):
         out += [
             "**No GPU results yet.** The machine these were recorded on has no GPU and none was lent to this task. On a CUDA",
-            "machine, `python -m benchmarks --device cuda` runs the gemma-2-2b-shape model in fp16 and bf16 and adds its sections here.",
+            "machine, `python -m benchmarks --device cuda --record` runs the gemma-2-2b-shape model in fp16 and bf16 and adds its sections here.",
             "",
         ]
     for key, section in results.items():

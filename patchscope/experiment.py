@@ -19,7 +19,7 @@ from patchscope.atlas.atlas import Atlas
 from patchscope.atlas.store import ATLAS_TENSORS, load_atlas
 from patchscope.sae.attribution import attribute_neuron
 from patchscope.atlas.sources import SourceConfig, TextSource
-from patchscope.model.loading import DEFAULT_MODEL, DeviceName, DTypeName, load_config, load_model, load_tokenizer, preset_for, resolve_device, resolve_dtype
+from patchscope.model.loading import DEFAULT_MODEL, PRESETS, DeviceName, DTypeName, load_config, load_model, load_tokenizer, preset_for, resolve_device, resolve_dtype
 from patchscope.scope.config import PatchscopeConfig
 from patchscope.scope.extract import extract
 from patchscope.scope.inject import Row, control_rows, inject
@@ -39,24 +39,23 @@ RESULTS = "results.json"
 class ExperimentConfig:
     """The run as a whole: model, output, which neurons, which SAE."""
 
-    model: str = DEFAULT_MODEL
-    """HF hub id, preset name or local directory."""
-    dtype: DTypeName = "auto"
-    """auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16 or float16."""
-    device: DeviceName = "auto"
-    """auto, cpu or cuda."""
-    out: str = "patchscope-out"
-    """Output directory: atlas, exports, results.json."""
-    neuron: int | None = None
-    """Neuron to study (default: the atlas's top neuron by maximum activation)."""
-    top_neurons: int = 1
-    """Sweep the N neurons with the largest maxima in one batched Patchscope run."""
-    sae: str | None = None
-    """SAE spec (file, folder or REPO/PATH); default: the matching Gemma Scope residual SAE; 'none' skips it."""
-    sae_top_k: int = 10
-    """SAE features to report."""
-    allow_site_mismatch: bool = False
-    """Apply an SAE to a vector from a site it was not trained on (warns)."""
+    model: str = field(default=DEFAULT_MODEL, metadata={"help": f"HF hub id, preset name ({', '.join(PRESETS)}) or local directory."})
+    dtype: DTypeName = field(default="auto", metadata={"help": "auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16 or float16."})
+    device: DeviceName = field(default="auto", metadata={"help": "auto (cuda when available, else cpu), cpu or cuda."})
+    out: str = field(default="patchscope-out", metadata={"help": "Output directory: atlas, exports, results.json."})
+    neuron: int | None = field(
+        default=None, metadata={"help": "Neuron to study (default: the atlas's top neuron by maximum activation)."}
+    )
+    top_neurons: int = field(
+        default=1, metadata={"help": "Sweep the N neurons with the largest maxima in one batched Patchscope run."}
+    )
+    sae: str | None = field(
+        default=None, metadata={"help": "SAE spec (file, folder or REPO/PATH); default: the matching Gemma Scope residual SAE; 'none' skips it."}
+    )
+    sae_top_k: int = field(default=10, metadata={"help": "SAE features to report."})
+    allow_site_mismatch: bool = field(
+        default=False, metadata={"help": "Apply an SAE to a vector from a site it was not trained on (warns)."}
+    )
     source: SourceConfig = field(default_factory=SourceConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     patchscope: PatchscopeConfig = field(default_factory=PatchscopeConfig)
@@ -92,6 +91,19 @@ class NeuronResult:
 
 @dataclass
 class ExperimentResult:
+    """What `run_experiment` found; ``summary()`` reads it as text, ``to_json()`` is ``results.json``.
+
+    Attributes:
+        config: the `ExperimentConfig` as plain data.
+        prompt: the target prompt, its tokens and the patched position.
+        neurons: one `NeuronResult` per studied neuron: its top example, SAE read-out, patched
+            activation, controls and verdict.
+        timings: seconds per phase (load_model, profile, extract, sae, patchscope).
+        versions: library versions of the run.
+        atlas: where the atlas is, whether it was reused, and its size.
+        notes: remarks on how the run went.
+    """
+
     config: dict[str, Any]
     prompt: dict[str, Any]
     neurons: list[NeuronResult]
@@ -102,6 +114,10 @@ class ExperimentResult:
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def summary(self) -> str:
+        """The readable report: the original's "Experiment Results" block, plus the controls."""
+        return format_summary(self)
 
 
 class _Timer:
@@ -150,7 +166,7 @@ def _load_matching_sae(config: ExperimentConfig, d_model: int):
         spec = sae_spec_for_site(config.model, config.source_site)
     sae = load_sae(spec)
     check_for_model(sae, d_model)
-    check_site(sae, config.source_site, allow_mismatch=config.allow_site_mismatch)
+    check_site(sae, config.source_site, allow_site_mismatch=config.allow_site_mismatch)
     return sae, f"SAE {sae.info.source} (trained on {sae.info.site})"
 
 
@@ -195,7 +211,22 @@ def _verdict(patched: float, controls: dict[str, float]) -> str:
 
 
 def run_experiment(config: ExperimentConfig, *, progress: bool = True) -> ExperimentResult:
-    """Profile, pick neurons, extract their vectors, read them with the SAE, patch them into the prompt."""
+    """Profile, pick neurons, extract their vectors, read them with the SAE, patch them into the prompt.
+
+    Every input is checked before the model loads. An atlas already in ``config.out`` with the same
+    settings is reused; ``results.json`` is written there at the end.
+
+    Args:
+        config: model, data, profile, SAE and Patchscope settings (`ExperimentConfig`).
+        progress: show progress bars.
+
+    Returns:
+        An `ExperimentResult`; ``result.summary()`` is the readable report.
+
+    Example:
+        >>> config = ExperimentConfig(model="./my-model", out="run", source=SourceConfig(dataset="notes.txt", split=""))
+        >>> print(run_experiment(config).summary())
+    """
     timer = _Timer()
     prompt, sae, sae_note, out = _preflight(config)
     notes = [sae_note]

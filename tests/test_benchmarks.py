@@ -5,9 +5,31 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def test_by_default_a_run_leaves_the_recorded_results_alone(tmp_path):
+    import importlib.util
+
+    # import the benchmarks package from its folder: the repo root on sys.path would shadow `kernels`
+    spec = importlib.util.spec_from_file_location("benchmarks", ROOT / "benchmarks" / "__init__.py", submodule_search_locations=[str(ROOT / "benchmarks")])
+    sys.modules["benchmarks"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sys.modules["benchmarks"])
+    from benchmarks.__main__ import HERE, parse
+
+    default = parse([])
+    assert Path(default.out).parent.parent == HERE / "runs" and Path(default.json).parent == Path(default.out).parent
+    assert Path(default.out) != HERE / "RESULTS.md" and Path(default.json) != HERE / "results.json"
+    chosen = parse(["--run-dir", str(tmp_path)])
+    assert (chosen.out, chosen.json) == (str(tmp_path / "RESULTS.md"), str(tmp_path / "results.json"))
+    recorded = parse(["--record"])
+    assert (recorded.out, recorded.json) == (str(HERE / "RESULTS.md"), str(HERE / "results.json"))
+    assert "runs/" in (ROOT / ".gitignore").read_text().replace("benchmarks/runs/", "runs/")
+
+
+@pytest.mark.slow
 def test_driver_writes_results(tmp_path):
     out, data = tmp_path / "RESULTS.md", tmp_path / "results.json"
     result = subprocess.run(

@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 
@@ -82,3 +83,68 @@ def test_library_messages_name_parameters_and_the_cli_names_flags(tmp_path, caps
     argv = ["profile", "--model", str(tmp_path), "--dataset", str(data), "--top-k", "0", "--out", str(tmp_path / "o")]
     assert main(argv) == 2
     assert "--top-k must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--help", "--version"])
+def test_help_and_version_do_not_import_torch(flag):
+    code = (
+        "import sys\nfrom patchscope.cli.main import main\n"
+        f"try:\n    main([{flag!r}])\nexcept SystemExit:\n    pass\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'datasets', 'numpy') if m in sys.modules)\n"
+        "print('HEAVY', heavy)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "HEAVY []" in result.stdout
+
+
+def test_top_level_help_describes_commands_with_examples(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "The ``patchscope`` command" not in out and "examples:" in out
+    assert all(f'"{name}"' in out for name in ("sites", "profile", "sae", "run"))
+
+
+def _option_help(parser):
+    """{flag: help} for every option of a built subcommand parser."""
+    return {action.option_strings[-1]: action.help for action in parser._actions if action.option_strings}
+
+
+@pytest.mark.parametrize("command", ["sites", "profile", "sae", "run"])
+def test_every_flag_has_one_clean_help_line(command, capsys):
+    from patchscope.cli.main import build_parser
+
+    parser = build_parser(command)
+    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+    helps = _option_help(sub)
+    assert all(text for text in helps.values()), [flag for flag, text in helps.items() if not text]
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    assert "`" not in out
+    assert "(default: None)" not in out and "(default: ())" not in out
+    flat = " ".join(out.split())
+    assert not re.search(r"\(default: [^)]*\)[.]? \(default:", flat)
+    device = next(a for a in sub._actions if "--device" in a.option_strings)
+    assert list(device.choices) == ["auto", "cpu", "cuda"]
+    model = next(a for a in sub._actions if "--model" in a.option_strings)
+    assert "gemma-2-2b" in model.help
+
+
+def test_config_fields_carry_their_help_in_metadata():
+    import dataclasses
+
+    from patchscope.atlas.config import ProfileConfig
+    from patchscope.atlas.sources import SourceConfig
+    from patchscope.experiment import ExperimentConfig
+    from patchscope.scope.config import PatchscopeConfig
+
+    for cls in (ProfileConfig, SourceConfig, PatchscopeConfig, ExperimentConfig):
+        for spec in dataclasses.fields(cls):
+            if spec.name in ("source", "profile", "patchscope"):
+                continue
+            assert spec.metadata.get("help"), f"{cls.__name__}.{spec.name} has no metadata help"
+    import patchscope.cli.args as args
+
+    assert "inspect" not in vars(args) and "ast" not in vars(args)

@@ -65,3 +65,59 @@ def test_parse_split():
     assert parse_split("validation") == ("validation", 0, None)
     with pytest.raises(DataError):
         parse_split("train[5:2]")
+
+
+def test_txt_lines_match_hf_text_loader(tmp_path):
+    """Form feeds, U+2028 and other str.splitlines() breaks stay inside a line, as in HF's loader."""
+    from datasets import load_dataset
+
+    path = tmp_path / "d.txt"
+    path.write_bytes("one\x0cstill one\nu2028\u2028inside\r\nthree\x1dgs\rfour\n\nsix\x85x\n".encode())
+    hf_rows = load_dataset("text", data_files=str(path), split="train", cache_dir=str(tmp_path / "cache"))["text"]
+    ours = {d.index: d.text for d in TextSource(SourceConfig(dataset=str(path), split=""))}
+    assert ours == {i: text for i, text in enumerate(hf_rows) if text.strip()}
+    assert len(hf_rows) == 6 and ours[0] == "one\x0cstill one"
+
+
+def test_jsonl_errors_name_the_file_and_the_real_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    lines = [json.dumps({"text": f"row {i}"}) for i in range(40)]
+    lines[5] = ""
+    lines[30] = '{"text": "broken'
+    path.write_text("\n".join(lines))
+    with pytest.raises(DataError, match=r"d\.jsonl: invalid JSON on line 31"):
+        list(TextSource(SourceConfig(dataset=str(path), split="")))
+    lines[30] = json.dumps("a bare string")
+    path.write_text("\n".join(lines))
+    with pytest.raises(DataError, match=r"d\.jsonl: line 31 holds a JSON string, not an object"):
+        list(TextSource(SourceConfig(dataset=str(path), split="")))
+    whole = tmp_path / "d.json"
+    whole.write_text("[\n" + ",\n".join(['{"text": "a"}'] * 9 + ['{"text": }']) + "\n]")
+    with pytest.raises(DataError, match=r"d\.json: invalid JSON at line 11"):
+        list(TextSource(SourceConfig(dataset=str(whole), split="")))
+    whole.write_text(json.dumps([{"text": "a"}, 7]))
+    with pytest.raises(DataError, match="record 1 is a JSON number, not an object"):
+        list(TextSource(SourceConfig(dataset=str(whole), split="")))
+
+
+@pytest.mark.parametrize("kind", ["csv", "jsonl", "json"])
+def test_numbers_are_not_text_and_not_empty(tmp_path, kind):
+    path = tmp_path / f"d.{kind}"
+    if kind == "csv":
+        pd.DataFrame({"text": [1, 2, 3]}).to_csv(path, index=False)
+    elif kind == "jsonl":
+        path.write_text("\n".join(json.dumps({"text": v}) for v in ("a", 3.5)))
+    else:
+        path.write_text(json.dumps([{"text": 12}]))
+    with pytest.raises(DataError, match=r"is a (int|float) \(.*\), not text") as error:
+        list(TextSource(SourceConfig(dataset=str(path), split="")))
+    assert "empty" not in str(error.value)
+
+
+@pytest.mark.parametrize("kind", ["txt", "jsonl", "csv"])
+def test_non_utf8_names_the_file_line_and_fix(tmp_path, kind):
+    path = tmp_path / f"d.{kind}"
+    rows = {"txt": ["one", "two", "caf\xe9"], "jsonl": ['{"text": "a"}', '{"text": "caf\xe9"}'], "csv": ["text", "a", "b", "caf\xe9"]}[kind]
+    path.write_bytes("\n".join(rows).encode("latin-1"))
+    with pytest.raises(DataError, match=rf"d\.{kind}: line {len(rows)} is not valid UTF-8.*iconv -f latin1 -t utf-8"):
+        list(TextSource(SourceConfig(dataset=str(path), split="")))

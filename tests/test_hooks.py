@@ -151,7 +151,28 @@ def test_stop_forward_does_not_escape(gemma):
     model, tokenizer = gemma
     with stop_after(model, "hook_embed"):
         model(_ids(tokenizer))
-    assert issubclass(StopForward, Exception)
+
+
+@pytest.mark.parametrize("site, ran", [("hook_embed", 0), ("blocks.1.hook_resid_post", 2), ("blocks.2.mlp.hook_post", 2)])
+def test_stop_after_ends_the_forward_there(gemma, site, ran):
+    """Plain torch hooks (not ours) count which modules ran: nothing after the site may run."""
+    model, tokenizer = gemma
+    layers = base_model(model).layers
+    calls = []
+    modules = {f"layer{i}": layer for i, layer in enumerate(layers)}
+    modules.update(down_proj2=layers[2].mlp.down_proj, norm=base_model(model).norm, lm_head=model.lm_head)
+    handles = [module.register_forward_hook(lambda m, a, o, name=name: calls.append(name)) for name, module in modules.items()]
+    try:
+        with stop_after(model, site):
+            model(_ids(tokenizer))
+            calls.append("after the call")  # StopForward leaves model() and the rest of the block
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert calls == [f"layer{i}" for i in range(ran)]
+    with pytest.raises(StopForward):  # outside stop_after's block the signal is an ordinary exception
+        with add_hooks(model, {site: lambda v, s: (_ for _ in ()).throw(StopForward(site))}):
+            model(_ids(tokenizer))
 
 
 def test_capture_positions_and_cpu(gemma):

@@ -1,8 +1,12 @@
+import re
+import shutil
+
 import pytest
 import torch
+from transformers import AutoConfig
 
 from patchscope import load_model
-from patchscope.model.loading import ModelLoadError, resolve_dtype
+from patchscope.model.loading import ModelLoadError, load_config, load_tokenizer, resolve_dtype
 
 
 def test_load_from_directory_uses_eager_and_eval(gemma):
@@ -43,5 +47,58 @@ def test_gated_model_message(monkeypatch):
         raise OSError("You are trying to access a gated repo. 401 Client Error. Access to model google/gemma-2-2b is restricted.")
 
     monkeypatch.setattr("patchscope.model.loading.AutoConfig.from_pretrained", refuse)
-    with pytest.raises(ModelLoadError, match="gated.*huggingface-cli login.*local directory"):
+    monkeypatch.setattr("patchscope.model.loading.hub_reachable", lambda endpoint: True)
+    with pytest.raises(ModelLoadError, match="gated.*`hf auth login`.*local directory"):
         load_model("google/gemma-2-2b", device="cpu")
+
+
+@pytest.mark.parametrize("name", ["./no-such-model", "no/such/model", "/tmp/definitely-not-here-patchscope", "~/no-such-model"])
+def test_a_mistyped_local_path_says_no_such_directory(name, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("the hub must not be asked about a local path")
+
+    monkeypatch.setattr("patchscope.model.loading.AutoConfig.from_pretrained", never)
+    for load in (load_config, load_tokenizer, lambda n: load_model(n, device="cpu")):
+        with pytest.raises(ModelLoadError, match=f"no such directory: {re.escape(repr(name))}"):
+            load(name)
+
+
+def _no_hub(monkeypatch):
+    """An unreachable hub: nothing listens on the discard port of this machine."""
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(proxy, raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", "http://127.0.0.1:9")
+
+
+def test_unreachable_hub_or_offline_fails_at_once_with_a_clear_message(monkeypatch, tmp_path):
+    def never(*args, **kwargs):
+        raise AssertionError("no download may be tried: it would retry for 30 s")
+
+    monkeypatch.setattr("patchscope.model.loading.AutoConfig.from_pretrained", never)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
+    _no_hub(monkeypatch)
+    with pytest.raises(ModelLoadError, match=r"the hub \(http://127.0.0.1:9\) cannot be reached and the model is not in the local cache"):
+        load_model("org/not-cached", device="cpu")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="HF_HUB_OFFLINE is set and the model is not in the local cache"):
+        load_config("org/not-cached")
+
+
+def test_a_cached_model_loads_from_the_cache_when_the_hub_is_unreachable(gemma_dir, tmp_path, monkeypatch):
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "models--org--tiny-gemma2"
+    shutil.copytree(gemma_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
+    _no_hub(monkeypatch)
+    calls = []
+    original = AutoConfig.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        calls.append(kwargs.get("local_files_only"))
+        return original(cls, *args, **{**kwargs, "cache_dir": str(tmp_path)})
+
+    monkeypatch.setattr("patchscope.model.loading.AutoConfig.from_pretrained", classmethod(spy))
+    assert load_config("org/tiny-gemma2").num_hidden_layers == 4
+    assert calls == [True]

@@ -9,7 +9,7 @@ from patchscope.atlas.atlas import Atlas
 from patchscope.atlas.store import load_atlas
 from patchscope.cli.main import main
 from patchscope.atlas.sources import SourceConfig
-from patchscope import PatchscopeConfig, Row, extract, inject, plan_prompt
+from patchscope import PatchscopeConfig, Row, capture, extract, inject, patch, plan_prompt
 from patchscope.experiment import ExperimentConfig, run_experiment
 from patchscope.atlas.config import ProfileConfig
 from patchscope.sae.jumprelu import SAEError, top_features
@@ -107,7 +107,7 @@ def test_sae_width_mismatch_fails_before_the_model_loads(gemma_dir, corpus, tmp_
     with pytest.raises(SAEError, match="width mismatch"):
         run_experiment(_config(gemma_dir, corpus, tmp_path, sae=str(wide)))
     wrong_layer = write_npz(tmp_path / "layer_2/width_16k/average_l0_9/params.npz", sae_params())
-    with pytest.raises(SAEError, match="allow-site-mismatch"):  # the layer-2 SAE does not read blocks.2.hook_resid_pre
+    with pytest.raises(SAEError, match="`allow_site_mismatch`"):  # the layer-2 SAE does not read blocks.2.hook_resid_pre
         run_experiment(_config(gemma_dir, corpus, tmp_path, sae=str(wrong_layer)))
 
 
@@ -118,9 +118,30 @@ def test_atlas_made_with_other_settings_is_refused_before_loading(gemma_dir, cor
         run_experiment(_config(gemma_dir, corpus, tmp_path, profile=ProfileConfig(layer=LAYER, max_length=12)))
 
 
-def test_explicit_neuron_and_cross_layer_patch(gemma_dir, corpus, tmp_path):
+def test_explicit_neuron_and_cross_layer_patch(gemma, gemma_dir, corpus, tmp_path):
     config = _config(gemma_dir, corpus, tmp_path, neuron=12, patchscope=PatchscopeConfig(target_site="blocks.1.hook_resid_pre", max_new_tokens=3, controls=False))
     result = run_experiment(config, progress=False)
     (record,) = result.neurons
     assert record.neuron == 12 and record.controls == {} and len(record.patched["generated_tokens"]) <= 3
-    assert torch.isfinite(torch.tensor(record.patched["at_placeholder"]))
+    # recompute with plain hooks: the source vector from the document, written at layer 1, read at layer 2
+    model, tokenizer = gemma
+    source_site, neuron_site = f"blocks.{LAYER}.hook_resid_pre", f"blocks.{LAYER}.mlp.hook_post"
+    doc_ids = tokenizer((FIXTURE_CORPUS * 2)[record.source["doc"]], return_tensors="pt").input_ids[:, :16]
+    with capture(model, source_site) as source:
+        model(doc_ids)
+    vector = source[source_site][0, record.source["position"]]
+    prompt_ids = tokenizer(PatchscopeConfig().prompt, return_tensors="pt").input_ids
+    position = result.prompt["position"]
+    with patch(model, "blocks.1.hook_resid_pre", vector, positions=[position]), capture(model, neuron_site) as target:
+        model(prompt_ids)
+    assert record.patched["at_placeholder"] == pytest.approx(float(target[neuron_site][0, position, 12]), abs=1e-4)
+
+
+def test_result_summary_is_the_text_report(gemma_dir, corpus, tmp_path):
+    from patchscope.experiment import ExperimentResult, format_summary
+
+    result = run_experiment(_config(gemma_dir, corpus, tmp_path, neuron=3, patchscope=PatchscopeConfig(max_new_tokens=1, controls=False)), progress=False)
+    text = result.summary()
+    assert text == format_summary(result) and text.startswith("=== Experiment Results ===")
+    assert f"neuron 3: max activation {result.neurons[0].max_activation:.4f}" in text
+    assert ExperimentResult.__doc__ and "summary()" in ExperimentResult.__doc__

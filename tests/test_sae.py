@@ -1,4 +1,7 @@
+import io
 import json
+import re
+import zipfile
 import warnings
 
 import numpy as np
@@ -133,7 +136,7 @@ def test_site_rule(tmp_path):
     with pytest.raises(SAEError, match="trained on blocks.1.hook_resid_post.*blocks.1.hook_resid_pre"):
         check_site(sae, "blocks.1.hook_resid_pre")  # the off-by-one the original made
     with pytest.warns(SAESiteWarning):
-        check_site(sae, "blocks.1.hook_resid_pre", allow_mismatch=True)
+        check_site(sae, "blocks.1.hook_resid_pre", allow_site_mismatch=True)
 
 
 def test_top_features_read_out(tmp_path):
@@ -184,3 +187,93 @@ def test_neuron_attribution_against_finite_differences_and_ablation(gemma, tmp_p
     # the first-order estimate is not the ablation, but it must rank and sign the big ones alike
     assert np.corrcoef(ablations, estimates)[0, 1] > 0.95
     assert all(np.sign(a) == np.sign(e) for a, e in zip(ablations[:5], estimates[:5]))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda p: p["W_enc"].__setitem__((0, 0), np.nan), "W_enc holds 1 NaN/inf"),
+        (lambda p: p["W_dec"].__setitem__((3, 1), np.inf), "W_dec holds 1 NaN/inf"),
+        (lambda p: p["threshold"].__setitem__(5, np.nan), "threshold holds 1 NaN/inf"),
+        (lambda p: p["threshold"].__setitem__(5, -0.5), "threshold has 1 negative"),
+        (lambda p: p.__setitem__("b_enc", np.arange(p["b_enc"].size, dtype=np.int32)), "b_enc has dtype torch.int32"),
+        (lambda p: p.__setitem__("W_dec", p["W_dec"].astype(np.complex64)), "W_dec has dtype torch.complex64"),
+        (lambda p: p.__setitem__("W_ENC", p["W_enc"].copy()), "holds both 'W_ENC' and 'W_enc'"),
+    ],
+)
+def test_bad_values_are_refused(tmp_path, change, message):
+    params = sae_params()
+    change(params)
+    with pytest.raises(SAEError, match=re.escape(message)):
+        load_sae(write_npz(tmp_path / "p.npz", params))
+    if params["W_dec"].dtype != np.complex64:  # safetensors has no complex dtype
+        save_file(params, str(tmp_path / "p.safetensors"))
+        with pytest.raises(SAEError, match=re.escape(message)):
+            load_sae(tmp_path / "p.safetensors")
+
+
+def test_the_site_error_names_the_keyword_that_exists(tmp_path):
+    sae = load_sae(write_npz(tmp_path / "layer_1/width_16k/average_l0_22/params.npz", sae_params()))
+    with pytest.raises(SAEError) as error:
+        check_site(sae, "blocks.1.hook_resid_pre")
+    assert "`allow_site_mismatch`" in str(error.value)
+    with pytest.warns(SAESiteWarning):
+        check_site(sae, "blocks.1.hook_resid_pre", allow_site_mismatch=True)
+
+
+def _npz_declaring(path, shapes):
+    """An npz whose .npy headers declare ``shapes`` but hold only a few bytes of data."""
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, shape in shapes.items():
+            header = io.BytesIO()
+            np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": shape})
+            archive.writestr(f"{name}.npy", header.getvalue() + b"\0" * 64)
+    return path
+
+
+def test_declared_shapes_are_checked_before_allocating(tmp_path):
+    huge = {"W_enc": (100_000, 10_000_000), "b_enc": (10_000_000,), "threshold": (10_000_000,), "W_dec": (10_000_000, 100_000), "b_dec": (100_000,)}
+    path = _npz_declaring(tmp_path / "huge.npz", huge)
+    with pytest.raises(SAEError, match="width mismatch.*d_model=100000.*64"):
+        load_sae(path, d_model=D_MODEL)
+    with pytest.raises(SAEError, match=r"declares shape \(100000, 10000000\).*truncated or corrupt"):
+        load_sae(path)
+    params = sae_params()
+    save_file(params, str(tmp_path / "s.safetensors"))
+    with pytest.raises(SAEError, match="width mismatch"):
+        load_sae(tmp_path / "s.safetensors", d_model=D_MODEL + 1)
+
+
+def test_npy_named_npz_and_bad_saelens_configs(tmp_path):
+    np.save(tmp_path / "p.npy", np.zeros(3, np.float32))
+    (tmp_path / "p.npy").rename(tmp_path / "p.npz")
+    with pytest.raises(SAEError, match="single .npy array, not an .npz"):
+        load_sae(tmp_path / "p.npz")
+    lens = write_saelens(tmp_path / "lens", sae_params(), "blocks.0.hook_resid_post")
+    cfg = json.loads((lens / "cfg.json").read_text())
+    (lens / "cfg.json").write_text(json.dumps([cfg]))
+    with pytest.raises(SAEError, match="cfg.json holds a JSON list, not an object"):
+        load_sae(lens)
+    (lens / "cfg.json").write_text(json.dumps(dict(cfg, d_sae="lots")))
+    with pytest.raises(SAEError, match="d_sae must be a whole number, got 'lots'"):
+        load_sae(lens)
+    (lens / "cfg.json").write_text(json.dumps(dict(cfg, metadata=["x"])))
+    assert load_sae(lens).info.site is None
+
+
+def test_unreachable_hub_reads_the_cache_without_retrying(tmp_path, monkeypatch):
+    params = sae_params(seed=4)
+    write_hub_cache(tmp_path, "google/gemma-scope-2b-pt-res", "layer_11/width_16k/average_l0_80", params)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+
+    def no_listing(*args, **kwargs):
+        raise AssertionError("an unreachable hub must not be asked (each request retries for seconds)")
+
+    monkeypatch.setattr("huggingface_hub.list_repo_files", no_listing)
+    sae = load_sae("google/gemma-scope-2b-pt-res/layer_11/width_16k/canonical")  # offline not asked for
+    _check_against_numpy(sae, params)
+    with pytest.raises(SAEError, match="the hub cannot be reached and it is not in the local cache"):
+        load_sae("google/gemma-scope-2b-pt-res/layer_3/width_16k/average_l0_59")

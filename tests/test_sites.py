@@ -99,3 +99,11 @@ def test_resid_identities(any_model):
         model(ids)
     torch.testing.assert_close(cache["blocks.1.hook_resid_post"], cache["blocks.2.hook_resid_pre"], rtol=0, atol=0)
     torch.testing.assert_close(cache["blocks.1.hook_resid_mid"], cache["blocks.1.hook_resid_pre"] + cache["blocks.1.hook_attn_out"])
+
+
+@pytest.mark.parametrize("name", ["blocks.1.hook_resid_pre\n", "hook_embed\n", " blocks.1.hook_resid_pre", "blocks.1.mlp.hook_post\n"])
+def test_site_names_match_in_full(name):
+    from patchscope.model.sites import parse_site
+
+    with pytest.raises(SiteError, match="unknown hook site"):
+        parse_site(name)

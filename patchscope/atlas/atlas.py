@@ -93,6 +93,20 @@ class AtlasEntry:
 
 @dataclass
 class Atlas:
+    """The activation atlas of a profile: per site, every neuron's top-k examples and moments.
+
+    Attributes:
+        meta: what was profiled and how (`AtlasMeta`: model, data, truncation, top_k, versions).
+        sites: ``{site: SiteAtlas}``; ``atlas[site]`` raises `AtlasError` for a site it lacks.
+
+    Made by `profile`, saved and read with `save_atlas` / `load_atlas`.
+
+    Example:
+        >>> atlas = load_atlas("runs/gemma2-l12")
+        >>> neuron = atlas.top_neurons("blocks.12.mlp.hook_post")[0]
+        >>> atlas.entry("blocks.12.mlp.hook_post", neuron)  # doc, position, token and value of its top example
+    """
+
     meta: AtlasMeta
     sites: dict[str, SiteAtlas]
 

@@ -126,6 +126,8 @@ def plan(
     """
     if batch_tokens < max_length:
         raise ValueError(f"`batch_tokens` ({batch_tokens}) must be at least `max_length` ({max_length})")
+    if sort_buffer < 1:
+        raise ValueError(f"`sort_buffer` must be at least 1 document, got {sort_buffer}")
     has_bos = adds_bos(tokenizer)
     buffer: list[Segment] = []
     count = 0

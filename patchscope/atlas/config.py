@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+
+import torch
 
 from patchscope.atlas.batching import Overflow
 
@@ -11,24 +17,27 @@ from patchscope.atlas.batching import Overflow
 class ProfileConfig:
     """What to profile and how to batch it."""
 
-    layer: int = 12
-    """Layer whose MLP neurons (``blocks.L.mlp.hook_post``) are profiled when no --site is given."""
-    sites: tuple[str, ...] = field(default=(), metadata={"flags": ("--site", "--sites")})
-    """Explicit sites to profile instead of --layer; any number, any layers."""
-    top_k: int = 20
-    """Examples kept per neuron."""
-    max_length: int = 128
-    """Tokens per segment, BOS included (the original used 128)."""
-    overflow: Overflow = "truncate"
-    """Longer documents: truncate (as the original), or split into consecutive windows."""
-    batch_tokens: int = 4096
-    """Budget of padded tokens per batch."""
-    exclude_bos: bool = True
-    """Keep BOS positions out of the statistics (they dominate naive top lists)."""
-    checkpoint_every: int = 50
-    """Write a resumable checkpoint to the output directory every N batches (0: never)."""
-    sort_buffer: int = 4096
-    """Documents buffered and length-sorted together; bounds memory for streamed sources."""
+    layer: int = field(
+        default=12, metadata={"help": "Layer whose MLP neurons (blocks.L.mlp.hook_post) are profiled when no --site is given."}
+    )
+    sites: tuple[str, ...] = field(
+        default=(), metadata={"help": "Explicit sites to profile instead of --layer; any number, any layers.", "flags": ("--site", "--sites")}
+    )
+    top_k: int = field(default=20, metadata={"help": "Examples kept per neuron."})
+    max_length: int = field(default=128, metadata={"help": "Tokens per segment, BOS included (the original used 128)."})
+    overflow: Overflow = field(
+        default="truncate", metadata={"help": "Longer documents: truncate (as the original), or split into consecutive windows."}
+    )
+    batch_tokens: int = field(default=4096, metadata={"help": "Budget of padded tokens per batch."})
+    exclude_bos: bool = field(
+        default=True, metadata={"help": "Keep BOS positions out of the statistics (they dominate naive top lists)."}
+    )
+    checkpoint_every: int = field(
+        default=50, metadata={"help": "Write a resumable checkpoint to the output directory every N batches (0: never)."}
+    )
+    sort_buffer: int = field(
+        default=4096, metadata={"help": "Documents buffered and length-sorted together; bounds memory for streamed sources."}
+    )
 
     def site_names(self) -> tuple[str, ...]:
         return self.sites or (f"blocks.{self.layer}.mlp.hook_post",)
@@ -40,3 +49,56 @@ class ProfileConfig:
             raise ValueError(f"`max_length` must be at least 2, got {self.max_length}")
         if self.batch_tokens < self.max_length:
             raise ValueError(f"`batch_tokens` ({self.batch_tokens}) must be at least `max_length` ({self.max_length})")
+        if self.sort_buffer < 1:
+            raise ValueError(f"`sort_buffer` must be at least 1 document, got {self.sort_buffer}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"`checkpoint_every` must be 0 (never) or a number of batches, got {self.checkpoint_every}")
+
+    def atlas_bytes(self, widths: Mapping[str, int]) -> int:
+        """Bytes of the top-k state for sites of these widths (a float32 value and three int64 indices per slot)."""
+        return ATLAS_BYTES_PER_SLOT * self.top_k * sum(widths.values())
+
+    def check_atlas_size(self, widths: Mapping[str, int], device: torch.device | str = "cpu") -> None:
+        """Refuse, before allocating, a top-k state that cannot fit in the device's memory.
+
+        The running state and the merge of new candidates into it are held at once: about twice
+        `atlas_bytes`.
+        """
+        needed = 2 * self.atlas_bytes(widths)
+        available = _memory_bytes(torch.device(device))
+        if available is not None and needed > available // 2:
+            raise ValueError(
+                f"`top_k` {self.top_k} over {sum(widths.values())} neurons needs about {needed / 2**30:.1f} GiB, more "
+                f"than half of the {available / 2**30:.1f} GiB of {torch.device(device).type} memory; lower `top_k`"
+            )
+
+    def capped_for(self, n_documents: int | None) -> ProfileConfig:
+        """This config with `top_k` capped at the tokens ``n_documents`` can hold (with a warning).
+
+        A longer list could never fill: truncated documents give at most `max_length` counted tokens each.
+        """
+        if not n_documents or self.overflow != "truncate":
+            return self  # unknown, or empty (which the source reports itself)
+        most = n_documents * self.max_length
+        if self.top_k <= most:
+            return self
+        warnings.warn(
+            f"`top_k` {self.top_k} is more than the at most {most} tokens of {n_documents} documents "
+            f"of up to {self.max_length} tokens; keeping top {most}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return dataclasses.replace(self, top_k=most)
+
+
+ATLAS_BYTES_PER_SLOT = 4 + 3 * 8
+
+
+def _memory_bytes(device: torch.device) -> int | None:
+    """Total memory of a CUDA device, or the machine's physical memory for the CPU; None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None

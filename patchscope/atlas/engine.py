@@ -56,6 +56,7 @@ class Profiler:
         refs = [resolve(model, site) for site in self.sites]  # fails on any bad site, before work
         self.deepest = max(refs, key=lambda ref: ref.order).name
         self.device = model_device(model)
+        config.check_atlas_size({site: site_width(model, site) for site in self.sites}, self.device)
         self.state = {
             site: SiteAtlas(TopK.empty(config.top_k, site_width(model, site), self.device), Moments.zeros(site_width(model, site), self.device))
             for site in self.sites

@@ -22,7 +22,7 @@ from patchscope.atlas.atlas import Atlas, AtlasError, AtlasMeta
 from patchscope.atlas.batching import plan
 from patchscope.atlas.config import ProfileConfig
 from patchscope.atlas.engine import Profiler
-from patchscope.atlas.sources import Document, SourceConfig, TextSource
+from patchscope.atlas.sources import Document, SourceConfig, TextSource, count_documents
 from patchscope.atlas.store import ATLAS_TENSORS, load_atlas_with_metadata, save_atlas, write_atlas
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,25 @@ def profile(
     With ``out``, the atlas is saved there; with ``config.checkpoint_every`` a checkpoint is written
     every N batches, and ``resume=True`` continues from it, giving the same atlas as an
     uninterrupted run.
+
+    Args:
+        model: a HF causal LM of a supported family (see `load_model`).
+        tokenizer: its tokenizer.
+        source: a `TextSource`, a `SourceConfig`, or an iterable of texts (indexed 0, 1, ...).
+        config: sites, top-k, truncation and batching (`ProfileConfig`).
+        out: folder for the atlas and its checkpoints (nothing is written when None).
+        resume: continue from the checkpoint in ``out``.
+        model_name: recorded in the atlas metadata (default: the model's ``name_or_path``).
+        progress: show a progress bar.
+
+    Returns:
+        The `Atlas`: per site, the top-k examples of every neuron and its moments.
+
+    Example:
+        >>> atlas = profile(model, tokenizer, ["first text", "second text"], ProfileConfig(layer=6))
+        >>> atlas.top_neurons("blocks.6.mlp.hook_post", 5)
     """
+    config = config.capped_for(count_documents(source))
     profiler = Profiler(model, config)
     documents, text_source = _documents(source)
     source_config = text_source.config if text_source else None

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -21,16 +21,17 @@ class DataError(ValueError):
 class SourceConfig:
     """Where the profiled texts come from."""
 
-    dataset: str = "NeelNanda/pile-10k"
-    """HF dataset id or data folder, or a local .txt / .jsonl / .json / .parquet / .csv file."""
-    split: str = "train[100:250]"
-    """Split and optional row slice, e.g. ``train[100:250]``; for local files just ``[100:250]`` or empty."""
-    text_column: str = "text"
-    """Column holding the text (tables and HF datasets)."""
-    streaming: bool = False
-    """Stream the HF dataset instead of downloading it whole."""
-    txt_mode: Literal["lines", "file"] = "lines"
-    """For .txt files: one document per line, or the whole file as one document."""
+    dataset: str = field(
+        default="NeelNanda/pile-10k", metadata={"help": "HF dataset id or data folder, or a local .txt / .jsonl / .json / .parquet / .csv file."}
+    )
+    split: str = field(
+        default="train[100:250]", metadata={"help": "Split and optional row slice, e.g. train[100:250]; for local files just [100:250] or empty."}
+    )
+    text_column: str = field(default="text", metadata={"help": "Column holding the text (tables and HF datasets)."})
+    streaming: bool = field(default=False, metadata={"help": "Stream the HF dataset instead of downloading it whole."})
+    txt_mode: Literal["lines", "file"] = field(
+        default="lines", metadata={"help": "For .txt files: one document per line, or the whole file as one document."}
+    )
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,12 @@ class TextSource:
         self.skipped_empty = 0
         produced = 0
         for index, text in self._rows():
-            if not isinstance(text, str) or not text.strip():
+            if text is not None and not isinstance(text, str):
+                raise DataError(
+                    f"{self.describe()}: row {index} of column {self.config.text_column!r} is a {type(text).__name__} "
+                    f"({text!r}), not text; point `text_column` at the column that holds the texts"
+                )
+            if text is None or not text.strip():
                 self.skipped_empty += 1
                 continue
             produced += 1
@@ -89,13 +95,20 @@ class TextSource:
                 f"({self.skipped_empty} empty rows skipped); check the split slice and `text_column`"
             )
 
+    def count(self) -> int | None:
+        """Rows in the slice (empty ones included) where that is cheap to know: local files; else None."""
+        if not is_local(self.config.dataset):
+            return None
+        total = len(self._local_column())
+        return max(0, (total if self.stop is None else min(self.stop, total)) - self.start)
+
     def fetch(self, indices: Iterable[int]) -> dict[int, str]:
         """The texts of some absolute row indices (one pass over the source)."""
         wanted = set(indices)
         found: dict[int, str] = {}
         for index, text in self._rows():
             if index in wanted:
-                found[index] = text
+                found[index] = str(text)
                 if len(found) == len(wanted):
                     break
         missing = wanted - found.keys()
@@ -119,8 +132,8 @@ class TextSource:
         suffix = path.suffix.lower()
         column = self.config.text_column
         if suffix == ".txt":
-            content = path.read_text(encoding="utf-8")
-            return [content] if self.config.txt_mode == "file" else content.splitlines()
+            content = _read_utf8(path)
+            return [content] if self.config.txt_mode == "file" else split_lines(content)
         if suffix == ".parquet":
             import pyarrow.parquet as pq
 
@@ -128,19 +141,35 @@ class TextSource:
             self._check_column(column, schema.names)
             return pq.read_table(path, columns=[column]).column(column).to_pylist()
         if suffix == ".csv":
+            import io
+
             import pandas as pd
 
-            frame = pd.read_csv(path, keep_default_na=False)
+            frame = pd.read_csv(io.StringIO(_read_utf8(path)), keep_default_na=False)
             self._check_column(column, list(frame.columns))
             return frame[column].tolist()
         if suffix == ".jsonl":
-            lines = path.read_text(encoding="utf-8").splitlines()
-            records = [json.loads(line) for line in lines if line.strip()]
+            records = []
+            for number, line in enumerate(split_lines(_read_utf8(path)), start=1):
+                if line.strip():
+                    records.append(_json_object(path, line, number))
         else:
-            loaded = json.loads(path.read_text(encoding="utf-8"))
-            records = loaded if isinstance(loaded, list) else loaded.get("data", loaded.get("rows", []))
-            if records and isinstance(records[0], str):
-                return records
+            try:
+                loaded = json.loads(_read_utf8(path))
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}: invalid JSON at line {error.lineno} column {error.colno}: {error.msg}") from error
+            listed = loaded if isinstance(loaded, list) else loaded.get("data", loaded.get("rows", [])) if isinstance(loaded, dict) else None
+            if not isinstance(listed, list):
+                raise DataError(f"{path}: expected a list of records (or {{\"data\": [...]}}), got {type(loaded).__name__}")
+            if not any(isinstance(record, dict) for record in listed):
+                return listed  # a plain list of texts
+            for number, record in enumerate(listed):
+                if not isinstance(record, dict):
+                    raise DataError(
+                        f"{path}: record {number} is a JSON {_json_kind(record)}, not an object; "
+                        "write one object per record, e.g. {\"text\": \"...\"}"
+                    )
+            records = listed
         if records:
             self._check_column(column, list(records[0]))
         return [record.get(column) for record in records]
@@ -181,3 +210,57 @@ class TextSource:
         texts = data.select(range(self.start, stop))[column]
         for offset, text in enumerate(texts):
             yield self.start + offset, text
+
+
+def count_documents(source: object) -> int | None:
+    """How many documents a profile source holds, where that is cheap to know (local files, lists); else None."""
+    if isinstance(source, SourceConfig):
+        source = TextSource(source)
+    if isinstance(source, TextSource):
+        return source.count()
+    if isinstance(source, Sequence) and not isinstance(source, str):
+        return len(source)
+    return None
+
+
+def split_lines(content: str) -> list[str]:
+    """Lines as HF's ``load_dataset("text")`` rows: split on ``\n`` only (not form feeds or U+2028).
+
+    ``content`` comes from a file read with universal newlines, so ``\r\n`` and ``\r`` are already ``\n``.
+    A final newline ends the last line rather than starting an empty one.
+    """
+    lines = content.split("\n")
+    return lines[:-1] if lines[-1] == "" else lines
+
+
+def _read_utf8(path: Path) -> str:
+    """The file's text; a decoding error names the file, the line and the fix."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise DataError(
+            f"{path}: line {line} is not valid UTF-8 (byte {data[error.start]:#04x} at offset {error.start}); "
+            f"convert the file to UTF-8, e.g. `iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8{path.suffix}`"
+        ) from None
+    # the universal-newline translation that open() applies in text mode
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _json_object(path: Path, line: str, number: int) -> dict:
+    """One JSON Lines record, which must be an object."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}: invalid JSON on line {number} (column {error.colno}): {error.msg}") from error
+    if not isinstance(record, dict):
+        raise DataError(
+            f"{path}: line {number} holds a JSON {_json_kind(record)}, not an object; "
+            'write one object per line, e.g. {"text": "..."}'
+        )
+    return record
+
+
+def _json_kind(value: object) -> str:
+    return {str: "string", int: "number", float: "number", bool: "boolean", list: "array"}.get(type(value), "null")

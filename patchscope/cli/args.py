@@ -1,58 +1,46 @@
 """Dataclass configs -> argparse, so defaults and help text live in one place.
 
-Help text is the docstring written under each field (read from the source with `ast`).
+Help text is each field's ``field(metadata={"help": ...})``; the default is appended once.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
-import inspect
-import textwrap
 import typing
-from functools import lru_cache
 from typing import Any, Literal, get_args, get_origin
 
 
-@lru_cache(maxsize=None)
-def field_docs(cls: type) -> dict[str, str]:
-    """``{field: docstring}`` for the string literal that follows each annotated field."""
-    docs: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        if not dataclasses.is_dataclass(klass):
-            continue
-        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
-        for node, following in zip(body, body[1:]):
-            if (
-                isinstance(node, ast.AnnAssign)
-                and isinstance(node.target, ast.Name)
-                and isinstance(following, ast.Expr)
-                and isinstance(following.value, ast.Constant)
-                and isinstance(following.value.value, str)
-            ):
-                docs[node.target.id] = " ".join(following.value.value.split())
-    return docs
+def field_help(spec: dataclasses.Field) -> str:
+    """A field's help text, from ``field(metadata={"help": ...})``."""
+    text = spec.metadata.get("help")
+    if not text:
+        raise TypeError(f"config field {spec.name!r} has no help text: declare it with field(metadata={{'help': ...}})")
+    return " ".join(text.split()).replace("%", "%%")
 
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = ()) -> None:
-    """One ``--flag`` per field of ``cls``, typed from its annotation."""
+def add_dataclass_arguments(
+    parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = (), only: tuple[str, ...] | None = None
+) -> None:
+    """One ``--flag`` per field of ``cls`` (or of its fields named in ``only``), typed from its annotation."""
     hints = typing.get_type_hints(cls)
-    docs = field_docs(cls)
-    group = parser.add_argument_group(cls.__name__, (cls.__doc__ or "").strip().splitlines()[0])
+    group = parser if only is not None else parser.add_argument_group(cls.__name__, (cls.__doc__ or "").strip().splitlines()[0])
     for spec in dataclasses.fields(cls):
-        if spec.name in skip or not spec.init:
+        if spec.name in skip or not spec.init or (only is not None and spec.name not in only):
             continue
         hint = hints[spec.name]
         default = spec.default if spec.default is not dataclasses.MISSING else (
             spec.default_factory() if spec.default_factory is not dataclasses.MISSING else None
         )
-        kwargs: dict[str, Any] = {"default": default, "help": docs.get(spec.name, "") + f" (default: {default})"}
+        help_text = field_help(spec)
         base, optional = _unwrap(hint)
+        if default not in (None, ()) and "default" not in help_text:
+            help_text += " (default: %(default)s)"  # written once: BooleanOptionalAction then adds none
+        kwargs: dict[str, Any] = {"default": default, "help": help_text}
         if base is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif get_origin(base) is Literal:

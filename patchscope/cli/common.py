@@ -6,9 +6,11 @@ import argparse
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="google/gemma-2-2b", help="hub id, preset name or local directory")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    """``--model``, ``--dtype`` and ``--device``, with the same help and choices as `ExperimentConfig`."""
+    from patchscope.experiment import ExperimentConfig
+    from patchscope.cli.args import add_dataclass_arguments
+
+    add_dataclass_arguments(parser, ExperimentConfig, only=("model", "dtype", "device"))
 
 
 def check_layers(model_name: str, layers: list[int]) -> None:

@@ -22,9 +22,22 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+DESCRIPTION = """\
+Mechanistic interpretability on plain HuggingFace models: hook sites with TransformerLens names,
+a neuron activation atlas over a corpus, Gemma Scope JumpReLU SAEs and Patchscopes. The command
+"sites" lists a model's hook sites, "profile" builds an atlas, "sae" reads one token through an
+SAE, and "run" does the whole experiment (profile, extract, SAE, Patchscope) into results.json.
+"patchscope COMMAND --help" shows a command's flags.
+
+examples:
+  patchscope profile --model gemma-2-2b --dataset corpus.jsonl --split "[0:500]" --layer 12 --out atlas/
+  patchscope run --model ./my-model --dataset notes.txt --split "" --layer 6 --out run/
+"""
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The top-level parser; only ``command``'s own flags are loaded (all of them when None)."""
-    parser = argparse.ArgumentParser(prog="patchscope", description=__doc__)
+    parser = argparse.ArgumentParser(prog="patchscope", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"patchscope {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():

@@ -11,7 +11,7 @@ from patchscope.cli.common import add_model_flags
 def register(parser: argparse.ArgumentParser) -> None:
     add_model_flags(parser)
     parser.add_argument("--sae", required=True, help="params.npz / .safetensors file, SAELens folder, or REPO_ID/PATH")
-    parser.add_argument("--text", required=True)
+    parser.add_argument("--text", required=True, help="the text to run through the model")
     parser.add_argument("--position", type=int, required=True, help="token position, BOS = 0")
     parser.add_argument("--site", help="site to read (default: the site the SAE was trained on)")
     parser.add_argument("--k", type=int, default=10, help="features to show")
@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     site = args.site or sae.info.site
     if site is None:
         raise ValueError("this SAE does not record its site; pass --site")
-    check_site(sae, site, allow_mismatch=args.allow_site_mismatch)
+    check_site(sae, site, allow_site_mismatch=args.allow_site_mismatch)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     ids = tokenizer(args.text, return_tensors="pt").input_ids.to(model.device)
     if not 0 <= args.position < ids.shape[1]:

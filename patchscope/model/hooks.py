@@ -163,9 +163,24 @@ def capture(
     to_cpu: bool = False,
     keep_history: bool = False,
 ) -> Iterator[Capture]:
-    """Record sites as ``[batch, pos, d]`` (``pos`` restricted to ``positions`` when given).
+    """Context manager that records sites as ``[batch, pos, d]`` tensors during the forward passes inside it.
 
-    ``keep_history`` keeps every forward call's tensor, e.g. one per generation step.
+    Args:
+        model: a HF causal LM of a supported family.
+        names: one site name or several (``"blocks.3.hook_resid_post"``, see `list_sites`).
+        positions: absolute token positions to keep (all positions when None).
+        to_cpu: copy each recorded tensor to the CPU.
+        keep_history: keep every forward call's tensor in ``store.history[site]``, e.g. one per
+            generation step; otherwise each call replaces the last.
+
+    Returns:
+        A `Capture` dict ``{site: tensor}``, filled as the model runs; the hooks are removed when
+        the block ends, also on an exception.
+
+    Example:
+        >>> with capture(model, "blocks.3.hook_resid_post") as cache:
+        ...     model(input_ids)
+        >>> cache["blocks.3.hook_resid_post"].shape  # [batch, pos, d_model]
     """
     names = [names] if isinstance(names, str) else list(names)
     store = Capture()
@@ -197,12 +212,26 @@ def patch(
     mode: Literal["replace", "add"] = "replace",
     rows: Tensor | None = None,
 ) -> Iterator[None]:
-    """Write ``value`` into site ``name`` at absolute ``positions``.
+    """Context manager that writes ``value`` into site ``name`` during the forward passes inside it.
 
-    ``value`` is ``[d]``, ``[n_positions, d]`` or ``[batch, n_positions, d]``. Positions are
-    absolute token indices, so under generation with a KV cache the patch lands in the prefill and is
-    skipped at decode steps (which cover later positions); without a cache every step re-runs the
-    prefix and is patched again. ``rows`` (``[batch]`` bool) limits the patch to some batch rows.
+    Positions are absolute token indices, so under generation with a KV cache the patch lands in the
+    prefill and is skipped at decode steps (which cover later positions); without a cache every step
+    re-runs the prefix and is patched again.
+
+    Args:
+        model: a HF causal LM of a supported family.
+        name: the site to write, e.g. ``"blocks.6.hook_resid_pre"``.
+        value: ``[d]``, ``[n_positions, d]`` or ``[batch, n_positions, d]``; cast to the site's dtype.
+        positions: absolute positions to write (every position when None).
+        mode: ``"replace"`` the site's value, or ``"add"`` to it (steering).
+        rows: ``[batch]`` bool mask limiting the patch to some batch rows.
+
+    Returns:
+        Nothing to bind; the hook is removed when the block ends, also on an exception.
+
+    Example:
+        >>> with patch(model, "blocks.6.hook_resid_pre", vector, positions=[7]):
+        ...     out = model.generate(input_ids, max_new_tokens=10)
     """
     if mode not in ("replace", "add"):
         raise ValueError(f"patch mode must be 'replace' or 'add', not {mode!r}")
@@ -270,9 +299,20 @@ class _Stop:
 
 @contextmanager
 def stop_after(model: nn.Module, name: str) -> Iterator[None]:
-    """End the forward pass right after site ``name``: later layers and the LM head never run.
+    """Context manager that ends every forward pass inside it right after site ``name``.
 
-    Hooks at the same site, installed before or after this one, still run first.
+    Later layers and the LM head never run, and the model call returns no output: the statements
+    after it inside the block are skipped and execution continues after the block. Hooks at the same
+    site, installed before or after this one, still run first. Use it together with `capture`.
+
+    Args:
+        model: a HF causal LM of a supported family.
+        name: the last site to compute.
+
+    Example:
+        >>> with capture(model, "blocks.2.mlp.hook_post") as cache, stop_after(model, "blocks.2.mlp.hook_post"):
+        ...     model(input_ids)
+        >>> cache["blocks.2.mlp.hook_post"]  # [batch, pos, d_mlp]
     """
     stop = _Stop(resolve(model, name))
     _STOPS.setdefault(stop.ref.module, []).append(stop)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from typing import Literal
 
@@ -66,6 +67,64 @@ def resolve_dtype(dtype: DTypeName | str | torch.dtype, device: torch.device) ->
     return DTYPES[dtype]
 
 
+def _looks_like_path(name: str) -> bool:
+    """A hub id is ``name`` or ``org/name``; anything else (``./x``, ``/x``, ``~/x``, ``a/b/c``) is a path."""
+    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or name.endswith("/")
+
+
+def hub_reachable(endpoint: str | None = None, timeout: float = 3.0) -> bool:
+    """One TCP connection to the hub, so an offline machine fails in a moment instead of after 30 s of retries."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    endpoint = endpoint or constants.ENDPOINT
+
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # the connection goes through a proxy we do not probe
+    url = urlparse(endpoint)
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def offline_mode() -> bool:
+    """Whether the user switched the hub off (``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE``)."""
+    return any(os.environ.get(name, "").upper() in ("1", "ON", "YES", "TRUE") for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def check_source(name_or_path: str, revision: str | None = None) -> dict[str, bool]:
+    """Fail fast on a missing local path or an unreachable hub; the extra ``from_pretrained`` arguments to use.
+
+    A path that does not exist says so (instead of a hub repo-id error). A hub id is read from the
+    local cache alone (``local_files_only``) when the hub is offline (``HF_HUB_OFFLINE``) or cannot be
+    reached; if it is not cached either, the error says so at once.
+    """
+    expanded = os.path.expanduser(name_or_path)
+    if os.path.exists(expanded):
+        return {}
+    if _looks_like_path(name_or_path):
+        raise ModelLoadError(
+            f"no such directory: {name_or_path!r}. A local model is a folder saved with save_pretrained; "
+            "a hub id looks like 'org/name'"
+        )
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    offline = offline_mode()
+    if not offline and hub_reachable(constants.ENDPOINT):
+        return {}
+    cached = isinstance(try_to_load_from_cache(name_or_path, "config.json", revision=revision), str)
+    if cached:
+        return {"local_files_only": True}
+    why = "HF_HUB_OFFLINE is set" if offline else f"the hub ({constants.ENDPOINT}) cannot be reached"
+    raise ModelLoadError(
+        f"could not load {name_or_path!r}: {why} and the model is not in the local cache. Go online once to "
+        "download it, or pass a local directory saved with save_pretrained"
+    )
+
+
 def _explain(name_or_path: str, error: Exception) -> ModelLoadError:
     text = f"{type(error).__name__}: {error}"
     if os.path.isdir(name_or_path):
@@ -73,7 +132,7 @@ def _explain(name_or_path: str, error: Exception) -> ModelLoadError:
     gated = any(word in text for word in ("gated", "401", "403", "Unauthorized", "restricted"))
     if gated:
         hint = (
-            "this model is gated: accept its licence on huggingface.co, then `huggingface-cli login` "
+            "this model is gated: accept its licence on huggingface.co, then `hf auth login` "
             "(or set HF_TOKEN), or pass a local directory that holds the weights"
         )
     else:
@@ -89,7 +148,9 @@ def load_config(name_or_path: str, *, trust_remote_code: bool = False, token: st
     preset = PRESETS.get(name_or_path)
     source = preset.hub_id if preset else name_or_path
     try:
-        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, token=token)
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, token=token, **check_source(source))
+    except ModelLoadError:
+        raise
     except Exception as error:  # noqa: BLE001
         raise _explain(source, error) from error
 
@@ -99,7 +160,9 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, token:
     preset = PRESETS.get(name_or_path)
     source = preset.hub_id if preset else name_or_path
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, token=token)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, token=token, **check_source(source))
+    except ModelLoadError:
+        raise
     except Exception as error:  # noqa: BLE001
         raise _explain(source, error) from error
     if tokenizer.pad_token is None:
@@ -128,7 +191,7 @@ def load_model(
     source = preset.hub_id if preset else name_or_path
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    common = {"revision": revision, "token": token, "trust_remote_code": trust_remote_code}
+    common = {"revision": revision, "token": token, "trust_remote_code": trust_remote_code, **check_source(source, revision)}
     try:
         config = AutoConfig.from_pretrained(source, **common)
     except Exception as error:  # noqa: BLE001 - every failure gets the same explanation

@@ -109,7 +109,7 @@ def parse_site(name: str) -> tuple[int, str]:
     """
     if name == "hook_embed":
         return -1, name
-    match = _BLOCK_SITE.match(name)
+    match = _BLOCK_SITE.fullmatch(name)
     if match is None or match.group(2) not in SITE_SUFFIXES:
         raise SiteError(
             f"unknown hook site {name!r}; valid: 'hook_embed' or 'blocks.<L>.<site>' with <site> one of "

@@ -81,7 +81,7 @@ def attribute_neuron(
 
     ``neuron_site`` defaults to the MLP (``mlp.hook_post``) of the first layer that reads ``site``.
     """
-    check_site(sae, site, allow_mismatch=allow_site_mismatch)
+    check_site(sae, site, allow_site_mismatch=allow_site_mismatch)
     if neuron_site is None:
         layer, suffix = parse_site(site)
         neuron_site = f"blocks.{layer + (suffix == 'hook_resid_post')}.mlp.hook_post"

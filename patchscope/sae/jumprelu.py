@@ -49,6 +49,12 @@ class JumpReLUSAE(nn.Module):
     Everything is computed in float32, whatever the input dtype (Gemma Scope's convention).
     """
 
+    W_enc: Tensor  # buffers, declared for type checkers
+    b_enc: Tensor
+    threshold: Tensor
+    W_dec: Tensor
+    b_dec: Tensor
+
     def __init__(
         self, W_enc: Tensor, b_enc: Tensor, threshold: Tensor, W_dec: Tensor, b_dec: Tensor, info: SAEInfo = SAEInfo(), *, apply_b_dec_to_input: bool = False
     ) -> None:
@@ -123,16 +129,16 @@ def same_tensor(a: str, b: str) -> bool:
     return canonical(a) == canonical(b)
 
 
-def check_site(sae: JumpReLUSAE, site: str, *, allow_mismatch: bool = False) -> None:
-    """Refuse (or, with ``allow_mismatch``, loudly allow) reading a vector from another site."""
+def check_site(sae: JumpReLUSAE, site: str, *, allow_site_mismatch: bool = False) -> None:
+    """Refuse (or, with ``allow_site_mismatch``, loudly allow) reading a vector from another site."""
     trained = sae.info.site
     if trained is None or same_tensor(trained, site):
         return
     message = f"the SAE was trained on {trained}, but the vector comes from {site}"
-    if not allow_mismatch:
+    if not allow_site_mismatch:
         raise SAEError(
             f"{message}. For a vector at blocks.L.hook_resid_pre use the layer L-1 residual SAE; "
-            "pass allow_site_mismatch=True (--allow-site-mismatch) to read it anyway"
+            "set `allow_site_mismatch` to read it anyway"
         )
     warnings.warn(f"{message}; its features may mean nothing here", SAESiteWarning, stacklevel=2)
 

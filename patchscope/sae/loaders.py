@@ -41,29 +41,84 @@ NEURONPEDIA_MODELS = {"google/gemma-scope-2b-pt-res": "gemma-2-2b", "google/gemm
 
 
 def sae_from_tensors(tensors: dict[str, torch.Tensor], info: SAEInfo, *, apply_b_dec_to_input: bool = False) -> JumpReLUSAE:
-    """Rename keys (any case), check every shape, and build the module."""
-    by_lower = {name.lower(): name for name in tensors}
-    missing = [key for key in KEYS if key.lower() not in by_lower]
-    if missing:
-        raise SAEError(f"{info.source}: missing {', '.join(missing)}; found keys {sorted(tensors)}. Is this a JumpReLU SAE?")
-    t = {key: tensors[by_lower[key.lower()]] for key in KEYS}
-    if t["W_enc"].dim() != 2:
-        raise SAEError(f"{info.source}: W_enc must be 2-D [d_model, d_sae], got shape {tuple(t['W_enc'].shape)}")
-    d_model, d_sae = t["W_enc"].shape
-    expected = {"b_enc": (d_sae,), "threshold": (d_sae,), "W_dec": (d_sae, d_model), "b_dec": (d_model,)}
-    for key, shape in expected.items():
-        if tuple(t[key].shape) != shape:
-            raise SAEError(
-                f"{info.source}: {key} has shape {tuple(t[key].shape)}, expected {shape} from W_enc [{d_model}, {d_sae}]"
-            )
+    """Rename keys (any case), check every shape, dtype and value, and build the module."""
+    names = check_declared({name: tuple(t.shape) for name, t in tensors.items()}, info.source)
+    t = {key: tensors[names[key]] for key in KEYS}
+    for key, tensor in t.items():
+        if not tensor.dtype.is_floating_point:
+            raise SAEError(f"{info.source}: {names[key]} has dtype {tensor.dtype}; SAE parameters must be floating point")
+    for key, tensor in t.items():
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            raise SAEError(f"{info.source}: {names[key]} holds {bad} NaN/inf values; the file is corrupt, download it again")
+    negative = int((t["threshold"] < 0).sum())
+    if negative:
+        raise SAEError(f"{info.source}: {names['threshold']} has {negative} negative entries; a JumpReLU threshold is >= 0")
     return JumpReLUSAE(**{k: v.to(torch.float32) for k, v in t.items()}, info=info, apply_b_dec_to_input=apply_b_dec_to_input)
 
 
-def _read_npz(path: Path) -> dict[str, torch.Tensor]:
+def check_declared(shapes: dict[str, tuple[int, ...]], source: str, d_model: int | None = None) -> dict[str, str]:
+    """Check the keys and shapes a file declares, before its tensors are read; returns ``{KEY: name in file}``.
+
+    Keys match in any case, but only once: a file with both ``W_enc`` and ``W_ENC`` is ambiguous.
+    """
+    by_lower: dict[str, str] = {}
+    for name in sorted(shapes):
+        if name.lower() in by_lower:
+            raise SAEError(f"{source}: holds both {by_lower[name.lower()]!r} and {name!r}; keep one of them")
+        by_lower[name.lower()] = name
+    missing = [key for key in KEYS if key.lower() not in by_lower]
+    if missing:
+        raise SAEError(f"{source}: missing {', '.join(missing)}; found keys {sorted(shapes)}. Is this a JumpReLU SAE?")
+    names = {key: by_lower[key.lower()] for key in KEYS}
+    w_enc = shapes[names["W_enc"]]
+    if len(w_enc) != 2:
+        raise SAEError(f"{source}: W_enc must be 2-D [d_model, d_sae], got shape {w_enc}")
+    if d_model is not None and w_enc[0] != d_model:
+        raise SAEError(
+            f"{source}: SAE width mismatch: it reads d_model={w_enc[0]} vectors but the model's d_model is {d_model}; "
+            "pick an SAE trained on this model"
+        )
+    d_in, d_sae = w_enc
+    expected = {"b_enc": (d_sae,), "threshold": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+    for key, shape in expected.items():
+        if tuple(shapes[names[key]]) != shape:
+            raise SAEError(f"{source}: {key} has shape {tuple(shapes[names[key]])}, expected {shape} from W_enc [{d_in}, {d_sae}]")
+    return names
+
+
+def _npz_headers(path: Path) -> dict[str, tuple[tuple[int, ...], int, int]]:
+    """``{name: (shape, declared bytes, stored bytes)}`` from the .npy headers, without reading the data."""
+    with path.open("rb") as file:
+        magic = file.read(6)
+    if magic == b"\x93NUMPY":
+        raise SAEError(f"{path}: a single .npy array, not an .npz archive of SAE parameters; save them with numpy.savez")
+    headers = {}
+    with zipfile.ZipFile(path) as archive:
+        for member in archive.infolist():
+            with archive.open(member) as stream:
+                version = np.lib.format.read_magic(stream)
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, _, dtype = read(stream)
+                if dtype.hasobject:
+                    raise ValueError("Object arrays cannot be loaded when allow_pickle=False")
+                data_bytes = member.file_size - stream.tell()
+            declared = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+            headers[member.filename.removesuffix(".npy")] = (tuple(shape), declared, data_bytes)
+    return headers
+
+
+def _read_npz(path: Path, d_model: int | None = None) -> dict[str, torch.Tensor]:
     try:
+        headers = _npz_headers(path)
+        check_declared({name: shape for name, (shape, _, _) in headers.items()}, str(path), d_model)
+        for name, (shape, declared, stored) in headers.items():
+            if declared > stored:
+                raise SAEError(
+                    f"{path}: {name} declares shape {shape} ({declared / 2**30:.1f} GiB) but holds only {stored} bytes; "
+                    "the file is truncated or corrupt, download it again"
+                )
         with np.load(path, allow_pickle=False) as archive:
-            if not isinstance(archive, np.lib.npyio.NpzFile):
-                raise SAEError(f"{path}: a single .npy array, not an .npz archive of SAE parameters")
             return {name: torch.from_numpy(np.array(archive[name])) for name in archive.files}
     except SAEError:
         raise
@@ -75,12 +130,19 @@ def _read_npz(path: Path) -> dict[str, torch.Tensor]:
         raise SAEError(f"{path}: unreadable npz ({error})") from error
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def _read_safetensors(path: Path, d_model: int | None = None) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     try:
-        return load_file(str(path))
+        with safe_open(str(path), framework="pt") as file:
+            shapes = {name: tuple(file.get_slice(name).get_shape()) for name in file.keys()}
     except Exception as error:  # noqa: BLE001 - safetensors raises its own error types for bad bytes
+        raise SAEError(f"{path}: truncated or corrupt safetensors file ({error}); download it again") from error
+    check_declared(shapes, str(path), d_model)
+    try:
+        return load_file(str(path))
+    except Exception as error:  # noqa: BLE001
         raise SAEError(f"{path}: truncated or corrupt safetensors file ({error}); download it again") from error
 
 
@@ -104,35 +166,41 @@ def info_from_path(path: str, *, repo: str | None = None) -> SAEInfo:
     )
 
 
-def load_npz(path: str | Path, info: SAEInfo | None = None) -> JumpReLUSAE:
+def load_npz(path: str | Path, info: SAEInfo | None = None, *, d_model: int | None = None) -> JumpReLUSAE:
     path = Path(path)
-    return sae_from_tensors(_read_npz(path), info or info_from_path(str(path)))
+    return sae_from_tensors(_read_npz(path, d_model), info or info_from_path(str(path)))
 
 
-def load_safetensors_file(path: str | Path, info: SAEInfo | None = None) -> JumpReLUSAE:
+def load_safetensors_file(path: str | Path, info: SAEInfo | None = None, *, d_model: int | None = None) -> JumpReLUSAE:
     path = Path(path)
-    return sae_from_tensors(_read_safetensors(path), info or info_from_path(str(path)))
+    return sae_from_tensors(_read_safetensors(path, d_model), info or info_from_path(str(path)))
 
 
-def load_saelens_dir(directory: str | Path) -> JumpReLUSAE:
+def load_saelens_dir(directory: str | Path, *, d_model: int | None = None) -> JumpReLUSAE:
     directory = Path(directory)
     try:
         cfg = json.loads((directory / "cfg.json").read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise SAEError(f"{directory}/cfg.json is missing or not JSON ({error})") from error
+    if not isinstance(cfg, dict):
+        raise SAEError(f"{directory}/cfg.json holds a JSON {type(cfg).__name__}, not an object of SAELens settings")
+    for key in ("d_in", "d_sae"):
+        if key in cfg and (isinstance(cfg[key], bool) or not isinstance(cfg[key], int)):
+            raise SAEError(f"{directory}/cfg.json: {key} must be a whole number, got {cfg[key]!r}")
     architecture = cfg.get("architecture", "standard")
     if architecture != "jumprelu":
         raise SAEError(f"{directory}: SAELens architecture is {architecture!r}; patchscope loads only 'jumprelu' SAEs")
     if cfg.get("normalize_activations", "none") not in ("none", None):
         raise SAEError(f"{directory}: normalize_activations={cfg['normalize_activations']!r} is not supported")
-    metadata = cfg.get("metadata", {}) or {}
+    metadata: dict = cfg["metadata"] if isinstance(cfg.get("metadata"), dict) else {}
     site = metadata.get("hook_name", cfg.get("hook_name"))
     model = metadata.get("model_name", cfg.get("model_name"))
     base = info_from_path(str(directory))
     info = SAEInfo(site=site or base.site, model=model, layer=base.layer, width=base.width, l0=base.l0, source=str(directory), neuronpedia=metadata.get("neuronpedia_id"))
-    sae = sae_from_tensors(_read_safetensors(directory / "sae_weights.safetensors"), info, apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", False)))
+    tensors = _read_safetensors(directory / "sae_weights.safetensors", d_model)
+    sae = sae_from_tensors(tensors, info, apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", False)))
     for key, actual in (("d_in", sae.d_model), ("d_sae", sae.d_sae)):
-        if key in cfg and int(cfg[key]) != actual:
+        if key in cfg and cfg[key] != actual:
             raise SAEError(f"{directory}: cfg.json says {key}={cfg[key]} but the weights have {actual}")
     return sae
 
@@ -162,9 +230,17 @@ def canonical_l0(repo_id: str, layer: int, width: str, *, offline: bool = False)
     )
 
 
-def load_from_hub(repo_id: str, path: str, *, offline: bool = False) -> JumpReLUSAE:
-    """``google/gemma-scope-2b-pt-res``, ``layer_11/width_16k/average_l0_80`` (or ``.../canonical``)."""
+def load_from_hub(repo_id: str, path: str, *, offline: bool = False, d_model: int | None = None) -> JumpReLUSAE:
+    """``google/gemma-scope-2b-pt-res``, ``layer_11/width_16k/average_l0_80`` (or ``.../canonical``).
+
+    When the hub is switched off or cannot be reached, only the local cache is read (no retries).
+    """
     from huggingface_hub import hf_hub_download
+
+    from patchscope.model.loading import hub_reachable, offline_mode
+
+    unreachable = not offline and not offline_mode() and not hub_reachable()
+    offline = offline or unreachable or offline_mode()
 
     path = path.strip("/").removesuffix("/params.npz")
     match = GEMMA_SCOPE_PATH.fullmatch(path)
@@ -174,35 +250,51 @@ def load_from_hub(repo_id: str, path: str, *, offline: bool = False) -> JumpReLU
     try:
         local = hf_hub_download(repo_id, f"{path}/params.npz", local_files_only=offline)
     except Exception as error:  # noqa: BLE001 - many hub error types, one explanation
+        why = "the hub cannot be reached and it is not in the local cache" if unreachable else type(error).__name__
         raise SAEError(
-            f"could not fetch {repo_id}/{path}/params.npz ({type(error).__name__}); check the path, go online "
-            "(`huggingface-cli login` if needed), or pass a local params.npz"
+            f"could not fetch {repo_id}/{path}/params.npz ({why}); check the path, go online "
+            "(`hf auth login` if needed), or pass a local params.npz"
         ) from error
-    return load_npz(local, dataclasses.replace(info_from_path(path, repo=repo_id), source=f"{repo_id}/{path}"))
+    return load_npz(local, dataclasses.replace(info_from_path(path, repo=repo_id), source=f"{repo_id}/{path}"), d_model=d_model)
 
 
 def load_sae(spec: str | Path, *, device: str | torch.device = "cpu", d_model: int | None = None, offline: bool = False) -> JumpReLUSAE:
-    """Load an SAE from a file, a folder or a hub location (see the module docstring).
+    """Load a JumpReLU SAE from a file, a folder or a hub location (see the module docstring).
 
-    ``d_model`` (the model's width) is checked before the SAE is used.
+    Args:
+        spec: a ``params.npz`` or ``.safetensors`` file, a SAELens folder, a folder holding
+            ``params.npz``, or ``REPO_ID/PATH`` on the hub (the last part may be ``canonical``).
+        device: where the SAE's tensors go.
+        d_model: the model's width; checked against the declared shapes before any tensor is read.
+        offline: use the local hub cache only.
+
+    Returns:
+        A `JumpReLUSAE` (float32), with `SAEInfo` on where it came from and the site it reads.
+
+    Raises:
+        SAEError: a missing, corrupt or inconsistent file (shapes, dtypes, NaN, duplicate keys).
+
+    Example:
+        >>> sae = load_sae("google/gemma-scope-2b-pt-res/layer_11/width_16k/canonical", d_model=2304)
+        >>> top_features(sae, vector, k=5)
     """
     text = str(spec)
     path = Path(text)
     if path.is_dir():
         if (path / "cfg.json").exists() and (path / "sae_weights.safetensors").exists():
-            sae = load_saelens_dir(path)
+            sae = load_saelens_dir(path, d_model=d_model)
         elif (path / "params.npz").exists():
-            sae = load_npz(path / "params.npz")
+            sae = load_npz(path / "params.npz", d_model=d_model)
         else:
             raise SAEError(f"{path}: neither a SAELens folder (cfg.json + sae_weights.safetensors) nor a Gemma Scope folder (params.npz)")
     elif path.suffix == ".npz":
         if not path.is_file():
             raise SAEError(f"no such SAE file: {path}")
-        sae = load_npz(path)
+        sae = load_npz(path, d_model=d_model)
     elif path.suffix == ".safetensors":
         if not path.is_file():
             raise SAEError(f"no such SAE file: {path}")
-        sae = load_safetensors_file(path)
+        sae = load_safetensors_file(path, d_model=d_model)
     else:
         parts = text.strip("/").split("/")
         if len(parts) < 3:
@@ -210,7 +302,7 @@ def load_sae(spec: str | Path, *, device: str | torch.device = "cpu", d_model: i
                 f"cannot read SAE spec {text!r}: give a params.npz / .safetensors file, a SAELens folder, or "
                 "REPO_ID/PATH such as google/gemma-scope-2b-pt-res/layer_11/width_16k/canonical"
             )
-        sae = load_from_hub("/".join(parts[:2]), "/".join(parts[2:]), offline=offline)
+        sae = load_from_hub("/".join(parts[:2]), "/".join(parts[2:]), offline=offline, d_model=d_model)
     if d_model is not None:
         check_for_model(sae, d_model)
     return sae.to(device)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from patchscope.model.sites import parse_site
 
@@ -13,26 +13,26 @@ DEFAULT_PROMPT = "A detailed description of x is that"
 class PatchscopeConfig:
     """The target prompt, where to patch, what to observe and how to generate."""
 
-    prompt: str = DEFAULT_PROMPT
-    """Target prompt holding the placeholder word."""
-    placeholder: str = "x"
-    """Word whose token receives the vector; matched by character offsets, as a whole token."""
-    position: int | None = None
-    """Explicit target position (BOS = 0), instead of searching for the placeholder."""
-    source_site: str | None = None
-    """Where the vector is taken (default: blocks.{layer}.hook_resid_pre)."""
-    target_site: str | None = None
-    """Where it is written in the target prompt (default: the source site)."""
-    max_new_tokens: int = 20
-    """Tokens to generate after the prompt."""
-    temperature: float = 0.0
-    """0 for greedy decoding; above 0 samples."""
-    top_p: float = 1.0
-    """Nucleus sampling mass when sampling."""
-    seed: int = 0
-    """Seed for sampling and for the random-vector control."""
-    controls: bool = True
-    """Also run the unpatched prompt, a random vector of the same norm, and the corpus mean."""
+    prompt: str = field(default=DEFAULT_PROMPT, metadata={"help": "Target prompt holding the placeholder word."})
+    placeholder: str = field(
+        default="x", metadata={"help": "Word whose token receives the vector; matched by character offsets, as a whole token."}
+    )
+    position: int | None = field(
+        default=None, metadata={"help": "Explicit target position (BOS = 0), instead of searching for the placeholder."}
+    )
+    source_site: str | None = field(
+        default=None, metadata={"help": "Where the vector is taken (default: blocks.{layer}.hook_resid_pre)."}
+    )
+    target_site: str | None = field(
+        default=None, metadata={"help": "Where it is written in the target prompt (default: the source site)."}
+    )
+    max_new_tokens: int = field(default=20, metadata={"help": "Tokens to generate after the prompt."})
+    temperature: float = field(default=0.0, metadata={"help": "0 for greedy decoding; above 0 samples."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass when sampling."})
+    seed: int = field(default=0, metadata={"help": "Seed for sampling and for the random-vector control."})
+    controls: bool = field(
+        default=True, metadata={"help": "Also run the unpatched prompt, a random vector of the same norm, and the corpus mean."}
+    )
 
     def validate(self) -> None:
         if self.max_new_tokens < 0:

@@ -68,6 +68,22 @@ def extract(
     With an atlas ``entry``, the token and the neuron's activation must match what the atlas
     recorded (within the dtype's tolerance), or `ReproductionError` is raised: that catches texts
     indexed relative to a slice, a different model, or different truncation settings.
+
+    Args:
+        model, tokenizer: the model that was profiled, and its tokenizer.
+        text: the document's full text.
+        site: where to read the vector, e.g. ``"blocks.12.hook_resid_pre"``.
+        position: token position in the document (BOS = 0).
+        neuron, neuron_site: also recompute this neuron at the position.
+        entry: the atlas entry being reproduced (sets ``neuron`` and ``neuron_site``).
+        max_length, overflow: the profile's segmenting, so positions mean the same tokens.
+
+    Returns:
+        An `Extraction`: the vector (``[d_model]``), the token, its context and the recomputed activation.
+
+    Example:
+        >>> entry = atlas.entry("blocks.12.mlp.hook_post", neuron)
+        >>> ex = extract(model, tokenizer, texts[entry.doc], site="blocks.12.hook_resid_pre", position=entry.position, entry=entry)
     """
     if entry is not None:
         neuron = entry.neuron if neuron is None else neuron

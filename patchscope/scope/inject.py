@@ -61,7 +61,25 @@ def inject(
     """Run every row in one batch: patch its vector at its prompt position, read its neuron, generate.
 
     Rows with different prompts are left-padded. The patch is applied in the prefill only and is
-    carried by the KV cache (`patchscope.hooks.patch`); generation stops at EOS per row.
+    carried by the KV cache (`patchscope.model.hooks.patch`); generation stops at EOS per row.
+
+    Args:
+        model, tokenizer: the target model and its tokenizer.
+        rows: one `Row` per generation: a label, the neuron to observe, and the vector to write
+            (None for the unpatched control).
+        prompt: the target prompt and placeholder position (`plan_prompt`), for rows without their own.
+        target_site: where the vector is written, e.g. ``"blocks.12.hook_resid_pre"``.
+        observe_site: the site of the observed neuron, e.g. ``"blocks.12.mlp.hook_post"``.
+        max_new_tokens, temperature, top_p, seed: generation (temperature 0 is greedy).
+
+    Returns:
+        One `Observation` per row, in order: the neuron at the placeholder and at every token, and the text generated.
+
+    Example:
+        >>> plan = plan_prompt(tokenizer, PatchscopeConfig())
+        >>> (obs,) = inject(model, tokenizer, [Row("patched", neuron, vector)], plan,
+        ...                 target_site="blocks.12.hook_resid_pre", observe_site="blocks.12.mlp.hook_post")
+        >>> obs.generated_text
     """
     resolve(model, target_site), resolve(model, observe_site)
     device = model_device(model)
