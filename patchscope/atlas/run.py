@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import sys
 import time
 import warnings
 from collections.abc import Iterable, Iterator
@@ -16,14 +17,18 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from patchscope.util.storage import check_writable
+from patchscope.util.identity import Identity, compare, path_identity
+from patchscope.util.lock import output_lock
+from patchscope.util.signals import Interrupted, deferred_interrupts
+from patchscope.util.storage import check_writable, remove_stale_temp_files
 from patchscope.util.versions import versions
 from patchscope.atlas.atlas import Atlas, AtlasError, AtlasMeta
 from patchscope.atlas.batching import plan
 from patchscope.atlas.config import ProfileConfig
 from patchscope.atlas.engine import Profiler
+from patchscope.atlas.exports import write_exports
 from patchscope.atlas.sources import Document, SourceConfig, TextSource
-from patchscope.atlas.store import ATLAS_TENSORS, load_atlas_with_metadata, save_atlas, write_atlas
+from patchscope.atlas.store import ATLAS_JSON, ATLAS_TENSORS, commit_atlas, is_committed, load_atlas_with_metadata, save_atlas, write_atlas
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.safetensors"
@@ -34,6 +39,23 @@ def fingerprint(model_name: str, source: SourceConfig | None, config: ProfileCon
     settings.pop("checkpoint_every")
     payload = {"model": model_name, "source": dataclasses.asdict(source) if source else None, "profile": settings, "dtype": dtype}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_identity(model_name: str, source: SourceConfig | None, model: nn.Module | None = None) -> dict[str, Identity | None]:
+    """What the model and the data *are* (not just where): see `patchscope.util.identity`."""
+    commit = getattr(getattr(model, "config", None), "_commit_hash", None)
+    return {
+        "model": path_identity(model_name, "model", commit) if model_name else None,
+        "data": path_identity(source.dataset, "dataset") if source is not None else None,
+    }
+
+
+def identity_changes(recorded: dict[str, Identity | None] | None, current: dict[str, Identity | None], model_name: str, dataset: str) -> list[str]:
+    """What changed in the inputs since ``recorded`` was taken, in words."""
+    recorded = recorded or {}
+    return compare(f"the model {model_name}", recorded.get("model"), current.get("model")) + compare(
+        f"the data {dataset}", recorded.get("data"), current.get("data")
+    )
 
 
 def _documents(source: TextSource | SourceConfig | Iterable[str] | Iterable[Document]) -> tuple[Iterable[Document], TextSource | None]:
@@ -55,12 +77,19 @@ def profile(
     resume: bool = False,
     model_name: str | None = None,
     progress: bool = True,
+    exports: tuple[str, ...] = (),
 ) -> Atlas:
     """Profile every neuron of the configured sites over ``source`` and return the atlas (on the CPU).
 
     With ``out``, the atlas is saved there; with ``config.checkpoint_every`` a checkpoint is written
     every N batches, and ``resume=True`` continues from it, giving the same atlas as an
-    uninterrupted run.
+    uninterrupted run. ``exports`` names formats of `patchscope.atlas.exports.EXPORTS` to write
+    beside the atlas before it is committed (``atlas.json`` comes last).
+
+    With ``out`` the folder is locked for the run (a second run on it is refused), checked against
+    the inputs' content (a changed data file or model folder is refused on resume), and a run
+    killed after saving its tensors is finished instead of refused. SIGINT/SIGTERM finish the
+    current batch, write a checkpoint and raise `patchscope.util.signals.Interrupted`.
     """
     profiler = Profiler(model, config)
     documents, text_source = _documents(source)
@@ -68,94 +97,168 @@ def profile(
     model_name = model_name or getattr(model.config, "_name_or_path", "")
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     key = fingerprint(model_name, source_config, config, dtype)
-    out = check_writable(out) if out is not None else None
-    if resume and out is None:
-        raise ValueError("`resume` needs the output directory (`out`) that holds the checkpoint")
-    if out is not None:
+    identity = run_identity(model_name, source_config, model)
+    run = _Run(profiler, tokenizer, documents, text_source, model_name, dtype, key, identity, exports, progress)
+    if out is None:
+        if resume:
+            raise ValueError("`resume` needs the output directory (`out`) that holds the checkpoint")
+        return run.fold(None, 0, 0)
+    out = check_writable(out)
+    with output_lock(out):
+        for stale in remove_stale_temp_files(out):
+            log.info("removed %s, left by a killed write", stale.name)
+        if (out / ATLAS_TENSORS).exists() and not is_committed(out):
+            return run.finish(out)
         guard_output(out, resume)
+        done = documents_done = 0
+        if resume and (out / CHECKPOINT).exists():
+            done, documents_done = _restore(profiler, out / CHECKPOINT, key, identity, model_name, run.dataset)
+            message = f"resuming after {done} batches ({documents_done} documents)"
+            log.info(message)
+            if progress:
+                print(message, file=sys.stderr)
+        return run.fold(out, done, documents_done)
 
-    done = 0
-    if resume and out is not None and (out / CHECKPOINT).exists():
-        done = _restore(profiler, out / CHECKPOINT, key)
-        log.info("resuming after %d batches", done)
 
-    count = _Counter(documents)
-    batches = plan(
-        count,
-        tokenizer,
-        max_length=config.max_length,
-        overflow=config.overflow,
-        exclude_bos=config.exclude_bos,
-        batch_tokens=config.batch_tokens,
-        sort_buffer=config.sort_buffer,
-    )
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    bar = tqdm(desc=f"profiling {', '.join(profiler.sites)}", unit="tok", unit_scale=True, disable=not progress, dynamic_ncols=True)
-    started = time.perf_counter()
-    tokens = padded = index = 0
-    try:
-        for index, rows in enumerate(batches, start=1):
-            if index <= done:
-                continue
-            profiler.fold(rows, pad_id)
-            real = sum(len(r.ids) for r in rows)
-            tokens += real
-            padded += len(rows) * len(rows[0].ids)
-            bar.update(real)
-            bar.set_postfix(docs=count.n, refresh=False)
-            if out is not None and config.checkpoint_every and index % config.checkpoint_every == 0:
-                _checkpoint(profiler, out / CHECKPOINT, key, index)
-    finally:
-        bar.close()
-    profiler.flush()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - started
+@dataclasses.dataclass
+class _Run:
+    """One profile's inputs, and the two ways it ends: fold the corpus, or finish a saved atlas."""
 
-    meta = AtlasMeta(
-        model=model_name,
-        dataset=source_config.dataset if source_config else "<texts>",
-        split=source_config.split if source_config else "",
-        text_column=source_config.text_column if source_config else "text",
-        max_length=config.max_length,
-        overflow=config.overflow,
-        exclude_bos=config.exclude_bos,
-        dtype=dtype,
-        top_k=config.top_k,
-        n_documents=count.n,
-        skipped_empty=text_source.skipped_empty if text_source else 0,
-        versions=versions(),
-        extra={
-            "batches": index,
-            "resumed_after_batches": done,
-            "seconds": round(seconds, 3),
-            "tokens_this_run": tokens,
-            "padding_fraction": round(1 - tokens / padded, 4) if padded else 0.0,
-            "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else None,
-            "fingerprint": key,
-        },
-    )
-    atlas = Atlas(meta, {site: stats.to("cpu") for site, stats in profiler.state.items()})
-    nonfinite = atlas.nonfinite_total()
-    meta.extra["nonfinite_activations"] = nonfinite
-    if nonfinite:
-        warnings.warn(
-            f"{nonfinite} activations were inf/nan ({dtype} overflow?) and were left out of the atlas; "
-            "profile in bfloat16 or float32",
-            RuntimeWarning,
-            stacklevel=2,
+    profiler: Profiler
+    tokenizer: PreTrainedTokenizerBase
+    documents: Iterable[Document]
+    text_source: TextSource | None
+    model_name: str
+    dtype: str
+    key: str
+    """Settings fingerprint (`fingerprint`)."""
+    identity: dict[str, Identity | None]
+    """Content identity of the model and data (`run_identity`)."""
+    exports: tuple[str, ...]
+    progress: bool
+
+    @property
+    def dataset(self) -> str:
+        return self.text_source.config.dataset if self.text_source else "<texts>"
+
+    def fold(self, out: Path | None, done: int, documents_done: int) -> Atlas:
+        profiler, config = self.profiler, self.profiler.config
+        count = _Counter(self.documents)
+        batches = plan(
+            count,
+            self.tokenizer,
+            max_length=config.max_length,
+            overflow=config.overflow,
+            exclude_bos=config.exclude_bos,
+            batch_tokens=config.batch_tokens,
+            sort_buffer=config.sort_buffer,
         )
-    if out is not None:
-        save_atlas(atlas, out)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        bar = tqdm(desc=f"profiling {', '.join(profiler.sites)}", unit="tok", unit_scale=True, disable=not self.progress, dynamic_ncols=True)
+        started = time.perf_counter()
+        tokens = padded = index = 0
+        documents = 0
+        try:
+            with deferred_interrupts() as stop:
+                for index, rows in enumerate(batches, start=1):
+                    if index <= done:
+                        continue
+                    profiler.fold(rows, pad_id)
+                    real = sum(len(r.ids) for r in rows)
+                    tokens += real
+                    padded += len(rows) * len(rows[0].ids)
+                    documents += sum(1 for r in rows if r.offset == 0)  # each document has one segment at offset 0
+                    bar.update(real)
+                    bar.set_postfix(docs=count.n, refresh=False)
+                    due = config.checkpoint_every and index % config.checkpoint_every == 0
+                    if out is not None and (due or stop):
+                        _checkpoint(profiler, out / CHECKPOINT, self.key, index, self.identity, documents_done + documents)
+                    if stop:
+                        where = f" after {index} batches ({documents_done + documents} documents)"
+                        raise Interrupted(stop.signum, out / CHECKPOINT if out is not None else None, where)
+        finally:
+            bar.close()
+        profiler.flush()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - started
+        atlas = self._atlas(count.n, index, done, seconds, tokens, padded)
+        if out is not None:
+            save_atlas(atlas, out, before_commit=lambda saved: self._before_commit(saved, out))
+        return atlas
+
+    def _atlas(self, n_documents: int, batches: int, done: int, seconds: float, tokens: int, padded: int) -> Atlas:
+        profiler, config = self.profiler, self.profiler.config
+        source_config = self.text_source.config if self.text_source else None
+        meta = AtlasMeta(
+            model=self.model_name,
+            dataset=source_config.dataset if source_config else "<texts>",
+            split=source_config.split if source_config else "",
+            text_column=source_config.text_column if source_config else "text",
+            max_length=config.max_length,
+            overflow=config.overflow,
+            exclude_bos=config.exclude_bos,
+            dtype=self.dtype,
+            top_k=config.top_k,
+            n_documents=n_documents,
+            skipped_empty=self.text_source.skipped_empty if self.text_source else 0,
+            versions=versions(),
+            extra={
+                "batches": batches,
+                "resumed_after_batches": done,
+                "seconds": round(seconds, 3),
+                "tokens_this_run": tokens,
+                "padding_fraction": round(1 - tokens / padded, 4) if padded else 0.0,
+                "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else None,
+                "fingerprint": self.key,
+                "identity": self.identity,
+                "source": dataclasses.asdict(source_config) if source_config else None,
+            },
+        )
+        atlas = Atlas(meta, {site: stats.to("cpu") for site, stats in profiler.state.items()})
+        nonfinite = atlas.nonfinite_total()
+        meta.extra["nonfinite_activations"] = nonfinite
+        if nonfinite:
+            warnings.warn(
+                f"{nonfinite} activations were inf/nan ({self.dtype} overflow?) and were left out of the atlas; "
+                "profile in bfloat16 or float32",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return atlas
+
+    def _before_commit(self, atlas: Atlas, out: Path) -> None:
+        """Between the tensors and ``atlas.json``: the exports, and the checkpoint is no longer needed."""
+        if self.exports:
+            write_exports(atlas, out, self._texts(atlas), self.tokenizer, self.exports)
         (out / CHECKPOINT).unlink(missing_ok=True)
-    return atlas
+
+    def _texts(self, atlas: Atlas) -> dict[int, str]:
+        if self.text_source is not None:
+            return self.text_source.fetch(atlas.documents())
+        return {d.index: d.text for d in self.documents}
+
+    def finish(self, out: Path) -> Atlas:
+        """A run was killed after saving its tensors: check they are this run's, then exports and commit."""
+        atlas, _ = load_atlas_with_metadata(out)
+        changes = identity_changes(atlas.meta.extra.get("identity"), self.identity, self.model_name, self.dataset)
+        if atlas.meta.extra.get("fingerprint") != self.key or changes:
+            raise AtlasError(
+                f"{out} holds an unfinished atlas (no {ATLAS_JSON}) made with other "
+                f"{'inputs: ' + '; '.join(changes) if changes else 'settings'}; use another `out`, or delete it to profile again"
+            )
+        log.info("finishing the atlas in %s: a previous run stopped before its exports", out)
+        return commit_atlas(out, before_commit=lambda saved: self._before_commit(saved, out))
 
 
 def guard_output(out: Path, resume: bool) -> None:
-    """Never overwrite finished or interrupted work in ``out`` without being told to."""
-    if (out / ATLAS_TENSORS).exists():
+    """Never overwrite finished or interrupted work in ``out`` without being told to.
+
+    An atlas without its ``atlas.json`` is a run killed while finishing; `profile` completes it.
+    """
+    if (out / ATLAS_TENSORS).exists() and is_committed(out):
         raise FileExistsError(f"{out} already holds an atlas; load it with load_atlas, or pick another `out` (or delete it)")
-    if (out / CHECKPOINT).exists() and not resume:
+    if (out / CHECKPOINT).exists() and not resume and not (out / ATLAS_TENSORS).exists():
         raise FileExistsError(
             f"{out} holds the checkpoint of an interrupted run: pass `resume` to continue it, or delete "
             f"{CHECKPOINT} to start over"
@@ -175,19 +278,36 @@ class _Counter:
             yield document
 
 
-def _checkpoint(profiler: Profiler, path: Path, key: str, batches: int) -> None:
+def _checkpoint(
+    profiler: Profiler, path: Path, key: str, batches: int, identity: dict | None = None, documents: int = 0
+) -> None:
     profiler.flush()
     partial = Atlas(AtlasMeta(model="", dataset="", split="", top_k=profiler.config.top_k), profiler.state)
     # the cursor lives inside the same file as the tensors: one rename makes both durable
-    write_atlas(partial, path, {"batches_done": str(batches), "fingerprint": key})
+    cursor = {"batches_done": str(batches), "documents_done": str(documents), "fingerprint": key, "identity": json.dumps(identity)}
+    write_atlas(partial, path, cursor)
 
 
-def _restore(profiler: Profiler, path: Path, key: str) -> int:
-    atlas, metadata = load_atlas_with_metadata(path, device=profiler.device)
+def _restore(profiler: Profiler, path: Path, key: str, identity: dict | None = None, model_name: str = "", dataset: str = "") -> tuple[int, int]:
+    """Load a checkpoint into ``profiler``; returns (batches, documents) already done."""
+    try:
+        atlas, metadata = load_atlas_with_metadata(path, device=profiler.device)
+    except AtlasError as error:
+        raise AtlasError(
+            f"the checkpoint {path} cannot be used ({error}). Delete {path} and run the same command without "
+            "`resume` to start over"
+        ) from error
     if metadata.get("fingerprint") != key:
         raise AtlasError(
             f"the checkpoint in {path.parent} was made with other settings (model, data or profile options); "
             "resume with the same options, or use a new `out`"
         )
+    recorded = json.loads(metadata.get("identity", "null"))
+    changes = identity_changes(recorded, identity or {}, model_name, dataset)
+    if changes:
+        raise AtlasError(
+            f"the checkpoint in {path.parent} was made from other inputs: {'; '.join(changes)}. Resuming would mix "
+            f"old and new data: delete {path} to start over, or use a new `out`"
+        )
     profiler.state = dict(atlas.sites)
-    return int(metadata["batches_done"])
+    return int(metadata["batches_done"]), int(metadata.get("documents_done", 0))
