@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
@@ -28,7 +29,7 @@ from patchscope.atlas.config import ProfileConfig
 from patchscope.atlas.engine import Profiler
 from patchscope.atlas.exports import write_exports
 from patchscope.atlas.sources import Document, SourceConfig, TextSource
-from patchscope.atlas.store import ATLAS_JSON, ATLAS_TENSORS, commit_atlas, is_committed, load_atlas_with_metadata, save_atlas, write_atlas
+from patchscope.atlas.store import ATLAS_JSON, ATLAS_TENSORS, METADATA_KEY, commit_atlas, is_committed, load_atlas_with_metadata, save_atlas, write_atlas
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.safetensors"
@@ -265,6 +266,48 @@ def guard_output(out: Path, resume: bool) -> None:
         )
 
 
+def check_before_loading(out: Path, resume: bool, model_name: str, source: TextSource, config: ProfileConfig, dtype: str) -> None:
+    """What `profile` would refuse, found before the model loads: unreadable or empty data, and
+    finished, interrupted or unfinished work in ``out`` that this run may not touch."""
+    check_source(source)
+    guard_output(out, resume)
+    checkpoint = out / CHECKPOINT
+    unfinished = (out / ATLAS_TENSORS).exists() and not is_committed(out)
+    if not unfinished and not (resume and checkpoint.exists()):
+        return
+    key = fingerprint(model_name, source.config, config, dtype)
+    identity = run_identity(model_name, source.config)
+    if unfinished:
+        try:
+            _, metadata = load_atlas_with_metadata(out)
+        except AtlasError as error:
+            raise AtlasError(f"{error}. Delete {out / ATLAS_TENSORS} to profile again") from error
+        recorded = json.loads(metadata[METADATA_KEY]).get("extra", {})
+        problems = identity_changes(recorded.get("identity"), identity, model_name, source.config.dataset)
+        if recorded.get("fingerprint") != key or problems:
+            raise AtlasError(
+                f"{out} holds an unfinished atlas (no {ATLAS_JSON}) made with other "
+                f"{'inputs: ' + '; '.join(problems) if problems else 'settings'}; use another `out`, or delete it to profile again"
+            )
+        return
+    try:
+        with safe_open(str(checkpoint), framework="pt") as handle:
+            cursor = handle.metadata() or {}
+    except Exception as error:  # noqa: BLE001 - safetensors raises several types on bad bytes
+        raise AtlasError(
+            f"the checkpoint {checkpoint} cannot be read ({type(error).__name__}: {error}); it was cut short. Delete it "
+            "and run the same command without `resume` to start over"
+        ) from error
+    _check_cursor(cursor, checkpoint, key, identity, model_name, source.config.dataset)
+
+
+def check_source(source: TextSource) -> None:
+    """Read the source up to its first document, so a missing column, an unreadable file or an
+    empty selection is reported before any model loads."""
+    for _ in source:
+        return
+
+
 class _Counter:
     """Counts documents as the batch planner pulls them."""
 
@@ -297,6 +340,13 @@ def _restore(profiler: Profiler, path: Path, key: str, identity: dict | None = N
             f"the checkpoint {path} cannot be used ({error}). Delete {path} and run the same command without "
             "`resume` to start over"
         ) from error
+    _check_cursor(metadata, path, key, identity, model_name, dataset)
+    profiler.state = dict(atlas.sites)
+    return int(metadata["batches_done"]), int(metadata.get("documents_done", 0))
+
+
+def _check_cursor(metadata: dict[str, str], path: Path, key: str, identity: dict | None, model_name: str, dataset: str) -> None:
+    """A checkpoint continues only the run that wrote it: same settings, same model and data content."""
     if metadata.get("fingerprint") != key:
         raise AtlasError(
             f"the checkpoint in {path.parent} was made with other settings (model, data or profile options); "
@@ -309,5 +359,3 @@ def _restore(profiler: Profiler, path: Path, key: str, identity: dict | None = N
             f"the checkpoint in {path.parent} was made from other inputs: {'; '.join(changes)}. Resuming would mix "
             f"old and new data: delete {path} to start over, or use a new `out`"
         )
-    profiler.state = dict(atlas.sites)
-    return int(metadata["batches_done"]), int(metadata.get("documents_done", 0))

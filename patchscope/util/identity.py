@@ -75,6 +75,8 @@ def compare(label: str, recorded: Identity | None, current: Identity | None) -> 
     """What changed in ``label`` between two identities, in words; empty when nothing did (or it cannot be told)."""
     if not recorded or not current:
         return []
+    if recorded.get("kind") in ("file", "folder") and current.get("kind") == "hub":
+        return [f"{label} is no longer there (it was a local {recorded['kind']})"]
     if recorded.get("kind") != current.get("kind"):
         return [f"{label} was a {recorded.get('kind')} and is now a {current.get('kind')}"]
     kind = current["kind"]
