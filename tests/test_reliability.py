@@ -424,3 +424,26 @@ def test_export_finishes_an_atlas_whose_run_stopped_before_its_exports(gemma, ge
     (out / ATLAS_JSON).unlink()  # as if killed before the commit marker
     assert main(["export", str(out)]) == 0
     assert (out / ATLAS_JSON).exists() and (out / f"gemma2_neuron_mapping_layer_{LAYER}.json").exists()
+
+
+# -- inject leaves the caller's random generators as they were
+
+
+def test_inject_restores_every_generator_and_reseeds_no_gpu(gemma, monkeypatch):
+    from patchscope import Row, inject, plan_prompt
+
+    model, tokenizer = gemma
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: reseeded.append(seed))  # would change a caller's GPU generator
+    plan = plan_prompt(tokenizer, PatchscopeConfig())
+    rows = [Row("p", 3, torch.randn(64))]
+    torch.manual_seed(123)
+    reseeded.clear()
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    reseeded.clear()
+    first = inject(model, tokenizer, rows, plan, target_site="blocks.1.hook_resid_pre", observe_site=SITE, max_new_tokens=4, temperature=1.0, seed=7)
+    assert torch.equal(torch.rand(3), expected_next)  # the caller's CPU stream goes on as if inject never ran
+    second = inject(model, tokenizer, rows, plan, target_site="blocks.1.hook_resid_pre", observe_site=SITE, max_new_tokens=4, temperature=1.0, seed=7)
+    assert first[0].generated_tokens == second[0].generated_tokens  # the seed decides the sample
+    assert reseeded == []
