@@ -33,6 +33,7 @@ from patchscope.sae.jumprelu import check_for_model, check_site, top_features
 from patchscope.sae.loaders import load_sae, sae_spec_for_site
 from patchscope.model.sites import parse_site
 from patchscope.util.lock import output_lock
+from patchscope.util.signals import Interrupted
 from patchscope.util.storage import check_writable, write_json
 from patchscope.util.versions import versions
 
@@ -192,10 +193,14 @@ def _atlas(model, tokenizer, config: ExperimentConfig, out: Path, timer: _Timer,
     if _reusable_atlas(config, out):  # checked again under the lock of `out`
         return load_atlas(out), True
     with timer.phase("profile"):
-        atlas = profile(
-            model, tokenizer, TextSource(config.source), profile_config, out=out, resume=(out / CHECKPOINT).exists(), model_name=config.model,
-            progress=progress,
-        )
+        try:
+            atlas = profile(
+                model, tokenizer, TextSource(config.source), profile_config, out=out, resume=(out / CHECKPOINT).exists(), model_name=config.model,
+                progress=progress,
+            )
+        except Interrupted as stop:
+            stop.hint = "rerun the same command to continue from it"  # a run resumes from its checkpoint by itself
+            raise
     return atlas, False
 
 

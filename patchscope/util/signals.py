@@ -21,11 +21,12 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 class Interrupted(KeyboardInterrupt):
     """The run stopped on a signal after saving its progress (``checkpoint``, when there is one)."""
 
-    def __init__(self, signum: int, checkpoint: Path | None = None, detail: str = "") -> None:
+    def __init__(self, signum: int, checkpoint: Path | None = None, detail: str = "", hint: str = "rerun the same command with `resume`") -> None:
         super().__init__(signum)
         self.signum = signum
         self.checkpoint = checkpoint
         self.detail = detail
+        self.hint = hint
 
     @property
     def exit_code(self) -> int:
@@ -35,7 +36,7 @@ class Interrupted(KeyboardInterrupt):
         name = signal.Signals(self.signum).name
         if self.checkpoint is None:
             return f"interrupted ({name}); nothing was saved"
-        return f"interrupted ({name}){self.detail}; checkpoint saved to {self.checkpoint}; rerun the same command with `resume`"
+        return f"interrupted ({name}){self.detail}; checkpoint saved to {self.checkpoint}; {self.hint}"
 
 
 class InterruptFlag:
