@@ -30,13 +30,19 @@ ATLAS_TENSORS = "atlas.safetensors"
 ATLAS_JSON = "atlas.json"
 METADATA_KEY = "patchscope_atlas"
 CHECKSUM_KEY = "patchscope_checksum"
+FORMAT = 2
+"""Atlas file format: 2 added the checksum, which a format-2 file must carry."""
 
 _INTEGER_FIELDS = {"doc", "pos", "token", "fire_count", "nonfinite", "n_tokens"}
 
 
-def tensor_checksum(tensors: Mapping[str, torch.Tensor]) -> str:
-    """sha256 over every tensor's name, dtype, shape and bytes, in name order."""
+def tensor_checksum(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order, then the metadata
+    (the atlas description, a checkpoint's cursor), so no byte that a load uses goes unchecked."""
     digest = hashlib.sha256()
+    for key in sorted(metadata or {}):
+        if key != CHECKSUM_KEY:
+            digest.update(f"{key}={metadata[key]}|".encode())
     for name in sorted(tensors):
         tensor = tensors[name].detach().to("cpu").contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
@@ -49,9 +55,11 @@ def write_atlas(atlas: Atlas, path: str | Path, extra_metadata: Mapping[str, str
     meta = dataclasses.asdict(atlas.meta)
     meta["sites"] = list(atlas.sites)
     meta["n_tokens"] = atlas.n_tokens
+    meta["format"] = FORMAT
     tensors = atlas.tensors()
-    meta["checksum"] = tensor_checksum(tensors)
-    write_tensors(path, tensors, {METADATA_KEY: json.dumps(meta), CHECKSUM_KEY: meta["checksum"], **(extra_metadata or {})})
+    metadata = {METADATA_KEY: json.dumps(meta), **(extra_metadata or {})}
+    meta["checksum"] = metadata[CHECKSUM_KEY] = tensor_checksum(tensors, metadata)  # atlas.json's copy is for people
+    write_tensors(path, tensors, metadata)
     return meta
 
 
@@ -98,23 +106,26 @@ def load_atlas_with_metadata(path: str | Path, device: torch.device | str = "cpu
         tensors = load_file(str(file), device="cpu")
     except Exception as error:  # noqa: BLE001 - safetensors raises several types on bad bytes
         raise AtlasError(f"{file} is not a readable atlas ({type(error).__name__}: {error}); it is damaged or was cut short") from error
+    expected = metadata.get(CHECKSUM_KEY)
+    if expected is not None and tensor_checksum(tensors, metadata) != expected:
+        raise AtlasError(
+            f"{file} fails its checksum: its tensors or metadata changed after they were written (a flipped bit, a "
+            "partial copy, an edit); profile again or restore the file"
+        )
     if METADATA_KEY not in metadata:
         raise AtlasError(f"{file} holds tensors but no patchscope metadata ({METADATA_KEY!r}); it is not an atlas written by patchscope")
     try:
         raw = json.loads(metadata[METADATA_KEY])
     except json.JSONDecodeError as error:
         raise AtlasError(f"{file}: its metadata is not valid JSON ({error})") from error
+    if isinstance(raw, dict) and raw.get("format", 1) >= 2 and expected is None:
+        raise AtlasError(f"{file} lost its checksum ({CHECKSUM_KEY!r}); it was damaged after it was written, profile again")
     if not isinstance(raw, dict) or not isinstance(raw.get("sites"), list) or not raw["sites"]:
         raise AtlasError(f"{file}: its metadata lists no `sites`, so its tensors cannot be read; profile again")
-    expected = metadata.get(CHECKSUM_KEY)
-    if expected is not None and tensor_checksum(tensors) != expected:
-        raise AtlasError(
-            f"{file} fails its checksum: its tensors changed after they were written (a flipped bit, a partial copy, "
-            "an edit); profile again or restore the file"
-        )
     sites = raw.pop("sites")
     raw.pop("n_tokens", None)
     raw.pop("checksum", None)
+    raw.pop("format", None)
     known = {f.name for f in dataclasses.fields(AtlasMeta)}
     meta = AtlasMeta(**{k: v for k, v in raw.items() if k in known})
     stats = {}
