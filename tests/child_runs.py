@@ -44,11 +44,11 @@ elif POINT == "mid_checkpoint":  # the new checkpoint is written to its temporar
         replace(src, dst)
     storage.os.replace = held
 elif POINT == "before_commit":  # atlas.safetensors is written; the exports and atlas.json are not
-    before = run_module._Run._before_commit
-    def held(self, atlas, out):
+    before = run_module._before_commit
+    def held(*args, **kwargs):
         pause()
-        before(self, atlas, out)
-    run_module._Run._before_commit = held
+        before(*args, **kwargs)
+    run_module._before_commit = held
 elif POINT == "before_batch":  # batches 1..AT-1 are folded; batch AT is about to be
     fold, calls = Profiler.fold, []
     def held(self, rows, pad_id):

@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from patchscope.util.identity import Identity, compare, path_identity
 from patchscope.util.lock import output_lock
-from patchscope.util.signals import Interrupted, deferred_interrupts
+from patchscope.util.signals import InterruptFlag, Interrupted
 from patchscope.util.storage import check_writable, remove_stale_temp_files
 from patchscope.util.versions import versions
 from patchscope.atlas.atlas import Atlas, AtlasError, AtlasMeta
@@ -92,6 +92,18 @@ def profile(
     killed after saving its tensors is finished instead of refused. SIGINT/SIGTERM finish the
     current batch, write a checkpoint and raise `patchscope.util.signals.Interrupted`.
     """
+    if out is None:
+        if resume:
+            raise ValueError("`resume` needs the output directory (`out`) that holds the checkpoint")
+        return _profile(model, tokenizer, source, config, None, False, model_name, progress, exports)
+    out = check_writable(out)
+    with output_lock(out):
+        for stale in remove_stale_temp_files(out):
+            log.info("removed %s, left by a killed write", stale.name)
+        return _profile(model, tokenizer, source, config, out, resume, model_name, progress, exports)
+
+
+def _profile(model, tokenizer, source, config, out: Path | None, resume: bool, model_name, progress: bool, exports) -> Atlas:
     profiler = Profiler(model, config)
     documents, text_source = _documents(source)
     source_config = text_source.config if text_source else None
@@ -99,157 +111,119 @@ def profile(
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     key = fingerprint(model_name, source_config, config, dtype)
     identity = run_identity(model_name, source_config, model)
-    run = _Run(profiler, tokenizer, documents, text_source, model_name, dtype, key, identity, exports, progress)
-    if out is None:
-        if resume:
-            raise ValueError("`resume` needs the output directory (`out`) that holds the checkpoint")
-        return run.fold(None, 0, 0)
-    out = check_writable(out)
-    with output_lock(out):
-        for stale in remove_stale_temp_files(out):
-            log.info("removed %s, left by a killed write", stale.name)
-        if (out / ATLAS_TENSORS).exists() and not is_committed(out):
-            return run.finish(out)
+    dataset = source_config.dataset if source_config else "<texts>"
+    if out is not None:
+        if (out / ATLAS_TENSORS).exists() and not is_committed(out):  # killed after its tensors were saved
+            return _finish(out, key, identity, model_name, dataset, lambda saved: _before_commit(saved, out, documents, text_source, tokenizer, exports))
         guard_output(out, resume)
-        done = documents_done = 0
-        if resume and (out / CHECKPOINT).exists():
-            done, documents_done = _restore(profiler, out / CHECKPOINT, key, identity, model_name, run.dataset)
-            message = f"resuming after {done} batches ({documents_done} documents)"
-            log.info(message)
-            if progress:
-                print(message, file=sys.stderr)
-        return run.fold(out, done, documents_done)
 
+    done = documents_done = 0
+    if resume and out is not None and (out / CHECKPOINT).exists():
+        done, documents_done = _restore(profiler, out / CHECKPOINT, key, identity, model_name, dataset)
+        log.info("resuming after %d batches (%d documents)", done, documents_done)
+        if progress:
+            print(f"resuming after {done} batches ({documents_done} documents)", file=sys.stderr)
 
-@dataclasses.dataclass
-class _Run:
-    """One profile's inputs, and the two ways it ends: fold the corpus, or finish a saved atlas."""
+    count = _Counter(documents)
+    batches = plan(
+        count,
+        tokenizer,
+        max_length=config.max_length,
+        overflow=config.overflow,
+        exclude_bos=config.exclude_bos,
+        batch_tokens=config.batch_tokens,
+        sort_buffer=config.sort_buffer,
+    )
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    bar = tqdm(desc=f"profiling {', '.join(profiler.sites)}", unit="tok", unit_scale=True, disable=not progress, dynamic_ncols=True)
+    started = time.perf_counter()
+    tokens = padded = index = 0
+    stop = InterruptFlag()
+    try:
+        stop.install()  # SIGINT/SIGTERM: finish this batch, checkpoint, raise `Interrupted`
+        for index, rows in enumerate(batches, start=1):
+            if index <= done:
+                continue
+            profiler.fold(rows, pad_id)
+            real = sum(len(r.ids) for r in rows)
+            tokens += real
+            padded += len(rows) * len(rows[0].ids)
+            documents_done += sum(1 for r in rows if r.offset == 0)  # each document has one segment at offset 0
+            bar.update(real)
+            bar.set_postfix(docs=count.n, refresh=False)
+            if out is not None and ((config.checkpoint_every and index % config.checkpoint_every == 0) or stop):
+                _checkpoint(profiler, out / CHECKPOINT, key, index, identity, documents_done)
+            if stop:
+                where = f" after {index} batches ({documents_done} documents)"
+                raise Interrupted(stop.signum, out / CHECKPOINT if out is not None else None, where)
+    finally:
+        stop.restore()
+        bar.close()
+    profiler.flush()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
 
-    profiler: Profiler
-    tokenizer: PreTrainedTokenizerBase
-    documents: Iterable[Document]
-    text_source: TextSource | None
-    model_name: str
-    dtype: str
-    key: str
-    """Settings fingerprint (`fingerprint`)."""
-    identity: dict[str, Identity | None]
-    """Content identity of the model and data (`run_identity`)."""
-    exports: tuple[str, ...]
-    progress: bool
-
-    @property
-    def dataset(self) -> str:
-        return self.text_source.config.dataset if self.text_source else "<texts>"
-
-    def fold(self, out: Path | None, done: int, documents_done: int) -> Atlas:
-        profiler, config = self.profiler, self.profiler.config
-        count = _Counter(self.documents)
-        batches = plan(
-            count,
-            self.tokenizer,
-            max_length=config.max_length,
-            overflow=config.overflow,
-            exclude_bos=config.exclude_bos,
-            batch_tokens=config.batch_tokens,
-            sort_buffer=config.sort_buffer,
+    meta = AtlasMeta(
+        model=model_name,
+        dataset=source_config.dataset if source_config else "<texts>",
+        split=source_config.split if source_config else "",
+        text_column=source_config.text_column if source_config else "text",
+        max_length=config.max_length,
+        overflow=config.overflow,
+        exclude_bos=config.exclude_bos,
+        dtype=dtype,
+        top_k=config.top_k,
+        n_documents=count.n,
+        skipped_empty=text_source.skipped_empty if text_source else 0,
+        versions=versions(),
+        extra={
+            "batches": index,
+            "resumed_after_batches": done,
+            "seconds": round(seconds, 3),
+            "tokens_this_run": tokens,
+            "padding_fraction": round(1 - tokens / padded, 4) if padded else 0.0,
+            "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else None,
+            "fingerprint": key,
+            "identity": identity,
+            "source": dataclasses.asdict(source_config) if source_config else None,
+        },
+    )
+    atlas = Atlas(meta, {site: stats.to("cpu") for site, stats in profiler.state.items()})
+    nonfinite = atlas.nonfinite_total()
+    meta.extra["nonfinite_activations"] = nonfinite
+    if nonfinite:
+        warnings.warn(
+            f"{nonfinite} activations were inf/nan ({dtype} overflow?) and were left out of the atlas; "
+            "profile in bfloat16 or float32",
+            RuntimeWarning,
+            stacklevel=2,
         )
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        bar = tqdm(desc=f"profiling {', '.join(profiler.sites)}", unit="tok", unit_scale=True, disable=not self.progress, dynamic_ncols=True)
-        started = time.perf_counter()
-        tokens = padded = index = 0
-        documents = 0
-        try:
-            with deferred_interrupts() as stop:
-                for index, rows in enumerate(batches, start=1):
-                    if index <= done:
-                        continue
-                    profiler.fold(rows, pad_id)
-                    real = sum(len(r.ids) for r in rows)
-                    tokens += real
-                    padded += len(rows) * len(rows[0].ids)
-                    documents += sum(1 for r in rows if r.offset == 0)  # each document has one segment at offset 0
-                    bar.update(real)
-                    bar.set_postfix(docs=count.n, refresh=False)
-                    due = config.checkpoint_every and index % config.checkpoint_every == 0
-                    if out is not None and (due or stop):
-                        _checkpoint(profiler, out / CHECKPOINT, self.key, index, self.identity, documents_done + documents)
-                    if stop:
-                        where = f" after {index} batches ({documents_done + documents} documents)"
-                        raise Interrupted(stop.signum, out / CHECKPOINT if out is not None else None, where)
-        finally:
-            bar.close()
-        profiler.flush()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - started
-        atlas = self._atlas(count.n, index, done, seconds, tokens, padded)
-        if out is not None:
-            save_atlas(atlas, out, before_commit=lambda saved: self._before_commit(saved, out))
-        return atlas
+    if out is not None:
+        save_atlas(atlas, out, before_commit=lambda saved: _before_commit(saved, out, documents, text_source, tokenizer, exports))
+    return atlas
 
-    def _atlas(self, n_documents: int, batches: int, done: int, seconds: float, tokens: int, padded: int) -> Atlas:
-        profiler, config = self.profiler, self.profiler.config
-        source_config = self.text_source.config if self.text_source else None
-        meta = AtlasMeta(
-            model=self.model_name,
-            dataset=source_config.dataset if source_config else "<texts>",
-            split=source_config.split if source_config else "",
-            text_column=source_config.text_column if source_config else "text",
-            max_length=config.max_length,
-            overflow=config.overflow,
-            exclude_bos=config.exclude_bos,
-            dtype=self.dtype,
-            top_k=config.top_k,
-            n_documents=n_documents,
-            skipped_empty=self.text_source.skipped_empty if self.text_source else 0,
-            versions=versions(),
-            extra={
-                "batches": batches,
-                "resumed_after_batches": done,
-                "seconds": round(seconds, 3),
-                "tokens_this_run": tokens,
-                "padding_fraction": round(1 - tokens / padded, 4) if padded else 0.0,
-                "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else None,
-                "fingerprint": self.key,
-                "identity": self.identity,
-                "source": dataclasses.asdict(source_config) if source_config else None,
-            },
+
+def _before_commit(atlas: Atlas, out: Path, documents, text_source: TextSource | None, tokenizer, exports: tuple[str, ...]) -> None:
+    """Between the tensors and ``atlas.json``: the exports; the checkpoint is no longer needed."""
+    if exports:
+        texts = text_source.fetch(atlas.documents()) if text_source is not None else {d.index: d.text for d in documents}
+        write_exports(atlas, out, texts, tokenizer, exports)
+    (out / CHECKPOINT).unlink(missing_ok=True)
+
+
+def _finish(out: Path, key: str, identity: dict, model_name: str, dataset: str, before_commit) -> Atlas:
+    """A run was killed after saving its tensors: check they are this run's, then exports and commit."""
+    atlas, _ = load_atlas_with_metadata(out)
+    changes = identity_changes(atlas.meta.extra.get("identity"), identity, model_name, dataset)
+    if atlas.meta.extra.get("fingerprint") != key or changes:
+        raise AtlasError(
+            f"{out} holds an unfinished atlas (no {ATLAS_JSON}) made with other "
+            f"{'inputs: ' + '; '.join(changes) if changes else 'settings'}; use another `out`, or delete it to profile again"
         )
-        atlas = Atlas(meta, {site: stats.to("cpu") for site, stats in profiler.state.items()})
-        nonfinite = atlas.nonfinite_total()
-        meta.extra["nonfinite_activations"] = nonfinite
-        if nonfinite:
-            warnings.warn(
-                f"{nonfinite} activations were inf/nan ({self.dtype} overflow?) and were left out of the atlas; "
-                "profile in bfloat16 or float32",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        return atlas
+    log.info("finishing the atlas in %s: a previous run stopped before its exports", out)
+    return commit_atlas(out, before_commit=before_commit)
 
-    def _before_commit(self, atlas: Atlas, out: Path) -> None:
-        """Between the tensors and ``atlas.json``: the exports, and the checkpoint is no longer needed."""
-        if self.exports:
-            write_exports(atlas, out, self._texts(atlas), self.tokenizer, self.exports)
-        (out / CHECKPOINT).unlink(missing_ok=True)
-
-    def _texts(self, atlas: Atlas) -> dict[int, str]:
-        if self.text_source is not None:
-            return self.text_source.fetch(atlas.documents())
-        return {d.index: d.text for d in self.documents}
-
-    def finish(self, out: Path) -> Atlas:
-        """A run was killed after saving its tensors: check they are this run's, then exports and commit."""
-        atlas, _ = load_atlas_with_metadata(out)
-        changes = identity_changes(atlas.meta.extra.get("identity"), self.identity, self.model_name, self.dataset)
-        if atlas.meta.extra.get("fingerprint") != self.key or changes:
-            raise AtlasError(
-                f"{out} holds an unfinished atlas (no {ATLAS_JSON}) made with other "
-                f"{'inputs: ' + '; '.join(changes) if changes else 'settings'}; use another `out`, or delete it to profile again"
-            )
-        log.info("finishing the atlas in %s: a previous run stopped before its exports", out)
-        return commit_atlas(out, before_commit=lambda saved: self._before_commit(saved, out))
 
 
 def guard_output(out: Path, resume: bool) -> None:

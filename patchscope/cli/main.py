@@ -47,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from patchscope.util.signals import Interrupted, raise_on_sigterm
 
-    raise_on_sigterm()
+    restore = raise_on_sigterm()
     try:
         return args.run(args)
     except Interrupted as stop:  # one line, not a traceback: what was saved and how to go on
@@ -63,6 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(f"patchscope {args.command}: error: {as_flags(str(error), _flags(parser))}", file=sys.stderr)
         return 2
+    finally:
+        restore()
 
 
 def _flags(parser: argparse.ArgumentParser) -> set[str]:

@@ -13,6 +13,7 @@ A path says where data was, not what it was. An atlas (and a checkpoint) records
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +24,20 @@ _CHUNK = 2**20
 Identity = dict[str, Any]
 
 
+_HASHED: dict[tuple, str] = {}
+"""sha256 by (path, inode, size, mtime): a run checks the same inputs several times, hashing them once."""
+
+
 def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+    info = os.stat(path)
+    key = (str(Path(path).resolve()), info.st_ino, info.st_size, info.st_mtime_ns)
+    if key not in _HASHED:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            while chunk := handle.read(_CHUNK):
+                digest.update(chunk)
+        _HASHED[key] = digest.hexdigest()
+    return _HASHED[key]
 
 
 def file_identity(path: str | Path) -> Identity:

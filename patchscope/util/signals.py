@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -40,44 +41,54 @@ class Interrupted(KeyboardInterrupt):
 
 
 class InterruptFlag:
-    """Set by the first SIGINT/SIGTERM inside `deferred_interrupts`."""
+    """Set by the first SIGINT/SIGTERM while installed; a second signal raises `Interrupted` at once.
+
+    Outside the main thread signals cannot be caught, and the flag simply never gets set.
+    """
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
 
     def __bool__(self) -> bool:
         return self.signum is not None
 
+    def install(self) -> InterruptFlag:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {signum: signal.signal(signum, self._note) for signum in SIGNALS}
+        return self
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def _note(self, signum: int, frame: FrameType | None) -> None:
+        if self:
+            raise Interrupted(signum)
+        self.signum = signum
+
 
 @contextmanager
 def deferred_interrupts() -> Iterator[InterruptFlag]:
-    """Record SIGINT/SIGTERM instead of stopping; a second signal raises `Interrupted` at once.
-
-    Outside the main thread signals cannot be caught, and the flag simply never gets set.
-    """
-    flag = InterruptFlag()
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-
-    def note(signum: int, frame: FrameType | None) -> None:
-        if flag:
-            raise Interrupted(signum)
-        flag.signum = signum
-
-    previous = {signum: signal.signal(signum, note) for signum in SIGNALS}
+    """Record SIGINT/SIGTERM in a flag for the block instead of stopping."""
+    flag = InterruptFlag().install()
     try:
         yield flag
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        flag.restore()
 
 
-def raise_on_sigterm() -> None:
-    """Make SIGTERM stop the main thread like Ctrl-C does (an `Interrupted` exception), not silently."""
+def raise_on_sigterm() -> Callable[[], None]:
+    """Make SIGTERM stop the main thread like Ctrl-C does (an `Interrupted` exception), not silently.
+
+    Returns a function that puts the previous handler back.
+    """
 
     def stop(signum: int, frame: FrameType | None) -> None:
         raise Interrupted(signum)
 
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, stop)
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.signal(signal.SIGTERM, stop)
+    return lambda: signal.signal(signal.SIGTERM, previous)
