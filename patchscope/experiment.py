@@ -28,7 +28,7 @@ from patchscope.scope.extract import extract
 from patchscope.scope.inject import Row, control_rows, inject
 from patchscope.scope.placeholder import plan_prompt
 from patchscope.atlas.config import ProfileConfig
-from patchscope.atlas.run import CHECKPOINT, check_source, profile, run_identity
+from patchscope.atlas.run import CHECKPOINT, check_before_loading, check_source, profile, run_identity
 from patchscope.sae.jumprelu import check_for_model, check_site, top_features
 from patchscope.sae.loaders import load_sae, sae_spec_for_site
 from patchscope.model.sites import parse_site
@@ -143,9 +143,13 @@ def _preflight(config: ExperimentConfig):
         raise IndexError(f"`neuron` {config.neuron} is out of range: the MLP has neurons 0..{model_config.intermediate_size - 1}")
     prompt = plan_prompt(load_tokenizer(config.model), config.patchscope)
     sae, sae_note = _load_matching_sae(config, model_config.hidden_size)
-    check_source(TextSource(config.source))  # a missing file, column or row, before the model loads
     out = check_writable(config.out)
-    _reusable_atlas(config, out)
+    source = TextSource(config.source)
+    if _reusable_atlas(config, out):
+        check_source(source)  # a missing file, column or row, before the model loads
+    else:  # the data, and an interrupted or unfinished run's files in `out` against this run's inputs
+        dtype = str(resolve_dtype(config.dtype, resolve_device(config.device))).removeprefix("torch.")
+        check_before_loading(out, True, config.model, source, config.profile_config(), dtype)
     return prompt, sae, sae_note, out
 
 

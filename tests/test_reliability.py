@@ -447,3 +447,26 @@ def test_inject_restores_every_generator_and_reseeds_no_gpu(gemma, monkeypatch):
     second = inject(model, tokenizer, rows, plan, target_site="blocks.1.hook_resid_pre", observe_site=SITE, max_new_tokens=4, temperature=1.0, seed=7)
     assert first[0].generated_tokens == second[0].generated_tokens  # the seed decides the sample
     assert reseeded == []
+
+
+def test_run_refuses_to_resume_a_checkpoint_of_other_data_before_loading(gemma_dir, tmp_path, monkeypatch):
+    from patchscope.atlas.engine import Profiler
+
+    corpus = write_corpus(tmp_path / "corpus.jsonl", TEXTS * 3)
+    config = _config(gemma_dir, corpus, tmp_path / "o", profile=ProfileConfig(layer=LAYER, max_length=16, batch_tokens=48, checkpoint_every=1))
+    fold, calls = Profiler.fold, []
+
+    def fold_then_stop(self, rows, pad_id):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        fold(self, rows, pad_id)
+
+    monkeypatch.setattr(Profiler, "fold", fold_then_stop)
+    with pytest.raises(Interrupted, match="rerun the same command to continue from it"):
+        run_experiment(config, progress=False)
+    monkeypatch.setattr(Profiler, "fold", fold)
+    write_corpus(corpus, TEXTS[::-1] * 3)
+    monkeypatch.setattr("patchscope.experiment.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(AtlasError, match="made from other inputs: the data .*corpus.jsonl changed"):
+        run_experiment(config, progress=False)
