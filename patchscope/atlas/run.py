@@ -244,6 +244,9 @@ def check_before_loading(out: Path, resume: bool, model_name: str, source: TextS
     """What `profile` would refuse, found before the model loads: unreadable or empty data, and
     finished, interrupted or unfinished work in ``out`` that this run may not touch."""
     check_source(source)
+    if out.is_dir():
+        with output_lock(out):  # a live run on `out` is named as such, not taken for an interrupted one
+            pass
     guard_output(out, resume)
     checkpoint = out / CHECKPOINT
     unfinished = (out / ATLAS_TENSORS).exists() and not is_committed(out)
