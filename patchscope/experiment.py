@@ -7,6 +7,8 @@ checkpoint); ``results.json`` is written atomically at the end.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -16,7 +18,8 @@ from typing import Any
 import torch
 
 from patchscope.atlas.atlas import Atlas
-from patchscope.atlas.store import ATLAS_TENSORS, load_atlas
+from patchscope.atlas.reuse import check_reuse
+from patchscope.atlas.store import ATLAS_TENSORS, is_committed, load_atlas
 from patchscope.sae.attribution import attribute_neuron
 from patchscope.atlas.sources import SourceConfig, TextSource
 from patchscope.model.loading import DEFAULT_MODEL, PRESETS, DeviceName, DTypeName, load_config, load_model, load_tokenizer, preset_for, resolve_device, resolve_dtype
@@ -25,10 +28,12 @@ from patchscope.scope.extract import extract
 from patchscope.scope.inject import Row, control_rows, inject
 from patchscope.scope.placeholder import plan_prompt
 from patchscope.atlas.config import ProfileConfig
-from patchscope.atlas.run import CHECKPOINT, fingerprint, profile
+from patchscope.atlas.run import CHECKPOINT, check_before_loading, check_source, profile, run_identity
 from patchscope.sae.jumprelu import check_for_model, check_site, top_features
 from patchscope.sae.loaders import load_sae, sae_spec_for_site
 from patchscope.model.sites import parse_site
+from patchscope.util.lock import output_lock
+from patchscope.util.signals import Interrupted
 from patchscope.util.storage import check_writable, write_json
 from patchscope.util.versions import versions
 
@@ -111,6 +116,9 @@ class ExperimentResult:
     versions: dict[str, str]
     atlas: dict[str, Any]
     notes: list[str] = field(default_factory=list)
+    results_file: str = ""
+    """Where this result was written: ``results.json``, or ``results-<settings>.json`` when
+    ``results.json`` holds a run with other settings (earlier results are never overwritten)."""
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -152,7 +160,12 @@ def _preflight(config: ExperimentConfig):
     prompt = plan_prompt(load_tokenizer(config.model), config.patchscope)
     sae, sae_note = _load_matching_sae(config, model_config.hidden_size)
     out = check_writable(config.out)
-    _check_existing_atlas(config, out)
+    source = TextSource(config.source)
+    if _reusable_atlas(config, out):
+        check_source(source)  # a missing file, column or row, before the model loads
+    else:  # the data, and an interrupted or unfinished run's files in `out` against this run's inputs
+        dtype = str(resolve_dtype(config.dtype, resolve_device(config.device))).removeprefix("torch.")
+        check_before_loading(out, True, config.model, source, config.profile_config(), dtype)
     return prompt, sae, sae_note, out
 
 
@@ -170,33 +183,79 @@ def _load_matching_sae(config: ExperimentConfig, d_model: int):
     return sae, f"SAE {sae.info.source} (trained on {sae.info.site})"
 
 
-def _atlas_key(config: ExperimentConfig, dtype: torch.dtype) -> str:
-    return fingerprint(config.model, config.source, config.profile_config(), str(dtype).removeprefix("torch."))
-
-
-def _check_existing_atlas(config: ExperimentConfig, out: Path) -> None:
-    """An atlas in --out made with other settings is refused, not overwritten."""
-    if not (out / ATLAS_TENSORS).exists():
-        return
-    dtype = resolve_dtype(config.dtype, resolve_device(config.device))
-    found = load_atlas(out).meta.extra.get("fingerprint")
-    if found != _atlas_key(config, dtype):
+def _reusable_atlas(config: ExperimentConfig, out: Path) -> bool:
+    """Whether ``out`` holds a finished atlas this run may use; one made from other inputs or
+    settings, or lacking a site the run needs, is refused, not overwritten."""
+    if not (out / ATLAS_TENSORS).exists() or not is_committed(out):
+        return False
+    dtype = str(resolve_dtype(config.dtype, resolve_device(config.device))).removeprefix("torch.")
+    atlas = load_atlas(out)
+    reuse = check_reuse(
+        atlas, model_name=config.model, source=config.source, config=config.profile_config(), dtype=dtype,
+        identity=run_identity(config.model, config.source),
+    )
+    if reuse.problems:
         raise FileExistsError(
-            f"{out} holds an atlas made with other settings (model, data, layer, sites, max length or dtype); "
-            "use another `out`, or delete it to profile again"
+            f"{out} holds an atlas made with other settings or inputs: {'; '.join(reuse.problems)}. "
+            "Use another `out`, or delete it to profile again"
         )
+    missing = [site for site in reuse.missing_sites if site != config.source_site]
+    if missing:
+        raise FileExistsError(
+            f"the atlas in {out} lacks the site{'s' if len(missing) > 1 else ''} {', '.join(missing)} this run needs "
+            f"(it has {', '.join(atlas.sites)}); profile {'them' if len(missing) > 1 else 'it'} into another `out`"
+        )
+    return True
 
 
 def _atlas(model, tokenizer, config: ExperimentConfig, out: Path, timer: _Timer, progress: bool) -> tuple[Atlas, bool]:
     profile_config = config.profile_config()
-    if (out / ATLAS_TENSORS).exists():  # checked against the settings before the model loaded
+    if _reusable_atlas(config, out):  # checked again under the lock of `out`
         return load_atlas(out), True
     with timer.phase("profile"):
-        atlas = profile(
-            model, tokenizer, TextSource(config.source), profile_config, out=out, resume=(out / CHECKPOINT).exists(), model_name=config.model,
-            progress=progress,
-        )
+        try:
+            atlas = profile(
+                model, tokenizer, TextSource(config.source), profile_config, out=out, resume=(out / CHECKPOINT).exists(), model_name=config.model,
+                progress=progress,
+            )
+        except Interrupted as stop:
+            stop.hint = "rerun the same command to continue from it"  # a run resumes from its checkpoint by itself
+            raise
     return atlas, False
+
+
+def _corpus_mean(model, tokenizer, config: ExperimentConfig, atlas: Atlas, timer: _Timer, progress: bool) -> tuple[torch.Tensor | None, str | None]:
+    """The mean of the source site over the corpus, for the corpus-mean control.
+
+    A reused atlas made by ``patchscope profile`` may lack that site; then only its mean is
+    recomputed (one pass up to the source site, nothing stored).
+    """
+    if config.source_site in atlas.sites:
+        return atlas[config.source_site].mean.float(), None
+    if not config.patchscope.controls:
+        return None, None
+    meta = atlas.meta
+    only_mean = dataclasses.replace(
+        config.profile, sites=(config.source_site,), top_k=1, max_length=meta.max_length, overflow=meta.overflow,
+        exclude_bos=meta.exclude_bos, checkpoint_every=0,
+    )
+    with timer.phase("corpus_mean"):
+        mean = profile(model, tokenizer, TextSource(config.source), only_mean, model_name=config.model, progress=progress)[config.source_site].mean
+    return mean.float(), f"the atlas has no {config.source_site}; its corpus mean was computed in this run"
+
+
+def _results_path(out: Path, config_json: dict[str, Any]) -> Path:
+    """``results.json``, unless it holds a run with other settings: then ``results-<settings hash>.json``."""
+    settings = json.loads(json.dumps({k: v for k, v in config_json.items() if k != "out"}, default=str))  # as read back
+    default = out / RESULTS
+    try:
+        earlier = json.loads(default.read_text(encoding="utf-8")).get("config", {})
+    except (OSError, ValueError, AttributeError):
+        earlier = None
+    if not default.exists() or {k: v for k, v in (earlier or {}).items() if k != "out"} == settings:
+        return default
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return out / f"results-{key}.json"
 
 
 def _verdict(patched: float, controls: dict[str, float]) -> str:
@@ -215,6 +274,7 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True) -> Experi
 
     Every input is checked before the model loads. An atlas already in ``config.out`` with the same
     settings is reused; ``results.json`` is written there at the end.
+    ``out`` is locked for the run: a second run on the same folder is refused.
 
     Args:
         config: model, data, profile, SAE and Patchscope settings (`ExperimentConfig`).
@@ -229,6 +289,11 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True) -> Experi
     """
     timer = _Timer()
     prompt, sae, sae_note, out = _preflight(config)
+    with output_lock(out):
+        return _run_locked(config, timer, prompt, sae, sae_note, out, progress)
+
+
+def _run_locked(config: ExperimentConfig, timer: _Timer, prompt, sae, sae_note: str, out: Path, progress: bool) -> ExperimentResult:
     notes = [sae_note]
     with timer.phase("load_model"):
         model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
@@ -270,9 +335,9 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True) -> Experi
                     "features_driving_neuron": [dataclasses.asdict(f) for f in attribution.features[: config.sae_top_k]],
                 }
 
+    mean, mean_note = _corpus_mean(model, tokenizer, config, atlas, timer, progress)
+    notes += [mean_note] if mean_note else []
     with timer.phase("patchscope"):
-        source_stats = atlas.sites.get(config.source_site)
-        mean = source_stats.mean.float() if source_stats is not None else None
         rows: list[Row] = []
         for entry, ex in zip(entries, extractions):
             rows.append(Row("patched", entry.neuron, ex.vector))
@@ -315,7 +380,11 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True) -> Experi
         atlas={"path": str(out), "reused": reused, "n_tokens": atlas.n_tokens, "n_documents": atlas.meta.n_documents, **atlas.meta.extra},
         notes=notes,
     )
-    write_json(out / RESULTS, result.to_json())
+    path = _results_path(out, result.config)
+    result.results_file = str(path)
+    if path.name != RESULTS:
+        result.notes.append(f"{out / RESULTS} holds a run with other settings; this run's results are in {path.name}")
+    write_json(path, result.to_json())
     return result
 
 

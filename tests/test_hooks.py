@@ -201,3 +201,72 @@ def test_resid_pre_accepts_keyword_hidden_states(gemma):
         rotary = base_model(model).rotary_emb(hidden, torch.arange(ids.shape[1])[None])
         block(hidden_states=hidden, position_embeddings=rotary, attention_mask=None)
     torch.testing.assert_close(seen["v"], positional["blocks.1.hook_resid_pre"])
+
+
+def test_capture_positions_under_generation_cached_equals_uncached(any_model):
+    """One position contract with `patch`: absolute positions, filtered to each call's window."""
+    model, tokenizer = any_model
+    ids = _ids(tokenizer, "A detailed description of x is that")  # 8 tokens: positions 0..7
+    site = "blocks.1.hook_resid_post"
+    settings = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    seen = {}
+    for use_cache in (True, False):
+        with capture(model, site, positions=[2, 5, 10], keep_history=True) as cache:
+            sequence = model.generate(ids, use_cache=use_cache, **settings)
+        seen[use_cache] = cache
+    cached, uncached = seen[True], seen[False]
+    # cached: the prefill covers 2 and 5; decode steps cover one new position each, and only the
+    # step at position 10 holds a requested one. Uncached: every call re-runs the whole prefix.
+    assert cached.positions[site].tolist() == [[10]]
+    assert len(cached.history[site]) == 2 and cached.history[site][0].shape == (1, 2, 64)
+    with capture(model, site) as full:
+        model(sequence[:, :-1])  # the final sequence, one forward: every position at once
+    reference = full[site][0]
+    torch.testing.assert_close(cached.history[site][0][0], reference[[2, 5]], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(cached.history[site][1][0, 0], reference[10], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(uncached[site][0], reference[[2, 5, 10]], rtol=1e-4, atol=1e-4)
+    assert uncached.positions[site].tolist() == [[2, 5, 10]]
+
+
+def test_capture_per_row_positions(gemma):
+    model, tokenizer = gemma
+    ids = torch.cat([_ids(tokenizer)[:, :10], _ids(tokenizer)[:, 5:15]])
+    with capture(model, "blocks.0.hook_resid_post") as full, capture(model, "blocks.0.hook_resid_post", positions=torch.tensor([[1, 3], [4, 9]])) as some:
+        model(ids)
+    value = some["blocks.0.hook_resid_post"]
+    torch.testing.assert_close(value[0], full["blocks.0.hook_resid_post"][0, [1, 3]])
+    torch.testing.assert_close(value[1], full["blocks.0.hook_resid_post"][1, [4, 9]])
+
+
+def test_capture_to_cpu_waits_for_copies_before_handing_values_out():
+    """Copies to the host are non-blocking; every read synchronises first (CUDA events on a GPU)."""
+    from patchscope.model.hooks import Capture
+
+    class Event:
+        def __init__(self):
+            self.waited = False
+
+        def synchronize(self):
+            self.waited = True
+
+    store = Capture()
+    dict.__setitem__(store, "site", torch.zeros(1))
+    for read in (lambda s: s["site"], lambda s: s.get("site"), lambda s: list(s.values()), lambda s: list(s.items()), lambda s: s.history):
+        event = Event()
+        store._pending.append(event)
+        read(store)
+        assert event.waited and not store._pending
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_capture_to_cpu_on_cuda_matches_a_blocking_copy(gemma):
+    model, tokenizer = gemma
+    model.cuda()
+    try:
+        ids = _ids(tokenizer).cuda()
+        with capture(model, "blocks.1.mlp.hook_post", to_cpu=True) as fast, capture(model, "blocks.1.mlp.hook_post") as slow:
+            model(ids)
+            value = fast["blocks.1.mlp.hook_post"]  # read inside the block, right after the forward
+        assert value.device.type == "cpu" and torch.equal(value, slow["blocks.1.mlp.hook_post"].cpu())
+    finally:
+        model.cpu()

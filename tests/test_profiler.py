@@ -1,17 +1,12 @@
 """The batched atlas against a one-document-at-a-time brute force, plus storage and resume."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
+from contextlib import contextmanager
 
+import child_runs
 import pytest
 import torch
 from factories import FIXTURE_CORPUS
-from safetensors import safe_open
 
 from patchscope import load_model
 from patchscope.atlas.atlas import Atlas, AtlasError
@@ -20,6 +15,7 @@ from patchscope.atlas.exports import export_original, export_parquet
 from patchscope.atlas.sources import DataError, SourceConfig
 from patchscope.atlas.config import ProfileConfig
 from patchscope.atlas.run import CHECKPOINT, profile
+from patchscope.cli.main import main
 from patchscope.model.sites import SiteError
 
 LAYER = 2
@@ -219,58 +215,72 @@ def test_bad_input_fails_before_work(gemma, tmp_path):
         profile(model, tokenizer, SourceConfig(dataset=str(table), split="[5:9]", text_column="body"), ProfileConfig(layer=LAYER), progress=False)
 
 
-KILLED_RUN = """
-import sys, time, torch
-sys.path.insert(0, {tests!r})
-from patchscope import load_model
-from patchscope.atlas.sources import SourceConfig
-from patchscope.atlas.config import ProfileConfig
-from patchscope.atlas.run import profile
-torch.set_num_threads(1)
-model, tokenizer = load_model({model!r}, dtype="float32", device="cpu")
-model.model.layers[0].register_forward_pre_hook(lambda *a: time.sleep(0.15))  # slow enough to be killed mid-run
-profile(model, tokenizer, SourceConfig(dataset={data!r}, split=""), ProfileConfig(**{config!r}), out={out!r}, progress=False)
-"""
+KILL_CONFIG = dict(layer=LAYER, top_k=4, max_length=16, batch_tokens=48, checkpoint_every=1, sort_buffer=7)
 
 
-def test_resume_after_sigkill_gives_the_same_atlas(gemma_dir, tmp_path):
-    data = tmp_path / "corpus.txt"
+def kill_argv(gemma_dir, data, out):
+    c = KILL_CONFIG
+    return ["profile", "--model", str(gemma_dir), "--device", "cpu", "--dtype", "float32", "--dataset", str(data), "--split", "",
+            "--layer", str(c["layer"]), "--top-k", str(c["top_k"]), "--max-length", str(c["max_length"]), "--batch-tokens",
+            str(c["batch_tokens"]), "--checkpoint-every", "1", "--sort-buffer", str(c["sort_buffer"]), "--out", str(out)]
+
+
+@pytest.fixture(scope="module")
+def kill_corpus(tmp_path_factory):
+    data = tmp_path_factory.mktemp("kill") / "corpus.txt"
     data.write_text("\n".join(CORPUS * 3))
-    config = dict(layer=LAYER, top_k=4, max_length=16, batch_tokens=48, checkpoint_every=1, sort_buffer=7)
-    out = tmp_path / "run"
-    script = KILLED_RUN.format(tests=str(Path(__file__).parent), model=str(gemma_dir), data=str(data), config=config, out=str(out))
-    child = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    done = 0
-    while time.time() < deadline and child.poll() is None:
-        if (out / CHECKPOINT).exists():
-            try:
-                with safe_open(str(out / CHECKPOINT), framework="pt") as handle:
-                    done = int(handle.metadata()["batches_done"])
-            except Exception:  # noqa: BLE001 - the file is replaced under us; try again
-                pass
-            if done >= 3:
-                break
-        time.sleep(0.02)
-    assert child.poll() is None, child.stderr.read().decode()[-2000:]
-    os.kill(child.pid, signal.SIGKILL)
-    child.wait()
-    assert not (out / "atlas.safetensors").exists() and done >= 3
+    return data
 
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+
+@pytest.fixture(scope="module")
+def uninterrupted(gemma_dir, kill_corpus):
+    with torch_threads(1):
         model, tokenizer = load_model(str(gemma_dir), dtype="float32", device="cpu")
-        source = SourceConfig(dataset=str(data), split="")
-        resumed = profile(model, tokenizer, source, ProfileConfig(**config), out=out, resume=True, progress=False)
-        fresh = profile(model, tokenizer, source, ProfileConfig(**config), out=tmp_path / "fresh", progress=False)
+        return profile(model, tokenizer, SourceConfig(dataset=str(kill_corpus), split=""), ProfileConfig(**KILL_CONFIG), progress=False)
+
+
+@contextmanager
+def torch_threads(n):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
     finally:
         torch.set_num_threads(previous)
-    assert resumed.meta.extra["resumed_after_batches"] >= 3
-    for name, tensor in fresh.tensors().items():
+
+
+@pytest.mark.parametrize("point", ["after_checkpoint", "mid_checkpoint", "before_commit"])
+def test_sigkill_at_any_point_then_the_same_command_gives_the_same_atlas(gemma_dir, kill_corpus, uninterrupted, tmp_path, point, capsys):
+    """SIGKILL when a checkpoint is durable, while the next one is half written (its temporary
+    file exists, the rename has not happened), and after the atlas tensors but before the exports
+    and atlas.json. The child waits at the point, so the kill lands there every time."""
+    out = tmp_path / "run"
+    argv = kill_argv(gemma_dir, kill_corpus, out)
+    child = child_runs.start(point, 3, argv)
+    child.kill()
+    child.wait()
+    if point == "before_commit":
+        assert (out / "atlas.safetensors").exists() and not (out / "atlas.json").exists()
+        rerun = argv  # the same command finishes the exports
+    else:
+        assert (out / CHECKPOINT).exists() and not (out / "atlas.safetensors").exists()
+        rerun = argv + ["--resume"]
+    if point == "mid_checkpoint":
+        assert list(out.glob(".checkpoint.safetensors.*.tmp")), "the kill should leave the half-written checkpoint"
+    with torch_threads(1):
+        assert main(rerun) == 0, capsys.readouterr().err
+    resumed = load_atlas(out)
+    for name, tensor in uninterrupted.tensors().items():
         assert torch.equal(resumed.tensors()[name], tensor), name
-    assert resumed.meta.n_documents == fresh.meta.n_documents
-    assert not (out / CHECKPOINT).exists() and (out / "atlas.safetensors").exists()
+    assert resumed.meta.n_documents == uninterrupted.meta.n_documents
+    if point == "after_checkpoint":
+        assert resumed.meta.extra["resumed_after_batches"] == 3
+        assert "resuming after 3 batches" in capsys.readouterr().err
+    if point == "mid_checkpoint":  # the durable checkpoint before the cut one was used
+        assert resumed.meta.extra["resumed_after_batches"] == 2
+    assert not (out / CHECKPOINT).exists() and (out / "atlas.json").exists()
+    assert (out / f"gemma2_neuron_mapping_layer_{LAYER}.json").exists() and (out / f"top_examples_{SITE}.parquet").exists()
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp") or p.name.startswith(".tmp") or p.name.endswith(".lock")]
 
 
 def test_resume_with_other_settings_is_refused(gemma, tmp_path):

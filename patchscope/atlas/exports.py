@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
+from patchscope.model.sites import parse_site
 from patchscope.util.storage import atomic_write, write_json
 from patchscope.atlas.atlas import CONTEXT_TOKENS, Atlas, AtlasEntry
 from patchscope.atlas.batching import document_segments, locate
@@ -74,3 +75,46 @@ def export_parquet(
 
 def _json_float(value: float) -> float | None:
     return value if math.isfinite(value) else None
+
+
+# -- the export formats, by name: each writes its files for every site of an atlas into a folder
+
+Exporter = Callable[[Atlas, Path, Mapping[int, str], PreTrainedTokenizerBase], list[Path]]
+
+
+def mapping_path(directory: Path, site: str) -> Path | None:
+    """Where the original's mapping file for ``site`` goes; None for sites that are not MLP neurons."""
+    layer, suffix = parse_site(site)
+    return directory / f"gemma2_neuron_mapping_layer_{layer}.json" if suffix == "mlp.hook_post" else None
+
+
+def parquet_path(directory: Path, site: str) -> Path:
+    return directory / f"top_examples_{site}.parquet"
+
+
+def _write_mapping(atlas: Atlas, directory: Path, texts: Mapping[int, str], tokenizer: PreTrainedTokenizerBase) -> list[Path]:
+    paths = [(site, mapping_path(directory, site)) for site in atlas.sites]
+    return [export_original(atlas, path, site, texts, tokenizer) for site, path in paths if path is not None]
+
+
+def _write_parquet(atlas: Atlas, directory: Path, texts: Mapping[int, str], tokenizer: PreTrainedTokenizerBase) -> list[Path]:
+    return [export_parquet(atlas, parquet_path(directory, site), site, texts, tokenizer) for site in atlas.sites]
+
+
+EXPORTS: dict[str, Exporter] = {
+    "mapping": _write_mapping,
+    "parquet": _write_parquet,
+}
+"""Export formats by name (``patchscope export --format``): the original experiment's neuron
+mapping JSON, and a Parquet table of every top-k example."""
+DEFAULT_EXPORTS = ("mapping", "parquet")
+
+
+def write_exports(
+    atlas: Atlas, directory: str | Path, texts: Mapping[int, str], tokenizer: PreTrainedTokenizerBase, formats: tuple[str, ...] = DEFAULT_EXPORTS
+) -> list[Path]:
+    """Write the named export formats of every site of ``atlas`` into ``directory``."""
+    unknown = [name for name in formats if name not in EXPORTS]
+    if unknown:
+        raise ValueError(f"unknown export format {unknown[0]!r}; choose from {', '.join(EXPORTS)}")
+    return [path for name in formats for path in EXPORTS[name](atlas, Path(directory), texts, tokenizer)]

@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "profile": ("patchscope.cli.profile", "profile every neuron of a layer over a corpus into an atlas"),
     "sae": ("patchscope.cli.sae", "print the top SAE features of one token's residual vector"),
     "run": ("patchscope.cli.run", "the whole experiment: profile, extract, SAE, Patchscope; writes results.json"),
+    "export": ("patchscope.cli.export", "rebuild an atlas folder's exports (neuron mapping, Parquet table) from its atlas"),
 }
 
 
@@ -57,13 +58,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "run", None):
         parser.print_help()
         return 2
+    from patchscope.util.signals import Interrupted, raise_on_sigterm
+
+    restore = raise_on_sigterm()
     try:
         return args.run(args)
+    except Interrupted as stop:  # one line, not a traceback: what was saved and how to go on
+        from patchscope.util.errors import as_flags
+
+        print(f"patchscope {args.command}: {as_flags(str(stop), _flags(parser))}", file=sys.stderr)
+        return stop.exit_code
+    except KeyboardInterrupt:
+        print(f"patchscope {args.command}: interrupted", file=sys.stderr)
+        return 130
     except (ValueError, RuntimeError, OSError, IndexError) as error:
         from patchscope.util.errors import as_flags
 
         print(f"patchscope {args.command}: error: {as_flags(str(error), _flags(parser))}", file=sys.stderr)
         return 2
+    finally:
+        restore()
 
 
 def _flags(parser: argparse.ArgumentParser) -> set[str]:

@@ -23,27 +23,23 @@ def register(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from patchscope.cli.args import from_namespace
     from patchscope.atlas.sources import SourceConfig, TextSource
-    from patchscope.model.loading import load_model
+    from patchscope.model.loading import load_model, resolve_device, resolve_dtype
+    from patchscope.model.sites import parse_site
     from patchscope.atlas.config import ProfileConfig
-    from patchscope.atlas.exports import export_original, export_parquet
-    from patchscope.atlas.run import guard_output, profile
+    from patchscope.atlas.exports import DEFAULT_EXPORTS
+    from patchscope.atlas.run import check_before_loading, profile
     from patchscope.util.storage import check_writable
 
     source = TextSource(from_namespace(SourceConfig, args))
     config = from_namespace(ProfileConfig, args)
     config.validate()
+    check_layers(args.model, [layer for layer, _ in map(parse_site, config.site_names()) if layer >= 0])
     out = check_writable(args.out)
-    guard_output(out, args.resume)
-    check_layers(args.model, [int(site.split(".")[1]) for site in config.site_names() if site.startswith("blocks.")])
+    dtype = str(resolve_dtype(args.dtype, resolve_device(args.device))).removeprefix("torch.")
+    check_before_loading(out, args.resume, args.model, source, config, dtype)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-    atlas = profile(model, tokenizer, source, config, out=out, resume=args.resume, model_name=args.model)
+    atlas = profile(model, tokenizer, source, config, out=out, resume=args.resume, model_name=args.model, exports=DEFAULT_EXPORTS)
     print(summarize_atlas(atlas))
-    texts = source.fetch(atlas.documents())
-    for site in atlas.sites:
-        layer = site.split(".")[1]
-        if site.endswith("mlp.hook_post"):
-            export_original(atlas, out / f"gemma2_neuron_mapping_layer_{layer}.json", site, texts, tokenizer)
-        export_parquet(atlas, out / f"top_examples_{site}.parquet", site, texts, tokenizer)
     print(f"wrote {out}/atlas.safetensors, atlas.json, the neuron mapping and top_examples_*.parquet")
     return 0
 

@@ -35,5 +35,5 @@ def run(args: argparse.Namespace) -> int:
     )
     result = run_experiment(config)
     print(format_summary(result))
-    print(f"\nwrote {config.out}/results.json")
+    print(f"\nwrote {result.results_file}")
     return 0

@@ -147,11 +147,57 @@ def _position_index(positions: PositionSpec, batch: int, device: torch.device) -
 
 
 class Capture(dict):
-    """``{site: tensor}`` from the latest forward call; ``history[site]`` keeps every call when asked."""
+    """``{site: tensor}`` from the latest forward call; ``history[site]`` keeps every call when asked.
+
+    With ``positions``, ``positions[site]`` holds the absolute positions of the kept columns.
+    Copies to the CPU are asynchronous; every read waits for them to finish first.
+    """
 
     def __init__(self) -> None:
         super().__init__()
-        self.history: dict[str, list[Tensor]] = {}
+        self._history: dict[str, list[Tensor]] = {}
+        self.positions: dict[str, Tensor] = {}
+        self._pending: list[Any] = []  # CUDA events recorded after each non-blocking copy to the host
+
+    def synchronize(self) -> None:
+        """Wait until every copy to the CPU has landed (a no-op when none is in flight)."""
+        while self._pending:
+            self._pending.pop(0).synchronize()
+
+    @property
+    def history(self) -> dict[str, list[Tensor]]:
+        self.synchronize()
+        return self._history
+
+    def __getitem__(self, name: str) -> Tensor:
+        self.synchronize()
+        return super().__getitem__(name)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        self.synchronize()
+        return super().get(name, default)
+
+    def values(self):  # type: ignore[override]
+        self.synchronize()
+        return super().values()
+
+    def items(self):  # type: ignore[override]
+        self.synchronize()
+        return super().items()
+
+
+def _columns_in_window(positions: PositionSpec, offset: int, seq_len: int) -> Tensor | None:
+    """Local indices ``[batch|1, n_in]`` of the requested positions that this call covers, or None.
+
+    The same contract as `patch`: positions are absolute, and a call covers ``offset .. offset +
+    seq_len - 1`` (under a KV cache, decode steps cover only the new token). A column is kept when
+    every row's position lies in the window. Computed on the CPU: no device sync per call.
+    """
+    index = _position_index(positions, 1, torch.device("cpu")) - offset  # [batch|1, n]
+    inside = ((index >= 0) & (index < seq_len)).all(dim=0)  # [n]
+    if not bool(inside.any()):
+        return None
+    return index[:, inside]
 
 
 @contextmanager
@@ -159,17 +205,25 @@ def capture(
     model: nn.Module,
     names: str | Sequence[str],
     *,
-    positions: Sequence[int] | None = None,
+    positions: PositionSpec = None,
     to_cpu: bool = False,
     keep_history: bool = False,
 ) -> Iterator[Capture]:
     """Context manager that records sites as ``[batch, pos, d]`` tensors during the forward passes inside it.
 
+    With ``positions`` (as for `patch`: absolute, one int, a list, or a per-row ``[batch, n]`` tensor), only the
+    columns at those positions are kept.
+
+    Under generation with a KV cache a call records only the requested positions it covers, and a
+    call that covers none records nothing: the prefill records the prompt positions, the decode step
+    at position p records p. ``keep_history`` keeps every recording call's tensor, e.g. one per
+    generation step. ``to_cpu`` copies without blocking; reading the result waits for the copies.
+
     Args:
         model: a HF causal LM of a supported family.
         names: one site name or several (``"blocks.3.hook_resid_post"``, see `list_sites`).
         positions: absolute token positions to keep (all positions when None).
-        to_cpu: copy each recorded tensor to the CPU.
+        to_cpu: copy each recorded tensor to the CPU (reading it waits for the copy).
         keep_history: keep every forward call's tensor in ``store.history[site]``, e.g. one per
             generation step; otherwise each call replaces the last.
 
@@ -189,17 +243,32 @@ def capture(
         def record(value: Tensor, step: Step) -> None:
             kept = value.detach()
             if positions is not None:
-                kept = kept[:, [p - step.offset for p in positions]]
-            if to_cpu:
+                offset = step.offset
+                local = _columns_in_window(positions, offset, kept.shape[1])
+                if local is None:
+                    return None
+                if local.shape[0] == 1:
+                    kept = kept[:, local[0].to(kept.device)]
+                else:  # per-row positions: [batch, n_in]
+                    kept = kept.gather(1, local.to(kept.device).unsqueeze(-1).expand(-1, -1, kept.shape[-1]))
+                store.positions[name] = local + offset
+            if to_cpu and kept.device.type != "cpu":
                 kept = kept.to("cpu", non_blocking=True)
-            store[name] = kept
+                if value.device.type == "cuda":
+                    event = torch.cuda.Event()
+                    event.record(torch.cuda.current_stream(value.device))
+                    store._pending.append(event)
+            dict.__setitem__(store, name, kept)
             if keep_history:
-                store.history.setdefault(name, []).append(kept)
+                store._history.setdefault(name, []).append(kept)
 
         return record
 
-    with add_hooks(model, {name: make(name) for name in names}):
-        yield store
+    try:
+        with add_hooks(model, {name: make(name) for name in names}):
+            yield store
+    finally:
+        store.synchronize()
 
 
 @contextmanager

@@ -100,9 +100,13 @@ def inject(
     ).unsqueeze(1)  # [batch, 1, d_model]
     batch = len(rows)
     neurons = torch.tensor([row.neuron for row in rows], device=device)
-    rng_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
+    # Seed only the generators sampling uses, inside a fork that restores them: `torch.manual_seed`
+    # would also reseed every GPU and leave the caller's generators changed.
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.random.default_generator.manual_seed(seed)
+        if devices:
+            torch.cuda.default_generators[devices[0]].manual_seed(seed)
         with torch.no_grad(), patch(model, target_site, vectors, positions=positions, rows=patched), capture(
             model, observe_site, keep_history=True
         ) as seen:
@@ -120,8 +124,6 @@ def inject(
                 with stop_after(model, observe_site):
                     model(input_ids=input_ids, attention_mask=attention_mask)
                 output = input_ids
-    finally:
-        torch.random.set_rng_state(rng_state)
     trace = torch.cat(seen.history[observe_site], dim=1)  # prefill [batch, pos] then one per step: [batch, steps, d]
     picked = trace.gather(2, neurons.view(batch, 1, 1).expand(batch, trace.shape[1], 1)).squeeze(2).float().cpu()
     generated = output[:, width:].cpu()

@@ -1,0 +1,54 @@
+"""``patchscope export``: rebuild the exports of an atlas folder from its atlas.
+
+For a folder whose run was killed after saving the atlas but before its exports, and for
+exports that were deleted or are wanted in another format. The texts are read again from the
+atlas's data, which must still be the data that was profiled (its content identity is checked).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    from patchscope.atlas.exports import DEFAULT_EXPORTS, EXPORTS
+
+    parser.add_argument("atlas_dir", metavar="ATLAS_DIR", help="folder holding atlas.safetensors")
+    parser.add_argument(
+        "--format", nargs="+", choices=list(EXPORTS), default=list(DEFAULT_EXPORTS), help=f"formats to write (default: {' '.join(DEFAULT_EXPORTS)})"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from patchscope.atlas.atlas import AtlasError
+    from patchscope.atlas.exports import write_exports
+    from patchscope.atlas.run import identity_changes, run_identity
+    from patchscope.atlas.sources import SourceConfig, TextSource
+    from patchscope.atlas.store import commit_atlas, is_committed, load_atlas
+    from patchscope.model.loading import load_tokenizer
+    from patchscope.util.lock import output_lock
+
+    directory = Path(args.atlas_dir)
+    atlas = load_atlas(directory)
+    meta = atlas.meta
+    if meta.dataset == "<texts>":
+        raise AtlasError(f"the atlas in {directory} was profiled from texts given in Python, so its exports cannot be rebuilt here")
+    recorded = meta.extra.get("source") or {"dataset": meta.dataset, "split": meta.split, "text_column": meta.text_column}
+    source_config = SourceConfig(**recorded)
+    changes = identity_changes(meta.extra.get("identity"), run_identity(meta.model, source_config), meta.model, meta.dataset)
+    if changes:
+        raise AtlasError(f"cannot rebuild the exports of {directory}: {'; '.join(changes)} since the atlas was made")
+    texts = TextSource(source_config).fetch(atlas.documents())
+    tokenizer = load_tokenizer(meta.model)
+    formats = tuple(dict.fromkeys(args.format))
+    with output_lock(directory):
+        if is_committed(directory):
+            written = write_exports(atlas, directory, texts, tokenizer, formats)
+        else:  # a run killed before its exports: write them, then the commit marker
+            written = []
+            commit_atlas(directory, before_commit=lambda saved: written.extend(write_exports(saved, directory, texts, tokenizer, formats)))
+    for path in written:
+        print(f"wrote {path}")
+    return 0
