@@ -28,7 +28,8 @@ class ProfileConfig:
     checkpoint_every: int = 50
     """Write a resumable checkpoint to the output directory every N batches (0: never)."""
     sort_buffer: int = 4096
-    """Documents buffered and length-sorted together; bounds memory for streamed sources."""
+    """Documents buffered and length-sorted together (blocks of consecutive row indices); bounds
+    memory for streamed sources. Blocks are also what the ranks of a torchrun job share out."""
 
     def site_names(self) -> tuple[str, ...]:
         return self.sites or (f"blocks.{self.layer}.mlp.hook_post",)

@@ -109,11 +109,11 @@ class Profiler:
                 self.splits += 1
                 log.warning("out of memory on %d rows; halving the batch token budget and retrying", size)
         for site, pieces in self._pending.items():
-            moments = self.state[site].moments
+            stats = self.state[site]
             for candidates, piece_moments in pieces:
-                moments = moments + piece_moments
+                stats = stats.add(piece_moments)  # exact sums: the grouping of batches cannot change them
                 self._unmerged[site].append(candidates)
-            self.state[site] = SiteAtlas(self.state[site].top, moments)
+            self.state[site] = stats
             if len(self._unmerged[site]) >= MERGE_EVERY:
                 self.flush(site)
         self._pending = {}
@@ -123,5 +123,5 @@ class Profiler:
         for name in [site] if site else self.sites:
             if self._unmerged[name]:
                 current = self.state[name]
-                self.state[name] = SiteAtlas(merge_topk_fast(current.top, *self._unmerged[name]), current.moments)
+                self.state[name] = SiteAtlas(merge_topk_fast(current.top, *self._unmerged[name]), current.moments, current.sums)
                 self._unmerged[name] = []

@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from patchscope.util.storage import check_writable
 from patchscope.util.versions import versions
+from patchscope.atlas import distributed
 from patchscope.atlas.atlas import Atlas, AtlasError, AtlasMeta
 from patchscope.atlas.batching import plan
 from patchscope.atlas.config import ProfileConfig
@@ -71,15 +72,18 @@ def profile(
     out = check_writable(out) if out is not None else None
     if resume and out is None:
         raise ValueError("`resume` needs the output directory (`out`) that holds the checkpoint")
+    world = distributed.join(profiler.device)  # torchrun's world; one process without it
+    checkpoint = out / distributed.checkpoint_name(world) if out is not None else None
     if out is not None:
         guard_output(out, resume)
+        distributed.check_checkpoints(out, world, resume)
 
     done = 0
-    if resume and out is not None and (out / CHECKPOINT).exists():
-        done = _restore(profiler, out / CHECKPOINT, key)
+    if resume and checkpoint is not None and checkpoint.exists():
+        done = _restore(profiler, checkpoint, key)
         log.info("resuming after %d batches", done)
 
-    count = _Counter(documents)
+    count = _Counter(distributed.shard(documents, config.sort_buffer, world))  # this rank's blocks
     batches = plan(
         count,
         tokenizer,
@@ -104,7 +108,7 @@ def profile(
             bar.update(real)
             bar.set_postfix(docs=count.n, refresh=False)
             if out is not None and config.checkpoint_every and index % config.checkpoint_every == 0:
-                _checkpoint(profiler, out / CHECKPOINT, key, index)
+                _checkpoint(profiler, checkpoint, key, index)
     finally:
         bar.close()
     profiler.flush()
@@ -136,8 +140,13 @@ def profile(
         },
     )
     atlas = Atlas(meta, {site: stats.to("cpu") for site, stats in profiler.state.items()})
+    if world.size > 1:  # keep this rank's finished share, meet the others, merge (atlas/distributed.py)
+        if checkpoint is not None:
+            _checkpoint(profiler, checkpoint, key, index)
+        distributed.meet(world)
+        atlas = distributed.merge_ranks(atlas, world)
     nonfinite = atlas.nonfinite_total()
-    meta.extra["nonfinite_activations"] = nonfinite
+    atlas.meta.extra["nonfinite_activations"] = nonfinite
     if nonfinite:
         warnings.warn(
             f"{nonfinite} activations were inf/nan ({dtype} overflow?) and were left out of the atlas; "
@@ -145,9 +154,9 @@ def profile(
             RuntimeWarning,
             stacklevel=2,
         )
-    if out is not None:
+    if out is not None and world.is_main:
         save_atlas(atlas, out)
-        (out / CHECKPOINT).unlink(missing_ok=True)
+    distributed.finish(world, checkpoint)
     return atlas
 
 

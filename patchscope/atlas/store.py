@@ -18,6 +18,7 @@ from patchscope.kernels.topk_merge import Moments, TopK
 from patchscope.model.sites import parse_site
 from patchscope.util.storage import write_json, write_tensors
 from patchscope.atlas.atlas import Atlas, AtlasError, AtlasMeta, SiteAtlas
+from patchscope.atlas.exact import ExactSum
 
 ATLAS_TENSORS = "atlas.safetensors"
 ATLAS_JSON = "atlas.json"
@@ -67,5 +68,6 @@ def load_atlas_with_metadata(path: str | Path, device: torch.device | str = "cpu
         parse_site(site)
         top = TopK(*(tensors[f"{site}/{f.name}"] for f in dataclasses.fields(TopK)))
         moments = Moments(*(tensors[f"{site}/{f.name}"] for f in dataclasses.fields(Moments)))
-        stats[site] = SiteAtlas(top, moments)
+        sums = ExactSum(tensors[f"{site}/sums"]) if f"{site}/sums" in tensors else None
+        stats[site] = SiteAtlas(top, moments, sums)
     return Atlas(meta, stats), metadata
