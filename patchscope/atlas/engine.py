@@ -38,6 +38,9 @@ class _BatchFields:
     token: Tensor | None = None
     counted: Tensor | None = None
 
+    def to(self, device: torch.device) -> _BatchFields:
+        return _BatchFields(*(None if t is None else t.to(device) for t in (self.doc, self.position, self.token, self.counted)))
+
 
 def _is_oom(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
@@ -80,12 +83,30 @@ class Profiler:
 
         return reduce
 
+    def _on_site_device(self, hook):
+        """Under a device_map a site may live on another GPU than the inputs: reduce its activations
+        there (only the ``[tokens]`` fields travel), then bring the small results to the state's device."""
+
+        def reduce_where_it_lives(value: Tensor, step) -> None:
+            if value.device == self.device:
+                return hook(value, step)
+            fields, scratch = self._fields, self._scratch
+            self._fields, self._scratch = fields.to(value.device), torch.empty(0, device=value.device)
+            try:
+                hook(value, step)
+            finally:
+                self._fields, self._scratch = fields, scratch
+            pieces = self._pending[step.site]
+            pieces[-1] = tuple(part.to(self.device) for part in pieces[-1])
+
+        return reduce_where_it_lives
+
     def _forward(self, batch: Batch) -> None:
         batch = batch.to(self.device)
         self._fields = _BatchFields(
             batch.doc.flatten(), batch.position.flatten(), batch.input_ids.flatten(), batch.counted.flatten()
         )
-        with torch.inference_mode(), add_hooks(self.model, {s: self._site_hook(s) for s in self.sites}), stop_after(
+        with torch.inference_mode(), add_hooks(self.model, {s: self._on_site_device(self._site_hook(s)) for s in self.sites}), stop_after(
             self.model, self.deepest
         ):
             self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
