@@ -44,11 +44,12 @@ def merge_atlases(atlases: list[Atlas], names: list[str] | None = None) -> Atlas
     merged = ordered[0]
     for atlas in ordered[1:]:
         merged = merged.merge(atlas)
-    split, start, stop = ranges[0][0][0], ranges[0][0][1], ranges[-1][0][2]
+    name = ordered[0].meta.split.strip().split("[")[0]  # as written: local files have no split name
+    start, stop = ranges[0][0][1], ranges[-1][0][2]
     contiguous = all(a[0][2] == b[0][1] for a, b in zip(ranges, ranges[1:]))
     merged.meta = dataclasses.replace(
         merged.meta,
-        split=f"{split}[{start}:{'' if stop is None else stop}]" if contiguous else "+".join(a.meta.split for a in ordered),
+        split=f"{name}[{start}:{'' if stop is None else stop}]" if contiguous else "+".join(a.meta.split for a in ordered),
         extra={
             "merged_from": [a.meta.split for a in ordered],
             "tokens_this_run": sum(int(a.meta.extra.get("tokens_this_run") or 0) for a in ordered),
