@@ -25,6 +25,7 @@ import datetime
 import logging
 import os
 import re
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,12 +87,16 @@ def timeout() -> datetime.timedelta:
     return datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)))
 
 
+_joined: dict[str, object] = {}  # the process group this module created, and its gloo control group
+
+
 def join(device: torch.device) -> World:
     """Detect the world and, when it has several ranks, join its process group (nccl on CUDA, gloo on CPU)."""
     world = detect()
     if world.size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=timeout(), device_id=device if device.type == "cuda" else None)
+        _joined["default"] = backend
         log.info("rank %d of %d joined the %s process group", world.rank, world.size, backend)
     return world
 
@@ -100,7 +105,9 @@ def _control_group():
     """A gloo group for the barrier and the merge (small CPU tensors); the default group when that is gloo."""
     if dist.get_backend() == "gloo":
         return dist.group.WORLD
-    return dist.new_group(backend="gloo", timeout=timeout())
+    if "control" not in _joined:
+        _joined["control"] = dist.new_group(backend="gloo", timeout=timeout())
+    return _joined["control"]
 
 
 # -- sharding
@@ -184,6 +191,7 @@ def merge_ranks(atlas: Atlas, world: World) -> Atlas:
     """Every rank's atlas merged into one, on every rank (all-gathers of same-shaped CPU tensors)."""
     if world.size == 1:
         return atlas
+    started = time.perf_counter()
     group = _control_group()
     atlas = Atlas(atlas.meta, {site: _exact(stats) for site, stats in atlas.sites.items()})
     mine = {name: tensor.cpu() for name, tensor in atlas.tensors().items()}  # the same names and shapes on every rank
@@ -194,7 +202,9 @@ def merge_ranks(atlas: Atlas, world: World) -> Atlas:
     )
     all_counts = _all_gather(counts, world, group)
     parts = [_rank_atlas(atlas, {name: g[r] for name, g in gathered.items()}, all_counts[r]) for r in range(world.size)]
-    return combine(parts)
+    merged = combine(parts)
+    merged.meta.extra["merge_seconds"] = round(time.perf_counter() - started, 4)
+    return merged
 
 
 _RANK_FIELDS = ("batches", "resumed_after_batches", "seconds", "tokens_this_run")
@@ -254,3 +264,6 @@ def finish(world: World, checkpoint: Path | None) -> None:
         dist.barrier(group=_control_group())
     if checkpoint is not None:
         checkpoint.unlink(missing_ok=True)
+    if world.size > 1 and "default" in _joined:  # leave as we came: a later run joins afresh
+        _joined.clear()
+        dist.destroy_process_group()

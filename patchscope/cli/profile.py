@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         model, tokenizer = load_model_until(args.model, max(layers, default=0), dtype=args.dtype, device=device, device_map=args.device_map)
     else:
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=device, device_map=args.device_map)
-    atlas = profile(model, tokenizer, source, config, out=out, resume=args.resume, model_name=args.model)
+    atlas = profile(model, tokenizer, source, config, out=out, resume=args.resume, model_name=args.model, progress=world.is_main)
     if not world.is_main:  # rank 0 writes the one atlas and the exports
         return 0
     print(summarize_atlas(atlas))
