@@ -88,23 +88,23 @@ def same_atlas(a: Path, b: Path) -> bool:
 
 MEMORY_PROBE = textwrap.dedent(
     """
-    import json, resource, sys
+    import json, sys
     import torch
+    from benchmarks.common import PeakMemory
     from patchscope.model.loading import load_model, load_model_until
     from patchscope.atlas.config import ProfileConfig
     from patchscope.atlas.run import profile
     torch.set_num_threads(1)
     folder, layer, truncated, texts = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", json.loads(sys.argv[4])
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    if truncated:
-        model, tokenizer = load_model_until(folder, layer, dtype="float32", device="cpu")
-    else:
-        model, tokenizer = load_model(folder, dtype="float32", device="cpu")
-    loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    profile(model, tokenizer, texts, ProfileConfig(layer=layer, max_length=128, batch_tokens=1024), progress=False)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with PeakMemory("cpu") as peak:
+        if truncated:
+            model, tokenizer = load_model_until(folder, layer, dtype="bfloat16", device="cpu")
+        else:
+            model, tokenizer = load_model(folder, dtype="bfloat16", device="cpu")
+        resident = PeakMemory._rss() - peak._base
+        profile(model, tokenizer, texts, ProfileConfig(layer=layer, max_length=128, batch_tokens=1024), progress=False)
     params = sum(p.numel() for p in model.parameters())
-    print(json.dumps({"load_mb": (loaded - before) / 1024, "peak_mb": (after - before) / 1024, "params": params}))
+    print(json.dumps({"resident_mb": resident / 2**20, "peak_mb": peak.peak_bytes / 2**20, "params": params}))
     """
 )
 
@@ -199,10 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(lines))
     if args.device == "cpu":
         rows = memory(model, args.layer, texts)
-        print(f"\n| {args.shape}, fp32, layer {args.layer} | parameters | peak RSS growth, load (MiB) | peak RSS growth, load + profile 16 docs (MiB) |")
+        print(f"\n| {args.shape}, bf16 (converted from the fp32 checkpoint, so every kept weight is resident), layer {args.layer} | parameters | RSS growth after load (MiB) | peak RSS growth, load + profile 16 docs (MiB) |")
         print("|---|---:|---:|---:|")
         for name, row in rows.items():
-            print(f"| {name} | {row['params']:,} | {row['load_mb']:.0f} | {row['peak_mb']:.0f} |")
+            print(f"| {name} | {row['params']:,} | {row['resident_mb']:.0f} | {row['peak_mb']:.0f} |")
     print()
     print(on_paper(args.paper, args.paper_layer))
     return 0
