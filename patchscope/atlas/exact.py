@@ -49,9 +49,10 @@ class ExactSum:
             rest = rest - count * 2.0**shift
             rows.append(count)
         rows.append(torch.where(splittable, 0.0, value))
-        return cls(_carry(torch.stack(rows)))
+        return cls(torch.stack(rows))  # rows share the value's sign; the first `+` brings them to canonical form
 
     def __add__(self, other: ExactSum) -> ExactSum:
+        """The canonical form of the sum (equal sums give equal ``parts``, however they were grouped)."""
         parts = self.parts + other.parts  # limb rows: integer sums below 2^53, exact
         return ExactSum(_carry(parts))
 
@@ -67,7 +68,7 @@ class ExactSum:
 
 
 def _carry(parts: Tensor) -> Tensor:
-    """Bring every limb row but the top back into [0, 2^32); the canonical form is unique."""
+    """Bring every limb row but the top into [0, 2^32) (rows may start in (-2^32, 2^33)); the result is unique."""
     parts = parts.clone()
     base = float(2**LIMB_BITS)
     for i in range(len(SHIFTS) - 1, 0, -1):

@@ -6,7 +6,7 @@ import argparse
 
 
 def register(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("out", help="output directory for the merged atlas")
+    parser.add_argument("out", metavar="OUT", help="output directory for the merged atlas")
     parser.add_argument("atlases", nargs="+", metavar="DIR", help="atlas directories of the jobs (two or more)")
 
 
