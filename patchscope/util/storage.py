@@ -46,7 +46,7 @@ def check_writable(directory: str | Path) -> Path:
         directory.mkdir(parents=True, exist_ok=True)
         probe = directory / ".patchscope-write-test"
         probe.write_text("ok")
-        probe.unlink()
+        probe.unlink(missing_ok=True)  # torchrun ranks probe the same directory at once
     except OSError as error:
         raise PermissionError(f"cannot write to output directory {str(directory)!r}: {error.strerror}; pick another `out`") from error
     return directory
