@@ -10,12 +10,16 @@ How a sharded atlas stays bit-identical to the single-process one:
   the unit of length-sorting and batching (`batching.plan`) and the unit of sharding (block ``b``
   goes to rank ``b % world_size``). Every rank therefore runs exactly the batches a single process
   would run for those documents, so every activation is computed the same way;
-- top-k examples merge exactly under the ranking rule (value, then document, then position);
+- top-k examples merge exactly under the ranking rule (value, then document, then position). One
+  exception is inherited from the fast kernel: when more than ``TIE_MARGIN + 1`` tokens tie exactly
+  at a neuron's k-th value, which of them it keeps depends on the grouping of batches (measured on
+  real text: position 1 of documents that start with the same token; see benchmarks/RESULTS.md);
 - moments are kept as exact sums (`atlas.exact.ExactSum`), so their grouping does not matter.
 
 Failures: the process group has a timeout (``PATCHSCOPE_DIST_TIMEOUT`` seconds, default 1800), and
 the ranks meet in a monitored barrier before the merge, which names any rank that did not arrive.
-Each rank's checkpoint is written before that barrier, so a resume of the whole job redoes nothing.
+Each rank's checkpoint is written before that barrier, so a resume of the whole job redoes only
+the work that was lost.
 """
 
 from __future__ import annotations
