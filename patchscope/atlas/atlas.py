@@ -14,6 +14,7 @@ import torch
 from patchscope.kernels.topk_merge import Moments, TopK, merge_topk
 
 from patchscope.atlas.batching import Overflow
+from patchscope.atlas.exact import ExactSum
 
 CONTEXT_TOKENS = 5
 
@@ -47,6 +48,10 @@ class SiteAtlas:
 
     top: TopK  # [k, n]
     moments: Moments  # [n]
+    sums: ExactSum | None = None
+    """``moments.total`` and ``moments.total_sq`` kept exactly ([2, n]), so that how batches were
+    grouped (one process, several ranks, several jobs) cannot change a bit of them. None in
+    atlases written before it existed; their moments merge as plain float sums."""
 
     @property
     def n_neurons(self) -> int:
@@ -72,10 +77,22 @@ class SiteAtlas:
     def merge(self, other: SiteAtlas) -> SiteAtlas:
         if other.n_neurons != self.n_neurons or other.top.k != self.top.k:
             raise AtlasError(f"cannot merge atlases of shape {tuple(self.top.values.shape)} and {tuple(other.top.values.shape)}")
-        return SiteAtlas(merge_topk(self.top, other.top), self.moments + other.moments)
+        merged = SiteAtlas(merge_topk(self.top, other.top), self.moments + other.moments)
+        if self.sums is not None and other.sums is not None:
+            merged = merged._with_sums(self.sums + other.sums)
+        return merged
+
+    def add(self, batch: Moments) -> SiteAtlas:
+        """Fold one batch's moments in; the float sums go through `ExactSum`."""
+        current = self.sums if self.sums is not None else ExactSum.of(torch.stack([self.moments.total, self.moments.total_sq]))
+        return SiteAtlas(self.top, self.moments + batch)._with_sums(current + ExactSum.of(torch.stack([batch.total, batch.total_sq])))
+
+    def _with_sums(self, sums: ExactSum) -> SiteAtlas:
+        total, total_sq = sums.value()
+        return SiteAtlas(self.top, dataclasses.replace(self.moments, total=total, total_sq=total_sq), sums)
 
     def to(self, device: torch.device | str) -> SiteAtlas:
-        return SiteAtlas(self.top.to(device), self.moments.to(device))
+        return SiteAtlas(self.top.to(device), self.moments.to(device), self.sums.to(device) if self.sums is not None else None)
 
 
 @dataclass(frozen=True)
@@ -176,6 +193,8 @@ class Atlas:
             for group in (stats.top, stats.moments):
                 for spec in dataclasses.fields(group):
                     out[f"{site}/{spec.name}"] = getattr(group, spec.name)
+            if stats.sums is not None:
+                out[f"{site}/sums"] = stats.sums.parts
         return out
 
     def documents(self, site: str | None = None) -> set[int]:

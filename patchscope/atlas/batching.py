@@ -120,9 +120,11 @@ def plan(
 ) -> Iterator[list[Segment]]:
     """Group segments into batches of at most ``batch_tokens`` padded tokens.
 
-    Segments are length-sorted (longest first) within buffers of ``sort_buffer`` documents, which
-    keeps padding low while a streaming source never has to be held whole. The order is
-    deterministic, so a resumed run sees the same batches.
+    Segments are length-sorted (longest first) within blocks of ``sort_buffer`` consecutive
+    absolute document indices (``index // sort_buffer``), which keeps padding low while a streaming
+    source never has to be held whole. The order is deterministic, so a resumed run sees the same
+    batches, and a block's batches do not depend on which other blocks a run holds: blocks are what
+    `distributed.shard` hands to the ranks of a data-parallel run.
     """
     if batch_tokens < max_length:
         raise ValueError(f"`batch_tokens` ({batch_tokens}) must be at least `max_length` ({max_length})")
@@ -130,13 +132,13 @@ def plan(
         raise ValueError(f"`sort_buffer` must be at least 1 document, got {sort_buffer}")
     has_bos = adds_bos(tokenizer)
     buffer: list[Segment] = []
-    count = 0
+    block = None
     for document in documents:
-        buffer.extend(segments(tokenizer, document, max_length, overflow, exclude_bos, has_bos))
-        count += 1
-        if count % sort_buffer == 0:
+        if buffer and document.index // sort_buffer != block:
             yield from pack_by_length(buffer, batch_tokens)
             buffer = []
+        block = document.index // sort_buffer
+        buffer.extend(segments(tokenizer, document, max_length, overflow, exclude_bos, has_bos))
     yield from pack_by_length(buffer, batch_tokens)
 
 

@@ -36,7 +36,8 @@ class ProfileConfig:
         default=50, metadata={"help": "Write a resumable checkpoint to the output directory every N batches (0: never)."}
     )
     sort_buffer: int = field(
-        default=4096, metadata={"help": "Documents buffered and length-sorted together; bounds memory for streamed sources."}
+        default=4096, metadata={"help": "Documents buffered and length-sorted together (blocks of consecutive row indices); bounds memory for streamed "
+            "sources. Blocks are also what the ranks of a torchrun job share out."}
     )
 
     def site_names(self) -> tuple[str, ...]:

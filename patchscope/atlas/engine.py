@@ -38,6 +38,9 @@ class _BatchFields:
     token: Tensor | None = None
     counted: Tensor | None = None
 
+    def to(self, device: torch.device) -> _BatchFields:
+        return _BatchFields(*(None if t is None else t.to(device) for t in (self.doc, self.position, self.token, self.counted)))
+
 
 def _is_oom(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
@@ -81,12 +84,30 @@ class Profiler:
 
         return reduce
 
+    def _on_site_device(self, hook):
+        """Under a device_map a site may live on another GPU than the inputs: reduce its activations
+        there (only the ``[tokens]`` fields travel), then bring the small results to the state's device."""
+
+        def reduce_where_it_lives(value: Tensor, step) -> None:
+            if value.device == self.device:
+                return hook(value, step)
+            fields, scratch = self._fields, self._scratch
+            self._fields, self._scratch = fields.to(value.device), torch.empty(0, device=value.device)
+            try:
+                hook(value, step)
+            finally:
+                self._fields, self._scratch = fields, scratch
+            pieces = self._pending[step.site]
+            pieces[-1] = tuple(part.to(self.device) for part in pieces[-1])
+
+        return reduce_where_it_lives
+
     def _forward(self, batch: Batch) -> None:
         batch = batch.to(self.device)
         self._fields = _BatchFields(
             batch.doc.flatten(), batch.position.flatten(), batch.input_ids.flatten(), batch.counted.flatten()
         )
-        with torch.inference_mode(), add_hooks(self.model, {s: self._site_hook(s) for s in self.sites}), stop_after(
+        with torch.inference_mode(), add_hooks(self.model, {s: self._on_site_device(self._site_hook(s)) for s in self.sites}), stop_after(
             self.model, self.deepest
         ):
             self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
@@ -110,11 +131,11 @@ class Profiler:
                 self.splits += 1
                 log.warning("out of memory on %d rows; halving the batch token budget and retrying", size)
         for site, pieces in self._pending.items():
-            moments = self.state[site].moments
+            stats = self.state[site]
             for candidates, piece_moments in pieces:
-                moments = moments + piece_moments
+                stats = stats.add(piece_moments)  # exact sums: the grouping of batches cannot change them
                 self._unmerged[site].append(candidates)
-            self.state[site] = SiteAtlas(self.state[site].top, moments)
+            self.state[site] = stats
             if len(self._unmerged[site]) >= MERGE_EVERY:
                 self.flush(site)
         self._pending = {}
@@ -124,5 +145,5 @@ class Profiler:
         for name in [site] if site else self.sites:
             if self._unmerged[name]:
                 current = self.state[name]
-                self.state[name] = SiteAtlas(merge_topk_fast(current.top, *self._unmerged[name]), current.moments)
+                self.state[name] = SiteAtlas(merge_topk_fast(current.top, *self._unmerged[name]), current.moments, current.sums)
                 self._unmerged[name] = []

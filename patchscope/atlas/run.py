@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -23,6 +24,7 @@ from patchscope.util.lock import output_lock
 from patchscope.util.signals import InterruptFlag, Interrupted
 from patchscope.util.storage import check_writable, remove_stale_temp_files
 from patchscope.util.versions import versions
+from patchscope.atlas import distributed
 from patchscope.atlas.atlas import Atlas, AtlasError, AtlasMeta
 from patchscope.atlas.batching import plan
 from patchscope.atlas.config import ProfileConfig
@@ -117,7 +119,7 @@ def profile(
             raise ValueError("`resume` needs the output directory (`out`) that holds the checkpoint")
         return _profile(model, tokenizer, source, config, None, False, model_name, progress, exports)
     out = check_writable(out)
-    with output_lock(out):
+    with _rank_zero_lock(out):
         for stale in remove_stale_temp_files(out):
             log.info("removed %s, left by a killed write", stale.name)
         return _profile(model, tokenizer, source, config, out, resume, model_name, progress, exports)
@@ -132,19 +134,22 @@ def _profile(model, tokenizer, source, config, out: Path | None, resume: bool, m
     key = fingerprint(model_name, source_config, config, dtype)
     identity = run_identity(model_name, source_config, model)
     dataset = source_config.dataset if source_config else "<texts>"
+    world = distributed.join(profiler.device)  # torchrun's world; one process without it
+    checkpoint = out / distributed.checkpoint_name(world) if out is not None else None
     if out is not None:
         if (out / ATLAS_TENSORS).exists() and not is_committed(out):  # killed after its tensors were saved
             return _finish(out, key, identity, model_name, dataset, lambda saved: _before_commit(saved, out, documents, text_source, tokenizer, exports))
         guard_output(out, resume)
+        distributed.check_checkpoints(out, world, resume)
 
     done = documents_done = 0
-    if resume and out is not None and (out / CHECKPOINT).exists():
-        done, documents_done = _restore(profiler, out / CHECKPOINT, key, identity, model_name, dataset)
+    if resume and checkpoint is not None and checkpoint.exists():
+        done, documents_done = _restore(profiler, checkpoint, key, identity, model_name, dataset)
         log.info("resuming after %d batches (%d documents)", done, documents_done)
         if progress:
             print(f"resuming after {done} batches ({documents_done} documents)", file=sys.stderr)
 
-    count = _Counter(documents)
+    count = _Counter(distributed.shard(documents, config.sort_buffer, world))  # this rank's blocks
     batches = plan(
         count,
         tokenizer,
@@ -171,11 +176,11 @@ def _profile(model, tokenizer, source, config, out: Path | None, resume: bool, m
             documents_done += sum(1 for r in rows if r.offset == 0)  # each document has one segment at offset 0
             bar.update(real)
             bar.set_postfix(docs=count.n, refresh=False)
-            if out is not None and ((config.checkpoint_every and index % config.checkpoint_every == 0) or stop):
-                _checkpoint(profiler, out / CHECKPOINT, key, index, identity, documents_done)
+            if checkpoint is not None and ((config.checkpoint_every and index % config.checkpoint_every == 0) or stop):
+                _checkpoint(profiler, checkpoint, key, index, identity, documents_done)
             if stop:
                 where = f" after {index} batches ({documents_done} documents)"
-                raise Interrupted(stop.signum, out / CHECKPOINT if out is not None else None, where)
+                raise Interrupted(stop.signum, checkpoint, where)
     finally:
         stop.restore()
         bar.close()
@@ -210,8 +215,13 @@ def _profile(model, tokenizer, source, config, out: Path | None, resume: bool, m
         },
     )
     atlas = Atlas(meta, {site: stats.to("cpu") for site, stats in profiler.state.items()})
+    if world.size > 1:  # keep this rank's finished share, meet the others, merge (atlas/distributed.py)
+        if checkpoint is not None:
+            _checkpoint(profiler, checkpoint, key, index, identity, documents_done)
+        distributed.meet(world)
+        atlas = distributed.merge_ranks(atlas, world)
     nonfinite = atlas.nonfinite_total()
-    meta.extra["nonfinite_activations"] = nonfinite
+    atlas.meta.extra["nonfinite_activations"] = nonfinite
     if nonfinite:
         warnings.warn(
             f"{nonfinite} activations were inf/nan ({dtype} overflow?) and were left out of the atlas; "
@@ -219,8 +229,9 @@ def _profile(model, tokenizer, source, config, out: Path | None, resume: bool, m
             RuntimeWarning,
             stacklevel=2,
         )
-    if out is not None:
+    if out is not None and world.is_main:
         save_atlas(atlas, out, before_commit=lambda saved: _before_commit(saved, out, documents, text_source, tokenizer, exports))
+    distributed.finish(world, checkpoint)
     return atlas
 
 
@@ -246,6 +257,11 @@ def _finish(out: Path, key: str, identity: dict, model_name: str, dataset: str, 
 
 
 
+def _rank_zero_lock(out: Path):
+    """The output lock, held by rank 0 alone: the ranks of one torchrun job share ``out``."""
+    return output_lock(out) if distributed.detect().rank == 0 else contextlib.nullcontext(out)
+
+
 def guard_output(out: Path, resume: bool) -> None:
     """Never overwrite finished or interrupted work in ``out`` without being told to.
 
@@ -265,7 +281,7 @@ def check_before_loading(out: Path, resume: bool, model_name: str, source: TextS
     finished, interrupted or unfinished work in ``out`` that this run may not touch."""
     check_source(source)
     if out.is_dir():
-        with output_lock(out):  # a live run on `out` is named as such, not taken for an interrupted one
+        with _rank_zero_lock(out):  # a live run on `out` is named as such, not taken for an interrupted one
             pass
     guard_output(out, resume)
     checkpoint = out / CHECKPOINT

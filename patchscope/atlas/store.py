@@ -25,6 +25,7 @@ from patchscope.kernels.topk_merge import Moments, TopK
 from patchscope.model.sites import SiteError, parse_site
 from patchscope.util.storage import write_json, write_tensors
 from patchscope.atlas.atlas import Atlas, AtlasError, AtlasMeta, SiteAtlas
+from patchscope.atlas.exact import ExactSum
 
 ATLAS_TENSORS = "atlas.safetensors"
 ATLAS_JSON = "atlas.json"
@@ -136,7 +137,8 @@ def load_atlas_with_metadata(path: str | Path, device: torch.device | str = "cpu
             raise AtlasError(f"{file}: {error}") from error
         top = TopK(*(_tensor(file, tensors, site, f.name) for f in dataclasses.fields(TopK)))
         moments = Moments(*(_tensor(file, tensors, site, f.name) for f in dataclasses.fields(Moments)))
-        stats[site] = SiteAtlas(top, moments)
+        sums = ExactSum(tensors[f"{site}/sums"]) if f"{site}/sums" in tensors else None
+        stats[site] = SiteAtlas(top, moments, sums)
         _check_site(file, site, stats[site], meta.top_k)
     return Atlas(meta, {site: s.to(device) for site, s in stats.items()}), metadata
 

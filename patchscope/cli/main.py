@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sae": ("patchscope.cli.sae", "print the top SAE features of one token's residual vector"),
     "run": ("patchscope.cli.run", "the whole experiment: profile, extract, SAE, Patchscope; writes results.json"),
     "export": ("patchscope.cli.export", "rebuild an atlas folder's exports (neuron mapping, Parquet table) from its atlas"),
+    "merge": ("patchscope.cli.merge", "merge the atlases of independent jobs over disjoint slices into one"),
 }
 
 

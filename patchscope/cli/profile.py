@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 from patchscope.cli.common import add_model_flags, check_layers
-
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -18,30 +19,87 @@ def register(parser: argparse.ArgumentParser) -> None:
     add_dataclass_arguments(parser, ProfileConfig)
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    add_scale_flags(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from patchscope.cli.args import from_namespace
     from patchscope.atlas.sources import SourceConfig, TextSource
-    from patchscope.model.loading import load_model, resolve_device, resolve_dtype
+    from patchscope.atlas import distributed
+    from patchscope.model.loading import load_model, load_model_until, resolve_device, resolve_dtype
     from patchscope.model.sites import parse_site
     from patchscope.atlas.config import ProfileConfig
     from patchscope.atlas.exports import DEFAULT_EXPORTS
     from patchscope.atlas.run import check_before_loading, profile
     from patchscope.util.storage import check_writable
 
+    if args.nproc > 1 and distributed.detect().size == 1:
+        return launch(args.nproc)
+    world = distributed.detect()
     source = TextSource(from_namespace(SourceConfig, args))
     config = from_namespace(ProfileConfig, args)
     config.validate()
-    check_layers(args.model, [layer for layer, _ in map(parse_site, config.site_names()) if layer >= 0])
+    layers = [layer for layer, _ in map(parse_site, config.site_names()) if layer >= 0]
+    check_layers(args.model, layers)
     out = check_writable(args.out)
     dtype = str(resolve_dtype(args.dtype, resolve_device(args.device))).removeprefix("torch.")
     check_before_loading(out, args.resume, args.model, source, config, dtype)
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-    atlas = profile(model, tokenizer, source, config, out=out, resume=args.resume, model_name=args.model, exports=DEFAULT_EXPORTS)
+    distributed.check_checkpoints(out, world, args.resume)
+    device = distributed.rank_device(args.device, world)  # cuda:LOCAL_RANK under torchrun
+    if args.device_map and world.size > 1 and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+        raise ValueError("`device_map` spreads one model over this node's GPUs: run one process per node (torchrun --nproc-per-node 1)")
+    if args.truncated_load:  # profiling never needs the layers after the deepest site, nor the LM head
+        model, tokenizer = load_model_until(args.model, max(layers, default=0), dtype=args.dtype, device=device, device_map=args.device_map)
+    else:
+        model, tokenizer = load_model(args.model, dtype=args.dtype, device=device, device_map=args.device_map)
+    atlas = profile(
+        model, tokenizer, source, config, out=out, resume=args.resume, model_name=args.model, exports=DEFAULT_EXPORTS, progress=world.is_main
+    )
+    if not world.is_main:  # rank 0 writes the one atlas and the exports
+        return 0
     print(summarize_atlas(atlas))
     print(f"wrote {out}/atlas.safetensors, atlas.json, the neuron mapping and top_examples_*.parquet")
     return 0
+
+
+def add_scale_flags(parser: argparse.ArgumentParser) -> None:
+    """Data parallelism (torchrun), one model over several GPUs (accelerate), and truncated loading."""
+    group = parser.add_argument_group("scaling out")
+    group.add_argument(
+        "--nproc", type=int, default=1,
+        help="processes on this machine, one per GPU (torchrun --standalone --nproc-per-node N); "
+        "for several nodes, run torchrun yourself (see README, Scaling out)",
+    )
+    group.add_argument("--device-map", default=None, help="accelerate device map, e.g. auto: one model over several GPUs")
+    group.add_argument(
+        "--truncated-load", action=argparse.BooleanOptionalAction, default=True,
+        help="load only the layers up to the deepest profiled site, without the LM head (values are unchanged)",
+    )
+
+
+def launch(nproc: int) -> int:
+    """Re-run this command under torchrun's single-node launcher, ``nproc`` processes."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    argv = _without_nproc(sys.argv[1:])
+    try:
+        torchrun(["--standalone", f"--nproc-per-node={nproc}", "-m", "patchscope", *argv])
+    except ChildFailedError:
+        raise RuntimeError(f"a profiling process of {nproc} failed; its error is printed above") from None
+    return 0
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
 
 
 def summarize_atlas(atlas) -> str:

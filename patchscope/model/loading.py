@@ -180,6 +180,7 @@ def load_model(
     trust_remote_code: bool = False,
     revision: str | None = None,
     token: str | bool | None = None,
+    config_overrides: dict | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer, in eval mode with gradients off.
 
@@ -209,6 +210,7 @@ def load_model(
             dtype=torch_dtype,
             attn_implementation=attn_implementation,
             device_map=device_map,
+            **(config_overrides or {}),  # e.g. fewer layers: see load_model_until
             **common,
         )
         tokenizer = AutoTokenizer.from_pretrained(source, **common)
@@ -225,3 +227,46 @@ def load_model(
 def model_device(model: torch.nn.Module) -> torch.device:
     """Device of the input embeddings (where input ids must go, also under a device_map)."""
     return model.get_input_embeddings().weight.device
+
+
+def load_model_until(name_or_path: str, layer: int, **kwargs) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """`load_model` with only the embeddings and decoder layers ``0..layer``: for profiling sites up to ``layer``.
+
+    Layers above ``layer`` are never built (their weights are skipped while loading), and the LM head
+    is dropped after loading, so neither costs memory unless the head shares the embedding matrix
+    (Gemma does). Activations up to ``layer`` are unchanged: a decoder layer only sees the layers
+    before it. The model can no longer produce logits; generation (``patchscope run``) needs
+    `load_model`.
+    """
+    config = load_config(name_or_path, trust_remote_code=kwargs.get("trust_remote_code", False), token=kwargs.get("token"))
+    total = config.num_hidden_layers
+    if not 0 <= layer < total:
+        raise ValueError(f"layer {layer} is out of range: {name_or_path} has layers 0..{total - 1}")
+    overrides: dict = {"num_hidden_layers": layer + 1}
+    if getattr(config, "layer_types", None):  # per-layer attention kinds (sliding / full), cut to match
+        overrides["layer_types"] = list(config.layer_types[: layer + 1])
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # the skipped layers are reported as unexpected keys
+    try:
+        model, tokenizer = load_model(name_or_path, config_overrides=overrides, **kwargs)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    if model.get_output_embeddings() is not None:
+        model.set_output_embeddings(_NoHead(total))
+    return model, tokenizer
+
+
+class _NoHead(torch.nn.Module):
+    """Stands where the LM head was; a model loaded by `load_model_until` has no logits."""
+
+    def __init__(self, layers: int) -> None:
+        super().__init__()
+        self.layers = layers
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError(
+            "this model was loaded without its upper layers and LM head (load_model_until), so it cannot "
+            f"produce logits; load all {self.layers} layers with load_model to generate"
+        )
