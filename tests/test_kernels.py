@@ -170,3 +170,45 @@ def test_fast_merge_matches_the_reference_merge():
     fast, ref = topk_merge_fast.merge_topk_fast(state, *parts), topk_merge.merge_topk(state, *parts)
     for name in ("values", "doc", "pos", "token"):
         assert torch.equal(getattr(fast, name), getattr(ref, name)), name
+
+
+def _identical_documents(copies: int, length: int, n: int, dtype=torch.float32, seed: int = 21):
+    """One document's activations repeated ``copies`` times: every value ties ``copies`` ways."""
+    gen = torch.Generator().manual_seed(seed)
+    one = torch.randn(length, n, generator=gen).to(dtype)  # [pos, n]
+    acts = one.repeat(copies, 1)  # [copies * pos, n]
+    doc = torch.randperm(1000, generator=gen)[:copies].repeat_interleave(length)  # documents out of order
+    pos = torch.arange(length).repeat(copies)
+    token = torch.randint(0, 99, (length,), generator=gen).repeat(copies)
+    return acts, doc, pos, token, pos > 0
+
+
+def test_thirty_identical_documents_rank_exactly_inside_a_batch():
+    """More than TIE_MARGIN + 1 rows tie at the k-th value: the overflowing neurons fall back to the reference."""
+    from patchscope.kernels import topk_merge, topk_merge_fast
+
+    for dtype, length in ((torch.float32, 40), (torch.bfloat16, 40), (torch.float32, 3)):
+        acts, doc, pos, token, counted = _identical_documents(30, length, 13, dtype)
+        for k in (1, 5, 20):
+            ref = topk_merge.batch_topk(acts, doc, pos, token, counted, k)
+            fast = topk_merge_fast.batch_topk(acts, doc, pos, token, counted, k)
+            for name in ("values", "doc", "pos", "token"):
+                assert torch.equal(getattr(fast, name), getattr(ref, name)), (dtype, length, k, name)
+
+
+def test_thirty_identical_documents_rank_exactly_across_merges():
+    """The same tie overflow across batches: 30 batches holding one copy each, merged at once."""
+    from patchscope.kernels import topk_merge, topk_merge_fast
+
+    acts, doc, pos, token, counted = _identical_documents(30, 16, 9)
+    state, parts = topk_merge.TopK.empty(20, 9), []
+    state_ref = state
+    for copy in range(30):
+        rows = slice(copy * 16, (copy + 1) * 16)
+        parts.append(topk_merge_fast.batch_stats(acts[rows], doc[rows], pos[rows], token[rows], counted[rows], 20)[0])
+        state_ref = topk_merge.merge_topk(state_ref, topk_merge.batch_topk(acts[rows], doc[rows], pos[rows], token[rows], counted[rows], 20))
+    fast = topk_merge_fast.merge_topk_fast(state, *parts)
+    whole = topk_merge.batch_topk(acts, doc, pos, token, counted, 20)
+    for name in ("values", "doc", "pos", "token"):
+        assert torch.equal(getattr(fast, name), getattr(whole, name)), name
+        assert torch.equal(getattr(state_ref, name), getattr(whole, name)), name
