@@ -29,6 +29,10 @@ class ProfileConfig:
     """Write a resumable checkpoint to the output directory every N batches (0: never)."""
     sort_buffer: int = 4096
     """Documents buffered and length-sorted together; bounds memory for streamed sources."""
+    compile: bool = False
+    """Run the layers before the profiled sites and the batch reduction under torch.compile: faster
+    per batch after a one-off compile (tens of seconds on a CPU); values agree with eager within
+    relative 1e-5 (float32) or 1e-2 (bfloat16)."""
 
     def site_names(self) -> tuple[str, ...]:
         return self.sites or (f"blocks.{self.layer}.mlp.hook_post",)
