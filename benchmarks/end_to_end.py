@@ -182,10 +182,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layer", type=int, default=6)
     parser.add_argument("--docs", type=int, default=300, help="paragraphs of pydoc_data.topics")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--note", default="")
     parser.add_argument("--json", default=str(HERE / "end_to_end.json"))
     parser.add_argument("--render", action="store_true")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     store = Path(args.json)
     results = json.loads(store.read_text()) if store.exists() else {}
     if not args.render:

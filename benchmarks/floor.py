@@ -133,10 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--note", default="", help="a line printed under the conditions (e.g. 'machine shared with ...')")
     parser.add_argument("--json", default=str(HERE / "floor.json"))
     parser.add_argument("--render", action="store_true", help="print the markdown section from --json and exit")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     store = Path(args.json)
     results = json.loads(store.read_text()) if store.exists() else {}
     if args.render:

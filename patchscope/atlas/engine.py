@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from patchscope.kernels.topk_merge import Moments, TopK
-from patchscope.kernels.fused import batch_stats
+from patchscope.kernels.fused import batch_stats, resolve_backend
 from patchscope.kernels.topk_merge_fast import merge_topk_fast
 
 from patchscope.model.hooks import add_hooks, stop_after
@@ -72,13 +72,13 @@ class Profiler:
         self._scratch = torch.empty(0, device=self.device)  # float32 copy of bf16/fp16 activations, reused
         # --compile: the layers before the first site run compiled, and so does the fused reduction
         self._compiled = CompiledLayers(model, min(ref.layer for ref in refs)) if config.compile else None
-        self._reduction = "inductor" if config.compile else "auto"
+        self._reduction = resolve_backend("inductor" if config.compile else "auto", self.device)
 
     def _site_hook(self, site: str):
         def reduce(value: Tensor, step) -> None:
             acts = value.reshape(-1, value.shape[-1])  # [tokens, n]
             f = self._fields
-            if acts.dtype != torch.float32 and self._scratch.numel() < acts.numel():
+            if self._reduction == "eager" and acts.dtype != torch.float32 and self._scratch.numel() < acts.numel():
                 self._scratch = torch.empty(acts.numel(), dtype=torch.float32, device=acts.device)
             self._pending.setdefault(site, []).append(
                 batch_stats(
