@@ -22,6 +22,7 @@ from patchscope.atlas.atlas import Atlas, AtlasError, AtlasMeta
 from patchscope.atlas.batching import plan
 from patchscope.atlas.config import ProfileConfig
 from patchscope.atlas.engine import Profiler
+from patchscope.atlas.prefetch import prefetch
 from patchscope.atlas.sources import Document, SourceConfig, TextSource
 from patchscope.atlas.store import ATLAS_TENSORS, load_atlas_with_metadata, save_atlas, write_atlas
 
@@ -80,7 +81,7 @@ def profile(
         log.info("resuming after %d batches", done)
 
     count = _Counter(documents)
-    batches = plan(
+    batches = prefetch(plan(  # tokenized in a background thread, overlapping the forward
         count,
         tokenizer,
         max_length=config.max_length,
@@ -88,7 +89,7 @@ def profile(
         exclude_bos=config.exclude_bos,
         batch_tokens=config.batch_tokens,
         sort_buffer=config.sort_buffer,
-    )
+    ))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     bar = tqdm(desc=f"profiling {', '.join(profiler.sites)}", unit="tok", unit_scale=True, disable=not progress, dynamic_ncols=True)
     started = time.perf_counter()
