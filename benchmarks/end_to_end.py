@@ -31,6 +31,8 @@ import torch
 
 from patchscope.util.storage import write_json
 
+from .sections import write_section
+
 HERE = Path(__file__).parent
 CACHE = Path.home() / ".cache" / "patchscope-bench" / "gemma-3-270m-plain"
 
@@ -185,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--note", default="")
     parser.add_argument("--json", default=str(HERE / "end_to_end.json"))
+    parser.add_argument("--results", default=str(HERE / "RESULTS.md"), help="markdown file whose section is rewritten")
     parser.add_argument("--render", action="store_true")
     args = parser.parse_args(argv)
     if args.threads:
@@ -196,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         result["note"] = args.note
         results[f"{args.device}/{args.dtype}/gemma-3-270m/python-docs"] = result
         write_json(store, results)
+    write_section(Path(args.results), "end-to-end", render(results))
     print(render(results))
     return 0
 

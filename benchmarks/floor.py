@@ -23,6 +23,7 @@ from patchscope.atlas.config import ProfileConfig
 from patchscope.atlas.engine import Profiler
 from patchscope.util.storage import write_json
 
+from .sections import write_section
 from .common import Conditions, build_model, interleaved, random_batches
 from .profiling import _segments, bare_stop_at_site, bare_truncated
 
@@ -136,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--note", default="", help="a line printed under the conditions (e.g. 'machine shared with ...')")
     parser.add_argument("--json", default=str(HERE / "floor.json"))
+    parser.add_argument("--results", default=str(HERE / "RESULTS.md"), help="markdown file whose section is rewritten")
     parser.add_argument("--render", action="store_true", help="print the markdown section from --json and exit")
     args = parser.parse_args(argv)
     if args.threads:
@@ -143,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     store = Path(args.json)
     results = json.loads(store.read_text()) if store.exists() else {}
     if args.render:
+        write_section(Path(args.results), "floor", render(results))
         print(render(results))
         return 0
     cuda = args.device.startswith("cuda")
@@ -162,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, row in section["rows"].items():
             print(f"  {row['vs_floor']:.3f}  {name}", flush=True)
         write_json(store, results)
+    write_section(Path(args.results), "floor", render(results))
     print(render(results))
     return 0
 
