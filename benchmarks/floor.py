@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +25,7 @@ from patchscope.atlas.engine import Profiler
 from patchscope.util.storage import write_json
 
 from .sections import write_section
-from .common import Conditions, build_model, interleaved, random_batches
+from .common import Conditions, Timing, build_model, interleaved, random_batches
 from .profiling import _segments, bare_stop_at_site, bare_truncated
 
 HERE = Path(__file__).parent
@@ -68,7 +69,28 @@ def first_call(fn: Callable[[], None], device: str) -> float:
     return time.perf_counter() - started
 
 
-def variants(model, *, layer: int, batch: int, seq_len: int, n_batches: int, warmup: int, runs: int, device: str, compiled: bool) -> dict:
+def cpu_interleaved(peers: dict[str, tuple[Callable[[], None], int]], *, warmup: int, runs: int) -> dict[str, Timing]:
+    """`common.interleaved` on the process's CPU time instead of the wall clock.
+
+    On a CPU shared with other busy processes, wall time mostly measures the wait for a core; the
+    CPU time this process spends is what the same work costs on a quiet machine. Only meaningful
+    with one torch thread (several threads add their spin-waits).
+    """
+    for fn, _ in peers.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in peers}
+    order, shuffler = list(peers), random.Random(0)
+    for _ in range(runs):
+        shuffler.shuffle(order)
+        for name in order:
+            started = time.process_time()
+            peers[name][0]()
+            samples[name].append(time.process_time() - started)
+    return {name: Timing(name, samples[name], tokens) for name, (_, tokens) in peers.items()}
+
+
+def variants(model, *, layer: int, batch: int, seq_len: int, n_batches: int, warmup: int, runs: int, device: str, compiled: bool, clock: str = "wall") -> dict:
     batches = random_batches(n_batches, batch, seq_len, model.config.vocab_size, device)
     tokens = n_batches * batch * seq_len
     site = f"blocks.{layer}.mlp.hook_post"
@@ -90,7 +112,8 @@ def variants(model, *, layer: int, batch: int, seq_len: int, n_batches: int, war
         for name, fn in extra.items():  # the first call compiles: its time is reported on its own
             compile_seconds[name] = round(first_call(fn, device), 2)
         table.update(extra)
-    timings = interleaved({name: (fn, tokens) for name, fn in table.items()}, warmup=warmup, runs=runs, device=device, memory=False)
+    peers = {name: (fn, tokens) for name, fn in table.items()}
+    timings = cpu_interleaved(peers, warmup=warmup, runs=runs) if clock == "cpu" else interleaved(peers, warmup=warmup, runs=runs, device=device, memory=False)
     floor = timings["floor: bare forward, decoder cut after the layer"].median
     return {
         "rows": {name: dict(t.as_dict(), vs_floor=floor / t.median) for name, t in timings.items()},
@@ -106,7 +129,14 @@ def render(results: dict) -> str:
         "eager floor (the bare HF forward, decoder cut after the profiled layer) measured in the same round-robin; "
         "above 1.0 is faster than the floor. The compiled variants' first call (the compile) is timed apart from the runs.",
         "",
+        "Backends: `auto` is what a run gets (the Triton kernel on CUDA when Triton imports, else the eager torch kernels "
+        "of `topk_merge_fast`); `inductor` is the same fused pass compiled by torch.compile, which `--compile` uses together "
+        "with compiled decoder layers. All are checked against the plain reference in `tests/test_kernels.py`.",
+        "",
     ]
+    if not any(key.startswith("cuda") for key in results):
+        lines += ["**No GPU was lent to this task**: the Triton kernel ran only under `TRITON_INTERPRET=1` (correctness, not speed). "
+                  "On a CUDA machine, `python -m benchmarks.floor --device cuda` adds the Triton and compiled rows here.", ""]
     for key, section in results.items():
         if key.startswith("_"):
             continue
@@ -134,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="cpu: time the process's CPU time (use with --threads 1 on a shared machine)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--note", default="", help="a line printed under the conditions (e.g. 'machine shared with ...')")
     parser.add_argument("--json", default=str(HERE / "floor.json"))
@@ -159,8 +191,9 @@ def main(argv: list[str] | None = None) -> int:
                                 warmup=args.warmup, runs=args.runs)
         print(f"[{dtype_name}] {conditions.line()}", flush=True)
         section = variants(model, layer=layer, batch=args.batch, seq_len=args.seq_len, n_batches=args.batches, warmup=args.warmup,
-                           runs=args.runs, device=args.device, compiled=not args.no_compile)
-        section.update(conditions=conditions.line() + f"; {args.batches} batches per run", note=args.note)
+                           runs=args.runs, device=args.device, compiled=not args.no_compile, clock=args.clock)
+        clock = "process CPU time" if args.clock == "cpu" else "wall clock"
+        section.update(conditions=conditions.line() + f"; {args.batches} batches per run; {clock}", note=args.note)
         results[f"{args.device}/{dtype_name}/{shape}"] = section
         for name, row in section["rows"].items():
             print(f"  {row['vs_floor']:.3f}  {name}", flush=True)
