@@ -17,6 +17,7 @@ per block instead of on every token, and only those rows are converted and maske
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Literal, NamedTuple
 
@@ -24,9 +25,9 @@ import torch
 from torch import Tensor
 
 from .topk_merge import Moments, TopK
+from .topk_merge import batch_topk as reference_batch_topk
 from .topk_merge_fast import BLOCK_ROWS, TIE_MARGIN, exact_columns, overflowing_ties
 from .topk_merge_fast import batch_stats as eager_batch_stats
-from .topk_merge import batch_topk as reference_batch_topk
 
 Backend = Literal["auto", "eager", "inductor", "triton"]
 
@@ -183,6 +184,4 @@ def triton_available() -> bool:
 
 
 def _interpreting() -> bool:
-    import os
-
     return os.environ.get("TRITON_INTERPRET") == "1"
