@@ -10,7 +10,12 @@ for a ``[1024, 2048]`` fp32 batch (see ``benchmarks/RESULTS.md`` for the end-to-
   ``sign(relu(x))``, and every column sum is one GEMV with the counted-token row (about 2.3 ms
   instead of 20 ms);
 - on the CPU, where reading a flag costs no device sync, a batch whose counted column sums are all
-  finite (the usual case) skips every inf/nan cleaning pass. On a GPU nothing is read back.
+  finite (the usual case) skips every inf/nan cleaning pass. On a GPU the only value read back is
+  whether any neuron needs the exact tie fallback below.
+
+Exact ties stay exact: a neuron whose k-th best candidate equals its worst one may have more tied
+rows than candidates, so which of them were kept is arbitrary; those neurons alone are recomputed
+by the reference (`overflowing_ties`, `exact_columns`).
 """
 
 from __future__ import annotations
@@ -18,15 +23,35 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .topk_merge import Moments, TopK, merge_topk
+from .topk_merge import Moments, TopK, batch_topk as reference_batch_topk, merge_topk
 
 BLOCK_ROWS = 8
 TIE_MARGIN = 8
 """Extra candidates kept per batch so that values tied at the k-th place are ranked by the rule.
 
-The result equals the reference unless more than TIE_MARGIN + 1 tokens of one batch tie exactly at
-a neuron's k-th value (bf16 activations tie often; fp32 ones rarely, e.g. duplicate documents).
+When more than TIE_MARGIN + 1 rows tie exactly at a neuron's k-th value (bf16 activations tie
+often; fp32 ones on duplicate documents), `overflowing_ties` flags the neuron and the reference
+ranks its column instead.
 """
+
+
+def overflowing_ties(values: Tensor, k: int) -> Tensor:
+    """``[n]`` bool: columns of a candidate set ``[rows, n]`` whose k-th largest value equals their smallest.
+
+    Every value above a column's smallest candidate is certain to be among the candidates; rows equal
+    to it may have been left out. If fewer than k candidates lie strictly above it, the k-th place
+    is inside that tie group and the kept rows of the group are an arbitrary choice.
+    """
+    last = values.amin(0)  # [n]
+    return ((values > last).sum(0) < k) & (last > float("-inf"))
+
+
+def exact_columns(top: TopK, columns: Tensor, exact: TopK) -> TopK:
+    """``top`` with ``columns`` replaced by ``exact`` (its k best rows), the remaining rows empty."""
+    pad = TopK.empty(top.k - exact.k, len(columns), top.values.device)
+    for name in ("values", "doc", "pos", "token"):
+        getattr(top, name)[:, columns] = torch.cat([getattr(exact, name), getattr(pad, name)])
+    return top
 
 
 def merge_topk_fast(first: TopK, *rest: TopK) -> TopK:
@@ -39,10 +64,16 @@ def merge_topk_fast(first: TopK, *rest: TopK) -> TopK:
     parts = (first, *rest)
     values = torch.cat([p.values for p in parts])  # [rows, n]
     keep = min(first.k + TIE_MARGIN, values.shape[0])
-    _, index = values.topk(keep, dim=0, sorted=False)  # [keep, n]
+    top_values, index = values.topk(keep, dim=0, sorted=False)  # [keep, n]
     pick = lambda name: torch.cat([getattr(p, name) for p in parts]).gather(0, index)  # noqa: E731
-    shortlist = TopK(values.gather(0, index), pick("doc"), pick("pos"), pick("token"))
-    return merge_topk(TopK.empty(first.k, values.shape[1], values.device), shortlist)
+    shortlist = TopK(top_values, pick("doc"), pick("pos"), pick("token"))
+    merged = merge_topk(TopK.empty(first.k, values.shape[1], values.device), shortlist)
+    if keep < values.shape[0]:
+        columns = overflowing_ties(top_values, first.k).nonzero().squeeze(1)
+        if len(columns):
+            sub = [TopK(*(getattr(p, name)[:, columns] for name in ("values", "doc", "pos", "token"))) for p in parts]
+            merged = exact_columns(merged, columns, merge_topk(*sub))
+    return merged
 
 
 def _masked(values: Tensor, counted: Tensor, all_finite: bool) -> Tensor:
@@ -99,7 +130,7 @@ def batch_moments(acts: Tensor, counted: Tensor) -> Moments:
 def _topk(values: Tensor, doc: Tensor, pos: Tensor, token: Tensor, counted: Tensor, k: int, all_finite: bool) -> TopK:
     values = _masked(values, counted, all_finite)  # [tokens, n]
     tokens, n = values.shape
-    k = min(k + TIE_MARGIN, tokens)
+    wanted, k = k, min(k + TIE_MARGIN, tokens)
     full_blocks = tokens // BLOCK_ROWS
     if full_blocks < 2 * k:  # too few blocks to gain anything
         top_values, top_index = values.topk(k, dim=0, sorted=False)
@@ -117,12 +148,24 @@ def _topk(values: Tensor, doc: Tensor, pos: Tensor, token: Tensor, counted: Tens
         top_values, local = candidates.topk(k, dim=0, sorted=False)  # [k, n]
         top_index = rows.gather(0, local)
     filled = top_values > float("-inf")
-    return TopK(
+    top = TopK(
         top_values,
         torch.where(filled, doc[top_index], -1),
         torch.where(filled, pos[top_index], 0),
         torch.where(filled, token[top_index], 0),
     )
+    return _exact_ties(top, values, doc, pos, token, wanted, tokens)
+
+
+def _exact_ties(top: TopK, masked: Tensor, doc: Tensor, pos: Tensor, token: Tensor, k: int, tokens: int) -> TopK:
+    """Candidates whose tie group at the k-th value overflowed are recomputed by the reference."""
+    if top.k >= tokens:  # every row is a candidate
+        return top
+    columns = overflowing_ties(top.values, k).nonzero().squeeze(1)
+    if not len(columns):
+        return top
+    everything = torch.ones(tokens, dtype=torch.bool, device=masked.device)  # masked rows are -inf already
+    return exact_columns(top, columns, reference_batch_topk(masked[:, columns], doc, pos, token, everything, k))
 
 
 def _moments(values: Tensor, weight: Tensor, counted: Tensor, total: Tensor, all_finite: bool) -> Moments:

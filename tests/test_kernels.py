@@ -170,3 +170,121 @@ def test_fast_merge_matches_the_reference_merge():
     fast, ref = topk_merge_fast.merge_topk_fast(state, *parts), topk_merge.merge_topk(state, *parts)
     for name in ("values", "doc", "pos", "token"):
         assert torch.equal(getattr(fast, name), getattr(ref, name)), name
+
+
+def _identical_documents(copies: int, length: int, n: int, dtype=torch.float32, seed: int = 21):
+    """One document's activations repeated ``copies`` times: every value ties ``copies`` ways."""
+    gen = torch.Generator().manual_seed(seed)
+    one = torch.randn(length, n, generator=gen).to(dtype)  # [pos, n]
+    acts = one.repeat(copies, 1)  # [copies * pos, n]
+    doc = torch.randperm(1000, generator=gen)[:copies].repeat_interleave(length)  # documents out of order
+    pos = torch.arange(length).repeat(copies)
+    token = torch.randint(0, 99, (length,), generator=gen).repeat(copies)
+    return acts, doc, pos, token, pos > 0
+
+
+def test_thirty_identical_documents_rank_exactly_inside_a_batch():
+    """More than TIE_MARGIN + 1 rows tie at the k-th value: the overflowing neurons fall back to the reference."""
+    from patchscope.kernels import topk_merge, topk_merge_fast
+
+    for dtype, length in ((torch.float32, 40), (torch.bfloat16, 40), (torch.float32, 3)):
+        acts, doc, pos, token, counted = _identical_documents(30, length, 13, dtype)
+        for k in (1, 5, 20):
+            ref = topk_merge.batch_topk(acts, doc, pos, token, counted, k)
+            fast = topk_merge_fast.batch_topk(acts, doc, pos, token, counted, k)
+            for name in ("values", "doc", "pos", "token"):
+                assert torch.equal(getattr(fast, name), getattr(ref, name)), (dtype, length, k, name)
+
+
+def test_thirty_identical_documents_rank_exactly_across_merges():
+    """The same tie overflow across batches: 30 batches holding one copy each, merged at once."""
+    from patchscope.kernels import topk_merge, topk_merge_fast
+
+    acts, doc, pos, token, counted = _identical_documents(30, 16, 9)
+    state, parts = topk_merge.TopK.empty(20, 9), []
+    state_ref = state
+    for copy in range(30):
+        rows = slice(copy * 16, (copy + 1) * 16)
+        parts.append(topk_merge_fast.batch_stats(acts[rows], doc[rows], pos[rows], token[rows], counted[rows], 20)[0])
+        state_ref = topk_merge.merge_topk(state_ref, topk_merge.batch_topk(acts[rows], doc[rows], pos[rows], token[rows], counted[rows], 20))
+    fast = topk_merge_fast.merge_topk_fast(state, *parts)
+    whole = topk_merge.batch_topk(acts, doc, pos, token, counted, 20)
+    for name in ("values", "doc", "pos", "token"):
+        assert torch.equal(getattr(fast, name), getattr(whole, name)), name
+        assert torch.equal(getattr(state_ref, name), getattr(whole, name)), name
+
+
+def _reduction_cases(seed: int = 7):
+    """Batches with inf/nan, a never-finite neuron, uncounted rows, partial last blocks and 30-way ties."""
+    gen = torch.Generator().manual_seed(seed)
+    for tokens, k, n, dtype in ((1024, 20, 33, torch.float32), (1029, 20, 130, torch.bfloat16), (37, 20, 33, torch.float32), (300, 3, 40, torch.bfloat16), (5, 2, 7, torch.float32)):
+        acts = torch.randn(tokens, n, generator=gen).to(dtype)
+        acts[torch.rand(tokens, n, generator=gen) < 0.01] = float("inf")
+        acts[torch.rand(tokens, n, generator=gen) < 0.01] = float("nan")
+        acts[:, 5] = float("-inf")  # a neuron that never has a finite value
+        doc, pos = torch.arange(tokens) // 10, torch.arange(tokens) % 10
+        yield acts, doc, pos, torch.randint(0, 99, (tokens,), generator=gen), torch.rand(tokens, generator=gen) > 0.1, k
+    for dtype in (torch.float32, torch.bfloat16):
+        yield (*_identical_documents(30, 40, 13, dtype), 20)
+
+
+def _assert_reduction_matches_reference(reduce) -> None:
+    """``reduce(acts, doc, pos, token, counted, k) -> (candidates, moments)`` against the plain reference."""
+    from patchscope.kernels import topk_merge
+
+    for acts, doc, pos, token, counted, k in _reduction_cases():
+        candidates, moments = reduce(acts, doc, pos, token, counted, k)
+        top = topk_merge.merge_topk(topk_merge.TopK.empty(k, acts.shape[1]), candidates)
+        ref, ref_m = topk_merge.batch_topk(acts, doc, pos, token, counted, k), topk_merge.batch_moments(acts, counted)
+        for name in ("values", "doc", "pos", "token"):
+            assert torch.equal(getattr(top, name), getattr(ref, name)), (acts.shape, acts.dtype, name)
+        for name in ("fire_count", "nonfinite", "n_tokens"):
+            assert torch.equal(getattr(moments, name), getattr(ref_m, name)), (acts.shape, name)
+        torch.testing.assert_close(moments.total, ref_m.total, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(moments.total_sq, ref_m.total_sq, rtol=1e-5, atol=1e-4)
+
+
+def test_fused_pass_and_candidate_selection_match_the_reference():
+    """`block_pass` uncompiled, then `select_candidates`: the logic every fused backend shares."""
+    from patchscope.kernels import fused, topk_merge
+
+    def reduce(acts, doc, pos, token, counted, k):
+        stats = fused.block_stats(acts, counted, "eager")
+        moments = topk_merge.Moments(stats.fire_count, stats.total.double(), stats.total_sq.double(), stats.nonfinite, counted.sum())
+        return fused.select_candidates(acts, stats.block_max, doc, pos, token, counted, k), moments
+
+    _assert_reduction_matches_reference(reduce)
+    _assert_reduction_matches_reference(lambda *a: fused.batch_stats(*a, backend="eager"))
+
+
+def test_inductor_fused_pass_matches_the_reference():
+    """The same pass compiled by torch.compile (C++ from inductor on the CPU); one graph for every length."""
+    from patchscope.kernels import fused
+
+    _assert_reduction_matches_reference(lambda *a: fused.batch_stats(*a, backend="inductor"))
+
+
+TRITON_CHECK = """
+import torch
+from patchscope.kernels import fused
+assert fused.resolve_backend("auto", torch.device("cpu")) == "eager"  # Triton is dispatched on CUDA only
+import test_kernels
+test_kernels._assert_reduction_matches_reference(lambda *a: fused.batch_stats(*a, backend="triton"))
+print("triton kernel matches the reference")
+"""
+
+
+def test_triton_kernel_matches_the_reference_under_the_interpreter():
+    """The CUDA kernel, run by Triton's CPU interpreter (its own process: the flag is read at import)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pytest
+
+    pytest.importorskip("triton", reason="pip install -e '.[triton]' (CI installs it so that this test runs)")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(Path(__file__).parent))
+    done = subprocess.run([sys.executable, "-c", TRITON_CHECK], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "matches the reference" in done.stdout

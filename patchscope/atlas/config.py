@@ -39,6 +39,14 @@ class ProfileConfig:
         default=4096, metadata={"help": "Documents buffered and length-sorted together (blocks of consecutive row indices); bounds memory for streamed "
             "sources. Blocks are also what the ranks of a torchrun job share out."}
     )
+    compile: bool = field(
+        default=False,
+        metadata={
+            "help": "Run the layers before the profiled sites and the batch reduction under torch.compile: faster per batch "
+            "after a one-off compile (tens of seconds on a CPU); values agree with eager within relative 1e-5 (float32) "
+            "or 1e-2 (bfloat16)."
+        },
+    )
 
     def site_names(self) -> tuple[str, ...]:
         return self.sites or (f"blocks.{self.layer}.mlp.hook_post",)

@@ -1,7 +1,7 @@
 """Fill an activation atlas: batched, early-exit, resumable, reductions on the device.
 
 Per batch the forward pass stops right after the deepest requested site; a hook at each site folds
-``[batch, pos, n]`` into top-k candidates and moments (`patchscope.kernels.topk_merge_fast`, checked
+``[batch, pos, n]`` into top-k candidates and moments (`patchscope.kernels.fused.batch_stats`, checked
 against the plain reference in `topk_merge`), which join the running state only once the whole
 batch succeeded. Nothing is copied to the host until a
 checkpoint or the end of the run.
@@ -10,19 +10,22 @@ checkpoint or the end of the run.
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from patchscope.kernels.topk_merge import Moments, TopK
-from patchscope.kernels.topk_merge_fast import batch_stats, merge_topk_fast
+from patchscope.kernels.fused import batch_stats, resolve_backend
+from patchscope.kernels.topk_merge_fast import merge_topk_fast
 
 from patchscope.model.hooks import add_hooks, stop_after
 from patchscope.model.loading import model_device
 from patchscope.model.sites import check_layer, resolve, site_width
 from patchscope.atlas.atlas import SiteAtlas
 from patchscope.atlas.batching import Batch, Segment, collate
+from patchscope.atlas.compiled import CompiledLayers
 from patchscope.atlas.config import ProfileConfig
 
 log = logging.getLogger(__name__)
@@ -71,15 +74,20 @@ class Profiler:
         # one sort of all of them costs much less than MERGE_EVERY small sorts.
         self._unmerged: dict[str, list[TopK]] = {site: [] for site in self.sites}
         self._scratch = torch.empty(0, device=self.device)  # float32 copy of bf16/fp16 activations, reused
+        # --compile: the layers before the first site run compiled, and so does the fused reduction
+        self._compiled = CompiledLayers(model, min(ref.layer for ref in refs)) if config.compile else None
+        self._reduction = resolve_backend("inductor" if config.compile else "auto", self.device)
 
     def _site_hook(self, site: str):
         def reduce(value: Tensor, step) -> None:
             acts = value.reshape(-1, value.shape[-1])  # [tokens, n]
             f = self._fields
-            if acts.dtype != torch.float32 and self._scratch.numel() < acts.numel():
+            if self._reduction == "eager" and acts.dtype != torch.float32 and self._scratch.numel() < acts.numel():
                 self._scratch = torch.empty(acts.numel(), dtype=torch.float32, device=acts.device)
             self._pending.setdefault(site, []).append(
-                batch_stats(acts, f.doc, f.position, f.token, f.counted, self.config.top_k, self._scratch)
+                batch_stats(
+                    acts, f.doc, f.position, f.token, f.counted, self.config.top_k, backend=self._reduction, scratch=self._scratch
+                )
             )
 
         return reduce
@@ -107,7 +115,8 @@ class Profiler:
         self._fields = _BatchFields(
             batch.doc.flatten(), batch.position.flatten(), batch.input_ids.flatten(), batch.counted.flatten()
         )
-        with torch.inference_mode(), add_hooks(self.model, {s: self._on_site_device(self._site_hook(s)) for s in self.sites}), stop_after(
+        compiled = self._compiled.active() if self._compiled else nullcontext()
+        with torch.inference_mode(), compiled, add_hooks(self.model, {s: self._on_site_device(self._site_hook(s)) for s in self.sites}), stop_after(
             self.model, self.deepest
         ):
             self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)

