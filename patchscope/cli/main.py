@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "profile": ("patchscope.cli.profile", "profile every neuron of a layer over a corpus into an atlas"),
     "sae": ("patchscope.cli.sae", "print the top SAE features of one token's residual vector"),
     "run": ("patchscope.cli.run", "the whole experiment: profile, extract, SAE, Patchscope; writes results.json"),
+    "sweep": ("patchscope.cli.sweep", "Patchscope sweep over source x target layers: precision@1, surprisal, reactivation, heatmaps"),
 }
 
 
