@@ -20,6 +20,8 @@ from patchscope.scope import sweep as sweep_module
 from patchscope.scope.sweep import Source, SweepConfig, sweep
 
 TEXT = "The quick brown fox jumps over the lazy dog near the river bank."
+ENDING = "Syria: Country in the Middle East, x"
+"""A prompt of the fixture corpus that ends in its placeholder: there the tiny models' generations react to the patch."""
 NEURON_SITE = "blocks.2.mlp.hook_post"
 
 
@@ -175,6 +177,8 @@ def _sources(tokenizer, positions=(3, 6, 9), neuron=None):
 
 
 def _prompt(tokenizer, name="description"):
+    if name == "ending":
+        return plan_prompt(tokenizer, PatchscopeConfig(prompt=ENDING))
     preset = PROMPTS[name]
     return plan_prompt(tokenizer, PatchscopeConfig(prompt=preset.text, placeholder=preset.placeholder))
 
@@ -194,8 +198,10 @@ def test_same_vector_same_layer_same_text_reproduces_unpatched(gemma):
     position = 6
     plan = plan_prompt(tokenizer, PatchscopeConfig(prompt=TEXT, position=position))
     source = Source(ids, position, "self", NEURON_SITE, 17, 1.0)
-    result = sweep(model, tokenizer, [source], plan, SweepConfig(pairs="same", controls=("unpatched",)))
+    result = sweep(model, tokenizer, [source], plan, SweepConfig(pairs="same", controls=("unpatched", "random_same_norm")))
     records = _records(result)
+    # the patch is live: a random vector of the same norm does change the prediction
+    assert max(abs(records[(0, s, s, "random_same_norm")]["surprisal"] - records[(0, s, s, "unpatched")]["surprisal"]) for s in range(4)) > 1e-2
     assert result.pairs == [(s, s) for s in range(4)]
     for s, t in result.pairs:
         patched, unpatched = records[(0, s, t, "patched")], records[(0, s, t, "unpatched")]
@@ -244,8 +250,8 @@ def test_metrics_recomputed_from_plain_logits(gemma):
 def test_batched_sweep_equals_each_cell_alone(gemma, monkeypatch):
     """Values and generated tokens, with rows of different target layers in one batch."""
     model, tokenizer = gemma
-    sources = _sources(tokenizer, positions=(4, 8), neuron=9)
-    plan = _prompt(tokenizer)
+    sources = _sources(tokenizer, positions=(2, 5), neuron=9)
+    plan = _prompt(tokenizer, "ending")
     means = {s: torch.randn(64, generator=torch.Generator().manual_seed(s)) for s in range(4)}
     seen_sites = []
     real = sweep_module.patch_rows
@@ -258,6 +264,7 @@ def test_batched_sweep_equals_each_cell_alone(gemma, monkeypatch):
     config = SweepConfig(max_new_tokens=3, batch_size=7, controls=("unpatched", "corpus_mean"))
     batched = _records(sweep(model, tokenizer, sources, plan, config, means=means))
     assert any(len(sites - {None}) > 1 for sites in seen_sites)  # a batch carried several target layers
+    assert len({tuple(r["generated"]) for r in batched.values()}) > 3  # generations differ between cells
     monkeypatch.setattr(sweep_module, "patch_rows", real)
     for j, source in enumerate(sources):
         for s, t in config.layer_pairs(4):
@@ -275,7 +282,7 @@ def test_batched_sweep_equals_each_cell_alone(gemma, monkeypatch):
 def test_generation_matches_a_plain_patched_generate(gemma):
     model, tokenizer = gemma
     (source,) = _sources(tokenizer, positions=(5,))
-    plan = _prompt(tokenizer)
+    plan = _prompt(tokenizer, "ending")
     result = sweep(model, tokenizer, [source], plan, SweepConfig(source_layers=(2,), target_layers=(1,), max_new_tokens=4, controls=()))
     (record,) = result.table["generated"]
     with torch.no_grad():
@@ -283,7 +290,8 @@ def test_generation_matches_a_plain_patched_generate(gemma):
         ids = torch.tensor([plan.input_ids])
         with patch(model, "blocks.1.hook_resid_pre", vector, positions=[plan.position]):
             expected = model.generate(ids, max_new_tokens=4, do_sample=False, use_cache=False, pad_token_id=0)[0, ids.shape[1] :]
-    assert record == expected.tolist()[: len(record)]
+        unpatched = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)[0, ids.shape[1] :]
+    assert record == expected.tolist()[: len(record)] and expected.tolist() != unpatched.tolist()
 
 
 def test_sweep_on_llama_with_a_prompt_ending_in_the_placeholder(llama):
