@@ -227,7 +227,7 @@ def _verdict(case: str, patched: float, controls: dict[str, float], decode: dict
     if case == "same_layer":
         head = (
             f"same layer: the vector is written at {target_site} and the neuron read in that layer's MLP, so its "
-            f"reactivation ({reactivation}) holds by construction and is not evidence of a decode"
+            f"reactivation, {reactivation}, holds by construction and is not evidence of a decode"
         )
     elif case == "earlier_target_layer":
         head = f"target layer before the neuron's ({target_site} -> {neuron_site}): reactivation {reactivation}"
@@ -379,7 +379,9 @@ def format_summary(result: ExperimentResult) -> str:
         lines.append(f"  patched activation at placeholder: {p['at_placeholder']:.4f}   reactivation ratio {ratio}")
         for name, c in n.controls.items():
             lines.append(f"    control {name:17s} {c['at_placeholder']:.4f}")
-        lines.append(f"  verdict: {n.verdict}")
+        verdict, _, decode = n.verdict.partition("; ")
+        lines.append(f"  verdict: {verdict}")
+        lines.append(f"  decode: {decode}")
         lines.append(f"  generated: {p['generated_text']!r}")
     lines.append("")
     lines.append("timings (s): " + ", ".join(f"{k} {v}" for k, v in result.timings.items()))
