@@ -481,6 +481,8 @@ def _table(
     neuron_column = {n: i for i, n in enumerate(unique_neurons)}
     source_text = [tokenizer.decode([t]).strip() for t in reading.tokens]
     top1 = outputs.top1.tolist()
+    surprisal = outputs.surprisal.tolist()
+    token_text = {k: tokenizer.decode([k]) for k in set(top1)}
     shared = {(rows.source_layer[i], rows.target_layer[i], rows.condition[i]): i for i in range(len(rows.condition)) if rows.source[i] < 0}
     own = {(rows.source[i], rows.source_layer[i], rows.target_layer[i], rows.condition[i]): i for i in range(len(rows.condition)) if rows.source[i] >= 0}
     conditions = list(dict.fromkeys(rows.condition))
@@ -505,9 +507,9 @@ def _table(
                 table["target_layer"].append(t)
                 table["condition"].append(condition)
                 table["top1"].append(top1[i])
-                table["top1_token"].append(tokenizer.decode([top1[i]]))
+                table["top1_token"].append(token_text[top1[i]])
                 table["hit"].append(float(top1[i] == int(reading.predicted[j])))
-                table["surprisal"].append(float(outputs.surprisal[i, j]))
+                table["surprisal"].append(surprisal[i][j])
                 table["activation"].append(activation)
                 table["ratio"].append(ratio)
                 table["case"].append(_case(t, neuron_layer) if condition != "unpatched" else "unpatched")
