@@ -299,8 +299,8 @@ def test_sweep_on_llama_with_a_prompt_ending_in_the_placeholder(llama):
     model, tokenizer = llama
     plan = plan_prompt(tokenizer, PatchscopeConfig(prompt="Syria: Country in the Middle East, x"))
     assert plan.position == len(plan.input_ids) - 1
-    result = sweep(model, tokenizer, _sources(tokenizer), plan, SweepConfig(pairs="all"))
-    assert len(result.pairs) == 9 and set(result.conditions()) == {"patched", "random_same_norm", "unpatched"}
+    result = sweep(model, tokenizer, _sources(tokenizer), None, SweepConfig(prompt=ENDING, pairs="all"))
+    assert result.prompt["position"] == plan.position and len(result.pairs) == 9 and set(result.conditions()) == {"patched", "random_same_norm", "unpatched"}
     assert np.isfinite(result.grid("surprisal")).all()
 
 

@@ -41,7 +41,9 @@ from patchscope.model.hooks import capture
 from patchscope.model.loading import model_device
 from patchscope.model.row_patch import patch_rows
 from patchscope.model.sites import n_layers, parse_site
-from patchscope.scope.placeholder import PromptPlan
+from patchscope.scope.config import PatchscopeConfig
+from patchscope.scope.placeholder import PromptPlan, plan_prompt
+from patchscope.scope.prompts import target_prompt
 
 Condition = Literal["patched", "random_same_norm", "corpus_mean", "unpatched"]
 CONTROLS: tuple[str, ...] = ("unpatched", "random_same_norm", "corpus_mean")
@@ -392,17 +394,22 @@ def sweep(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     sources: list[Source],
-    prompt: PromptPlan,
+    prompt: PromptPlan | None = None,
     config: SweepConfig = SweepConfig(),
     *,
     means: dict[int, Tensor] | None = None,
 ) -> SweepResult:
     """Run every (source, s, t) cell and its controls, batched; see the module docstring.
 
-    ``means`` maps a source layer to the corpus-mean residual there (the ``corpus_mean`` control).
+    ``prompt`` is the planned target prompt; by default ``config.prompt`` (a preset name or a text
+    with ``config.placeholder``) is planned here. ``means`` maps a source layer to the corpus-mean
+    residual there (the ``corpus_mean`` control).
     """
     layers = n_layers(model)
     config.validate(layers)
+    if prompt is None:
+        chosen = target_prompt(config.prompt, config.placeholder)
+        prompt = plan_prompt(tokenizer, PatchscopeConfig(prompt=chosen.text, placeholder=chosen.placeholder))
     if not sources:
         raise ValueError("no sources to sweep")
     neuron_sites = {s.neuron_site for s in sources if s.neuron is not None}
