@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from patchscope.cli.common import add_model_flags
 
@@ -12,22 +12,14 @@ from patchscope.cli.common import add_model_flags
 class SweepInput:
     """The source token (a text and position, or an atlas entry) and where the outputs go."""
 
-    text: str | None = None
-    """Source text; with `position`."""
-    position: int | None = None
-    """Token position of the source token in `text` (BOS = 0)."""
-    atlas: str | None = None
-    """Atlas directory: take the source token from its entry (`neuron`, `rank`) instead of a text."""
-    neuron: int | None = None
-    """Neuron whose reactivation is read (with `atlas`, also the entry to sweep)."""
-    rank: int = 0
-    """Rank of the atlas entry (0 = the neuron's strongest example)."""
-    neuron_site: str | None = None
-    """Site of `neuron` (default: the atlas's first mlp.hook_post site)."""
-    out: str = "patchscope-sweep"
-    """Output directory: sweep.json, sweep.parquet, heatmaps."""
-    heatmaps: bool = True
-    """Write PNG heatmaps (needs matplotlib)."""
+    text: str | None = field(default=None, metadata={"help": "Source text; with `position`."})
+    position: int | None = field(default=None, metadata={"help": "Token position of the source token in `text` (BOS = 0)."})
+    atlas: str | None = field(default=None, metadata={"help": "Atlas directory: take the source token from its entry (`neuron`, `rank`) instead of a text."})
+    neuron: int | None = field(default=None, metadata={"help": "Neuron whose reactivation is read (with `atlas`, also the entry to sweep)."})
+    rank: int = field(default=0, metadata={"help": "Rank of the atlas entry (0 = the neuron's strongest example)."})
+    neuron_site: str | None = field(default=None, metadata={"help": "Site of `neuron` (default: the atlas's first mlp.hook_post site)."})
+    out: str = field(default="patchscope-sweep", metadata={"help": "Output directory: sweep.json, sweep.parquet, heatmaps."})
+    heatmaps: bool = field(default=True, metadata={"help": "Write PNG heatmaps (needs matplotlib)."})
 
 
 def register(parser: argparse.ArgumentParser) -> None:

@@ -57,24 +57,15 @@ def resid_pre(layer: int) -> str:
 class SweepConfig:
     """Which layer pairs to sweep, which controls to run, how to batch and generate."""
 
-    prompt: str = "identity"
-    """Target prompt: a preset name (identity, description, entity) or the prompt text itself."""
-    placeholder: str | None = None
-    """Placeholder of a custom prompt (default x); presets bring their own."""
-    source_layers: tuple[int, ...] | None = None
-    """Layers s whose blocks.s.hook_resid_pre is read at the source token (default: all)."""
-    target_layers: tuple[int, ...] | None = None
-    """Layers t whose blocks.t.hook_resid_pre receives the vector at the placeholder (default: all)."""
-    pairs: Literal["lower", "all", "same"] = "lower"
-    """lower: only pairs with t <= s (the default grid); all: every source x target pair; same: t == s only."""
-    controls: tuple[str, ...] = CONTROLS
-    """Controls to run per cell: unpatched, random_same_norm, corpus_mean (needs a mean)."""
-    max_new_tokens: int = 0
-    """Tokens to generate greedily per cell (0: score the next token only)."""
-    batch_size: int = 128
-    """Rows per forward pass."""
-    seed: int = 0
-    """Seed of the random-vector control."""
+    prompt: str = field(default="identity", metadata={"help": "Target prompt: a preset name (identity, description, entity) or the prompt text itself."})
+    placeholder: str | None = field(default=None, metadata={"help": "Placeholder of a custom prompt (default x); presets bring their own."})
+    source_layers: tuple[int, ...] | None = field(default=None, metadata={"help": "Layers s whose blocks.s.hook_resid_pre is read at the source token (default: all)."})
+    target_layers: tuple[int, ...] | None = field(default=None, metadata={"help": "Layers t whose blocks.t.hook_resid_pre receives the vector at the placeholder (default: all)."})
+    pairs: Literal["lower", "all", "same"] = field(default="lower", metadata={"help": "lower: only pairs with t <= s (the default grid); all: every source x target pair; same: t == s only."})
+    controls: tuple[str, ...] = field(default=CONTROLS, metadata={"help": "Controls to run per cell: unpatched, random_same_norm, corpus_mean (needs a mean)."})
+    max_new_tokens: int = field(default=0, metadata={"help": "Tokens to generate greedily per cell (0: score the next token only)."})
+    batch_size: int = field(default=128, metadata={"help": "Rows per forward pass."})
+    seed: int = field(default=0, metadata={"help": "Seed of the random-vector control."})
 
     def validate(self, layers: int | None = None) -> None:
         """Checks that need no model; with ``layers``, also the layer numbers."""
