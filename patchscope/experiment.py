@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,8 @@ from typing import Any
 import torch
 
 from patchscope.atlas.atlas import Atlas
+from patchscope.atlas.batching import adds_bos, segments
+from patchscope.model.hooks import capture, run_until
 from patchscope.atlas.store import ATLAS_TENSORS, load_atlas
 from patchscope.sae.attribution import attribute_neuron
 from patchscope.atlas.sources import SourceConfig, TextSource
@@ -145,8 +148,9 @@ def _load_matching_sae(config: ExperimentConfig, d_model: int):
         return None, "SAE read-out skipped (`sae` none)"
     spec = config.sae
     if spec is None:
-        if preset_for(config.model) is None:
-            return None, f"no default SAE for {config.model}; pass `sae` to read the vector"
+        preset = preset_for(config.model)
+        if preset is None or preset.sae_repo is None:
+            return None, f"SAE read-out skipped: no default SAE for {config.model}; pass `sae` to read the vector"
         spec = sae_spec_for_site(config.model, config.source_site)
     sae = load_sae(spec)
     check_for_model(sae, d_model)
@@ -181,6 +185,34 @@ def _atlas(model, tokenizer, config: ExperimentConfig, out: Path, timer: _Timer,
             progress=progress,
         )
     return atlas, False
+
+
+def _corpus_mean(model, tokenizer, atlas: Atlas, site: str, source: TextSource) -> torch.Tensor | None:
+    """Mean of the profiled vectors at ``site``, each segment's first slot (BOS or attention sink) left out.
+
+    The atlas's moments leave those slots out already unless it was profiled with `exclude_bos` off.
+    Then their sum is taken off: under causal attention a first-slot vector depends on its token only,
+    so one forward pass over the distinct first tokens gives every one of them.
+    """
+    stats = atlas.sites.get(site)
+    if stats is None:
+        return None
+    if atlas.meta.exclude_bos:
+        return stats.mean.float()
+    has_bos = adds_bos(tokenizer)
+    firsts = Counter(
+        part.ids[0]
+        for document in source
+        for part in segments(tokenizer, document, atlas.meta.max_length, atlas.meta.overflow, False, has_bos)
+        if part.first_counted == 0
+    )
+    ids = torch.tensor(list(firsts), device=model.get_input_embeddings().weight.device).unsqueeze(1)  # [tokens, 1]
+    with torch.no_grad(), capture(model, site) as cache:
+        run_until(model, site, input_ids=ids)
+    first_slots = cache[site][:, 0].float().cpu()  # [tokens, d_model]
+    counts = torch.tensor(list(firsts.values()), dtype=torch.float32)
+    total = stats.moments.total.float() - counts @ first_slots
+    return total / (float(stats.moments.n_tokens) - float(counts.sum()))
 
 
 def _verdict(patched: float, controls: dict[str, float]) -> str:
@@ -240,8 +272,7 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True) -> Experi
                 }
 
     with timer.phase("patchscope"):
-        source_stats = atlas.sites.get(config.source_site)
-        mean = source_stats.mean.float() if source_stats is not None else None
+        mean = _corpus_mean(model, tokenizer, atlas, config.source_site, source)
         rows: list[Row] = []
         for entry, ex in zip(entries, extractions):
             rows.append(Row("patched", entry.neuron, ex.vector))
@@ -292,12 +323,16 @@ def _jsonable(config: ExperimentConfig) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+def _rows(rows: list[int] | None) -> str:
+    return f" rows {rows[0]}-{rows[1]}" if rows else ""
+
+
 def format_summary(result: ExperimentResult) -> str:
     """The original's "Experiment Results" block, plus the controls."""
     cfg = result.config
     lines = [
         "=== Experiment Results ===",
-        f"model {cfg['model']}   layer {cfg['profile']['layer']}   data {cfg['source']['dataset']} {cfg['source']['split']}"
+        f"model {cfg['model']}   layer {cfg['profile']['layer']}   data {cfg['source']['dataset']}{_rows(result.atlas.get('rows_read'))}"
         f"   {result.atlas['n_documents']} documents, {result.atlas['n_tokens']} tokens",
         f"prompt {result.prompt['text']!r}: vector written at position {result.prompt['position']} ({result.prompt['token']!r})",
     ]

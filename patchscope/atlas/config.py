@@ -23,8 +23,9 @@ class ProfileConfig:
     """Longer documents: truncate (as the original), or split into consecutive windows."""
     batch_tokens: int = 4096
     """Budget of padded tokens per batch."""
-    exclude_bos: bool = True
-    """Keep BOS positions out of the statistics (they dominate naive top lists)."""
+    exclude_bos: bool = field(default=True, metadata={"flags": ("--exclude-bos", "--exclude-first")})
+    """Keep each segment's first position out of the statistics: the BOS token, or where the tokenizer
+    adds none (SmolLM2) the first token, an attention sink. Either dominates naive top lists."""
     checkpoint_every: int = 50
     """Write a resumable checkpoint to the output directory every N batches (0: never)."""
     sort_buffer: int = 4096

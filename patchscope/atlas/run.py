@@ -19,8 +19,9 @@ from transformers import PreTrainedTokenizerBase
 from patchscope.util.storage import check_writable
 from patchscope.util.versions import versions
 from patchscope.atlas.atlas import Atlas, AtlasError, AtlasMeta
-from patchscope.atlas.batching import plan
+from patchscope.atlas.batching import adds_bos, plan
 from patchscope.atlas.config import ProfileConfig
+from patchscope.atlas.corpora import builtin_version
 from patchscope.atlas.engine import Profiler
 from patchscope.atlas.sources import Document, SourceConfig, TextSource
 from patchscope.atlas.store import ATLAS_TENSORS, load_atlas_with_metadata, save_atlas, write_atlas
@@ -115,7 +116,7 @@ def profile(
     meta = AtlasMeta(
         model=model_name,
         dataset=source_config.dataset if source_config else "<texts>",
-        split=source_config.split if source_config else "",
+        split=source_config.resolved_split if source_config else "",
         text_column=source_config.text_column if source_config else "text",
         max_length=config.max_length,
         overflow=config.overflow,
@@ -133,7 +134,10 @@ def profile(
             "padding_fraction": round(1 - tokens / padded, 4) if padded else 0.0,
             "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else None,
             "fingerprint": key,
+            "rows_read": list(text_source.rows_read) if text_source and text_source.rows_read else None,
         },
+        has_bos=adds_bos(tokenizer),
+        dataset_version=builtin_version(source_config.dataset) if source_config else "",
     )
     atlas = Atlas(meta, {site: stats.to("cpu") for site, stats in profiler.state.items()})
     nonfinite = atlas.nonfinite_total()
