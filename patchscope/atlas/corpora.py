@@ -7,8 +7,8 @@ Python version:
 1. topics in sorted order of their key (``assert``, ``assignment``, ``async``, ...);
 2. within a topic, its paragraphs (blocks separated by blank lines) in reading order;
 3. kept only if prose: the first line is not indented (indented blocks are code, grammar or
-   tables), the block is not a heading (its last line is not an underline such as ``*****``) and it
-   has at least 3 words;
+   tables) and is not a ``>>>`` session, the block is not a heading (its last line is not an
+   underline such as ``*****``) and it has at least 3 words;
 4. each paragraph's hard-wrapped lines are joined with single spaces.
 
 The text changes between Python releases, so the Python version is recorded with every atlas.
@@ -35,7 +35,7 @@ def python_docs() -> list[str]:
     for key in sorted(topics):
         for block in _BLANK_LINE.split(topics[key]):
             lines = [line for line in block.split("\n") if line.strip()]
-            if not lines or lines[0][:1].isspace() or _UNDERLINE.match(lines[-1].strip()):
+            if not lines or lines[0][:1].isspace() or lines[0].startswith(">>>") or _UNDERLINE.match(lines[-1].strip()):
                 continue
             text = " ".join(line.strip() for line in lines)
             if len(text.split()) >= _MIN_WORDS:
