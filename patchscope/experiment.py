@@ -229,7 +229,8 @@ def _verdict(patched: float, controls: dict[str, float]) -> str:
 def run_experiment(config: ExperimentConfig, *, progress: bool = True) -> ExperimentResult:
     """Profile, pick neurons, extract their vectors, read them with the SAE, patch them into the prompt."""
     timer = _Timer()
-    prompt, sae, sae_note, out = _preflight(config)
+    with timer.phase("prepare"):  # checks every input; includes a GGUF model's one-time conversion
+        prompt, sae, sae_note, out = _preflight(config)
     notes = [sae_note]
     with timer.phase("load_model"):
         model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)

@@ -64,3 +64,29 @@ def test_first_position_is_excluded_without_bos_too():
     assert kept.first_counted == 0
     windows = segments(_NoBosTokenizer(), doc, 4, "window", exclude_bos=True, has_bos=False)
     assert [(w.offset, w.first_counted) for w in windows] == [(0, 1), (4, 1), (8, 1)]  # each window starts cold
+
+
+def test_corpus_mean_leaves_first_positions_out_even_when_profiled_with_them(gemma, tmp_path):
+    import torch
+
+    from patchscope.atlas.config import ProfileConfig
+    from patchscope.atlas.run import profile
+    from patchscope.experiment import _corpus_mean
+
+    model, tokenizer = gemma
+    path = tmp_path / "corpus.txt"
+    path.write_text("The quick brown fox jumps over the lazy dog.\nRain fell on the mountains.\nIn 1994 the committee met 3 times.\n")
+    source = TextSource(SourceConfig(str(path)))
+    site = "blocks.1.hook_resid_pre"
+    atlas = profile(model, tokenizer, source, ProfileConfig(sites=(site,), exclude_bos=False, max_length=8, overflow="window"), progress=False)
+    vectors = []
+    for line in path.read_text().splitlines():  # brute force: every window, its first slot left out
+        ids = tokenizer(line).input_ids
+        windows = [ids[:8]] + [[ids[0], *ids[1:][i : i + 7]] for i in range(7, len(ids) - 1, 7)]
+        for window in windows:
+            with torch.no_grad():
+                hidden = model(torch.tensor([window]), output_hidden_states=True).hidden_states[1]
+            vectors.append(hidden[0, 1:])
+    expected = torch.cat(vectors).mean(0)
+    torch.testing.assert_close(_corpus_mean(model, tokenizer, atlas, site, source), expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(atlas[site].mean.float(), expected, rtol=1e-4, atol=1e-5)  # the atlas itself counts BOS

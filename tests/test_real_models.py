@@ -260,3 +260,36 @@ def test_main_job_end_to_end(real_model, tmp_path, capsys):
     assert set(results["timings"]) >= {"load_model", "profile", "extract", "patchscope"}
     atlas_meta = json.loads((out / "atlas.json").read_text())
     assert atlas_meta["has_bos"] is True and atlas_meta["dataset_version"].startswith("python 3.")
+
+
+@pytest.mark.parametrize("preset", PRESETS[1:])
+def test_gguf_path_loads_like_its_preset(real_model, preset):
+    """`--model path/to/file.gguf` reads the same cached conversion as the preset that holds the file."""
+    from patchscope.model.loading import PRESETS as KNOWN
+    from patchscope.model.loading import load_config, model_source
+
+    real_model(preset)
+    path = KNOWN[preset].gguf()
+    assert model_source(str(path)) == model_source(preset)
+    assert load_config(str(path)).model_type == "llama"
+
+
+def test_incomplete_conversion_is_never_used(tmp_path, monkeypatch):
+    """A converted folder counts only once its completion record is in it (written last, then renamed)."""
+    from patchscope.model import gguf
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("HF_HOME", raising=False)
+    source = tmp_path / "model.gguf"
+    source.write_bytes(b"GGUF")
+    calls = []
+    monkeypatch.setattr(gguf, "convert", lambda file, folder: calls.append(folder) or folder)
+    folder = gguf.converted(source)
+    assert folder.parent == tmp_path / "patchscope" / "converted" and calls == [folder]
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"half")  # a crash before the record
+    gguf.converted(source)
+    assert len(calls) == 2
+    (folder / gguf.CONVERSION_RECORD).write_text("{}")
+    gguf.converted(source)
+    assert len(calls) == 2
