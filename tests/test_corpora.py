@@ -90,3 +90,17 @@ def test_corpus_mean_leaves_first_positions_out_even_when_profiled_with_them(gem
     expected = torch.cat(vectors).mean(0)
     torch.testing.assert_close(_corpus_mean(model, tokenizer, atlas, site, source), expected, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(atlas[site].mean.float(), expected, rtol=1e-4, atol=1e-5)  # the atlas itself counts BOS
+
+
+def test_profile_command_without_split_reads_every_row(gemma_dir, tmp_path, capsys):
+    from patchscope.cli.main import main
+
+    path = tmp_path / "mine.jsonl"
+    texts = ["The quick brown fox jumps.", "Rain fell on the hills.", "", "Markets rallied today."] * 60  # 240 rows
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    out = tmp_path / "atlas"
+    assert main(["profile", "--model", str(gemma_dir), "--device", "cpu", "--layer", "1", "--max-length", "8", "--dataset", str(path), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "profiled 180 documents (60 empty skipped; rows 0-239 of" in printed
+    meta = json.loads((out / "atlas.json").read_text())
+    assert meta["split"] == "" and meta["n_documents"] == 180 and meta["has_bos"] is True

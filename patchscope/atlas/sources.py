@@ -31,17 +31,17 @@ class SourceConfig:
     split: str | None = None
     """Split and optional row slice, e.g. ``train[100:250]``; for local files and built-ins just ``[0:300]``.
     Default: all rows, except train[100:250] (the original experiment's slice) for NeelNanda/pile-10k."""
-
-    @property
-    def resolved_split(self) -> str:
-        """The split read: the given one, else the dataset's default."""
-        return self.split if self.split is not None else DEFAULT_SPLITS.get(self.dataset, "")
     text_column: str = "text"
     """Column holding the text (tables and HF datasets)."""
     streaming: bool = False
     """Stream the HF dataset instead of downloading it whole."""
     txt_mode: Literal["lines", "file"] = "lines"
     """For .txt files: one document per line, or the whole file as one document."""
+
+    @property
+    def resolved_split(self) -> str:
+        """The split read: the given one, else the dataset's default."""
+        return self.split if self.split is not None else DEFAULT_SPLITS.get(self.dataset, "")
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ class TextSource:
         self.skipped_empty = 0
         self.rows_read: tuple[int, int] | None = None
         """First and last absolute row index of the last full pass (empty rows included)."""
-        if is_local(config.dataset) and not is_builtin(config.dataset):
+        if is_local(config.dataset):
             path = Path(config.dataset)
             if not path.is_file():
                 raise DataError(f"no such file: {config.dataset!r}")
