@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import time
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,8 @@ import torch
 from patchscope.atlas.atlas import Atlas
 from patchscope.atlas.reuse import check_reuse
 from patchscope.atlas.store import ATLAS_TENSORS, is_committed, load_atlas
+from patchscope.atlas.batching import adds_bos, segments
+from patchscope.model.hooks import capture, run_until
 from patchscope.sae.attribution import attribute_neuron
 from patchscope.atlas.sources import SourceConfig, TextSource
 from patchscope.model.loading import DEFAULT_MODEL, PRESETS, DeviceName, DTypeName, load_config, load_model, load_tokenizer, preset_for, resolve_device, resolve_dtype
@@ -178,8 +181,9 @@ def _load_matching_sae(config: ExperimentConfig, d_model: int):
         return None, "SAE read-out skipped (`sae` none)"
     spec = config.sae
     if spec is None:
-        if preset_for(config.model) is None:
-            return None, f"no default SAE for {config.model}; pass `sae` to read the vector"
+        preset = preset_for(config.model)
+        if preset is None or preset.sae_repo is None:
+            return None, f"SAE read-out skipped: no default SAE for {config.model}; pass `sae` to read the vector"
         spec = sae_spec_for_site(config.model, config.source_site)
     sae = load_sae(spec)
     check_for_model(sae, d_model)
@@ -235,13 +239,13 @@ def _corpus_mean(model, tokenizer, config: ExperimentConfig, atlas: Atlas, timer
     recomputed (one pass up to the source site, nothing stored).
     """
     if config.source_site in atlas.sites:
-        return atlas[config.source_site].mean.float(), None
+        return _mean_without_first_slots(model, tokenizer, atlas, config.source_site, TextSource(config.source)), None
     if not config.patchscope.controls:
         return None, None
     meta = atlas.meta
-    only_mean = dataclasses.replace(
+    only_mean = dataclasses.replace(  # first slots (BOS or an attention sink) never enter the mean
         config.profile, sites=(config.source_site,), top_k=1, max_length=meta.max_length, overflow=meta.overflow,
-        exclude_bos=meta.exclude_bos, checkpoint_every=0,
+        exclude_bos=True, checkpoint_every=0,
     )
     with timer.phase("corpus_mean"):
         mean = profile(model, tokenizer, TextSource(config.source), only_mean, model_name=config.model, progress=progress)[config.source_site].mean
@@ -260,6 +264,34 @@ def _results_path(out: Path, config_json: dict[str, Any]) -> Path:
         return default
     key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
     return out / f"results-{key}.json"
+
+
+def _mean_without_first_slots(model, tokenizer, atlas: Atlas, site: str, source: TextSource) -> torch.Tensor | None:
+    """Mean of the profiled vectors at ``site``, each segment's first slot (BOS or attention sink) left out.
+
+    The atlas's moments leave those slots out already unless it was profiled with `exclude_bos` off.
+    Then their sum is taken off: under causal attention a first-slot vector depends on its token only,
+    so one forward pass over the distinct first tokens gives every one of them.
+    """
+    stats = atlas.sites.get(site)
+    if stats is None:
+        return None
+    if atlas.meta.exclude_bos:
+        return stats.mean.float()
+    has_bos = adds_bos(tokenizer)
+    firsts = Counter(
+        part.ids[0]
+        for document in source
+        for part in segments(tokenizer, document, atlas.meta.max_length, atlas.meta.overflow, False, has_bos)
+        if part.first_counted == 0
+    )
+    ids = torch.tensor(list(firsts), device=model.get_input_embeddings().weight.device).unsqueeze(1)  # [tokens, 1]
+    with torch.no_grad(), capture(model, site) as cache:
+        run_until(model, site, input_ids=ids)
+    first_slots = cache[site][:, 0].float().cpu()  # [tokens, d_model]
+    counts = torch.tensor(list(firsts.values()), dtype=torch.float32)
+    total = stats.moments.total.float() - counts @ first_slots
+    return total / (float(stats.moments.n_tokens) - float(counts.sum()))
 
 
 def _reactivation(patched: float, controls: dict[str, float]) -> str:
@@ -340,7 +372,8 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True) -> Experi
         >>> print(run_experiment(config).summary())
     """
     timer = _Timer()
-    prompt, sae, sae_note, out = _preflight(config)
+    with timer.phase("prepare"):  # checks every input; includes a GGUF model's one-time conversion
+        prompt, sae, sae_note, out = _preflight(config)
     with output_lock(out):
         return _run_locked(config, timer, prompt, sae, sae_note, out, progress)
 
@@ -451,12 +484,16 @@ def _jsonable(config: ExperimentConfig) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+def _rows(rows: list[int] | None) -> str:
+    return f" rows {rows[0]}-{rows[1]}" if rows else ""
+
+
 def format_summary(result: ExperimentResult) -> str:
     """The original's "Experiment Results" block, plus the controls."""
     cfg = result.config
     lines = [
         "=== Experiment Results ===",
-        f"model {cfg['model']}   layer {cfg['profile']['layer']}   data {cfg['source']['dataset']} {cfg['source']['split']}"
+        f"model {cfg['model']}   layer {cfg['profile']['layer']}   data {cfg['source']['dataset']}{_rows(result.atlas.get('rows_read'))}"
         f"   {result.atlas['n_documents']} documents, {result.atlas['n_tokens']} tokens",
         f"prompt {result.prompt['text']!r}: vector written at position {result.prompt['position']} ({result.prompt['token']!r})",
     ]

@@ -108,3 +108,37 @@ def tiny_llama(directory: Path, seed: int = 1, **overrides) -> Path:
     _seeded(model, seed, scale=0.15)
     model.save_pretrained(directory)
     return directory
+
+
+def tiny_gemma3_config(vocab_size: int = 400, **overrides):
+    """Gemma 3's text decoder: Gemma-2's four norms plus q/k norms, local and global layers."""
+    from transformers import Gemma3TextConfig
+
+    settings = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        sliding_window=8,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+        attn_implementation="eager",
+    )
+    settings.update(overrides)
+    return Gemma3TextConfig(**settings)
+
+
+def tiny_gemma3(directory: Path, seed: int = 2, **overrides) -> Path:
+    """A seeded random Gemma 3 (text only, ``gemma3_text``), saved with its tokenizer."""
+    from transformers import Gemma3ForCausalLM
+
+    tokenizer = train_tokenizer(directory)
+    model = Gemma3ForCausalLM(tiny_gemma3_config(vocab_size=len(tokenizer), **overrides))
+    _seeded(model, seed, scale=0.15)
+    model.save_pretrained(directory)
+    return directory

@@ -40,6 +40,10 @@ class AtlasMeta:
     skipped_empty: int = 0
     versions: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    has_bos: bool | None = None
+    """Whether the tokenizer put a BOS token at position 0 (None: not recorded)."""
+    dataset_version: str = ""
+    """What a built-in dataset's text depends on, e.g. ``python 3.11.7`` for python-docs."""
 
 
 @dataclass

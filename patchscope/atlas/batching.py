@@ -3,6 +3,11 @@
 A *segment* is what one row of a batch holds: a whole (or truncated) document, or one window of a
 long document. Every token keeps its position in the document's token sequence, where the
 tokenizer's BOS is position 0, so an atlas entry (doc, position) maps back to a re-runnable text.
+
+A segment's first slot is kept out of the statistics by default (``exclude_bos``): it is the BOS
+token, or, in models whose tokenizer adds none (SmolLM2), an ordinary token that the model uses as
+an attention sink. Measured on SmolLM2-135M at layer 15, the residual norm there is about 23,000
+against about 148 elsewhere, and it filled 5,153 of 11,520 top-20 slots of a residual atlas.
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ class Segment:
     ids: tuple[int, ...]
     """Token ids, starting with BOS when the model uses one."""
     first_counted: int
-    """Index of the first token that may enter statistics (skips BOS, and a window's repeated BOS)."""
+    """Index of the first token that may enter statistics (skips BOS or the first-token attention sink,
+    and a window's repeated BOS)."""
 
 
 @dataclass
@@ -71,13 +77,14 @@ def segments(
 ) -> list[Segment]:
     """Tokenize one document (BOS as the model expects) and cut it to ``max_length``-token segments."""
     ids = tokenizer(document.text, add_special_tokens=True).input_ids
-    first = 1 if (has_bos and exclude_bos) else 0
+    first = 1 if exclude_bos else 0
     if overflow == "truncate" or len(ids) <= max_length:
         return [Segment(document.index, 0, tuple(ids[:max_length]), first)]
     if overflow != "window":
         raise ValueError(f"overflow must be 'truncate' or 'window', not {overflow!r}")
     if not has_bos:
-        return [Segment(document.index, i, tuple(ids[i : i + max_length]), 0) for i in range(0, len(ids), max_length)]
+        # every window starts cold, so each window's first token is an attention sink
+        return [Segment(document.index, i, tuple(ids[i : i + max_length]), first) for i in range(0, len(ids), max_length)]
     body, width = ids[1:], max_length - 1
     # Each window re-starts with BOS; its token j >= 1 is document position i + j. The repeated
     # BOS of later windows is not a document token and is never counted.

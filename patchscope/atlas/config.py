@@ -30,7 +30,12 @@ class ProfileConfig:
     )
     batch_tokens: int = field(default=4096, metadata={"help": "Budget of padded tokens per batch."})
     exclude_bos: bool = field(
-        default=True, metadata={"help": "Keep BOS positions out of the statistics (they dominate naive top lists)."}
+        default=True,
+        metadata={
+            "help": "Keep each segment's first position out of the statistics: the BOS token, or where the tokenizer adds "
+            "none (SmolLM2) the first token, an attention sink. Either dominates naive top lists.",
+            "flags": ("--exclude-bos", "--exclude-first"),
+        },
     )
     checkpoint_every: int = field(
         default=50, metadata={"help": "Write a resumable checkpoint to the output directory every N batches (0: never)."}

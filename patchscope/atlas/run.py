@@ -26,8 +26,9 @@ from patchscope.util.storage import check_writable, remove_stale_temp_files
 from patchscope.util.versions import versions
 from patchscope.atlas import distributed
 from patchscope.atlas.atlas import Atlas, AtlasError, AtlasMeta
-from patchscope.atlas.batching import plan
+from patchscope.atlas.batching import adds_bos, plan
 from patchscope.atlas.config import ProfileConfig
+from patchscope.atlas.corpora import builtin_version
 from patchscope.atlas.engine import Profiler
 from patchscope.atlas.exports import write_exports
 from patchscope.atlas.prefetch import prefetch
@@ -193,7 +194,7 @@ def _profile(model, tokenizer, source, config, out: Path | None, resume: bool, m
     meta = AtlasMeta(
         model=model_name,
         dataset=source_config.dataset if source_config else "<texts>",
-        split=source_config.split if source_config else "",
+        split=source_config.resolved_split if source_config else "",
         text_column=source_config.text_column if source_config else "text",
         max_length=config.max_length,
         overflow=config.overflow,
@@ -213,7 +214,10 @@ def _profile(model, tokenizer, source, config, out: Path | None, resume: bool, m
             "fingerprint": key,
             "identity": identity,
             "source": dataclasses.asdict(source_config) if source_config else None,
+            "rows_read": list(text_source.rows_read) if text_source and text_source.rows_read else None,
         },
+        has_bos=adds_bos(tokenizer),
+        dataset_version=builtin_version(source_config.dataset) if source_config else "",
     )
     atlas = Atlas(meta, {site: stats.to("cpu") for site, stats in profiler.state.items()})
     if world.size > 1:  # keep this rank's finished share, meet the others, merge (atlas/distributed.py)

@@ -9,8 +9,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from patchscope.atlas.corpora import BUILTIN, is_builtin
+
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".csv")
 _SPLIT = re.compile(r"^(?P<name>[\w.-]*)(?:\[(?P<start>\d*):(?P<stop>\d*)\])?$")
+DEFAULT_SPLITS = {"NeelNanda/pile-10k": "train[100:250]"}
+"""Split used when none is given: the original experiment's slice for its dataset; all rows otherwise."""
 
 
 class DataError(ValueError):
@@ -22,16 +26,26 @@ class SourceConfig:
     """Where the profiled texts come from."""
 
     dataset: str = field(
-        default="NeelNanda/pile-10k", metadata={"help": "HF dataset id or data folder, or a local .txt / .jsonl / .json / .parquet / .csv file."}
+        default="NeelNanda/pile-10k", metadata={"help": "HF dataset id or data folder, a local .txt / .jsonl / .json / .parquet / .csv file, or the built-in "
+            "'python-docs' (CPython's pydoc_data prose, one paragraph per document)."}
     )
-    split: str = field(
-        default="train[100:250]", metadata={"help": "Split and optional row slice, e.g. train[100:250]; for local files just [100:250] or empty."}
+    split: str | None = field(
+        default=None,
+        metadata={
+            "help": "Split and optional row slice, e.g. train[100:250]; for local files and built-ins just [0:300]. Default: all "
+            "rows, except train[100:250] (the original experiment's slice) for NeelNanda/pile-10k."
+        },
     )
     text_column: str = field(default="text", metadata={"help": "Column holding the text (tables and HF datasets)."})
     streaming: bool = field(default=False, metadata={"help": "Stream the HF dataset instead of downloading it whole."})
     txt_mode: Literal["lines", "file"] = field(
         default="lines", metadata={"help": "For .txt files: one document per line, or the whole file as one document."}
     )
+
+    @property
+    def resolved_split(self) -> str:
+        """The split read: the given one, else the dataset's default."""
+        return self.split if self.split is not None else DEFAULT_SPLITS.get(self.dataset, "")
 
 
 @dataclass(frozen=True)
@@ -63,8 +77,10 @@ class TextSource:
 
     def __init__(self, config: SourceConfig) -> None:
         self.config = config
-        self.split_name, self.start, self.stop = parse_split(config.split)
+        self.split_name, self.start, self.stop = parse_split(config.resolved_split)
         self.skipped_empty = 0
+        self.rows_read: tuple[int, int] | None = None
+        """First and last absolute row index of the last full pass (empty rows included)."""
         if is_local(config.dataset):
             path = Path(config.dataset)
             if not path.is_file():
@@ -73,12 +89,15 @@ class TextSource:
                 raise DataError(f"{path.name}: unsupported file type; use one of {', '.join(LOCAL_SUFFIXES)}")
 
     def describe(self) -> str:
-        return f"{self.config.dataset} {self.config.split}".strip()
+        return f"{self.config.dataset} {self.config.resolved_split}".strip()
 
     def __iter__(self) -> Iterator[Document]:
         self.skipped_empty = 0
         produced = 0
+        first = last = None
         for index, text in self._rows():
+            first = index if first is None else first
+            last = index
             if text is not None and not isinstance(text, str):
                 raise DataError(
                     f"{self.describe()}: row {index} of column {self.config.text_column!r} is a {type(text).__name__} "
@@ -89,6 +108,7 @@ class TextSource:
                 continue
             produced += 1
             yield Document(index, text)
+        self.rows_read = None if first is None else (first, last)
         if produced == 0:
             raise DataError(
                 f"{self.describe()} has no non-empty documents in column {self.config.text_column!r} "
@@ -119,7 +139,7 @@ class TextSource:
     # -- readers: each yields (absolute row index, text) for the sliced rows
 
     def _rows(self) -> Iterator[tuple[int, object]]:
-        if is_local(self.config.dataset):
+        if is_local(self.config.dataset) or is_builtin(self.config.dataset):
             texts = self._local_column()
             stop = len(texts) if self.stop is None else min(self.stop, len(texts))
             for index in range(self.start, stop):
@@ -128,6 +148,8 @@ class TextSource:
             yield from self._hub_rows()
 
     def _local_column(self) -> list:
+        if is_builtin(self.config.dataset):
+            return BUILTIN[self.config.dataset]()
         path = Path(self.config.dataset)
         suffix = path.suffix.lower()
         column = self.config.text_column

@@ -104,8 +104,10 @@ def _without_nproc(argv: list[str]) -> list[str]:
 
 def summarize_atlas(atlas) -> str:
     extra = atlas.meta.extra
+    rows = extra.get("rows_read")
     lines = [
-        f"profiled {atlas.meta.n_documents} documents ({atlas.meta.skipped_empty} empty skipped), "
+        f"profiled {atlas.meta.n_documents} documents ({atlas.meta.skipped_empty} empty skipped"
+        f"{f'; rows {rows[0]}-{rows[1]} of {atlas.meta.dataset} read' if rows else ''}), "
         f"{atlas.n_tokens} tokens counted, {extra.get('tokens_per_second')} tok/s, "
         f"padding {100 * extra.get('padding_fraction', 0):.1f}%"
     ]

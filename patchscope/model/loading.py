@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from patchscope.model import gguf
 from patchscope.model.sites import SUPPORTED_FAMILIES
 
 DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
@@ -24,15 +27,19 @@ class ModelPreset:
 
     hub_id: str
     """HuggingFace hub id of the model."""
-    sae_repo: str
-    """Hub repo of its Gemma Scope residual-stream SAEs."""
+    sae_repo: str | None
+    """Hub repo of its Gemma Scope residual-stream SAEs (None: no SAE preset)."""
     neuronpedia_id: str
     """Model id in Neuronpedia feature URLs."""
+    gguf: Callable[[], Path] | None = None
+    """For a model embedded in a pip package: returns its GGUF file (assembling it if needed)."""
 
 
 PRESETS: dict[str, ModelPreset] = {
     "gemma-2-2b": ModelPreset("google/gemma-2-2b", "google/gemma-scope-2b-pt-res", "gemma-2-2b"),
     "gemma-2-9b": ModelPreset("google/gemma-2-9b", "google/gemma-scope-9b-pt-res", "gemma-2-9b"),
+    "gemma-3-270m": ModelPreset("google/gemma-3-270m", None, "gemma-3-270m", gguf.gemma3_270m),
+    "smollm2-135m": ModelPreset("HuggingFaceTB/SmolLM2-135M-Instruct", None, "smollm2-135m", gguf.smollm2_135m),
 }
 DEFAULT_MODEL = "google/gemma-2-2b"
 
@@ -46,6 +53,20 @@ def preset_for(name_or_path: str) -> ModelPreset | None:
     if name_or_path in PRESETS:
         return PRESETS[name_or_path]
     return next((p for p in PRESETS.values() if p.hub_id == name_or_path), None)
+
+
+def model_source(name_or_path: str) -> str:
+    """What transformers loads for a name: the cached float32 folder of an embedded preset or of a
+    ``.gguf`` file (converted on first use), the hub id of another preset, else the name itself."""
+    preset = PRESETS.get(name_or_path)
+    try:
+        if preset is not None and preset.gguf is not None:
+            return str(gguf.converted(preset.gguf()))
+        if name_or_path.lower().endswith(".gguf"):
+            return str(gguf.converted(Path(name_or_path)))
+    except gguf.GGUFError as error:
+        raise ModelLoadError(str(error)) from error
+    return preset.hub_id if preset else name_or_path
 
 
 def resolve_device(device: DeviceName | str) -> torch.device:
@@ -145,8 +166,7 @@ def _explain(name_or_path: str, error: Exception) -> ModelLoadError:
 
 def load_config(name_or_path: str, *, trust_remote_code: bool = False, token: str | bool | None = None):
     """Just the model's config (small, fast): lets callers check layer and neuron numbers before loading weights."""
-    preset = PRESETS.get(name_or_path)
-    source = preset.hub_id if preset else name_or_path
+    source = model_source(name_or_path)
     try:
         return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, token=token, **check_source(source))
     except ModelLoadError:
@@ -157,8 +177,7 @@ def load_config(name_or_path: str, *, trust_remote_code: bool = False, token: st
 
 def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, token: str | bool | None = None) -> PreTrainedTokenizerBase:
     """Just the tokenizer: lets callers check a prompt before the weights load."""
-    preset = PRESETS.get(name_or_path)
-    source = preset.hub_id if preset else name_or_path
+    source = model_source(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, token=token, **check_source(source))
     except ModelLoadError:
@@ -184,12 +203,12 @@ def load_model(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer, in eval mode with gradients off.
 
-    ``name_or_path`` is a hub id, a preset name (``gemma-2-2b``) or a local directory. Gemma-family
+    ``name_or_path`` is a hub id, a preset name (``gemma-2-2b``; ``gemma-3-270m`` and ``smollm2-135m``
+    come from pip packages, see `patchscope.model.gguf`), a local directory or a ``.gguf`` file. Gemma-family
     models load with eager attention, the only one that applies Gemma-2's attention soft-cap.
     ``device_map`` (e.g. ``"auto"``) hands placement to accelerate for models larger than one GPU.
     """
-    preset = PRESETS.get(name_or_path)
-    source = preset.hub_id if preset else name_or_path
+    source = model_source(name_or_path)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     common = {"revision": revision, "token": token, "trust_remote_code": trust_remote_code, **check_source(source, revision)}

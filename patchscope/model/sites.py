@@ -35,7 +35,8 @@ SITE_SUFFIXES: tuple[str, ...] = (
 """Per-block sites, in the order the forward pass reaches them."""
 
 POST_NORM_FAMILIES = frozenset({"gemma2", "gemma3_text"})
-"""Families with a norm after attention and after the MLP (the sandwich norm)."""
+"""Families with a norm after attention and after the MLP (the sandwich norm). Gemma 3's text
+decoder (``gemma3_text``) has Gemma-2's four norms; it adds q/k norms inside attention."""
 
 PRE_NORM_FAMILIES = frozenset({"llama", "mistral", "qwen2", "gemma"})
 """Llama-style families: one norm before attention, one before the MLP."""
