@@ -10,7 +10,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import Tensor
 
+from patchscope.kernels.bottomk import merge_bottomk
+from patchscope.kernels.quantiles import QuantileExamples, merge_quantiles
 from patchscope.kernels.topk_merge import Moments, TopK, merge_topk
 
 from patchscope.atlas.batching import Overflow
@@ -47,6 +50,9 @@ class SiteAtlas:
 
     top: TopK  # [k, n]
     moments: Moments  # [n]
+    bottom: TopK | None = None  # [k, n], the most negative first (`patchscope.kernels.bottomk`)
+    histogram: Tensor | None = None  # [n, N_BINS] int64 counts (`patchscope.kernels.histogram`)
+    quantiles: QuantileExamples | None = None  # [INTERVALS, m, n] (`patchscope.kernels.quantiles`)
 
     @property
     def n_neurons(self) -> int:
@@ -72,10 +78,30 @@ class SiteAtlas:
     def merge(self, other: SiteAtlas) -> SiteAtlas:
         if other.n_neurons != self.n_neurons or other.top.k != self.top.k:
             raise AtlasError(f"cannot merge atlases of shape {tuple(self.top.values.shape)} and {tuple(other.top.values.shape)}")
-        return SiteAtlas(merge_topk(self.top, other.top), self.moments + other.moments)
+        return SiteAtlas(
+            merge_topk(self.top, other.top),
+            self.moments + other.moments,
+            _merge_optional("bottom-k", self.bottom, other.bottom, merge_bottomk),
+            _merge_optional("histogram", self.histogram, other.histogram, torch.add),
+            _merge_optional("quantile examples", self.quantiles, other.quantiles, merge_quantiles),
+        )
 
     def to(self, device: torch.device | str) -> SiteAtlas:
-        return SiteAtlas(self.top.to(device), self.moments.to(device))
+        move = lambda part: part.to(device) if part is not None else None  # noqa: E731
+        return SiteAtlas(self.top.to(device), self.moments.to(device), move(self.bottom), move(self.histogram), move(self.quantiles))
+
+    @property
+    def min(self) -> torch.Tensor | None:  # [n]
+        return self.bottom.values[0] if self.bottom is not None else None
+
+
+def _merge_optional(what: str, first, second, merge):
+    """Both present: merged; both absent: None; otherwise the two atlases were made differently."""
+    if first is None and second is None:
+        return None
+    if first is None or second is None:
+        raise AtlasError(f"cannot merge an atlas that has {what} with one that has none; profile both with the same options")
+    return merge(first, second)
 
 
 @dataclass(frozen=True)
@@ -162,6 +188,11 @@ class Atlas:
             for group in (stats.top, stats.moments):
                 for spec in dataclasses.fields(group):
                     out[f"{site}/{spec.name}"] = getattr(group, spec.name)
+            for prefix, group in (("bottom", stats.bottom), ("quantile", stats.quantiles)):
+                for spec in dataclasses.fields(group) if group is not None else ():
+                    out[f"{site}/{prefix}_{spec.name}"] = getattr(group, spec.name)
+            if stats.histogram is not None:
+                out[f"{site}/histogram"] = stats.histogram
         return out
 
     def documents(self, site: str | None = None) -> set[int]:

@@ -29,6 +29,12 @@ class ProfileConfig:
     """Write a resumable checkpoint to the output directory every N batches (0: never)."""
     sort_buffer: int = 4096
     """Documents buffered and length-sorted together; bounds memory for streamed sources."""
+    bottom_k: int = 20
+    """Most negative examples kept per neuron (0: none)."""
+    histogram: bool = True
+    """Record a per-neuron activation histogram over fixed log-spaced bins (patchscope.kernels.histogram)."""
+    quantile_examples: int = 0
+    """Examples kept in each of 5 activation intervals below the maximum; a second pass over the data (0: none)."""
 
     def site_names(self) -> tuple[str, ...]:
         return self.sites or (f"blocks.{self.layer}.mlp.hook_post",)
@@ -40,3 +46,7 @@ class ProfileConfig:
             raise ValueError(f"`max_length` must be at least 2, got {self.max_length}")
         if self.batch_tokens < self.max_length:
             raise ValueError(f"`batch_tokens` ({self.batch_tokens}) must be at least `max_length` ({self.max_length})")
+        if self.bottom_k < 0 or self.quantile_examples < 0:
+            raise ValueError(
+                f"`bottom_k` ({self.bottom_k}) and `quantile_examples` ({self.quantile_examples}) must be 0 (off) or positive"
+            )

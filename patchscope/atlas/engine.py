@@ -9,6 +9,7 @@ checkpoint or the end of the run.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ from patchscope.model.sites import check_layer, resolve, site_width
 from patchscope.atlas.atlas import SiteAtlas
 from patchscope.atlas.batching import Batch, Segment, collate
 from patchscope.atlas.config import ProfileConfig
+from patchscope.atlas.extras import ExtraReductions
 
 log = logging.getLogger(__name__)
 MERGE_EVERY = 4
@@ -67,6 +69,7 @@ class Profiler:
         # one sort of all of them costs much less than MERGE_EVERY small sorts.
         self._unmerged: dict[str, list[TopK]] = {site: [] for site in self.sites}
         self._scratch = torch.empty(0, device=self.device)  # float32 copy of bf16/fp16 activations, reused
+        self.extras = ExtraReductions(config)  # bottom-k and histograms (patchscope.atlas.extras)
 
     def _site_hook(self, site: str):
         def reduce(value: Tensor, step) -> None:
@@ -77,6 +80,7 @@ class Profiler:
             self._pending.setdefault(site, []).append(
                 batch_stats(acts, f.doc, f.position, f.token, f.counted, self.config.top_k, self._scratch)
             )
+            self.extras.observe(site, acts, f.doc, f.position, f.token, f.counted)
 
         return reduce
 
@@ -104,6 +108,7 @@ class Profiler:
                 if not _is_oom(error) or size == 1:
                     raise
                 self._pending = {}
+                self.extras.discard()
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 self.splits += 1
@@ -113,15 +118,16 @@ class Profiler:
             for candidates, piece_moments in pieces:
                 moments = moments + piece_moments
                 self._unmerged[site].append(candidates)
-            self.state[site] = SiteAtlas(self.state[site].top, moments)
+            self.state[site] = dataclasses.replace(self.state[site], moments=moments)  # keeps the extras
             if len(self._unmerged[site]) >= MERGE_EVERY:
                 self.flush(site)
         self._pending = {}
+        self.extras.fold_into(self.state)
 
     def flush(self, site: str | None = None) -> None:
         """Merge the waiting per-batch top-ks into the state (before a checkpoint, and at the end)."""
         for name in [site] if site else self.sites:
             if self._unmerged[name]:
                 current = self.state[name]
-                self.state[name] = SiteAtlas(merge_topk_fast(current.top, *self._unmerged[name]), current.moments)
+                self.state[name] = dataclasses.replace(current, top=merge_topk_fast(current.top, *self._unmerged[name]))
                 self._unmerged[name] = []

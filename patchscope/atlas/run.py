@@ -22,6 +22,7 @@ from patchscope.atlas.atlas import Atlas, AtlasError, AtlasMeta
 from patchscope.atlas.batching import plan
 from patchscope.atlas.config import ProfileConfig
 from patchscope.atlas.engine import Profiler
+from patchscope.atlas.quantiles import add_quantile_examples
 from patchscope.atlas.sources import Document, SourceConfig, TextSource
 from patchscope.atlas.store import ATLAS_TENSORS, load_atlas_with_metadata, save_atlas, write_atlas
 
@@ -136,6 +137,8 @@ def profile(
         },
     )
     atlas = Atlas(meta, {site: stats.to("cpu") for site, stats in profiler.state.items()})
+    if config.quantile_examples:  # the optional second pass, cut from this pass's maxima
+        atlas = add_quantile_examples(model, tokenizer, documents, atlas, config)
     nonfinite = atlas.nonfinite_total()
     meta.extra["nonfinite_activations"] = nonfinite
     if nonfinite:

@@ -13,6 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from patchscope.kernels.quantiles import QuantileExamples
 from patchscope.kernels.topk_merge import Moments, TopK
 
 from patchscope.model.sites import parse_site
@@ -67,5 +68,14 @@ def load_atlas_with_metadata(path: str | Path, device: torch.device | str = "cpu
         parse_site(site)
         top = TopK(*(tensors[f"{site}/{f.name}"] for f in dataclasses.fields(TopK)))
         moments = Moments(*(tensors[f"{site}/{f.name}"] for f in dataclasses.fields(Moments)))
-        stats[site] = SiteAtlas(top, moments)
+        stats[site] = SiteAtlas(top, moments, *_optional_parts(tensors, site))
     return Atlas(meta, stats), metadata
+
+
+def _optional_parts(tensors: Mapping[str, torch.Tensor], site: str) -> tuple:
+    """Bottom-k, histogram and quantile examples where the file has them (older atlases do not)."""
+    def group(cls, prefix: str):
+        names = [f"{site}/{prefix}_{f.name}" for f in dataclasses.fields(cls)]
+        return cls(*(tensors[name] for name in names)) if names[0] in tensors else None
+
+    return group(TopK, "bottom"), tensors.get(f"{site}/histogram"), group(QuantileExamples, "quantile")
