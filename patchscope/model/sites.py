@@ -34,7 +34,7 @@ SITE_SUFFIXES: tuple[str, ...] = (
 )
 """Per-block sites, in the order the forward pass reaches them."""
 
-POST_NORM_FAMILIES = frozenset({"gemma2"})
+POST_NORM_FAMILIES = frozenset({"gemma2", "gemma3_text"})
 """Families with a norm after attention and after the MLP (the sandwich norm)."""
 
 PRE_NORM_FAMILIES = frozenset({"llama", "mistral", "qwen2", "gemma"})
