@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "profile": ("patchscope.cli.profile", "profile every neuron of a layer over a corpus into an atlas"),
     "sae": ("patchscope.cli.sae", "print the top SAE features of one token's residual vector"),
     "run": ("patchscope.cli.run", "the whole experiment: profile, extract, SAE, Patchscope; writes results.json"),
+    "report": ("patchscope.cli.report", "write a static, offline HTML dashboard of an atlas (index + a page per neuron)"),
 }
 
 
