@@ -41,12 +41,14 @@ class QuantileExamples:
     doc: Tensor  # [INTERVALS, m, n] int64
     pos: Tensor  # [INTERVALS, m, n] int64
     token: Tensor  # [INTERVALS, m, n] int64
+    count: Tensor  # [INTERVALS, n] int64, every counted token inside each interval (for "bin contains")
 
     @classmethod
     def empty(cls, upper: Tensor, m: int) -> QuantileExamples:
         shape = (INTERVALS, m, upper.shape[0])
         long = lambda fill: torch.full(shape, fill, dtype=torch.long, device=upper.device)  # noqa: E731
-        return cls(upper.float(), long(EMPTY_HASH), torch.zeros(shape, device=upper.device), long(-1), long(0), long(0))
+        count = torch.zeros(INTERVALS, upper.shape[0], dtype=torch.long, device=upper.device)
+        return cls(upper.float(), long(EMPTY_HASH), torch.zeros(shape, device=upper.device), long(-1), long(0), long(0), count)
 
     @property
     def per_interval(self) -> int:
@@ -65,13 +67,15 @@ def merge_quantiles(first: QuantileExamples, *rest: QuantileExamples) -> Quantil
                 "shard with the maxima of the merged atlas"
             )
     parts = (first, *rest)
-    cat = {f.name: torch.cat([getattr(p, f.name) for p in parts], dim=1) for f in fields(first) if f.name != "upper"}
+    picked = [f.name for f in fields(first) if f.name not in ("upper", "count")]
+    cat = {name: torch.cat([getattr(p, name) for p in parts], dim=1) for name in picked}
     # lexicographic (hash, doc, pos) as three stable sorts, least significant first
     order = cat["pos"].argsort(dim=1, stable=True)
     for name in ("doc", "hash"):
         order = order.gather(1, cat[name].gather(1, order).argsort(dim=1, stable=True))
     order = order[:, : first.per_interval]
-    return QuantileExamples(first.upper, *(cat[f.name].gather(1, order) for f in fields(first) if f.name != "upper"))
+    count = sum(p.count for p in rest) + first.count
+    return QuantileExamples(first.upper, *(cat[name].gather(1, order) for name in picked), count)
 
 
 def batch_quantiles(
@@ -91,6 +95,7 @@ def batch_quantiles(
     out = QuantileExamples.empty(upper, m)
     for b in range(INTERVALS):
         inside = interval == b
+        out.count[b] = inside.sum(0)
         rank = inside.long().cumsum(0)  # 1-based rank among this interval's rows, in pick order
         slot = torch.where(inside & (rank <= m), rank - 1, m)  # slot m collects everything else
         picked = torch.full((m + 1, n), -1, dtype=torch.long, device=values.device)

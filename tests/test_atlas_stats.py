@@ -118,6 +118,11 @@ def test_quantile_picks_match_brute_force_and_merge_exactly():
     expected = brute_quantiles(acts, doc, pos, counted, upper, m)
     for (b, n), rows in expected.items():
         assert _picked(whole, b, n) == rows, (b, n)
+        in_interval = [
+            t for t in range(300)
+            if counted[t] and 0 < float(acts[t, n]) and upper[n] * b / INTERVALS < acts[t, n] <= upper[n] * (b + 1) / INTERVALS
+        ]
+        assert int(whole.count[b, n]) == len(in_interval)
         for slot in range(len(rows)):  # the recorded value is the activation at the recorded place
             t = int((doc == whole.doc[b, slot, n]).nonzero()[0]) + int(whole.pos[b, slot, n])
             assert float(whole.values[b, slot, n]) == float(acts[t, n])
@@ -126,7 +131,7 @@ def test_quantile_picks_match_brute_force_and_merge_exactly():
     shards = [torch.tensor(sorted(order[i::3])) for i in range(3)]
     parts = [batch_quantiles(acts[s], doc[s], pos[s], token[s], counted[s], upper, m) for s in shards]
     merged = merge_quantiles(parts[2], merge_quantiles(parts[0], parts[1]))
-    for name in ("hash", "values", "doc", "pos", "token"):
+    for name in ("hash", "values", "doc", "pos", "token", "count"):
         assert torch.equal(getattr(merged, name), getattr(whole, name)), name
     with pytest.raises(ValueError, match="merged atlas"):
         merge_quantiles(whole, batch_quantiles(acts, doc, pos, token, counted, upper * 2, m))
