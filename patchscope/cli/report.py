@@ -18,10 +18,9 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from patchscope.atlas.sources import SourceConfig, TextSource
     from patchscope.atlas.store import load_atlas
     from patchscope.cli.args import from_namespace
-    from patchscope.model.loading import load_model
+    from patchscope.report.inputs import atlas_model, atlas_texts
     from patchscope.report.dashboard import DashboardConfig, chosen_neurons, shown_examples, write_dashboard
     from patchscope.util.storage import check_writable
 
@@ -29,13 +28,10 @@ def run(args: argparse.Namespace) -> int:
     config.validate()
     out = check_writable(args.out)
     atlas = load_atlas(args.atlas)
-    if atlas.meta.dataset == "<texts>":
-        raise ValueError(f"{args.atlas} was profiled from in-memory texts; write the dashboard with `write_dashboard(..., texts=...)`")
     chosen = chosen_neurons(atlas, config)  # checks `neurons` before the model loads
     docs = {e.doc for site, ns in chosen.items() for n in ns for g in shown_examples(atlas, site, n, config).values() for _, e in g}
-    source = TextSource(SourceConfig(dataset=atlas.meta.dataset, split=atlas.meta.split, text_column=atlas.meta.text_column))
-    texts = source.fetch(docs)
-    model, tokenizer = load_model(args.model or atlas.meta.model, dtype=args.dtype, device=args.device)
+    texts = atlas_texts(atlas, docs)
+    model, tokenizer = atlas_model(atlas, args.model, args.dtype, args.device)
     index = write_dashboard(atlas, out, model=model, tokenizer=tokenizer, texts=texts, config=config)
     print(f"wrote {index} and {sum(len(ns) for ns in chosen.values())} neuron pages; open it in a browser (works offline)")
     return 0
