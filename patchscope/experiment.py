@@ -31,6 +31,7 @@ from patchscope.sae.loaders import load_sae, sae_spec_for_site
 from patchscope.model.sites import parse_site
 from patchscope.util.storage import check_writable, write_json
 from patchscope.util.versions import versions
+from patchscope.report.run_report import write_run_report
 
 RESULTS = "results.json"
 
@@ -285,6 +286,7 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True) -> Experi
         notes=notes,
     )
     write_json(out / RESULTS, result.to_json())
+    write_run_report(result.to_json(), out / "report.html", model, tokenizer)
     return result
 
 

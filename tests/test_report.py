@@ -113,3 +113,37 @@ def test_the_network_check_can_fail(tmp_path):
     page.write_text("<html><body><img src='http://example.invalid/x.png'></body></html>")
     _, requests = render(page.as_uri(), tmp_path)
     assert requests == ["http://example.invalid/x.png"]
+
+
+def test_run_report_shows_the_results(gemma, gemma_dir, tmp_path):
+    from sae_files import sae_params, write_npz
+
+    from patchscope.experiment import ExperimentConfig, run_experiment
+    from patchscope.scope.config import PatchscopeConfig
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    sae = write_npz(tmp_path / "sae" / "layer_1/width_16k/average_l0_30/params.npz", sae_params(seed=7))
+    config = ExperimentConfig(
+        model=str(gemma_dir), device="cpu", out=str(tmp_path / "out"), sae=str(sae),
+        source=SourceConfig(dataset=str(corpus), split=""), profile=ProfileConfig(layer=2, max_length=16, top_k=3),
+        patchscope=PatchscopeConfig(max_new_tokens=4),
+    )
+    run_experiment(config, progress=False)
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    dom, requests = render((tmp_path / "out" / "report.html").as_uri(), tmp_path, screenshot=None)
+    assert requests == []
+    elements = Elements(dom)
+    (record,) = results["neurons"]
+    bars = [float(a["data-v"]) for a, _ in elements.having("rect", "bar")]
+    drivers = [f["contribution"] for f in record["sae"]["features_driving_neuron"]]
+    controls = [record["patched"]["at_placeholder"], *(c["at_placeholder"] for c in record["controls"].values())]
+    assert bars == drivers + controls and len(controls) == 4  # patched, unpatched, random, corpus mean
+    contexts = [[a for a, path in elements.having("span", "t") if any(p[1] is ex for p in path)] for ex, _ in elements.having("div", "ex")]
+    trigger, along = contexts
+    focus = [a for a in trigger if "f" in a["class"].split()]
+    assert len(focus) == 1 and math.isclose(float(focus[0]["data-v"]), record["max_activation"], rel_tol=1e-4, abs_tol=1e-4)
+    patched = record["patched"]
+    assert len(along) == len(results["prompt"]["tokens"]) + len(patched["generated_tokens"])
+    shown = [float(a["data-v"]) for a in along if "data-v" in a]
+    assert shown == patched["prompt_activations"] + patched["generated_activations"]
