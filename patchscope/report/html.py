@@ -92,7 +92,7 @@ def bar_chart(labels: Sequence[str], values: Sequence[float], *, width: int = 56
     extent = [0.0, *values] + ([reference[1]] if reference else [])
     low, high = min(extent), max(extent)
     span = (high - low) or 1.0
-    x = lambda v: left + (v - low) / span * (width - left - pad)  # noqa: E731
+    x = lambda v: left + pad + (v - low) / span * (width - left - 2 * pad)  # noqa: E731  (room for value labels)
     height = row * len(values) + 30
     parts = [f"<svg width={width} height={height} role=img>"]
     for i, (label, value) in enumerate(zip(labels, values)):

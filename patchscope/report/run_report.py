@@ -88,7 +88,7 @@ def _neuron_section(result, results, site, texts, model, tokenizer) -> str:
     labels = ["patched", *controls]
     values = [patched["at_placeholder"], *(c["at_placeholder"] for c in controls.values())]
     chart = bar_chart(labels, values, reference=("original max", result["max_activation"]))
-    prompt_tokens = results["prompt"]["tokens"]
+    prompt_tokens = [tokenizer.convert_tokens_to_string([piece]) for piece in results["prompt"]["tokens"]]
     generated = tokenizer.batch_decode([[i] for i in patched["generated_tokens"]])
     fed = patched["prompt_activations"] + patched["generated_activations"]
     sequence = list(prompt_tokens) + generated
