@@ -25,13 +25,13 @@ td.l,th.l{text-align:left}
 .stats{display:flex;flex-wrap:wrap;gap:8px 22px}.stats b{font-variant-numeric:tabular-nums}
 .ex{display:flex;gap:10px;align-items:baseline;padding:3px 0;border-bottom:1px solid #f0f2f5}
 .ex .v{min-width:74px;text-align:right;font-weight:600;font-variant-numeric:tabular-nums}
-.ex .where{min-width:92px;color:#7a8591;font-size:12px}
+.ex .where{min-width:118px;white-space:nowrap;color:#7a8591;font-size:12px}
 .ctx{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:13px;white-space:pre-wrap;word-break:break-word}
 .t{border-radius:2px;padding:0 0.5px}.t.f{outline:2px solid #1d2733;font-weight:700}
 .t.nv{color:#9aa4ae}
 .cols{display:flex;gap:24px;flex-wrap:wrap}
 .muted{color:#7a8591}.warn{color:#a33}
-input{font:inherit;padding:3px 6px;border:1px solid #c5ccd4;border-radius:4px}
+input{font:inherit;padding:3px 6px;border:1px solid #c5ccd4;border-radius:4px}input[type=number]{width:7em}
 .controls{display:flex;gap:16px;align-items:center;margin-bottom:8px;flex-wrap:wrap}
 .scroll{max-height:520px;overflow:auto;border:1px solid #eceff3}
 svg text{font:11px system-ui,sans-serif;fill:#3a4653}
@@ -115,7 +115,7 @@ def bar_chart(labels: Sequence[str], values: Sequence[float], *, width: int = 56
     return "".join(parts)
 
 
-def histogram_chart(counts: Sequence[int], low: Sequence[float], high: Sequence[float], *, width: int = 620, height: int = 170) -> str:
+def histogram_chart(counts: Sequence[int], low: Sequence[float], high: Sequence[float], *, width: int = 900, height: int = 170) -> str:
     """Bars for the occupied range of a fixed-bin histogram; heights on a log scale (bins span decades)."""
     occupied = [i for i, c in enumerate(counts) if c]
     if not occupied:
