@@ -147,3 +147,12 @@ def test_run_report_shows_the_results(gemma, gemma_dir, tmp_path):
     assert len(along) == len(results["prompt"]["tokens"]) + len(patched["generated_tokens"])
     shown = [float(a["data-v"]) for a in along if "data-v" in a]
     assert shown == patched["prompt_activations"] + patched["generated_activations"]
+
+
+def test_bad_report_input_fails_before_the_model_loads(site, monkeypatch, capsys):
+    root, _ = site
+    monkeypatch.setattr("patchscope.report.inputs.atlas_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert main(["report", str(root / "atlas"), "--out", str(root / "x"), "--neurons", "99999"]) == 2
+    assert "out of range" in capsys.readouterr().err
+    assert main(["report", str(root / "nowhere"), "--out", str(root / "x")]) == 2
+    assert "patchscope profile" in capsys.readouterr().err

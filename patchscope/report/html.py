@@ -143,11 +143,13 @@ def histogram_chart(counts: Sequence[int], low: Sequence[float], high: Sequence[
 
 def scatter_chart(points: Sequence[tuple[float, float, str, str | None]], *, x_label: str, y_label: str, width: int = 620, height: int = 300) -> str:
     """Points ``(x, y, tooltip, link)``; x on a log scale (densities span decades)."""
-    xs = [max(p[0], 1e-6) for p in points]
+    positive = [p[0] for p in points if p[0] > 0]
+    floor = min(positive) if positive else 1e-6  # neurons that never fire sit at the left edge
+    xs = [max(p[0], floor) for p in points]
     ys = [p[1] for p in points]
     lx0, lx1 = math.log10(min(xs)), math.log10(max(xs))
     y0, y1 = min(ys + [0.0]), max(ys + [0.0])
-    sx = lambda v: 50 + (math.log10(max(v, 1e-6)) - lx0) / ((lx1 - lx0) or 1) * (width - 70)  # noqa: E731
+    sx = lambda v: 50 + (math.log10(max(v, floor)) - lx0) / ((lx1 - lx0) or 1) * (width - 70)  # noqa: E731
     sy = lambda v: height - 30 - (v - y0) / ((y1 - y0) or 1) * (height - 50)  # noqa: E731
     parts = [f"<svg width={width} height={height} role=img><rect x=50 y=10 width={width - 70} height={height - 40} fill='#fafbfc' stroke='#dfe3e8'/>"]
     for (x, y, tip, link) in points:
