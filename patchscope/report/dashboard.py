@@ -201,7 +201,7 @@ def neuron_page(atlas: Atlas, site: str, n: int, groups, contexts, view, tokeniz
     subtitle = (
         f"<a href='../{INDEX}'>&larr; all neurons</a> · {esc(atlas.meta.model)} · {esc(atlas.meta.dataset)} "
         f"{esc(atlas.meta.split)} · {atlas.n_tokens} tokens · hover a token for its activation"
-        " · no Neuronpedia page: Neuronpedia hosts SAE features, not the raw neurons of this model"
+        " · no Neuronpedia link: its pages we can link with certainty are Gemma Scope SAE features, not raw MLP neurons"
     )
     return page(f"{site} · neuron {n}", subtitle, "".join(body))
 
