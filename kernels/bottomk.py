@@ -3,7 +3,7 @@
 Ranking rule: smaller activation first; among exact ties, smaller document index, then smaller
 position. A bottom-k is held as a `TopK` with the real (not negated) values, ascending; empty
 slots hold ``+inf`` with document ``-1``. It is the top-k of the negated activations, so merging
-reuses `topk_merge.merge_topk` (the reference) and `topk_merge_fast.merge_topk_fast`.
+reuses `topk_merge.merge_topk`; the fast merge pre-selects candidates with ``topk`` first.
 
 Gemma's ``gelu_tanh(gate) * up`` neurons are often strongly negative: the up projection carries
 the sign.
@@ -15,9 +15,11 @@ import torch
 from torch import Tensor
 
 from .topk_merge import TopK, batch_topk, merge_topk
-from .topk_merge_fast import TIE_MARGIN, merge_topk_fast
 
 BLOCK_ROWS = 8
+TIE_MARGIN = 8
+"""Extra candidates kept per batch so that values tied at the k-th place are ranked by the rule (as in
+`topk_merge_fast`): exact unless more than TIE_MARGIN + 1 tokens of one batch tie at the k-th value."""
 
 
 def negated(top: TopK) -> TopK:
@@ -35,8 +37,14 @@ def merge_bottomk(first: TopK, *rest: TopK) -> TopK:
 
 
 def merge_bottomk_fast(first: TopK, *rest: TopK) -> TopK:
-    """`merge_bottomk` through the fast top-k merge."""
-    return negated(merge_topk_fast(*(negated(part) for part in (first, *rest))))
+    """`merge_bottomk` with a plain ``topk`` pre-selection of ``k + TIE_MARGIN`` rows before the exact sort."""
+    parts = (first, *rest)
+    values = torch.cat([p.values for p in parts])  # [rows, n]
+    keep = min(first.k + TIE_MARGIN, values.shape[0])
+    _, index = values.topk(keep, dim=0, largest=False, sorted=False)  # [keep, n]
+    pick = lambda name: torch.cat([getattr(p, name) for p in parts]).gather(0, index)  # noqa: E731
+    shortlist = TopK(values.gather(0, index), pick("doc"), pick("pos"), pick("token"))
+    return merge_bottomk(empty_bottomk(first.k, values.shape[1], values.device), shortlist)
 
 
 def batch_bottomk(acts: Tensor, doc: Tensor, pos: Tensor, token: Tensor, counted: Tensor, k: int) -> TopK:

@@ -4,7 +4,7 @@ import random
 
 import pytest
 import torch
-from test_profiler import CORPUS, LAYER, SITE, reference_rows
+from factories import FIXTURE_CORPUS
 
 from patchscope.atlas.atlas import Atlas, AtlasError
 from patchscope.atlas.config import ProfileConfig
@@ -16,6 +16,25 @@ from patchscope.atlas.store import load_atlas, save_atlas
 from patchscope.kernels.bottomk import batch_bottomk, bottomk_candidates, empty_bottomk, merge_bottomk, merge_bottomk_fast
 from patchscope.kernels.histogram import CENTER, N_BINS, batch_histogram, batch_histogram_reference, bin_ranges
 from patchscope.kernels.quantiles import INTERVALS, batch_quantiles, example_hash, merge_quantiles
+
+
+LAYER = 2
+SITE = f"blocks.{LAYER}.mlp.hook_post"
+CORPUS = [t for t in FIXTURE_CORPUS if t] + [t.upper() for t in FIXTURE_CORPUS if t][:5]
+
+
+def reference_rows(model, tokenizer, texts, max_length):
+    """Every counted token (BOS excluded, truncated): (acts[n] list, doc, position), one document at a time, full forward."""
+    rows, store = [], {}
+    handle = model.model.layers[LAYER].mlp.down_proj.register_forward_pre_hook(lambda m, a: store.__setitem__("x", a[0]))
+    try:
+        for doc, text in enumerate(texts):
+            ids = tokenizer(text).input_ids[:max_length]
+            model(torch.tensor([ids]))
+            rows += [(store["x"][0, j].tolist(), doc, j) for j in range(1, len(ids))]
+    finally:
+        handle.remove()
+    return rows
 
 
 def _batch(tokens=200, n=9, seed=0, ties=True):
@@ -144,7 +163,7 @@ def test_profile_bottomk_and_histogram_match_brute_force(gemma):
     model, tokenizer = gemma
     config = ProfileConfig(layer=LAYER, top_k=3, bottom_k=4, max_length=12, batch_tokens=40)
     atlas = profile(model, tokenizer, CORPUS, config, progress=False)
-    rows = reference_rows(model, tokenizer, CORPUS, 12, "truncate", True)
+    rows = reference_rows(model, tokenizer, CORPUS, 12)
     bottom = atlas[SITE].bottom
     for n in range(bottom.values.shape[1]):
         expected = sorted((r[0][n], r[1], r[2]) for r in rows)[:4]
