@@ -39,6 +39,7 @@ from patchscope.util.lock import output_lock
 from patchscope.util.signals import Interrupted
 from patchscope.util.storage import check_writable, write_json
 from patchscope.util.versions import versions
+from patchscope.report.run_report import write_run_report
 
 RESULTS = "results.json"
 
@@ -477,6 +478,7 @@ def _run_locked(config: ExperimentConfig, timer: _Timer, prompt, sae, sae_note: 
     if path.name != RESULTS:
         result.notes.append(f"{out / RESULTS} holds a run with other settings; this run's results are in {path.name}")
     write_json(path, result.to_json())
+    write_run_report(result.to_json(), path.with_name(path.stem.replace("results", "report", 1) + ".html"), model, tokenizer)
     return result
 
 

@@ -10,7 +10,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import Tensor
 
+from patchscope.kernels.bottomk import merge_bottomk
+from patchscope.kernels.quantiles import QuantileExamples, merge_quantiles
 from patchscope.kernels.topk_merge import Moments, TopK, merge_topk
 
 from patchscope.atlas.batching import Overflow
@@ -56,6 +59,9 @@ class SiteAtlas:
     """``moments.total`` and ``moments.total_sq`` kept exactly ([2, n]), so that how batches were
     grouped (one process, several ranks, several jobs) cannot change a bit of them. None in
     atlases written before it existed; their moments merge as plain float sums."""
+    bottom: TopK | None = None  # [k, n], the most negative first (`patchscope.kernels.bottomk`)
+    histogram: Tensor | None = None  # [n, N_BINS] int64 counts (`patchscope.kernels.histogram`)
+    quantiles: QuantileExamples | None = None  # [INTERVALS, m, n] (`patchscope.kernels.quantiles`)
 
     @property
     def n_neurons(self) -> int:
@@ -81,7 +87,15 @@ class SiteAtlas:
     def merge(self, other: SiteAtlas) -> SiteAtlas:
         if other.n_neurons != self.n_neurons or other.top.k != self.top.k:
             raise AtlasError(f"cannot merge atlases of shape {tuple(self.top.values.shape)} and {tuple(other.top.values.shape)}")
-        merged = SiteAtlas(merge_topk(self.top, other.top), self.moments + other.moments)
+        merged = dataclasses.replace(
+            self,
+            top=merge_topk(self.top, other.top),
+            moments=self.moments + other.moments,
+            sums=None,
+            bottom=_merge_optional("bottom-k", self.bottom, other.bottom, merge_bottomk),
+            histogram=_merge_optional("histogram", self.histogram, other.histogram, torch.add),
+            quantiles=_merge_optional("quantile examples", self.quantiles, other.quantiles, merge_quantiles),
+        )
         if self.sums is not None and other.sums is not None:
             merged = merged._with_sums(self.sums + other.sums)
         return merged
@@ -89,14 +103,31 @@ class SiteAtlas:
     def add(self, batch: Moments) -> SiteAtlas:
         """Fold one batch's moments in; the float sums go through `ExactSum`."""
         current = self.sums if self.sums is not None else ExactSum.of(torch.stack([self.moments.total, self.moments.total_sq]))
-        return SiteAtlas(self.top, self.moments + batch)._with_sums(current + ExactSum.of(torch.stack([batch.total, batch.total_sq])))
+        added = dataclasses.replace(self, moments=self.moments + batch)
+        return added._with_sums(current + ExactSum.of(torch.stack([batch.total, batch.total_sq])))
 
     def _with_sums(self, sums: ExactSum) -> SiteAtlas:
         total, total_sq = sums.value()
-        return SiteAtlas(self.top, dataclasses.replace(self.moments, total=total, total_sq=total_sq), sums)
+        return dataclasses.replace(self, moments=dataclasses.replace(self.moments, total=total, total_sq=total_sq), sums=sums)
 
     def to(self, device: torch.device | str) -> SiteAtlas:
-        return SiteAtlas(self.top.to(device), self.moments.to(device), self.sums.to(device) if self.sums is not None else None)
+        move = lambda part: part.to(device) if part is not None else None  # noqa: E731
+        return SiteAtlas(
+            self.top.to(device), self.moments.to(device), move(self.sums), move(self.bottom), move(self.histogram), move(self.quantiles)
+        )
+
+    @property
+    def min(self) -> torch.Tensor | None:  # [n]
+        return self.bottom.values[0] if self.bottom is not None else None
+
+
+def _merge_optional(what: str, first, second, merge):
+    """Both present: merged; both absent: None; otherwise the two atlases were made differently."""
+    if first is None and second is None:
+        return None
+    if first is None or second is None:
+        raise AtlasError(f"cannot merge an atlas that has {what} with one that has none; profile both with the same options")
+    return merge(first, second)
 
 
 @dataclass(frozen=True)
@@ -199,6 +230,11 @@ class Atlas:
                     out[f"{site}/{spec.name}"] = getattr(group, spec.name)
             if stats.sums is not None:
                 out[f"{site}/sums"] = stats.sums.parts
+            for prefix, group in (("bottom", stats.bottom), ("quantile", stats.quantiles)):
+                for spec in dataclasses.fields(group) if group is not None else ():
+                    out[f"{site}/{prefix}_{spec.name}"] = getattr(group, spec.name)
+            if stats.histogram is not None:
+                out[f"{site}/histogram"] = stats.histogram
         return out
 
     def documents(self, site: str | None = None) -> set[int]:

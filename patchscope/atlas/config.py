@@ -52,6 +52,14 @@ class ProfileConfig:
             "or 1e-2 (bfloat16)."
         },
     )
+    bottom_k: int = field(default=20, metadata={"help": "Most negative examples kept per neuron (0: none)."})
+    histogram: bool = field(
+        default=True, metadata={"help": "Record a per-neuron activation histogram over fixed log-spaced bins (patchscope.kernels.histogram)."}
+    )
+    quantile_examples: int = field(
+        default=0,
+        metadata={"help": "Examples kept in each of 5 activation intervals below the maximum; a second pass over the data (0: none)."},
+    )
 
     def site_names(self) -> tuple[str, ...]:
         return self.sites or (f"blocks.{self.layer}.mlp.hook_post",)
@@ -63,6 +71,10 @@ class ProfileConfig:
             raise ValueError(f"`max_length` must be at least 2, got {self.max_length}")
         if self.batch_tokens < self.max_length:
             raise ValueError(f"`batch_tokens` ({self.batch_tokens}) must be at least `max_length` ({self.max_length})")
+        if self.bottom_k < 0 or self.quantile_examples < 0:
+            raise ValueError(
+                f"`bottom_k` ({self.bottom_k}) and `quantile_examples` ({self.quantile_examples}) must be 0 (off) or positive"
+            )
         if self.sort_buffer < 1:
             raise ValueError(f"`sort_buffer` must be at least 1 document, got {self.sort_buffer}")
         if self.checkpoint_every < 0:

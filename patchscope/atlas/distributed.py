@@ -41,6 +41,7 @@ from patchscope.kernels.topk_merge import Moments, TopK
 
 from patchscope.atlas.atlas import Atlas, SiteAtlas
 from patchscope.atlas.exact import ExactSum
+from patchscope.atlas.store import optional_parts
 from patchscope.atlas.sources import Document
 
 log = logging.getLogger(__name__)
@@ -234,7 +235,8 @@ def _rank_atlas(template: Atlas, tensors: dict[str, torch.Tensor], counts: torch
     for site in template.sites:
         top = TopK(*(tensors[f"{site}/{f.name}"] for f in dataclasses.fields(TopK)))
         moments = Moments(*(tensors[f"{site}/{f.name}"] for f in dataclasses.fields(Moments)))
-        sites[site] = SiteAtlas(top, moments, ExactSum(tensors[f"{site}/sums"]))
+        bottom, histogram, quantiles = optional_parts(tensors, site)
+        sites[site] = SiteAtlas(top, moments, ExactSum(tensors[f"{site}/sums"]), bottom, histogram, quantiles)
     return Atlas(meta, sites)
 
 

@@ -9,6 +9,7 @@ checkpoint or the end of the run.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from patchscope.atlas.atlas import SiteAtlas
 from patchscope.atlas.batching import Batch, Segment, collate
 from patchscope.atlas.compiled import CompiledLayers
 from patchscope.atlas.config import ProfileConfig
+from patchscope.atlas.extras import ExtraReductions
 
 log = logging.getLogger(__name__)
 MERGE_EVERY = 4
@@ -77,6 +79,7 @@ class Profiler:
         # --compile: the layers before the first site run compiled, and so does the fused reduction
         self._compiled = CompiledLayers(model, min(ref.layer for ref in refs)) if config.compile else None
         self._reduction = resolve_backend("inductor" if config.compile else "auto", self.device)
+        self.extras = ExtraReductions(config)  # bottom-k and histograms (patchscope.atlas.extras)
 
     def _site_hook(self, site: str):
         def reduce(value: Tensor, step) -> None:
@@ -89,6 +92,7 @@ class Profiler:
                     acts, f.doc, f.position, f.token, f.counted, self.config.top_k, backend=self._reduction, scratch=self._scratch
                 )
             )
+            self.extras.observe(site, acts, f.doc, f.position, f.token, f.counted)
 
         return reduce
 
@@ -135,6 +139,7 @@ class Profiler:
                 if not _is_oom(error) or size == 1:
                     raise
                 self._pending = {}
+                self.extras.discard()
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 self.splits += 1
@@ -148,11 +153,12 @@ class Profiler:
             if len(self._unmerged[site]) >= MERGE_EVERY:
                 self.flush(site)
         self._pending = {}
+        self.extras.fold_into(self.state)
 
     def flush(self, site: str | None = None) -> None:
         """Merge the waiting per-batch top-ks into the state (before a checkpoint, and at the end)."""
         for name in [site] if site else self.sites:
             if self._unmerged[name]:
                 current = self.state[name]
-                self.state[name] = SiteAtlas(merge_topk_fast(current.top, *self._unmerged[name]), current.moments, current.sums)
+                self.state[name] = dataclasses.replace(current, top=merge_topk_fast(current.top, *self._unmerged[name]))
                 self._unmerged[name] = []

@@ -34,6 +34,7 @@ from patchscope.atlas.exports import write_exports
 from patchscope.atlas.prefetch import prefetch
 from patchscope.atlas.sources import Document, SourceConfig, TextSource, count_documents
 from patchscope.atlas.store import ATLAS_JSON, ATLAS_TENSORS, METADATA_KEY, commit_atlas, is_committed, load_atlas_with_metadata, save_atlas, write_atlas
+from patchscope.atlas.quantiles import add_quantile_examples
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.safetensors"
@@ -138,6 +139,11 @@ def _profile(model, tokenizer, source, config, out: Path | None, resume: bool, m
     dataset = source_config.dataset if source_config else "<texts>"
     world = distributed.join(profiler.device)  # torchrun's world; one process without it
     checkpoint = out / distributed.checkpoint_name(world) if out is not None else None
+    if config.quantile_examples and world.size > 1:
+        raise ValueError(
+            "`quantile_examples` needs the maxima of the whole corpus before its second pass; run it in one process, "
+            "or profile the shards and add the examples to the merged atlas"
+        )
     if out is not None:
         if (out / ATLAS_TENSORS).exists() and not is_committed(out):  # killed after its tensors were saved
             return _finish(out, key, identity, model_name, dataset, lambda saved: _before_commit(saved, out, documents, text_source, tokenizer, exports))
@@ -225,6 +231,8 @@ def _profile(model, tokenizer, source, config, out: Path | None, resume: bool, m
             _checkpoint(profiler, checkpoint, key, index, identity, documents_done)
         distributed.meet(world)
         atlas = distributed.merge_ranks(atlas, world)
+    if config.quantile_examples:  # the optional second pass, cut from this pass's maxima
+        atlas = add_quantile_examples(model, tokenizer, documents, atlas, config)
     nonfinite = atlas.nonfinite_total()
     atlas.meta.extra["nonfinite_activations"] = nonfinite
     if nonfinite:

@@ -20,6 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from patchscope.kernels.quantiles import QuantileExamples
 from patchscope.kernels.topk_merge import Moments, TopK
 
 from patchscope.model.sites import SiteError, parse_site
@@ -138,7 +139,8 @@ def load_atlas_with_metadata(path: str | Path, device: torch.device | str = "cpu
         top = TopK(*(_tensor(file, tensors, site, f.name) for f in dataclasses.fields(TopK)))
         moments = Moments(*(_tensor(file, tensors, site, f.name) for f in dataclasses.fields(Moments)))
         sums = ExactSum(tensors[f"{site}/sums"]) if f"{site}/sums" in tensors else None
-        stats[site] = SiteAtlas(top, moments, sums)
+        bottom, histogram, quantiles = optional_parts(tensors, site)
+        stats[site] = SiteAtlas(top, moments, sums, bottom, histogram, quantiles)
         _check_site(file, site, stats[site], meta.top_k)
     return Atlas(meta, {site: s.to(device) for site, s in stats.items()}), metadata
 
@@ -174,3 +176,12 @@ def _check_site(file: Path, site: str, stats: SiteAtlas, top_k: int) -> None:
         raise AtlasError(f"{file}: {site} holds negative document or position indices; the atlas is damaged, profile again")
     if not (torch.isfinite(moments.total).all() and torch.isfinite(moments.total_sq).all()):
         raise AtlasError(f"{file}: {site} moments hold nan or inf; the atlas is damaged, profile again")
+
+
+def optional_parts(tensors: Mapping[str, torch.Tensor], site: str) -> tuple:
+    """Bottom-k, histogram and quantile examples where the file has them (older atlases do not)."""
+    def group(cls, prefix: str):
+        names = [f"{site}/{prefix}_{f.name}" for f in dataclasses.fields(cls)]
+        return cls(*(tensors[name] for name in names)) if names[0] in tensors else None
+
+    return group(TopK, "bottom"), tensors.get(f"{site}/histogram"), group(QuantileExamples, "quantile")

@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("patchscope.cli.export", "rebuild an atlas folder's exports (neuron mapping, Parquet table) from its atlas"),
     "merge": ("patchscope.cli.merge", "merge the atlases of independent jobs over disjoint slices into one"),
     "sweep": ("patchscope.cli.sweep", "Patchscope sweep over source x target layers: precision@1, surprisal, reactivation, heatmaps"),
+    "report": ("patchscope.cli.report", "write a static, offline HTML dashboard of an atlas (index + a page per neuron)"),
 }
 
 

@@ -1,0 +1,71 @@
+"""The optional second pass: quantile examples, cut from the maxima of a finished first pass.
+
+`add_quantile_examples` replays the same documents with the same batching and keeps, per neuron,
+``config.quantile_examples`` examples in each of `INTERVALS` equal activation intervals of
+``(0, max]`` (`patchscope.kernels.quantiles`). To shard it, merge the first-pass atlases of every
+shard first and run each shard's second pass with the merged atlas: the picks then merge exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
+
+from patchscope.kernels.quantiles import INTERVALS, QuantileExamples, batch_quantiles, merge_quantiles
+
+from patchscope.model.hooks import add_hooks, stop_after
+from patchscope.model.loading import model_device
+from patchscope.model.sites import resolve
+from patchscope.atlas.atlas import Atlas
+from patchscope.atlas.batching import collate, plan
+from patchscope.atlas.config import ProfileConfig
+from patchscope.atlas.sources import Document
+
+__all__ = ["INTERVALS", "add_quantile_examples", "quantile_examples"]
+
+
+def quantile_examples(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, documents: Iterable[Document], atlas: Atlas, config: ProfileConfig
+) -> dict[str, QuantileExamples]:
+    """The picks of every site of ``atlas`` over ``documents``, with intervals cut from ``atlas``'s maxima."""
+    if config.quantile_examples < 1:
+        raise ValueError(f"`quantile_examples` must be at least 1 for the quantile pass, got {config.quantile_examples}")
+    device = model_device(model)
+    sites = list(atlas.sites)
+    deepest = max((resolve(model, site) for site in sites), key=lambda ref: ref.order).name
+    upper = {site: atlas[site].max.float().clamp(min=0).to(device) for site in sites}  # [n]
+    state = {site: QuantileExamples.empty(upper[site], config.quantile_examples) for site in sites}
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    fields: dict[str, Tensor] = {}
+
+    def hook(site: str):
+        def pick(value: Tensor, step) -> None:
+            acts = value.reshape(-1, value.shape[-1])  # [tokens, n]
+            found = batch_quantiles(acts, fields["doc"], fields["pos"], fields["token"], fields["counted"], upper[site], config.quantile_examples)
+            state[site] = merge_quantiles(state[site], found)
+
+        return pick
+
+    batches = plan(
+        documents, tokenizer, max_length=config.max_length, overflow=config.overflow, exclude_bos=config.exclude_bos,
+        batch_tokens=config.batch_tokens, sort_buffer=config.sort_buffer,
+    )
+    with torch.inference_mode(), add_hooks(model, {site: hook(site) for site in sites}):
+        for rows in batches:
+            batch = collate(rows, pad_id).to(device)
+            fields.update(doc=batch.doc.flatten(), pos=batch.position.flatten(), token=batch.input_ids.flatten(), counted=batch.counted.flatten())
+            with stop_after(model, deepest):
+                model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    return {site: picks.to("cpu") for site, picks in state.items()}
+
+
+def add_quantile_examples(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, documents: Iterable[Document], atlas: Atlas, config: ProfileConfig
+) -> Atlas:
+    """``atlas`` with the quantile examples of ``documents`` added to every site."""
+    picks = quantile_examples(model, tokenizer, documents, atlas, config)
+    return Atlas(atlas.meta, {site: dataclasses.replace(stats, quantiles=picks[site]) for site, stats in atlas.sites.items()})

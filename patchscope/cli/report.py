@@ -1,0 +1,37 @@
+"""``patchscope report``: a static, offline HTML dashboard of an atlas."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    from patchscope.cli.args import add_dataclass_arguments
+    from patchscope.report.dashboard import DashboardConfig
+
+    parser.add_argument("atlas", metavar="ATLAS_DIR", help="directory holding atlas.safetensors")
+    parser.add_argument("--out", required=True, help="directory for the site (index.html, neurons/)")
+    parser.add_argument("--model", default=None, help="model to replay the examples with (default: the one the atlas names)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    add_dataclass_arguments(parser, DashboardConfig)
+
+
+def run(args: argparse.Namespace) -> int:
+    from patchscope.atlas.store import load_atlas
+    from patchscope.cli.args import from_namespace
+    from patchscope.report.inputs import atlas_model, atlas_texts
+    from patchscope.report.dashboard import DashboardConfig, chosen_neurons, shown_examples, write_dashboard
+    from patchscope.util.storage import check_writable
+
+    config = from_namespace(DashboardConfig, args)
+    config.validate()
+    out = check_writable(args.out)
+    atlas = load_atlas(args.atlas)
+    chosen = chosen_neurons(atlas, config)  # checks `neurons` before the model loads
+    docs = {e.doc for site, ns in chosen.items() for n in ns for g in shown_examples(atlas, site, n, config).values() for _, e in g}
+    texts = atlas_texts(atlas, docs)
+    model, tokenizer = atlas_model(atlas, args.model, args.dtype, args.device)
+    index = write_dashboard(atlas, out, model=model, tokenizer=tokenizer, texts=texts, config=config)
+    print(f"wrote {index} and {sum(len(ns) for ns in chosen.values())} neuron pages; open it in a browser (works offline)")
+    return 0

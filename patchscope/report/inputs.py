@@ -1,0 +1,32 @@
+"""What a report needs besides the atlas: the model that made it and the texts of the shown documents."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from patchscope.atlas.atlas import Atlas
+from patchscope.atlas.sources import SourceConfig, TextSource
+from patchscope.atlas.store import load_atlas
+
+
+def as_atlas(atlas: Atlas | str | Path) -> Atlas:
+    return atlas if isinstance(atlas, Atlas) else load_atlas(atlas)
+
+
+def atlas_texts(atlas: Atlas, docs: Iterable[int]) -> dict[int, str]:
+    """The texts of some documents, read again from the source the atlas names."""
+    if atlas.meta.dataset == "<texts>":
+        raise ValueError("this atlas was profiled from in-memory texts; pass them as `texts`")
+    source = TextSource(SourceConfig(dataset=atlas.meta.dataset, split=atlas.meta.split, text_column=atlas.meta.text_column))
+    return source.fetch(docs)
+
+
+def atlas_model(atlas: Atlas, model: str | None = None, dtype: str = "auto", device: str = "auto") -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """The model the atlas names (or ``model``), to replay examples and read output directions."""
+    from patchscope.model.loading import load_model
+
+    return load_model(model or atlas.meta.model, dtype=dtype, device=device)

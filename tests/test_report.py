@@ -1,0 +1,158 @@
+"""The dashboard and the run report, rendered in a real (headless) Chromium."""
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from browser import Elements, render
+from factories import FIXTURE_CORPUS
+
+from patchscope.atlas.batching import adds_bos, locate, segments
+from patchscope.atlas.config import ProfileConfig
+from patchscope.atlas.run import profile
+from patchscope.atlas.sources import Document, SourceConfig, TextSource
+from patchscope.atlas.store import load_atlas
+from patchscope.cli.main import main
+
+SITE = "blocks.2.mlp.hook_post"
+TEXTS = [t for t in FIXTURE_CORPUS if t] * 2
+BEFORE, AFTER = 6, 3
+
+
+@pytest.fixture(scope="module")
+def site(gemma, gemma_dir, tmp_path_factory):
+    """A profiled atlas (from a .jsonl file) and the dashboard `patchscope report` writes for it."""
+    root = tmp_path_factory.mktemp("report")
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    model, tokenizer = gemma
+    config = ProfileConfig(layer=2, top_k=4, bottom_k=4, max_length=20, quantile_examples=2)
+    profile(model, tokenizer, TextSource(SourceConfig(dataset=str(corpus), split="")), config, out=root / "atlas", model_name=str(gemma_dir), progress=False)
+    argv = ["report", str(root / "atlas"), "--out", str(root / "site"), "--top", "3", "--examples", "4"]
+    argv += ["--before", str(BEFORE), "--after", str(AFTER), "--dtype", "float32", "--device", "cpu"]
+    assert main(argv) == 0
+    return root, load_atlas(root / "atlas")
+
+
+def test_neuron_page_shows_the_atlas_with_every_context_token_shaded(site, gemma):
+    root, atlas = site
+    _, tokenizer = gemma
+    neuron = atlas.top_neurons(SITE, 1)[0]
+    page = root / "site" / "neurons" / f"{SITE}-{neuron}.html"
+    shot = root / "neuron.png"
+    dom, requests = render(page.as_uri(), root, screenshot=None)
+    assert requests == []
+    elements = Elements(dom)
+    examples = elements.having("div", "ex")
+    assert examples, "no examples on the page"
+    tokens = elements.having("span", "t")
+    stats = atlas[SITE]
+    top = [(float(v), int(d), int(p)) for v, d, p in zip(stats.top.values[:, neuron], stats.top.doc[:, neuron], stats.top.pos[:, neuron])]
+    shown_top = [(float(a["data-act"]), int(a["data-doc"]), int(a["data-pos"])) for a, path in examples if any(p[1].get("id") == "top" for p in path)]
+    assert shown_top == top  # the recorded values, documents and positions, exactly
+    bottom = [float(v) for v in stats.bottom.values[:, neuron]]
+    assert [float(a["data-act"]) for a, path in examples if any(p[1].get("id") == "bottom" for p in path)] == bottom
+    for attrs, _ in examples:
+        mine = [a for a, path in tokens if any(p[1] is attrs for p in path)]
+        doc, position = int(attrs["data-doc"]), int(attrs["data-pos"])
+        parts = segments(tokenizer, Document(doc, TEXTS[doc]), 20, "truncate", True, adds_bos(tokenizer))
+        segment, local = locate(parts, position)
+        expected = min(len(segment.ids), local + AFTER + 1) - max(segment.first_counted, local - BEFORE)
+        assert len(mine) == expected == int(attrs["data-ntokens"])  # one shaded span per context token
+        assert all("background:" in a["style"] and "data-v" in a for a in mine)
+        focus = [a for a in mine if "f" in a["class"].split()]
+        assert len(focus) == 1
+        assert math.isclose(float(focus[0]["data-v"]), float(attrs["data-act"]), rel_tol=1e-4, abs_tol=1e-4)  # the replay reproduces it
+    assert float(elements.having("b")[0][0]["data-v"]) == float(stats.max[neuron])
+    assert len(elements.having("rect", "hbar")) > 0
+    render(page.as_uri(), root, screenshot=shot)
+    assert shot.stat().st_size > 10_000
+    keep = Path(str(root)).parent / "neuron-page.png"
+    shutil.copy(shot, keep)
+    print(f"screenshot of the neuron page: {keep}")
+
+
+def _order(dom):
+    return [int(a["data-n"]) for a, _ in Elements(dom).having("tr") if "data-n" in a]
+
+
+def test_index_sorts_filters_and_makes_no_request(site):
+    root, atlas = site
+    index = (root / "site" / "index.html").as_uri()
+    stats = atlas[SITE]
+    dom, requests = render(index, root)
+    assert requests == [] and _order(dom) == list(range(stats.n_neurons))
+    expected_max_desc = torch.sort(stats.max, descending=True, stable=True).indices.tolist()
+    dom, _ = render(index + "#click=max", root)  # a real click on the header, from a script hook
+    assert _order(dom) == expected_max_desc
+    dom, _ = render(index + "#sort=density", root)
+    assert _order(dom) == torch.sort(stats.fire_rate, stable=True).indices.tolist()
+    rows = {int(a["data-n"]): a for a, _ in Elements(dom).having("tr") if "data-n" in a}
+    assert all(float(rows[n]["data-max"]) == float(stats.max[n]) for n in rows)
+    dom, _ = render(index + "#q=7", root)  # the search box: neuron numbers starting with 7
+    visible = [int(a["data-n"]) for a, _ in Elements(dom).having("tr") if "data-n" in a and "display: none" not in a.get("style", "")]
+    assert visible == [n for n in range(stats.n_neurons) if str(n).startswith("7")]
+
+
+def test_pages_reference_nothing_outside_themselves(site):
+    root, _ = site
+    for path in (root / "site").rglob("*.html"):
+        for tag, attrs, _ in Elements(path.read_text()).found:
+            for key in ("src", "href"):
+                value = attrs.get(key, "")
+                assert not value.startswith(("http:", "https:", "//")) or (
+                    tag == "a" and value.startswith("https://www.neuronpedia.org/")
+                ), (path.name, tag, value)
+
+
+def test_the_network_check_can_fail(tmp_path):
+    page = tmp_path / "bad.html"
+    page.write_text("<html><body><img src='http://example.invalid/x.png'></body></html>")
+    _, requests = render(page.as_uri(), tmp_path)
+    assert requests == ["http://example.invalid/x.png"]
+
+
+def test_run_report_shows_the_results(gemma, gemma_dir, tmp_path):
+    from sae_files import sae_params, write_npz
+
+    from patchscope.experiment import ExperimentConfig, run_experiment
+    from patchscope.scope.config import PatchscopeConfig
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    sae = write_npz(tmp_path / "sae" / "layer_1/width_16k/average_l0_30/params.npz", sae_params(seed=7))
+    config = ExperimentConfig(
+        model=str(gemma_dir), device="cpu", out=str(tmp_path / "out"), sae=str(sae),
+        source=SourceConfig(dataset=str(corpus), split=""), profile=ProfileConfig(layer=2, max_length=16, top_k=3),
+        patchscope=PatchscopeConfig(max_new_tokens=4),
+    )
+    run_experiment(config, progress=False)
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    dom, requests = render((tmp_path / "out" / "report.html").as_uri(), tmp_path, screenshot=None)
+    assert requests == []
+    elements = Elements(dom)
+    (record,) = results["neurons"]
+    bars = [float(a["data-v"]) for a, _ in elements.having("rect", "bar")]
+    drivers = [f["contribution"] for f in record["sae"]["features_driving_neuron"]]
+    controls = [record["patched"]["at_placeholder"], *(c["at_placeholder"] for c in record["controls"].values())]
+    assert bars == drivers + controls and len(controls) == 4  # patched, unpatched, random, corpus mean
+    contexts = [[a for a, path in elements.having("span", "t") if any(p[1] is ex for p in path)] for ex, _ in elements.having("div", "ex")]
+    trigger, along = contexts
+    focus = [a for a in trigger if "f" in a["class"].split()]
+    assert len(focus) == 1 and math.isclose(float(focus[0]["data-v"]), record["max_activation"], rel_tol=1e-4, abs_tol=1e-4)
+    patched = record["patched"]
+    assert len(along) == len(results["prompt"]["tokens"]) + len(patched["generated_tokens"])
+    shown = [float(a["data-v"]) for a in along if "data-v" in a]
+    assert shown == patched["prompt_activations"] + patched["generated_activations"]
+
+
+def test_bad_report_input_fails_before_the_model_loads(site, monkeypatch, capsys):
+    root, _ = site
+    monkeypatch.setattr("patchscope.report.inputs.atlas_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert main(["report", str(root / "atlas"), "--out", str(root / "x"), "--neurons", "99999"]) == 2
+    assert "out of range" in capsys.readouterr().err
+    assert main(["report", str(root / "nowhere"), "--out", str(root / "x")]) == 2
+    assert "patchscope profile" in capsys.readouterr().err
