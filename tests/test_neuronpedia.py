@@ -108,3 +108,17 @@ def test_export_from_a_directory_reads_the_source_and_model(gemma, gemma_dir, tm
     with pytest.raises(IndexError, match="out of range"):
         export_neuronpedia(atlas, tmp_path / "np2", model=model, tokenizer=tokenizer, texts={}, neurons=[10_000])
     assert torch.is_tensor(atlas["blocks.2.mlp.hook_post"].histogram)
+
+
+def test_export_command_writes_the_neuronpedia_batches(gemma_dir, tmp_path):
+    from patchscope.cli.main import main
+
+    data = tmp_path / "corpus.jsonl"
+    data.write_text("\n".join(json.dumps({"text": t}) for t in TEXTS))
+    atlas_dir = tmp_path / "atlas"
+    argv = ["profile", "--model", str(gemma_dir), "--device", "cpu", "--dataset", str(data), "--layer", "1", "--top-k", "3",
+            "--max-length", "16", "--out", str(atlas_dir)]
+    assert main(argv) == 0
+    assert main(["export", "--format", "neuronpedia", str(atlas_dir), "--out", str(tmp_path / "np"), "--neurons", "0", "5"]) == 0
+    batch = json.loads((tmp_path / "np" / "batch-0.json").read_text())
+    assert [f["feature_index"] for f in batch["features"]] == [0, 5]

@@ -10,13 +10,21 @@ from __future__ import annotations
 import argparse
 
 
+NEURONPEDIA = "neuronpedia"
+"""Neuronpedia's batch JSON (`patchscope.report.neuronpedia`), written to ``--out``."""
+
+
 def register(parser: argparse.ArgumentParser) -> None:
     from patchscope.atlas.exports import DEFAULT_EXPORTS, EXPORTS
 
     parser.add_argument("atlas_dir", metavar="ATLAS_DIR", help="folder holding atlas.safetensors")
     parser.add_argument(
-        "--format", nargs="+", choices=list(EXPORTS), default=list(DEFAULT_EXPORTS), help=f"formats to write (default: {' '.join(DEFAULT_EXPORTS)})"
+        "--format", action="append", choices=[*EXPORTS, NEURONPEDIA],
+        help=f"a format to write; repeat for several (default: {' '.join(DEFAULT_EXPORTS)}). "
+        f"{NEURONPEDIA}: Neuronpedia's feature batch JSON, into --out",
     )
+    parser.add_argument("--out", help=f"output folder of the {NEURONPEDIA} format (default: ATLAS_DIR/{NEURONPEDIA})")
+    parser.add_argument("--neurons", type=int, nargs="+", help=f"neurons for the {NEURONPEDIA} format (default: all)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -30,8 +38,19 @@ def run(args: argparse.Namespace) -> int:
     from patchscope.model.loading import load_tokenizer
     from patchscope.util.lock import output_lock
 
+    from patchscope.atlas.exports import DEFAULT_EXPORTS
+
     directory = Path(args.atlas_dir)
     atlas = load_atlas(directory)
+    requested = tuple(dict.fromkeys(args.format or DEFAULT_EXPORTS))
+    if NEURONPEDIA in requested:
+        from patchscope.report.neuronpedia import export_neuronpedia
+
+        for path in export_neuronpedia(atlas, Path(args.out or directory / NEURONPEDIA), neurons=args.neurons):
+            print(f"wrote {path}")
+        requested = tuple(name for name in requested if name != NEURONPEDIA)
+        if not requested:
+            return 0
     meta = atlas.meta
     if meta.dataset == "<texts>":
         raise AtlasError(f"the atlas in {directory} was profiled from texts given in Python, so its exports cannot be rebuilt here")
@@ -42,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         raise AtlasError(f"cannot rebuild the exports of {directory}: {'; '.join(changes)} since the atlas was made")
     texts = TextSource(source_config).fetch(atlas.documents())
     tokenizer = load_tokenizer(meta.model)
-    formats = tuple(dict.fromkeys(args.format))
+    formats = requested
     with output_lock(directory):
         if is_committed(directory):
             written = write_exports(atlas, directory, texts, tokenizer, formats)
