@@ -161,7 +161,9 @@ def measure(args: argparse.Namespace) -> dict:
 def render(results: dict) -> str:
     lines = ["## End to end: `patchscope profile` on Gemma 3 270M and python-docs", "",
              "Written by `python -m benchmarks.end_to_end` (then `--render`). Ratio: the floor's time over the CLI's time "
-             "without model loading; the breakdown subtracts medians of stages timed on their own, so its parts are estimates.", ""]
+             "without model loading; the breakdown subtracts medians of stages timed on their own, so its parts are estimates "
+             "(a small negative part is noise). The atlas and the exports cost a fixed time per run (they grow with neurons x top_k "
+             "and the texts they quote, not with the tokens profiled), so their share falls as the corpus grows.", ""]
     for key, r in results.items():
         total = r["breakdown"]["whole CLI minus model loading"]
         lines += [f"### {key}", "", f"_Conditions: {r['conditions']}._", ""]
