@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--layer", type=int, default=6)
-    parser.add_argument("--docs", type=int, default=300, help="paragraphs of pydoc_data.topics")
+    parser.add_argument("--docs", type=int, default=100, help="paragraphs of pydoc_data.topics")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--note", default="")
