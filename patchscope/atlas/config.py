@@ -30,9 +30,9 @@ class ProfileConfig:
     sort_buffer: int = 4096
     """Documents buffered and length-sorted together; bounds memory for streamed sources."""
     compile: bool = False
-    """Run the layers before the profiled sites and the batch reduction under torch.compile: faster
-    per batch after a one-off compile (tens of seconds on a CPU); values agree with eager within
-    relative 1e-5 (float32) or 1e-2 (bfloat16)."""
+    """Run the layers before the profiled sites and the batch reduction under torch.compile, after a
+    one-off compile (tens of seconds on a CPU); values agree with eager within relative 1e-5
+    (float32) or 1e-2 (bfloat16). Whether it is faster depends on the machine: see benchmarks/RESULTS.md."""
 
     def site_names(self) -> tuple[str, ...]:
         return self.sites or (f"blocks.{self.layer}.mlp.hook_post",)
