@@ -69,6 +69,9 @@ _EXPORTS: dict[str, str] = {
     "PromptPlan": "patchscope.scope.placeholder",
     "find_placeholder": "patchscope.scope.placeholder",
     "plan_prompt": "patchscope.scope.placeholder",
+    "SweepConfig": "patchscope.scope.sweep",
+    "SweepResult": "patchscope.scope.sweep",
+    "sweep": "patchscope.scope.sweep",
     "ExperimentConfig": "patchscope.experiment",
     "ExperimentResult": "patchscope.experiment",
     "run_experiment": "patchscope.experiment",
@@ -108,3 +111,4 @@ if TYPE_CHECKING:  # for type checkers and editors: the same names, imported eag
     from patchscope.scope.extract import Extraction, ReproductionError, extract
     from patchscope.scope.inject import Observation, Row, control_rows, inject
     from patchscope.scope.placeholder import PlaceholderError, PromptPlan, find_placeholder, plan_prompt
+    from patchscope.scope.sweep import SweepConfig, SweepResult, sweep

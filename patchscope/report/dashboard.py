@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,18 +36,12 @@ COLUMNS = ("max", "min", "density", "mean", "std")
 class DashboardConfig:
     """What the dashboard shows."""
 
-    top: int = 20
-    """Neurons per site that get their own page: those with the largest maxima."""
-    neurons: tuple[int, ...] = ()
-    """Explicit neurons to give pages (every site) instead of --top."""
-    examples: int = 10
-    """Top and bottom examples shown per neuron."""
-    before: int = 24
-    """Context tokens shown before each example's token."""
-    after: int = 8
-    """Context tokens shown after it."""
-    output_k: int = 12
-    """Tokens in the output-token view, each direction."""
+    top: int = field(default=20, metadata={"help": "Neurons per site that get their own page: those with the largest maxima."})
+    neurons: tuple[int, ...] = field(default=(), metadata={"help": "Explicit neurons to give pages (every site) instead of --top."})
+    examples: int = field(default=10, metadata={"help": "Top and bottom examples shown per neuron."})
+    before: int = field(default=24, metadata={"help": "Context tokens shown before each example's token."})
+    after: int = field(default=8, metadata={"help": "Context tokens shown after it."})
+    output_k: int = field(default=12, metadata={"help": "Tokens in the output-token view, each direction."})
 
     def validate(self) -> None:
         if self.top < 1 and not self.neurons:
