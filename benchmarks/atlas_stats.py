@@ -44,7 +44,9 @@ def profiler_run(model, batches, layer: int, **options) -> Callable[[], None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.atlas_stats", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.atlas_stats", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--shape", default="small", choices=sorted(SHAPES))
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--layer", type=int, default=4)
@@ -62,8 +64,20 @@ def main(argv: list[str] | None = None) -> int:
     batches = random_batches(args.batches, args.batch, args.seq_len, shape["vocab_size"], "cpu")
     tokens = args.batches * args.batch * args.seq_len
     site = f"blocks.{args.layer}.mlp.hook_post"
-    conditions = Conditions("cpu", args.dtype, args.shape, shape["hidden_size"], shape["intermediate_size"], args.layer + 2,
-                            shape["vocab_size"], args.layer, args.batch, args.seq_len, args.warmup, args.runs)
+    conditions = Conditions(
+        "cpu",
+        args.dtype,
+        args.shape,
+        shape["hidden_size"],
+        shape["intermediate_size"],
+        args.layer + 2,
+        shape["vocab_size"],
+        args.layer,
+        args.batch,
+        args.seq_len,
+        args.warmup,
+        args.runs,
+    )
 
     peers = {
         "floor: bare forward, stop after the site": (bare_stop_at_site(model, batches, site), tokens),
@@ -107,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|---|---|---|---|",
     ]
     for name, t in end_to_end.items():
-        lines.append(f"| {name} | {t.median:.3f} | {t.tokens_per_s:,.0f} | {t.median / floor:.2f}x | {t.median / base:.2f}x | {t.peak_mb} |")
+        lines.append(
+            f"| {name} | {t.median:.3f} | {t.tokens_per_s:,.0f} | {t.median / floor:.2f}x | {t.median / base:.2f}x | {t.peak_mb} |"
+        )
     top = per_batch["top-k candidates + moments (existing)"].median
     lines += [
         "",

@@ -13,16 +13,40 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers import Gemma2Config, Gemma2ForCausalLM
 
 SHAPES: dict[str, dict[str, int]] = {
-    "tiny": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=1000),
-    "small": dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4, head_dim=64, vocab_size=32000),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=1000,
+    ),
+    "small": dict(
+        hidden_size=512,
+        intermediate_size=2048,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=64,
+        vocab_size=32000,
+    ),
     # the real gemma-2-2b architecture, random weights
-    "gemma-2-2b-shape": dict(hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4, head_dim=256, vocab_size=256000),
+    "gemma-2-2b-shape": dict(
+        hidden_size=2304,
+        intermediate_size=9216,
+        num_hidden_layers=26,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=256,
+        vocab_size=256000,
+    ),
 }
 
 
@@ -68,19 +92,22 @@ class Conditions:
 
 def build_model(shape: str, *, layers: int | None, dtype: torch.dtype, device: str, seed: int = 0) -> Gemma2ForCausalLM:
     """A Gemma-2 of the named shape with seeded random weights (eager attention, as the project loads it)."""
-    settings = dict(SHAPES[shape])
+    settings: dict[str, Any] = dict(SHAPES[shape])
     if layers is not None:
         settings["num_hidden_layers"] = layers
-    config = Gemma2Config(**settings, max_position_embeddings=4096, attn_implementation="eager", pad_token_id=0, bos_token_id=2, eos_token_id=1)
+    config = Gemma2Config(  # type: ignore[call-arg]  # attn_implementation: taken by PretrainedConfig, not in the signature
+        **settings, max_position_embeddings=4096, attn_implementation="eager", pad_token_id=0, bos_token_id=2, eos_token_id=1
+    )
     torch.manual_seed(seed)
     model = Gemma2ForCausalLM(config)
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    # PreTrainedModel.to is wrapped by functools.wraps, whose stub does not bind `self`
+    return cast(Gemma2ForCausalLM, cast(torch.nn.Module, model).to(device=device, dtype=dtype).eval().requires_grad_(False))
 
 
 def config_dir(model: torch.nn.Module) -> str:
     """A folder with just config.json, for peers that boot from a name but take our weights."""
     directory = tempfile.mkdtemp(prefix="patchscope-bench-")
-    model.config.save_pretrained(directory)
+    cast(Any, model).config.save_pretrained(directory)
     return directory
 
 
@@ -101,6 +128,8 @@ class PeakMemory:
         self.device = device
         self.peak_bytes = 0
         self._stop = threading.Event()
+        self._base: int
+        self._max: int  # both set in __enter__, before sampling starts
 
     @staticmethod
     def _rss() -> int:

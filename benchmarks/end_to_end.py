@@ -87,8 +87,15 @@ def measure(args: argparse.Namespace) -> dict:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     def planned():
-        return plan(TextSource(source_config), tokenizer, max_length=config.max_length, overflow=config.overflow,
-                    exclude_bos=config.exclude_bos, batch_tokens=config.batch_tokens, sort_buffer=config.sort_buffer)
+        return plan(
+            TextSource(source_config),
+            tokenizer,
+            max_length=config.max_length,
+            overflow=config.overflow,
+            exclude_bos=config.exclude_bos,
+            batch_tokens=config.batch_tokens,
+            sort_buffer=config.sort_buffer,
+        )
 
     batches = [collate(rows, pad_id) for rows in planned()]
     real_tokens = sum(int(b.attention_mask.sum()) for b in batches)
@@ -99,8 +106,23 @@ def measure(args: argparse.Namespace) -> dict:
         nonlocal runs
         runs += 1
         out = work / f"cli-{runs}"
-        argv = ["profile", "--model", str(model_dir), "--dataset", str(corpus), "--split", "", "--layer", str(args.layer),
-                "--dtype", args.dtype, "--device", args.device, "--out", str(out)]
+        argv = [
+            "profile",
+            "--model",
+            str(model_dir),
+            "--dataset",
+            str(corpus),
+            "--split",
+            "",
+            "--layer",
+            str(args.layer),
+            "--dtype",
+            args.dtype,
+            "--device",
+            args.device,
+            "--out",
+            str(out),
+        ]
         assert cli(argv) == 0
         shutil.rmtree(out)
 
@@ -109,7 +131,9 @@ def measure(args: argparse.Namespace) -> dict:
         try:
             with torch.inference_mode():
                 for b in batches:
-                    model.model(input_ids=b.input_ids.to(args.device), attention_mask=b.attention_mask.to(args.device), use_cache=False)
+                    model.model(
+                        input_ids=b.input_ids.to(args.device), attention_mask=b.attention_mask.to(args.device), use_cache=False
+                    )
         finally:
             model.model.layers = layers
 
@@ -159,19 +183,27 @@ def measure(args: argparse.Namespace) -> dict:
 
 
 def render(results: dict) -> str:
-    lines = ["## End to end: `patchscope profile` on Gemma 3 270M and python-docs", "",
-             "Written by `python -m benchmarks.end_to_end` (then `--render`). Ratio: the floor's time over the CLI's time "
-             "without model loading; the breakdown subtracts medians of stages timed on their own, so its parts are estimates "
-             "(a small negative part is noise). The atlas and the exports cost a fixed time per run (they grow with neurons x top_k "
-             "and the texts they quote, not with the tokens profiled), so their share falls as the corpus grows.", ""]
+    lines = [
+        "## End to end: `patchscope profile` on Gemma 3 270M and python-docs",
+        "",
+        "Written by `python -m benchmarks.end_to_end` (then `--render`). Ratio: the floor's time over the CLI's time "
+        "without model loading; the breakdown subtracts medians of stages timed on their own, so its parts are estimates "
+        "(a small negative part is noise). The atlas and the exports cost a fixed time per run (they grow with neurons x top_k "
+        "and the texts they quote, not with the tokens profiled), so their share falls as the corpus grows.",
+        "",
+    ]
     for key, r in results.items():
         total = r["breakdown"]["whole CLI minus model loading"]
         lines += [f"### {key}", "", f"_Conditions: {r['conditions']}._", ""]
         if r.get("note"):
             lines += [r["note"], ""]
-        lines += [f"**CLI (without model loading) vs floor: {r['profile_vs_floor']:.3f}** "
-                  f"({r['tokens'] / total:,.0f} tokens/s end to end, floor {r['tokens'] / r['breakdown']['bare forward over the same batches (floor)']:,.0f}).", "",
-                  "| stage | seconds | share of the CLI run |", "|---|---:|---:|"]
+        lines += [
+            f"**CLI (without model loading) vs floor: {r['profile_vs_floor']:.3f}** "
+            f"({r['tokens'] / total:,.0f} tokens/s end to end, floor {r['tokens'] / r['breakdown']['bare forward over the same batches (floor)']:,.0f}).",
+            "",
+            "| stage | seconds | share of the CLI run |",
+            "|---|---:|---:|",
+        ]
         for name, seconds in r["breakdown"].items():
             share = "" if name.startswith("model loading") else f"{100 * seconds / total:.1f}%"
             lines.append(f"| {name} | {seconds:.2f} | {share} |")
@@ -180,7 +212,9 @@ def render(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.end_to_end", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.end_to_end", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--layer", type=int, default=6)

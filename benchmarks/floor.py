@@ -17,6 +17,7 @@ import random
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -24,9 +25,9 @@ from patchscope.atlas.config import ProfileConfig
 from patchscope.atlas.engine import Profiler
 from patchscope.util.storage import write_json
 
-from .sections import write_section
 from .common import Conditions, Timing, build_model, interleaved, random_batches
 from .profiling import _segments, bare_stop_at_site, bare_truncated
+from .sections import write_section
 
 HERE = Path(__file__).parent
 
@@ -47,7 +48,7 @@ def profiler_run(model, batches, layer: int, *, reduction: str = "auto", compile
 def compiled_floor(model, batches, layer: int) -> Callable[[], None]:
     """The floor with its decoder layers under torch.compile: what compilation gives the bare forward."""
     layers = model.model.layers
-    compiled = torch.nn.ModuleList([torch.compile(block) for block in layers[: layer + 1]])
+    compiled = torch.nn.ModuleList([cast(torch.nn.Module, torch.compile(block)) for block in layers[: layer + 1]])
 
     def run() -> None:
         model.model.layers = compiled
@@ -90,7 +91,19 @@ def cpu_interleaved(peers: dict[str, tuple[Callable[[], None], int]], *, warmup:
     return {name: Timing(name, samples[name], tokens) for name, (_, tokens) in peers.items()}
 
 
-def variants(model, *, layer: int, batch: int, seq_len: int, n_batches: int, warmup: int, runs: int, device: str, compiled: bool, clock: str = "wall") -> dict:
+def variants(
+    model,
+    *,
+    layer: int,
+    batch: int,
+    seq_len: int,
+    n_batches: int,
+    warmup: int,
+    runs: int,
+    device: str,
+    compiled: bool,
+    clock: str = "wall",
+) -> dict:
     batches = random_batches(n_batches, batch, seq_len, model.config.vocab_size, device)
     tokens = n_batches * batch * seq_len
     site = f"blocks.{layer}.mlp.hook_post"
@@ -106,14 +119,20 @@ def variants(model, *, layer: int, batch: int, seq_len: int, n_batches: int, war
     if compiled:
         extra = {
             "profiler, inductor fused reduction (eager forward)": profiler_run(model, batches, layer, reduction="inductor"),
-            "profiler --compile (compiled layers + inductor reduction)": profiler_run(model, batches, layer, reduction="inductor", compile=True),
+            "profiler --compile (compiled layers + inductor reduction)": profiler_run(
+                model, batches, layer, reduction="inductor", compile=True
+            ),
             "floor under torch.compile": compiled_floor(model, batches, layer),
         }
         for name, fn in extra.items():  # the first call compiles: its time is reported on its own
             compile_seconds[name] = round(first_call(fn, device), 2)
         table.update(extra)
     peers = {name: (fn, tokens) for name, fn in table.items()}
-    timings = cpu_interleaved(peers, warmup=warmup, runs=runs) if clock == "cpu" else interleaved(peers, warmup=warmup, runs=runs, device=device, memory=False)
+    timings = (
+        cpu_interleaved(peers, warmup=warmup, runs=runs)
+        if clock == "cpu"
+        else interleaved(peers, warmup=warmup, runs=runs, device=device, memory=False)
+    )
     floor = timings["floor: bare forward, decoder cut after the layer"].median
     return {
         "rows": {name: dict(t.as_dict(), vs_floor=floor / t.median) for name, t in timings.items()},
@@ -135,8 +154,11 @@ def render(results: dict) -> str:
         "",
     ]
     if not any(key.startswith("cuda") for key in results):
-        lines += ["**No GPU was lent to this task**: the Triton kernel ran only under `TRITON_INTERPRET=1` (correctness, not speed). "
-                  "On a CUDA machine, `python -m benchmarks.floor --device cuda` adds the Triton and compiled rows here.", ""]
+        lines += [
+            "**No GPU was lent to this task**: the Triton kernel ran only under `TRITON_INTERPRET=1` (correctness, not speed). "
+            "On a CUDA machine, `python -m benchmarks.floor --device cuda` adds the Triton and compiled rows here.",
+            "",
+        ]
     for key, section in results.items():
         if key.startswith("_"):
             continue
@@ -145,15 +167,22 @@ def render(results: dict) -> str:
             lines += [section["note"], ""]
         lines += ["| variant | tokens/s | time per run, s | vs eager floor |", "|---|---:|---:|---:|"]
         for name, row in section["rows"].items():
-            lines.append(f"| {name} | {row['tokens_per_s']:,.0f} | {row['median_s']:.3f} ({row['min_s']:.3f}-{row['max_s']:.3f}) | {row['vs_floor']:.3f} |")
+            lines.append(
+                f"| {name} | {row['tokens_per_s']:,.0f} | {row['median_s']:.3f} ({row['min_s']:.3f}-{row['max_s']:.3f}) | {row['vs_floor']:.3f} |"
+            )
         if section["first_call_seconds"]:
-            lines += ["", "First call (compile + one run), s: " + "; ".join(f"{k}: {v}" for k, v in section["first_call_seconds"].items())]
+            lines += [
+                "",
+                "First call (compile + one run), s: " + "; ".join(f"{k}: {v}" for k, v in section["first_call_seconds"].items()),
+            ]
         lines.append("")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.floor", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.floor", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtypes", nargs="+")
     parser.add_argument("--shape", help="default: small on CPU, gemma-2-2b-shape on CUDA")
@@ -164,8 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
-    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                        help="cpu: time the process's CPU time (use with --threads 1 on a shared machine)")
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="cpu: time the process's CPU time (use with --threads 1 on a shared machine)",
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--note", default="", help="a line printed under the conditions (e.g. 'machine shared with ...')")
     parser.add_argument("--json", default=str(HERE / "floor.json"))
@@ -186,12 +219,33 @@ def main(argv: list[str] | None = None) -> int:
     for dtype_name in args.dtypes or (["float16", "bfloat16"] if cuda else ["float32", "bfloat16"]):
         model = build_model(shape, layers=None, dtype=getattr(torch, dtype_name), device=args.device)
         c = model.config
-        conditions = Conditions(device=args.device, dtype=dtype_name, shape=shape, d_model=c.hidden_size, d_mlp=c.intermediate_size,
-                                n_layers=c.num_hidden_layers, vocab=c.vocab_size, layer=layer, batch=args.batch, seq_len=args.seq_len,
-                                warmup=args.warmup, runs=args.runs)
+        conditions = Conditions(
+            device=args.device,
+            dtype=dtype_name,
+            shape=shape,
+            d_model=c.hidden_size,
+            d_mlp=c.intermediate_size,
+            n_layers=c.num_hidden_layers,
+            vocab=c.vocab_size,
+            layer=layer,
+            batch=args.batch,
+            seq_len=args.seq_len,
+            warmup=args.warmup,
+            runs=args.runs,
+        )
         print(f"[{dtype_name}] {conditions.line()}", flush=True)
-        section = variants(model, layer=layer, batch=args.batch, seq_len=args.seq_len, n_batches=args.batches, warmup=args.warmup,
-                           runs=args.runs, device=args.device, compiled=not args.no_compile, clock=args.clock)
+        section = variants(
+            model,
+            layer=layer,
+            batch=args.batch,
+            seq_len=args.seq_len,
+            n_batches=args.batches,
+            warmup=args.warmup,
+            runs=args.runs,
+            device=args.device,
+            compiled=not args.no_compile,
+            clock=args.clock,
+        )
         clock = "process CPU time" if args.clock == "cpu" else "wall clock"
         section.update(conditions=conditions.line() + f"; {args.batches} batches per run; {clock}", note=args.note)
         results[f"{args.device}/{dtype_name}/{shape}"] = section

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 
@@ -47,12 +48,14 @@ def _tl(bridge, ids, mode: str, names: list[str] | None) -> Callable[[], None]:
                 else:
                     bridge.run_with_cache(ids, names_filter=lambda name: name in names)
             else:
-                bridge.run_with_hooks(ids, fwd_hooks=[(names[0], replace)])
+                bridge.run_with_hooks(ids, fwd_hooks=[(cast(list[str], names)[0], replace)])  # patch names one site
 
     return run
 
 
-def hook_costs(model, *, layer: int, batch: int, seq_len: int, warmup: int, runs: int, device: str) -> tuple[list[dict], list[str]]:
+def hook_costs(
+    model, *, layer: int, batch: int, seq_len: int, warmup: int, runs: int, device: str
+) -> tuple[list[dict], list[str]]:
     """Rows of (site, ours capture/patch extra ms, TL capture/patch extra ms), plus the all-sites row."""
     ids = random_batches(1, batch, seq_len, model.config.vocab_size, device)[0]
     tokens = ids.numel()
@@ -78,14 +81,22 @@ def hook_costs(model, *, layer: int, batch: int, seq_len: int, warmup: int, runs
         if key not in timings:
             return None
         t, b = timings[key], timings[base]
-        return dict(ms=round(1000 * t.median, 2), extra_ms=round(1000 * (t.median - b.median), 2), ratio=round(t.median / b.median, 3),
-                    min_ms=round(1000 * min(t.seconds), 2), max_ms=round(1000 * max(t.seconds), 2), peak_mb=t.peak_mb)
+        return dict(
+            ms=round(1000 * t.median, 2),
+            extra_ms=round(1000 * (t.median - b.median), 2),
+            ratio=round(t.median / b.median, 3),
+            min_ms=round(1000 * min(t.seconds), 2),
+            max_ms=round(1000 * max(t.seconds), 2),
+            peak_mb=t.peak_mb,
+        )
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     for suffix in (*SITE_TYPES, "all"):
-        row = dict(site=suffix if suffix != "all" else f"all {len(everything)} sites (ours) / every TL hook point",
-                   ours_capture=extra(f"ours:capture:{suffix}", "ours:none"),
-                   tl_capture=extra(f"tl:capture:{suffix}", "tl:none") if bridge is not None else None)
+        row = dict(
+            site=suffix if suffix != "all" else f"all {len(everything)} sites (ours) / every TL hook point",
+            ours_capture=extra(f"ours:capture:{suffix}", "ours:none"),
+            tl_capture=extra(f"tl:capture:{suffix}", "tl:none") if bridge is not None else None,
+        )
         if suffix != "all":
             row["ours_patch"] = extra(f"ours:patch:{suffix}", "ours:none")
             row["tl_patch"] = extra(f"tl:patch:{suffix}", "tl:none") if bridge is not None else None

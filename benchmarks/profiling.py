@@ -11,9 +11,9 @@ from collections.abc import Callable
 import torch
 
 from patchscope.atlas.batching import Segment
-from patchscope.model.hooks import stop_after
 from patchscope.atlas.config import ProfileConfig
 from patchscope.atlas.engine import Profiler
+from patchscope.model.hooks import stop_after
 
 from .common import Timing, clone, config_dir, interleaved, random_batches
 
@@ -132,7 +132,9 @@ def nnsight_stop(model, batches, layer: int) -> Callable[[], None] | None:
     return run
 
 
-def throughput(model, *, layer: int, batch: int, seq_len: int, n_batches: int, warmup: int, runs: int, device: str, peers: bool = True) -> tuple[dict[str, Timing], list[str]]:
+def throughput(
+    model, *, layer: int, batch: int, seq_len: int, n_batches: int, warmup: int, runs: int, device: str, peers: bool = True
+) -> tuple[dict[str, Timing], list[str]]:
     """Tokens/s of every peer on the same batches; returns timings and notes (skipped peers)."""
     site = f"blocks.{layer}.mlp.hook_post"
     batches = random_batches(n_batches, batch, seq_len, model.config.vocab_size, device)
@@ -149,7 +151,10 @@ def throughput(model, *, layer: int, batch: int, seq_len: int, n_batches: int, w
         if bridge is None:
             notes.append("TransformerLens not installed: its rows are skipped (pip install -e '.[compare]')")
         else:
-            table["TransformerLens run_with_cache, names_filter + stop_at_layer, batched"] = (tl_best(bridge, batches, layer, site), tokens)
+            table["TransformerLens run_with_cache, names_filter + stop_at_layer, batched"] = (
+                tl_best(bridge, batches, layer, site),
+                tokens,
+            )
             texts = batches[0]
             table["TransformerLens as the original: 1 text at a time, full cache, Python max"] = (
                 tl_original(bridge, texts, site),
@@ -163,7 +168,9 @@ def throughput(model, *, layer: int, batch: int, seq_len: int, n_batches: int, w
     return interleaved(table, warmup=warmup, runs=runs, device=device), notes
 
 
-def sweep(model, *, layer: int, settings: list[tuple[int, int]], n_batches: int, warmup: int, runs: int, device: str) -> list[dict]:
+def sweep(
+    model, *, layer: int, settings: list[tuple[int, int]], n_batches: int, warmup: int, runs: int, device: str
+) -> list[dict]:
     """Ours against the floor for several (batch, seq_len)."""
     rows = []
     for batch, seq_len in settings:
@@ -171,10 +178,19 @@ def sweep(model, *, layer: int, settings: list[tuple[int, int]], n_batches: int,
         tokens = n_batches * batch * seq_len
         timings = interleaved(
             {"ours": (ours(model, batches, layer), tokens), "floor": (bare_truncated(model, batches, layer), tokens)},
-            warmup=warmup, runs=runs, device=device,
+            warmup=warmup,
+            runs=runs,
+            device=device,
         )
-        rows.append(dict(batch=batch, seq_len=seq_len, ours=timings["ours"].as_dict(), floor=timings["floor"].as_dict(),
-                         ratio=timings["ours"].tokens_per_s / timings["floor"].tokens_per_s))
+        rows.append(
+            dict(
+                batch=batch,
+                seq_len=seq_len,
+                ours=timings["ours"].as_dict(),
+                floor=timings["floor"].as_dict(),
+                ratio=timings["ours"].tokens_per_s / timings["floor"].tokens_per_s,
+            )
+        )
     return rows
 
 
@@ -183,7 +199,9 @@ def scaling(model, *, layer: int, batch: int, seq_len: int, sizes: list[int], wa
     rows = []
     for n_batches in sizes:
         batches = random_batches(n_batches, batch, seq_len, model.config.vocab_size, device)
-        timing = interleaved({"ours": (ours(model, batches, layer), n_batches * batch * seq_len)}, warmup=warmup, runs=runs, device=device)["ours"]
+        timing = interleaved(
+            {"ours": (ours(model, batches, layer), n_batches * batch * seq_len)}, warmup=warmup, runs=runs, device=device
+        )["ours"]
         rows.append(dict(batches=n_batches, **timing.as_dict()))
     return rows
 
@@ -194,11 +212,14 @@ def padding(model, *, layer: int, batch: int, seq_len: int, n_docs: int, warmup:
     Reports the padding fraction of both plans and our profiler's tokens/s on each, beside the
     floor on the same padded batches.
     """
-    from patchscope.atlas.batching import pack_by_length, collate
+    from patchscope.atlas.batching import collate, pack_by_length
 
     generator = torch.Generator().manual_seed(5)
     lengths = torch.randint(seq_len // 8, seq_len + 1, (n_docs,), generator=generator).tolist()
-    documents = [Segment(i, 0, (2, *torch.randint(3, model.config.vocab_size, (n - 1,), generator=generator).tolist()), 1) for i, n in enumerate(lengths)]
+    documents = [
+        Segment(i, 0, (2, *torch.randint(3, model.config.vocab_size, (n - 1,), generator=generator).tolist()), 1)
+        for i, n in enumerate(lengths)
+    ]
     plans = {
         "length-sorted under a token budget (ours)": list(pack_by_length(documents, batch * seq_len)),
         "arrival order, fixed batch size": [documents[i : i + batch] for i in range(0, n_docs, batch)],
@@ -225,6 +246,11 @@ def padding(model, *, layer: int, batch: int, seq_len: int, n_docs: int, warmup:
                 model.model.layers = layers
 
         timings = interleaved({"ours": (run_ours, real), "floor": (run_floor, real)}, warmup=warmup, runs=runs, device=device)
-        out[name] = dict(batches=len(planned), padding_fraction=round(1 - real / padded, 4), ours=timings["ours"].as_dict(),
-                         floor=timings["floor"].as_dict(), ratio=timings["ours"].tokens_per_s / timings["floor"].tokens_per_s)
+        out[name] = dict(
+            batches=len(planned),
+            padding_fraction=round(1 - real / padded, 4),
+            ours=timings["ours"].as_dict(),
+            floor=timings["floor"].as_dict(),
+            ratio=timings["ours"].tokens_per_s / timings["floor"].tokens_per_s,
+        )
     return dict(documents=n_docs, real_tokens=real, min_len=min(lengths), max_len=max(lengths), plans=out)

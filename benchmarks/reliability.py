@@ -36,14 +36,40 @@ from patchscope.cli.main import main  # noqa: E402
 
 
 def argv_for(model: Path, data: Path, out: Path) -> list[str]:
-    return ["profile", "--model", str(model), "--device", "cpu", "--dtype", "float32", "--dataset", str(data), "--split", "",
-            "--layer", "2", "--top-k", "4", "--max-length", "16", "--batch-tokens", "48", "--checkpoint-every", "1",
-            "--sort-buffer", "7", "--out", str(out)]
+    return [
+        "profile",
+        "--model",
+        str(model),
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--dataset",
+        str(data),
+        "--split",
+        "",
+        "--layer",
+        "2",
+        "--top-k",
+        "4",
+        "--max-length",
+        "16",
+        "--batch-tokens",
+        "48",
+        "--checkpoint-every",
+        "1",
+        "--sort-buffer",
+        "7",
+        "--out",
+        str(out),
+    ]
 
 
 def rerun(argv: list[str], out: Path) -> int:
     resume = ["--resume"] if (out / "checkpoint.safetensors").exists() else []
-    env_threads = "import torch; torch.set_num_threads(1); from patchscope.cli.main import main; import sys; sys.exit(main(sys.argv[1:]))"
+    env_threads = (
+        "import torch; torch.set_num_threads(1); from patchscope.cli.main import main; import sys; sys.exit(main(sys.argv[1:]))"
+    )
     return subprocess.run([sys.executable, "-c", env_threads, *argv, *resume], capture_output=True, text=True).returncode
 
 
@@ -73,11 +99,18 @@ def kills(work: Path, model: Path, data: Path, reference: dict, n: int) -> tuple
             child.wait()
             sent += 1
         code = rerun(argv, out)
-        ok = code == 0 and same(load_atlas(out).tensors(), reference) and not list(out.glob("*.tmp")) and not list(out.glob(".tmp*"))
+        ok = (
+            code == 0
+            and same(load_atlas(out).tensors(), reference)
+            and not list(out.glob("*.tmp"))
+            and not list(out.glob(".tmp*"))
+        )
         survived += ok
         if not ok:
             failures.append(f"{point}@{at} {signal.Signals(signum).name}: exit {code}")
-    print(f"signals sent: {sent} ({sum(1 for p in plans if p[2] == signal.SIGKILL)} runs SIGKILLed, some twice; the rest SIGINT/SIGTERM)")
+    print(
+        f"signals sent: {sent} ({sum(1 for p in plans if p[2] == signal.SIGKILL)} runs SIGKILLed, some twice; the rest SIGINT/SIGTERM)"
+    )
     return survived, len(plans), failures
 
 
@@ -109,20 +142,91 @@ def bad_inputs(work: Path, model: Path, data: Path) -> tuple[int, int, list[str]
     bad.mkdir()
     (bad / "c.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in FIXTURE_CORPUS))
     (bad / "trunc").mkdir()
-    (bad / "trunc" / "checkpoint.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")
+    (bad / "trunc" / "checkpoint.safetensors").write_bytes(b'\x10\x00\x00\x00\x00\x00\x00\x00{"a":')
     base = ["--model", str(model), "--device", "cpu", "--split", "", "--layer", "2", "--max-length", "16"]
     cases = {
         "missing data file": ["profile", *base, "--dataset", str(bad / "nope.jsonl"), "--out", str(bad / "o1")],
-        "bad split": ["profile", *base[:-4], "--split", "train[9:3]", "--layer", "2", "--dataset", str(bad / "c.jsonl"), "--out", str(bad / "o2")],
-        "empty selection": ["profile", *base[:-4], "--split", "[900:]", "--layer", "2", "--dataset", str(bad / "c.jsonl"), "--out", str(bad / "o3")],
-        "missing column": ["profile", *base, "--dataset", str(bad / "c.jsonl"), "--text-column", "body", "--out", str(bad / "o4")],
-        "layer out of range": ["profile", *base[:-4], "--layer", "9", "--dataset", str(bad / "c.jsonl"), "--out", str(bad / "o5")],
-        "unknown site": ["profile", *base, "--site", "blocks.1.hook_resid_middle", "--dataset", str(bad / "c.jsonl"), "--out", str(bad / "o6")],
+        "bad split": [
+            "profile",
+            *base[:-4],
+            "--split",
+            "train[9:3]",
+            "--layer",
+            "2",
+            "--dataset",
+            str(bad / "c.jsonl"),
+            "--out",
+            str(bad / "o2"),
+        ],
+        "empty selection": [
+            "profile",
+            *base[:-4],
+            "--split",
+            "[900:]",
+            "--layer",
+            "2",
+            "--dataset",
+            str(bad / "c.jsonl"),
+            "--out",
+            str(bad / "o3"),
+        ],
+        "missing column": [
+            "profile",
+            *base,
+            "--dataset",
+            str(bad / "c.jsonl"),
+            "--text-column",
+            "body",
+            "--out",
+            str(bad / "o4"),
+        ],
+        "layer out of range": [
+            "profile",
+            *base[:-4],
+            "--layer",
+            "9",
+            "--dataset",
+            str(bad / "c.jsonl"),
+            "--out",
+            str(bad / "o5"),
+        ],
+        "unknown site": [
+            "profile",
+            *base,
+            "--site",
+            "blocks.1.hook_resid_middle",
+            "--dataset",
+            str(bad / "c.jsonl"),
+            "--out",
+            str(bad / "o6"),
+        ],
         "top-k 0": ["profile", *base, "--top-k", "0", "--dataset", str(bad / "c.jsonl"), "--out", str(bad / "o7")],
         "truncated checkpoint": ["profile", *base, "--dataset", str(bad / "c.jsonl"), "--out", str(bad / "trunc"), "--resume"],
         "out is a file": ["profile", *base, "--dataset", str(bad / "c.jsonl"), "--out", str(bad / "c.jsonl" / "o")],
-        "run: missing column": ["run", *base, "--sae", "none", "--dataset", str(bad / "c.jsonl"), "--text-column", "body", "--out", str(bad / "o8")],
-        "run: bad neuron": ["run", *base, "--sae", "none", "--neuron", "999", "--dataset", str(bad / "c.jsonl"), "--out", str(bad / "o9")],
+        "run: missing column": [
+            "run",
+            *base,
+            "--sae",
+            "none",
+            "--dataset",
+            str(bad / "c.jsonl"),
+            "--text-column",
+            "body",
+            "--out",
+            str(bad / "o8"),
+        ],
+        "run: bad neuron": [
+            "run",
+            *base,
+            "--sae",
+            "none",
+            "--neuron",
+            "999",
+            "--dataset",
+            str(bad / "c.jsonl"),
+            "--out",
+            str(bad / "o9"),
+        ],
         "export: no atlas": ["export", str(bad / "o10")],
     }
     clean, failures = 0, []

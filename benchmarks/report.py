@@ -38,7 +38,10 @@ def _throughput(section: dict) -> list[str]:
 
 
 def _sweep(section: dict) -> list[str]:
-    lines = ["| batch | seq len | ours tokens/s | floor tokens/s | ours / floor | ours peak MiB | floor peak MiB |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| batch | seq len | ours tokens/s | floor tokens/s | ours / floor | ours peak MiB | floor peak MiB |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in section["sweep"]:
         lines.append(
             f"| {r['batch']} | {r['seq_len']} | {_fmt(r['ours']['tokens_per_s'])} | {_fmt(r['floor']['tokens_per_s'])} | {r['ratio']:.3f} | "
@@ -50,7 +53,9 @@ def _sweep(section: dict) -> list[str]:
 def _scaling(section: dict) -> list[str]:
     lines = ["| batches | tokens | time, s | tokens/s | peak memory, MiB |", "|---:|---:|---:|---:|---:|"]
     for r in section["scaling"]:
-        lines.append(f"| {r['batches']} | {r['tokens']} | {r['median_s']:.3f} ({r['min_s']:.3f}-{r['max_s']:.3f}) | {_fmt(r['tokens_per_s'])} | {r['peak_mb']} |")
+        lines.append(
+            f"| {r['batches']} | {r['tokens']} | {r['median_s']:.3f} ({r['min_s']:.3f}-{r['max_s']:.3f}) | {_fmt(r['tokens_per_s'])} | {r['peak_mb']} |"
+        )
     return lines
 
 
@@ -63,7 +68,10 @@ def _padding(section: dict) -> list[str]:
         "|---|---:|---:|---:|---:|---:|",
     ]
     for name, r in p["plans"].items():
-        lines.append(f"| {name} | {r['batches']} | {r['padding_fraction']:.3f} | {_fmt(r['ours']['tokens_per_s'])} | {_fmt(r['floor']['tokens_per_s'])} | {r['ratio']:.3f} |")
+        lines.append(
+            f"| {name} | {r['batches']} | {r['padding_fraction']:.3f} | {_fmt(r['ours']['tokens_per_s'])} "
+            f"| {_fmt(r['floor']['tokens_per_s'])} | {r['ratio']:.3f} |"
+        )
     return lines
 
 
@@ -83,12 +91,17 @@ def _hooks(section: dict) -> list[str]:
         "|---|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r['site']} | {_cell(r.get('ours_capture'))} | {_cell(r.get('ours_patch'))} | {_cell(r.get('tl_capture'))} | {_cell(r.get('tl_patch'))} |")
+        lines.append(
+            f"| {r['site']} | {_cell(r.get('ours_capture'))} | {_cell(r.get('ours_patch'))} | {_cell(r.get('tl_capture'))} | {_cell(r.get('tl_patch'))} |"
+        )
     return lines
 
 
 def _generation(section: dict) -> list[str]:
-    lines = ["| batch | new tokens | plain HF generate, tok/s | inject unpatched (observing), tok/s | inject patched, tok/s | patched / plain time |", "|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| batch | new tokens | plain HF generate, tok/s | inject unpatched (observing), tok/s | inject patched, tok/s | patched / plain time |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in section["generation"]:
         lines.append(
             f"| {r['batch']} | {r['new_tokens']} | {_fmt(r['plain']['tokens_per_s'], 1)} | {_fmt(r['unpatched']['tokens_per_s'], 1)} | "
@@ -126,7 +139,12 @@ def render(results: dict[str, dict]) -> str:
         if "scaling" in section:
             out += ["### Growing the dataset (our profiler)", "", *_scaling(section), ""]
         if "hook_cost" in section:
-            out += [f"### Hook cost (one forward, layer {c['layer']}, batch {c['batch']} x {c['seq_len']})", "", *_hooks(section), ""]
+            out += [
+                f"### Hook cost (one forward, layer {c['layer']}, batch {c['batch']} x {c['seq_len']})",
+                "",
+                *_hooks(section),
+                "",
+            ]
         if "sae" in section:
             s = section["sae"]
             out += [

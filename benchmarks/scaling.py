@@ -51,17 +51,30 @@ def model_folder(directory: Path, shape: str, layers: int | None, texts: list[st
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     vocab = min(8000, SHAPES[shape]["vocab_size"])
-    tokenizer.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"]))
+    tokenizer.train_from_iterator(
+        texts, trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"])
+    )
     bos = tokenizer.token_to_id("<bos>")
     tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", bos)])
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>").save_pretrained(directory)
+    PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    ).save_pretrained(directory)
     build_model(shape, layers=layers, dtype=torch.float32, device="cpu").save_pretrained(directory)
     return directory
 
 
 def profile_run(model: Path, data: Path, out: Path, nproc: int, args: argparse.Namespace) -> dict:
     """One ``torchrun -m patchscope profile`` run; returns the merged atlas's run figures."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "patchscope", "profile"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "patchscope",
+        "profile",
+    ]
     command += ["--model", str(model), "--dtype", args.dtype, "--device", args.device, "--dataset", str(data), "--split", ""]
     command += ["--layer", str(args.layer), "--max-length", str(args.max_length), "--batch-tokens", str(args.batch_tokens)]
     command += ["--sort-buffer", str(args.sort_buffer), "--checkpoint-every", "0", "--out", str(out)]
@@ -135,7 +148,9 @@ def memory(model: Path, layer: int, texts: list[str]) -> dict[str, dict]:
     for name, flag in (("full model", "0"), (f"truncated after layer {layer}", "1")):
         result = subprocess.run(
             [sys.executable, "-c", MEMORY_PROBE, str(model), str(layer), flag, json.dumps(texts[:16])],
-            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
         )
         if result.returncode:
             raise SystemExit(result.stderr[-3000:])
@@ -170,7 +185,9 @@ def on_paper(shape: str, layer: int, bytes_per_param: int = 2) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.scaling", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.scaling", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (nccl, one GPU per rank)")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--shape", default="small", choices=sorted(SHAPES))
@@ -215,14 +232,19 @@ def main(argv: list[str] | None = None) -> int:
         merge = statistics.median(r["merge_s"] for r in rows)
         seconds = statistics.median(r["profile_s"] for r in rows)
         wall = statistics.median(r["wall_s"] for r in rows)
-        lines.append(f"| {n} | {rows[0]['tokens']} | {tps:,.0f} | {tps / base:.2f}x | {merge:.3f} | {100 * merge / seconds:.1f}% | {wall:.1f} |")
+        lines.append(
+            f"| {n} | {rows[0]['tokens']} | {tps:,.0f} | {tps / base:.2f}x | {merge:.3f} | {100 * merge / seconds:.1f}% | {wall:.1f} |"
+        )
     lines += [f"\nAtlas of {n} processes against {args.nproc[0]}: {text}" for n, text in comparisons.items()]
     print("\n".join(lines))
     if args.device == "cpu":
-        rows = memory(model, args.layer, texts)
-        print(f"\n| {args.shape}, bf16 (converted from the fp32 checkpoint, so every kept weight is resident), layer {args.layer} | parameters | RSS growth after load (MiB) | peak RSS growth, load + profile 16 docs (MiB) |")
+        memory_rows = memory(model, args.layer, texts)
+        print(
+            f"\n| {args.shape}, bf16 (converted from the fp32 checkpoint, so every kept weight is resident), layer {args.layer} "
+            "| parameters | RSS growth after load (MiB) | peak RSS growth, load + profile 16 docs (MiB) |"
+        )
         print("|---|---:|---:|---:|")
-        for name, row in rows.items():
+        for name, row in memory_rows.items():
             print(f"| {name} | {row['params']:,} | {row['resident_mb']:.0f} | {row['peak_mb']:.0f} |")
     print()
     print(on_paper(args.paper, args.paper_layer))

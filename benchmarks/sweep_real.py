@@ -131,9 +131,9 @@ def main() -> None:
     import transformers
 
     from patchscope.model.loading import load_model
+    from patchscope.scope.config import PatchscopeConfig
     from patchscope.scope.heatmap import save_sweep
     from patchscope.scope.placeholder import plan_prompt
-    from patchscope.scope.config import PatchscopeConfig
     from patchscope.scope.prompts import PROMPTS
     from patchscope.scope.sweep import SweepConfig, summary_lines, sweep
     from patchscope.util.storage import write_json
@@ -167,7 +167,9 @@ def main() -> None:
     mean_seconds = time.perf_counter() - started
     result = sweep(model, tokenizer, sources, prompt, config, means=means)
     result.timings.update(load_model=round(loaded, 3), corpus_means=round(mean_seconds, 3))
-    result.notes.append(f"model {args.model} ({args.dtype}, CPU, {args.threads} thread(s)); {len(sources)} source tokens from python-docs")
+    result.notes.append(
+        f"model {args.model} ({args.dtype}, CPU, {args.threads} thread(s)); {len(sources)} source tokens from python-docs"
+    )
     save_sweep(result, out, title=f"{args.model}, identity prompt, {len(sources)} python-docs tokens")
     conditions = {
         "model": args.model,

@@ -95,9 +95,7 @@ def block_stats(acts: Tensor, counted: Tensor, backend: Literal["eager", "induct
     return BlockStats(block_max, total, total_sq, fire.long(), nonfinite.long())
 
 
-def select_candidates(
-    acts: Tensor, block_max: Tensor, doc: Tensor, pos: Tensor, token: Tensor, counted: Tensor, k: int
-) -> TopK:
+def select_candidates(acts: Tensor, block_max: Tensor, doc: Tensor, pos: Tensor, token: Tensor, counted: Tensor, k: int) -> TopK:
     """The ``k + TIE_MARGIN`` best rows per neuron, unordered, read from the best blocks only.
 
     Exact by the ranking rule after `merge_topk`: every value above a neuron's worst candidate lies

@@ -75,7 +75,7 @@ def merge_quantiles(first: QuantileExamples, *rest: QuantileExamples) -> Quantil
         order = order.gather(1, cat[name].gather(1, order).argsort(dim=1, stable=True))
     order = order[:, : first.per_interval]
     count = sum(p.count for p in rest) + first.count
-    return QuantileExamples(first.upper, *(cat[name].gather(1, order) for name in picked), count)
+    return QuantileExamples(first.upper, **{name: cat[name].gather(1, order) for name in picked}, count=count)
 
 
 def batch_quantiles(

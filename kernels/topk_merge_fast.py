@@ -23,7 +23,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .topk_merge import Moments, TopK, batch_topk as reference_batch_topk, merge_topk
+from .topk_merge import Moments, TopK, merge_topk
+from .topk_merge import batch_topk as reference_batch_topk
 
 BLOCK_ROWS = 8
 TIE_MARGIN = 8

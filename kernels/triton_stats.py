@@ -26,9 +26,21 @@ BLOCKS_PER_PROGRAM = 16
 
 @triton.jit
 def _block_stats_kernel(
-    acts_ptr, counted_ptr, block_max_ptr, total_ptr, total_sq_ptr, fire_ptr, nonfinite_ptr,
-    tokens, n, n_blocks, stride_token, stride_neuron,
-    BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr,
+    acts_ptr,
+    counted_ptr,
+    block_max_ptr,
+    total_ptr,
+    total_sq_ptr,
+    fire_ptr,
+    nonfinite_ptr,
+    tokens,
+    n,
+    n_blocks,
+    stride_token,
+    stride_neuron,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCKS_PER_PROGRAM: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_t = tl.program_id(1)
@@ -45,9 +57,9 @@ def _block_stats_kernel(
         row_ok = rows < tokens
         counted = tl.load(counted_ptr + rows, mask=row_ok, other=0) != 0  # [BLOCK_ROWS]
         inside = row_ok[:, None] & col_ok[None, :]
-        x = tl.load(
-            acts_ptr + rows[:, None] * stride_token + cols[None, :] * stride_neuron, mask=inside, other=0.0
-        ).to(tl.float32)  # [BLOCK_ROWS, BLOCK_N]
+        x = tl.load(acts_ptr + rows[:, None] * stride_token + cols[None, :] * stride_neuron, mask=inside, other=0.0).to(
+            tl.float32
+        )  # [BLOCK_ROWS, BLOCK_N]
         finite = (x == x) & (tl.abs(x) != float("inf"))
         usable = counted[:, None] & finite & inside
         kept = tl.where(usable, x, 0.0)
@@ -79,9 +91,21 @@ def triton_block_stats(acts: Tensor, counted: Tensor):
     nonfinite = torch.empty_like(fire)
     grid = (triton.cdiv(n, BLOCK_N), programs)
     _block_stats_kernel[grid](
-        acts, counted.to(torch.uint8), block_max, total, total_sq, fire, nonfinite,
-        tokens, n, n_blocks, acts.stride(0), acts.stride(1),
-        BLOCK_ROWS=BLOCK_ROWS, BLOCK_N=BLOCK_N, BLOCKS_PER_PROGRAM=BLOCKS_PER_PROGRAM,
+        acts,
+        counted.to(torch.uint8),
+        block_max,
+        total,
+        total_sq,
+        fire,
+        nonfinite,
+        tokens,
+        n,
+        n_blocks,
+        acts.stride(0),
+        acts.stride(1),
+        BLOCK_ROWS=BLOCK_ROWS,
+        BLOCK_N=BLOCK_N,
+        BLOCKS_PER_PROGRAM=BLOCKS_PER_PROGRAM,
     )
     return BlockStats(
         block_max,

@@ -19,27 +19,38 @@ from typing import Any
 import torch
 
 from patchscope.atlas.atlas import Atlas
-from patchscope.atlas.reuse import check_reuse
-from patchscope.atlas.store import ATLAS_TENSORS, is_committed, load_atlas
 from patchscope.atlas.batching import adds_bos, segments
-from patchscope.model.hooks import capture, run_until
-from patchscope.sae.attribution import attribute_neuron
+from patchscope.atlas.config import ProfileConfig
+from patchscope.atlas.reuse import check_reuse
+from patchscope.atlas.run import CHECKPOINT, check_before_loading, check_source, profile, run_identity
 from patchscope.atlas.sources import SourceConfig, TextSource
-from patchscope.model.loading import DEFAULT_MODEL, PRESETS, DeviceName, DTypeName, load_config, load_model, load_tokenizer, preset_for, resolve_device, resolve_dtype
+from patchscope.atlas.store import ATLAS_TENSORS, is_committed, load_atlas
+from patchscope.model.hooks import capture, run_until
+from patchscope.model.loading import (
+    DEFAULT_MODEL,
+    PRESETS,
+    DeviceName,
+    DTypeName,
+    load_config,
+    load_model,
+    load_tokenizer,
+    preset_for,
+    resolve_device,
+    resolve_dtype,
+)
+from patchscope.model.sites import parse_site
+from patchscope.report.run_report import write_run_report
+from patchscope.sae.attribution import attribute_neuron
+from patchscope.sae.jumprelu import check_for_model, check_site, top_features
+from patchscope.sae.loaders import load_sae, sae_spec_for_site
 from patchscope.scope.config import PatchscopeConfig
 from patchscope.scope.extract import extract
 from patchscope.scope.inject import Observation, Row, control_rows, inject
 from patchscope.scope.placeholder import plan_prompt
-from patchscope.atlas.config import ProfileConfig
-from patchscope.atlas.run import CHECKPOINT, check_before_loading, check_source, profile, run_identity
-from patchscope.sae.jumprelu import check_for_model, check_site, top_features
-from patchscope.sae.loaders import load_sae, sae_spec_for_site
-from patchscope.model.sites import parse_site
 from patchscope.util.lock import output_lock
 from patchscope.util.signals import Interrupted
 from patchscope.util.storage import check_writable, write_json
 from patchscope.util.versions import versions
-from patchscope.report.run_report import write_run_report
 
 RESULTS = "results.json"
 
@@ -48,7 +59,9 @@ RESULTS = "results.json"
 class ExperimentConfig:
     """The run as a whole: model, output, which neurons, which SAE."""
 
-    model: str = field(default=DEFAULT_MODEL, metadata={"help": f"HF hub id, preset name ({', '.join(PRESETS)}) or local directory."})
+    model: str = field(
+        default=DEFAULT_MODEL, metadata={"help": f"HF hub id, preset name ({', '.join(PRESETS)}) or local directory."}
+    )
     dtype: DTypeName = field(default="auto", metadata={"help": "auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16 or float16."})
     device: DeviceName = field(default="auto", metadata={"help": "auto (cuda when available, else cpu), cpu or cuda."})
     out: str = field(default="patchscope-out", metadata={"help": "Output directory: atlas, exports, results.json."})
@@ -59,7 +72,10 @@ class ExperimentConfig:
         default=1, metadata={"help": "Sweep the N neurons with the largest maxima in one batched Patchscope run."}
     )
     sae: str | None = field(
-        default=None, metadata={"help": "SAE spec (file, folder or REPO/PATH); default: the matching Gemma Scope residual SAE; 'none' skips it."}
+        default=None,
+        metadata={
+            "help": "SAE spec (file, folder or REPO/PATH); default: the matching Gemma Scope residual SAE; 'none' skips it."
+        },
     )
     sae_top_k: int = field(default=10, metadata={"help": "SAE features to report."})
     allow_site_mismatch: bool = field(
@@ -200,7 +216,11 @@ def _reusable_atlas(config: ExperimentConfig, out: Path) -> bool:
     dtype = str(resolve_dtype(config.dtype, resolve_device(config.device))).removeprefix("torch.")
     atlas = load_atlas(out)
     reuse = check_reuse(
-        atlas, model_name=config.model, source=config.source, config=config.profile_config(), dtype=dtype,
+        atlas,
+        model_name=config.model,
+        source=config.source,
+        config=config.profile_config(),
+        dtype=dtype,
         identity=run_identity(config.model, config.source),
     )
     if reuse.problems:
@@ -224,7 +244,13 @@ def _atlas(model, tokenizer, config: ExperimentConfig, out: Path, timer: _Timer,
     with timer.phase("profile"):
         try:
             atlas = profile(
-                model, tokenizer, TextSource(config.source), profile_config, out=out, resume=(out / CHECKPOINT).exists(), model_name=config.model,
+                model,
+                tokenizer,
+                TextSource(config.source),
+                profile_config,
+                out=out,
+                resume=(out / CHECKPOINT).exists(),
+                model_name=config.model,
                 progress=progress,
             )
         except Interrupted as stop:
@@ -233,7 +259,9 @@ def _atlas(model, tokenizer, config: ExperimentConfig, out: Path, timer: _Timer,
     return atlas, False
 
 
-def _corpus_mean(model, tokenizer, config: ExperimentConfig, atlas: Atlas, timer: _Timer, progress: bool) -> tuple[torch.Tensor | None, str | None]:
+def _corpus_mean(
+    model, tokenizer, config: ExperimentConfig, atlas: Atlas, timer: _Timer, progress: bool
+) -> tuple[torch.Tensor | None, str | None]:
     """The mean of the source site over the corpus, for the corpus-mean control.
 
     A reused atlas made by ``patchscope profile`` may lack that site; then only its mean is
@@ -245,11 +273,18 @@ def _corpus_mean(model, tokenizer, config: ExperimentConfig, atlas: Atlas, timer
         return None, None
     meta = atlas.meta
     only_mean = dataclasses.replace(  # first slots (BOS or an attention sink) never enter the mean
-        config.profile, sites=(config.source_site,), top_k=1, max_length=meta.max_length, overflow=meta.overflow,
-        exclude_bos=True, checkpoint_every=0,
+        config.profile,
+        sites=(config.source_site,),
+        top_k=1,
+        max_length=meta.max_length,
+        overflow=meta.overflow,
+        exclude_bos=True,
+        checkpoint_every=0,
     )
     with timer.phase("corpus_mean"):
-        mean = profile(model, tokenizer, TextSource(config.source), only_mean, model_name=config.model, progress=progress)[config.source_site].mean
+        mean = profile(model, tokenizer, TextSource(config.source), only_mean, model_name=config.model, progress=progress)[
+            config.source_site
+        ].mean
     return mean.float(), f"the atlas has no {config.source_site}; its corpus mean was computed in this run"
 
 
@@ -329,7 +364,9 @@ def _decode(patched: Observation, controls: dict[str, Observation], context: set
     }
 
 
-def _verdict(case: str, patched: float, controls: dict[str, float], decode: dict[str, Any], target_site: str, neuron_site: str) -> str:
+def _verdict(
+    case: str, patched: float, controls: dict[str, float], decode: dict[str, Any], target_site: str, neuron_site: str
+) -> str:
     """Says which case the run shows; the same-layer reactivation is never offered as evidence."""
     reactivation = _reactivation(patched, controls)
     if case == "same_layer":
@@ -379,7 +416,9 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True) -> Experi
         return _run_locked(config, timer, prompt, sae, sae_note, out, progress)
 
 
-def _run_locked(config: ExperimentConfig, timer: _Timer, prompt, sae, sae_note: str, out: Path, progress: bool) -> ExperimentResult:
+def _run_locked(
+    config: ExperimentConfig, timer: _Timer, prompt, sae, sae_note: str, out: Path, progress: bool
+) -> ExperimentResult:
     notes = [sae_note]
     with timer.phase("load_model"):
         model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
@@ -393,8 +432,14 @@ def _run_locked(config: ExperimentConfig, timer: _Timer, prompt, sae, sae_note: 
         texts = source.fetch({e.doc for e in entries})
         extractions = [
             extract(
-                model, tokenizer, texts[e.doc], site=config.source_site, position=e.position, entry=e,
-                max_length=atlas.meta.max_length, overflow=atlas.meta.overflow,
+                model,
+                tokenizer,
+                texts[e.doc],
+                site=config.source_site,
+                position=e.position,
+                entry=e,
+                max_length=atlas.meta.max_length,
+                overflow=atlas.meta.overflow,
             )
             for e in entries
         ]
@@ -406,8 +451,14 @@ def _run_locked(config: ExperimentConfig, timer: _Timer, prompt, sae, sae_note: 
             for i, (entry, ex) in enumerate(zip(entries, extractions)):
                 readout = top_features(sae, ex.vector, config.sae_top_k, position=ex.position)
                 attribution = attribute_neuron(
-                    model, sae, torch.tensor([ex.segment_ids], device=ex.vector.device), ex.local_position, ex.vector,
-                    site=config.source_site, neuron=entry.neuron, neuron_site=config.neuron_site,
+                    model,
+                    sae,
+                    torch.tensor([ex.segment_ids], device=ex.vector.device),
+                    ex.local_position,
+                    ex.vector,
+                    site=config.source_site,
+                    neuron=entry.neuron,
+                    neuron_site=config.neuron_site,
                     allow_site_mismatch=config.allow_site_mismatch,
                 )
                 sae_results[i] = {
@@ -431,9 +482,16 @@ def _run_locked(config: ExperimentConfig, timer: _Timer, prompt, sae, sae_note: 
                 rows.append(Row("unpatched", entry.neuron, None))
                 rows += control_rows(ex.vector, entry.neuron, mean=mean, seed=config.patchscope.seed)
         observations = inject(
-            model, tokenizer, rows, prompt, target_site=config.target_site, observe_site=config.neuron_site,
-            max_new_tokens=config.patchscope.max_new_tokens, temperature=config.patchscope.temperature,
-            top_p=config.patchscope.top_p, seed=config.patchscope.seed,
+            model,
+            tokenizer,
+            rows,
+            prompt,
+            target_site=config.target_site,
+            observe_site=config.neuron_site,
+            max_new_tokens=config.patchscope.max_new_tokens,
+            temperature=config.patchscope.temperature,
+            top_p=config.patchscope.top_p,
+            seed=config.patchscope.seed,
         )
 
     results = []
@@ -451,14 +509,24 @@ def _run_locked(config: ExperimentConfig, timer: _Timer, prompt, sae, sae_note: 
                 neuron=entry.neuron,
                 max_activation=entry.activation,
                 source={
-                    "doc": entry.doc, "position": entry.position, "token": ex.token, "context": ex.context,
-                    "site": config.source_site, "recomputed_activation": ex.activation, "vector_norm": float(ex.vector.float().norm()),
+                    "doc": entry.doc,
+                    "position": entry.position,
+                    "token": ex.token,
+                    "context": ex.context,
+                    "site": config.source_site,
+                    "recomputed_activation": ex.activation,
+                    "vector_norm": float(ex.vector.float().norm()),
                 },
                 sae=sae_results[i],
                 patched=dataclasses.asdict(patched),
                 controls={k: dataclasses.asdict(v) for k, v in controls.items()},
                 verdict=_verdict(
-                    case, patched.at_placeholder, {k: v.at_placeholder for k, v in controls.items()}, decode, config.target_site, config.neuron_site
+                    case,
+                    patched.at_placeholder,
+                    {k: v.at_placeholder for k, v in controls.items()},
+                    decode,
+                    config.target_site,
+                    config.neuron_site,
                 ),
                 case=case,
                 decode=decode,
@@ -466,11 +534,22 @@ def _run_locked(config: ExperimentConfig, timer: _Timer, prompt, sae, sae_note: 
         )
     result = ExperimentResult(
         config=_jsonable(config),
-        prompt={"text": config.patchscope.prompt, "tokens": prompt.tokens, "position": prompt.position, "token": prompt.tokens[prompt.position]},
+        prompt={
+            "text": config.patchscope.prompt,
+            "tokens": prompt.tokens,
+            "position": prompt.position,
+            "token": prompt.tokens[prompt.position],
+        },
         neurons=results,
         timings=timer.phases,
         versions=versions(),
-        atlas={"path": str(out), "reused": reused, "n_tokens": atlas.n_tokens, "n_documents": atlas.meta.n_documents, **atlas.meta.extra},
+        atlas={
+            "path": str(out),
+            "reused": reused,
+            "n_tokens": atlas.n_tokens,
+            "n_documents": atlas.meta.n_documents,
+            **atlas.meta.extra,
+        },
         notes=notes,
     )
     path = _results_path(out, result.config)

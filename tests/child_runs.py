@@ -64,7 +64,9 @@ sys.exit(main({argv!r}))
 def start(point: str, at: int, argv: list[str], timeout: float = 300) -> subprocess.Popen:
     """Start the child and return once it has reached ``point`` (it is then blocked, waiting)."""
     script = CHILD.format(tests=str(Path(__file__).parent), point=point, at=at, argv=argv)
-    child = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     with selectors.DefaultSelector() as selector:
         selector.register(child.stdout, selectors.EVENT_READ)
         ready = selector.select(timeout)  # a bound for a hung child, not a timing that decides anything

@@ -31,7 +31,11 @@ def numpy_jumprelu(params: dict[str, np.ndarray], x: np.ndarray) -> tuple[np.nda
 
 
 def write_npz(path: Path, params: dict[str, np.ndarray], case: str = "upper") -> Path:
-    rename = {"upper": lambda k: k, "lower": str.lower, "mixed": lambda k: {"W_enc": "W_enc", "W_dec": "w_dec", "threshold": "Threshold"}.get(k, k)}[case]
+    rename = {
+        "upper": lambda k: k,
+        "lower": str.lower,
+        "mixed": lambda k: {"W_enc": "W_enc", "W_dec": "w_dec", "threshold": "Threshold"}.get(k, k),
+    }[case]
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, **{rename(k): v for k, v in params.items()})
     return path

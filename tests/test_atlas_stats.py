@@ -17,7 +17,6 @@ from patchscope.kernels.bottomk import batch_bottomk, bottomk_candidates, empty_
 from patchscope.kernels.histogram import CENTER, N_BINS, batch_histogram, batch_histogram_reference, bin_ranges
 from patchscope.kernels.quantiles import INTERVALS, batch_quantiles, example_hash, merge_quantiles
 
-
 LAYER = 2
 SITE = f"blocks.{LAYER}.mlp.hook_post"
 CORPUS = [t for t in FIXTURE_CORPUS if t] + [t.upper() for t in FIXTURE_CORPUS if t][:5]
@@ -56,7 +55,11 @@ def _batch(tokens=200, n=9, seed=0, ties=True):
 def brute_bottomk(acts, doc, pos, counted, k):
     out = []
     for n in range(acts.shape[1]):
-        rows = [(float(acts[t, n]), int(doc[t]), int(pos[t])) for t in range(acts.shape[0]) if counted[t] and torch.isfinite(acts[t, n])]
+        rows = [
+            (float(acts[t, n]), int(doc[t]), int(pos[t]))
+            for t in range(acts.shape[0])
+            if counted[t] and torch.isfinite(acts[t, n])
+        ]
         out.append(sorted(rows)[:k])  # value ascending, then document, then position
     return out
 
@@ -77,7 +80,10 @@ def test_bottomk_merge_of_any_split_is_exact():
     whole = batch_bottomk(acts, doc, pos, token, counted, k)
     for cut in (1, 37, 120, 239):
         parts = [bottomk_candidates(acts[s], doc[s], pos[s], token[s], counted[s], k) for s in (slice(0, cut), slice(cut, None))]
-        merged = merge_bottomk(merge_bottomk_fast(empty_bottomk(k, acts.shape[1]), parts[1]), merge_bottomk_fast(empty_bottomk(k, acts.shape[1]), parts[0]))
+        merged = merge_bottomk(
+            merge_bottomk_fast(empty_bottomk(k, acts.shape[1]), parts[1]),
+            merge_bottomk_fast(empty_bottomk(k, acts.shape[1]), parts[0]),
+        )
         for name in ("values", "doc", "pos", "token"):
             assert torch.equal(getattr(merged, name), getattr(whole, name)), (cut, name)
 
@@ -138,7 +144,8 @@ def test_quantile_picks_match_brute_force_and_merge_exactly():
     for (b, n), rows in expected.items():
         assert _picked(whole, b, n) == rows, (b, n)
         in_interval = [
-            t for t in range(300)
+            t
+            for t in range(300)
             if counted[t] and 0 < float(acts[t, n]) and upper[n] * b / INTERVALS < acts[t, n] <= upper[n] * (b + 1) / INTERVALS
         ]
         assert int(whole.count[b, n]) == len(in_interval)
@@ -202,7 +209,13 @@ def test_shards_and_second_pass_merge_exactly(gemma, tmp_path):
 
 def test_old_atlases_load_and_mixed_merges_are_refused(gemma, tmp_path):
     model, tokenizer = gemma
-    old = profile(model, tokenizer, CORPUS[:4], ProfileConfig(layer=LAYER, top_k=2, bottom_k=0, histogram=False, max_length=12), progress=False)
+    old = profile(
+        model,
+        tokenizer,
+        CORPUS[:4],
+        ProfileConfig(layer=LAYER, top_k=2, bottom_k=0, histogram=False, max_length=12),
+        progress=False,
+    )
     assert old[SITE].bottom is None and old[SITE].histogram is None and old[SITE].quantiles is None
     save_atlas(old, tmp_path)
     assert load_atlas(tmp_path)[SITE].bottom is None

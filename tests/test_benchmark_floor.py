@@ -10,9 +10,32 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_floor_benchmark_runs_and_renders(tmp_path):
     data = tmp_path / "floor.json"
-    args = ["--shape", "tiny", "--layer", "1", "--batch", "2", "--seq-len", "16", "--batches", "1", "--warmup", "0",
-            "--runs", "1", "--dtypes", "float32", "--no-compile", "--json", str(data), "--results", str(tmp_path / "RESULTS.md")]
-    result = subprocess.run([sys.executable, "-m", "benchmarks.floor", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    args = [
+        "--shape",
+        "tiny",
+        "--layer",
+        "1",
+        "--batch",
+        "2",
+        "--seq-len",
+        "16",
+        "--batches",
+        "1",
+        "--warmup",
+        "0",
+        "--runs",
+        "1",
+        "--dtypes",
+        "float32",
+        "--no-compile",
+        "--json",
+        str(data),
+        "--results",
+        str(tmp_path / "RESULTS.md"),
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.floor", *args], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     (section,) = json.loads(data.read_text()).values()
     assert section["rows"]["floor: bare forward, decoder cut after the layer"]["vs_floor"] == 1.0

@@ -14,7 +14,9 @@ def test_by_default_a_run_leaves_the_recorded_results_alone(tmp_path):
     import importlib.util
 
     # import the benchmarks package from its folder: the repo root on sys.path would shadow `kernels`
-    spec = importlib.util.spec_from_file_location("benchmarks", ROOT / "benchmarks" / "__init__.py", submodule_search_locations=[str(ROOT / "benchmarks")])
+    spec = importlib.util.spec_from_file_location(
+        "benchmarks", ROOT / "benchmarks" / "__init__.py", submodule_search_locations=[str(ROOT / "benchmarks")]
+    )
     sys.modules["benchmarks"] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sys.modules["benchmarks"])
     from benchmarks.__main__ import HERE, parse
@@ -34,7 +36,10 @@ def test_driver_writes_results(tmp_path):
     out, data = tmp_path / "RESULTS.md", tmp_path / "results.json"
     result = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--quick", "--out", str(out), "--json", str(data)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads(data.read_text())

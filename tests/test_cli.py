@@ -37,8 +37,27 @@ def test_profile_command_end_to_end(gemma_dir, tmp_path, capsys):
     data = tmp_path / "corpus.jsonl"
     data.write_text("\n".join(json.dumps({"body": t}) for t in FIXTURE_CORPUS))
     out = tmp_path / "out"
-    argv = ["profile", "--model", str(gemma_dir), "--device", "cpu", "--dataset", str(data), "--split", "[2:12]",
-            "--text-column", "body", "--layer", "1", "--top-k", "3", "--max-length", "16", "--out", str(out)]
+    argv = [
+        "profile",
+        "--model",
+        str(gemma_dir),
+        "--device",
+        "cpu",
+        "--dataset",
+        str(data),
+        "--split",
+        "[2:12]",
+        "--text-column",
+        "body",
+        "--layer",
+        "1",
+        "--top-k",
+        "3",
+        "--max-length",
+        "16",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "blocks.1.mlp.hook_post: top neurons" in printed
@@ -50,10 +69,30 @@ def test_profile_command_end_to_end(gemma_dir, tmp_path, capsys):
 
 
 def test_profile_command_rejects_bad_layer_before_loading(gemma_dir, tmp_path, capsys):
-    assert main(["profile", "--model", str(gemma_dir), "--layer", "7", "--dataset", "x.txt", "--split", "", "--out", str(tmp_path)]) == 2
+    assert (
+        main(["profile", "--model", str(gemma_dir), "--layer", "7", "--dataset", "x.txt", "--split", "", "--out", str(tmp_path)])
+        == 2
+    )
     assert "no such file" in capsys.readouterr().err
     (tmp_path / "x.txt").write_text("hello")
-    assert main(["profile", "--model", str(gemma_dir), "--layer", "7", "--dataset", str(tmp_path / "x.txt"), "--split", "", "--out", str(tmp_path)]) == 2
+    assert (
+        main(
+            [
+                "profile",
+                "--model",
+                str(gemma_dir),
+                "--layer",
+                "7",
+                "--dataset",
+                str(tmp_path / "x.txt"),
+                "--split",
+                "",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 2
+    )
     assert "layer 7 is out of range" in capsys.readouterr().err
 
 
@@ -61,15 +100,65 @@ def test_sae_command(gemma_dir, tmp_path, capsys):
     from sae_files import sae_params, write_npz
 
     sae = write_npz(tmp_path / "layer_1/width_16k/average_l0_30/params.npz", sae_params())
-    argv = ["sae", "--sae", str(sae), "--model", str(gemma_dir), "--device", "cpu", "--text", "The quick brown fox", "--position", "2", "--k", "3", "--neuron", "4"]
+    argv = [
+        "sae",
+        "--sae",
+        str(sae),
+        "--model",
+        str(gemma_dir),
+        "--device",
+        "cpu",
+        "--text",
+        "The quick brown fox",
+        "--position",
+        "2",
+        "--k",
+        "3",
+        "--neuron",
+        "4",
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "trained on blocks.1.hook_resid_post" in out and "relative error" in out
     assert "features that drive neuron 4 of blocks.2.mlp.hook_post" in out
     bad = write_npz(tmp_path / "wide.npz", sae_params(d_model=32))
-    assert main(["sae", "--sae", str(bad), "--model", str(gemma_dir), "--text", "x", "--position", "0", "--site", "blocks.1.hook_resid_post"]) == 2
+    assert (
+        main(
+            [
+                "sae",
+                "--sae",
+                str(bad),
+                "--model",
+                str(gemma_dir),
+                "--text",
+                "x",
+                "--position",
+                "0",
+                "--site",
+                "blocks.1.hook_resid_post",
+            ]
+        )
+        == 2
+    )
     assert "width mismatch" in capsys.readouterr().err
-    assert main(["sae", "--sae", str(sae), "--model", str(gemma_dir), "--text", "x", "--position", "1", "--site", "blocks.1.hook_resid_pre"]) == 2
+    assert (
+        main(
+            [
+                "sae",
+                "--sae",
+                str(sae),
+                "--model",
+                str(gemma_dir),
+                "--text",
+                "x",
+                "--position",
+                "1",
+                "--site",
+                "blocks.1.hook_resid_pre",
+            ]
+        )
+        == 2
+    )
     assert "allow-site-mismatch" in capsys.readouterr().err
 
 

@@ -7,7 +7,14 @@ from patchscope import capture, load_model
 
 bridge_module = pytest.importorskip("transformer_lens.model_bridge", reason="install the `compare` extra")
 
-SITES = ["blocks.1.hook_resid_pre", "blocks.2.hook_resid_pre", "blocks.1.mlp.hook_post", "blocks.2.mlp.hook_post", "blocks.1.hook_mlp_out", "blocks.1.hook_attn_out"]
+SITES = [
+    "blocks.1.hook_resid_pre",
+    "blocks.2.hook_resid_pre",
+    "blocks.1.mlp.hook_post",
+    "blocks.2.mlp.hook_post",
+    "blocks.1.hook_mlp_out",
+    "blocks.1.hook_attn_out",
+]
 
 
 @pytest.mark.parametrize("family", ["gemma_dir", "llama_dir"])
@@ -18,7 +25,9 @@ def test_sites_match_transformerlens(family, request):
     bridge = bridge_module.TransformerBridge.boot_transformers(
         directory, hf_model=theirs, tokenizer=tokenizer, device="cpu", dtype=torch.float32
     )
-    ids = tokenizer(["The next train to the city leaves at 7", "Proteins fold into shapes"], return_tensors="pt", padding=True).input_ids
+    ids = tokenizer(
+        ["The next train to the city leaves at 7", "Proteins fold into shapes"], return_tensors="pt", padding=True
+    ).input_ids
     _, tl_cache = bridge.run_with_cache(ids, names_filter=lambda name: name in SITES)
     with capture(ours, SITES) as cache:
         ours(ids)

@@ -75,10 +75,14 @@ def test_corpus_mean_leaves_first_positions_out_even_when_profiled_with_them(gem
 
     model, tokenizer = gemma
     path = tmp_path / "corpus.txt"
-    path.write_text("The quick brown fox jumps over the lazy dog.\nRain fell on the mountains.\nIn 1994 the committee met 3 times.\n")
+    path.write_text(
+        "The quick brown fox jumps over the lazy dog.\nRain fell on the mountains.\nIn 1994 the committee met 3 times.\n"
+    )
     source = TextSource(SourceConfig(str(path)))
     site = "blocks.1.hook_resid_pre"
-    atlas = profile(model, tokenizer, source, ProfileConfig(sites=(site,), exclude_bos=False, max_length=8, overflow="window"), progress=False)
+    atlas = profile(
+        model, tokenizer, source, ProfileConfig(sites=(site,), exclude_bos=False, max_length=8, overflow="window"), progress=False
+    )
     vectors = []
     for line in path.read_text().splitlines():  # brute force: every window, its first slot left out
         ids = tokenizer(line).input_ids
@@ -99,7 +103,26 @@ def test_profile_command_without_split_reads_every_row(gemma_dir, tmp_path, caps
     texts = ["The quick brown fox jumps.", "Rain fell on the hills.", "", "Markets rallied today."] * 60  # 240 rows
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     out = tmp_path / "atlas"
-    assert main(["profile", "--model", str(gemma_dir), "--device", "cpu", "--layer", "1", "--max-length", "8", "--dataset", str(path), "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "profile",
+                "--model",
+                str(gemma_dir),
+                "--device",
+                "cpu",
+                "--layer",
+                "1",
+                "--max-length",
+                "8",
+                "--dataset",
+                str(path),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "profiled 180 documents (60 empty skipped; rows 0-239 of" in printed
     meta = json.loads((out / "atlas.json").read_text())

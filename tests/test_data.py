@@ -36,7 +36,11 @@ def test_tables_keep_absolute_rows_and_skip_empty(tmp_path, kind):
 def test_txt_lines_and_whole_file(tmp_path):
     path = tmp_path / "d.txt"
     path.write_text("one\n\ntwo\nthree\n")
-    assert [(d.index, d.text) for d in TextSource(SourceConfig(dataset=str(path), split=""))] == [(0, "one"), (2, "two"), (3, "three")]
+    assert [(d.index, d.text) for d in TextSource(SourceConfig(dataset=str(path), split=""))] == [
+        (0, "one"),
+        (2, "two"),
+        (3, "three"),
+    ]
     whole = list(TextSource(SourceConfig(dataset=str(path), split="", txt_mode="file")))
     assert len(whole) == 1 and whole[0].text.startswith("one")
 
@@ -117,7 +121,11 @@ def test_numbers_are_not_text_and_not_empty(tmp_path, kind):
 @pytest.mark.parametrize("kind", ["txt", "jsonl", "csv"])
 def test_non_utf8_names_the_file_line_and_fix(tmp_path, kind):
     path = tmp_path / f"d.{kind}"
-    rows = {"txt": ["one", "two", "caf\xe9"], "jsonl": ['{"text": "a"}', '{"text": "caf\xe9"}'], "csv": ["text", "a", "b", "caf\xe9"]}[kind]
+    rows = {
+        "txt": ["one", "two", "caf\xe9"],
+        "jsonl": ['{"text": "a"}', '{"text": "caf\xe9"}'],
+        "csv": ["text", "a", "b", "caf\xe9"],
+    }[kind]
     path.write_bytes("\n".join(rows).encode("latin-1"))
     with pytest.raises(DataError, match=rf"d\.{kind}: line {len(rows)} is not valid UTF-8.*iconv -f latin1 -t utf-8"):
         list(TextSource(SourceConfig(dataset=str(path), split="")))

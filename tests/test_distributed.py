@@ -72,7 +72,16 @@ def env(**extra: str) -> dict[str, str]:
 
 
 def torchrun(args: list[str], nproc: int = 2, **extra: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "patchscope", *args]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "patchscope",
+        *args,
+    ]
     return subprocess.run(command, capture_output=True, text=True, env=env(**extra), timeout=300)
 
 
@@ -120,7 +129,9 @@ def test_two_ranks_give_the_single_process_atlas(gemma_dir, corpus_file, tmp_pat
     if launcher == "torchrun":
         result = torchrun(args)
     else:  # patchscope's own --nproc, which calls torchrun's launcher
-        result = subprocess.run([sys.executable, "-m", "patchscope", *args, "--nproc", "2"], capture_output=True, text=True, env=env(), timeout=300)
+        result = subprocess.run(
+            [sys.executable, "-m", "patchscope", *args, "--nproc", "2"], capture_output=True, text=True, env=env(), timeout=300
+        )
     assert result.returncode == 0, result.stderr[-3000:]
     merged = load_atlas(out)
     assert merged.meta.extra["world_size"] == 2 and all(r["batches"] > 0 for r in merged.meta.extra["ranks"])
@@ -162,12 +173,26 @@ def test_killed_rank_is_named_and_the_job_resumes(gemma_dir, corpus_file, tmp_pa
     out = tmp_path / "atlas"
     config = {**CONFIG, "batch_tokens": 16, "checkpoint_every": 1}
     world = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2", PATCHSCOPE_DIST_TIMEOUT="30")
-    cli = ["profile", "--model", str(gemma_dir), "--dtype", "float32", "--device", "cpu", "--dataset", str(corpus_file), "--split", ""]
+    cli = [
+        "profile",
+        "--model",
+        str(gemma_dir),
+        "--dtype",
+        "float32",
+        "--device",
+        "cpu",
+        "--dataset",
+        str(corpus_file),
+        "--split",
+        "",
+    ]
     cli += [*FLAGS[:-4], "--batch-tokens", "16", "--sort-buffer", "3", "--checkpoint-every", "1", "--out", str(out)]
     survivor = subprocess.Popen(
         [sys.executable, "-m", "patchscope", *cli], stderr=subprocess.PIPE, text=True, env=env(RANK="0", LOCAL_RANK="0", **world)
     )
-    script = SLOW_RANK.format(tests=str(Path(__file__).parent), model=str(gemma_dir), data=str(corpus_file), config=config, out=str(out))
+    script = SLOW_RANK.format(
+        tests=str(Path(__file__).parent), model=str(gemma_dir), data=str(corpus_file), config=config, out=str(out)
+    )
     victim = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, env=env(RANK="1", LOCAL_RANK="1", **world))
     victim_checkpoint = out / distributed.checkpoint_name(distributed.World(1, 2))
     deadline = time.time() + 180
@@ -204,7 +229,9 @@ def test_merge_of_slices_is_the_atlas_of_their_union(gemma, corpus_file, tmp_pat
     model, tokenizer = gemma
     config = ProfileConfig(**CONFIG)
     for split in ("[0:6]", "[6:12]", "[12:21]", "[4:9]"):
-        profile(model, tokenizer, SourceConfig(dataset=str(corpus_file), split=split), config, out=tmp_path / split, progress=False)
+        profile(
+            model, tokenizer, SourceConfig(dataset=str(corpus_file), split=split), config, out=tmp_path / split, progress=False
+        )
     union = profile(model, tokenizer, SourceConfig(dataset=str(corpus_file), split="[0:21]"), config, progress=False)
     assert main(["merge", str(tmp_path / "merged"), *(str(tmp_path / s) for s in ("[12:21]", "[0:6]", "[6:12]"))]) == 0
     assert_identical(load_atlas(tmp_path / "merged"), union)
@@ -221,16 +248,26 @@ def test_merge_refuses_overlaps_and_other_settings(gemma, corpus_file, tmp_path)
 
     model, tokenizer = gemma
     atlases = {
-        split: profile(model, tokenizer, SourceConfig(dataset=str(corpus_file), split=split), ProfileConfig(**CONFIG), progress=False)
+        split: profile(
+            model, tokenizer, SourceConfig(dataset=str(corpus_file), split=split), ProfileConfig(**CONFIG), progress=False
+        )
         for split in ("[0:6]", "[5:9]", "[9:12]")
     }
     with pytest.raises(AtlasError, match="overlap"):
         merge_atlases([atlases["[0:6]"], atlases["[5:9]"]])
-    k5 = profile(model, tokenizer, SourceConfig(dataset=str(corpus_file), split="[12:14]"), ProfileConfig(**{**CONFIG, "top_k": 5}), progress=False)
+    k5 = profile(
+        model,
+        tokenizer,
+        SourceConfig(dataset=str(corpus_file), split="[12:14]"),
+        ProfileConfig(**{**CONFIG, "top_k": 5}),
+        progress=False,
+    )
     with pytest.raises(AtlasError, match="top_k=5"):
         merge_atlases([atlases["[9:12]"], k5])
     with pytest.raises(AtlasError, match="in-memory texts"):
-        merge_atlases([profile(model, tokenizer, texts, ProfileConfig(**CONFIG), progress=False) for texts in (CORPUS[:3], CORPUS[3:6])])
+        merge_atlases(
+            [profile(model, tokenizer, texts, ProfileConfig(**CONFIG), progress=False) for texts in (CORPUS[:3], CORPUS[3:6])]
+        )
 
 
 # -- checkpoints of another world size
@@ -240,7 +277,15 @@ def test_resume_with_another_world_size_is_refused(gemma, corpus_file, tmp_path)
     model, tokenizer = gemma
     (tmp_path / "checkpoint.rank0-of-3.safetensors").write_bytes(b"a rank's work")
     with pytest.raises(distributed.DistributedError, match="with 3 process"):
-        profile(model, tokenizer, SourceConfig(dataset=str(corpus_file), split=""), ProfileConfig(**CONFIG), out=tmp_path, resume=True, progress=False)
+        profile(
+            model,
+            tokenizer,
+            SourceConfig(dataset=str(corpus_file), split=""),
+            ProfileConfig(**CONFIG),
+            out=tmp_path,
+            resume=True,
+            progress=False,
+        )
 
 
 # -- bigger models: truncated loading and a device map
@@ -253,7 +298,9 @@ def test_truncated_load_gives_the_full_models_values(gemma_dir, corpus_file):
     truncated, _ = load_model_until(str(gemma_dir), LAYER, dtype="float32", device="cpu")
     assert len(truncated.model.layers) == LAYER + 1 < len(full.model.layers)
     assert sum(p.numel() for p in truncated.parameters()) < sum(p.numel() for p in full.parameters())
-    assert_identical(profile(truncated, tokenizer, source, config, progress=False), profile(full, tokenizer, source, config, progress=False))
+    assert_identical(
+        profile(truncated, tokenizer, source, config, progress=False), profile(full, tokenizer, source, config, progress=False)
+    )
     with pytest.raises(RuntimeError, match="cannot produce logits"):
         truncated(input_ids=torch.tensor([[2, 5, 6]]))
 
@@ -262,4 +309,7 @@ def test_device_map_profile_matches(gemma_dir, corpus_file):
     source = SourceConfig(dataset=str(corpus_file), split="")
     mapped, tokenizer = load_model(str(gemma_dir), dtype="float32", device_map={"": "cpu"})
     plain, _ = load_model(str(gemma_dir), dtype="float32", device="cpu")
-    assert_identical(profile(mapped, tokenizer, source, ProfileConfig(**CONFIG), progress=False), profile(plain, tokenizer, source, ProfileConfig(**CONFIG), progress=False))
+    assert_identical(
+        profile(mapped, tokenizer, source, ProfileConfig(**CONFIG), progress=False),
+        profile(plain, tokenizer, source, ProfileConfig(**CONFIG), progress=False),
+    )

@@ -75,7 +75,10 @@ def test_decode_steps_are_not_patched(gemma):
     def spy(value, step):
         seen.append((step.offset, value.shape[1]))
 
-    with patch(model, "blocks.1.hook_resid_pre", torch.zeros(64), positions=[3]), add_hooks(model, {"blocks.1.hook_resid_pre": spy}):
+    with (
+        patch(model, "blocks.1.hook_resid_pre", torch.zeros(64), positions=[3]),
+        add_hooks(model, {"blocks.1.hook_resid_pre": spy}),
+    ):
         model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert seen == [(0, ids.shape[1]), (ids.shape[1], 1), (ids.shape[1] + 1, 1)]
 
@@ -112,9 +115,11 @@ def test_capture_patch_stop_compose(gemma):
     model, tokenizer = gemma
     ids = _ids(tokenizer)
     vector = torch.randn(64)
-    with capture(model, ["blocks.1.hook_resid_pre", "blocks.2.hook_resid_pre"]) as cache, patch(
-        model, "blocks.1.hook_resid_pre", vector, positions=[3]
-    ), stop_after(model, "blocks.2.hook_resid_pre"):
+    with (
+        capture(model, ["blocks.1.hook_resid_pre", "blocks.2.hook_resid_pre"]) as cache,
+        patch(model, "blocks.1.hook_resid_pre", vector, positions=[3]),
+        stop_after(model, "blocks.2.hook_resid_pre"),
+    ):
         model(ids)
     # capture was installed before the patch on the same site, so it saw the unpatched value
     assert not torch.equal(cache["blocks.1.hook_resid_pre"][0, 3], vector)
@@ -231,7 +236,10 @@ def test_capture_positions_under_generation_cached_equals_uncached(any_model):
 def test_capture_per_row_positions(gemma):
     model, tokenizer = gemma
     ids = torch.cat([_ids(tokenizer)[:, :10], _ids(tokenizer)[:, 5:15]])
-    with capture(model, "blocks.0.hook_resid_post") as full, capture(model, "blocks.0.hook_resid_post", positions=torch.tensor([[1, 3], [4, 9]])) as some:
+    with (
+        capture(model, "blocks.0.hook_resid_post") as full,
+        capture(model, "blocks.0.hook_resid_post", positions=torch.tensor([[1, 3], [4, 9]])) as some,
+    ):
         model(ids)
     value = some["blocks.0.hook_resid_post"]
     torch.testing.assert_close(value[0], full["blocks.0.hook_resid_post"][0, [1, 3]])
@@ -251,7 +259,13 @@ def test_capture_to_cpu_waits_for_copies_before_handing_values_out():
 
     store = Capture()
     dict.__setitem__(store, "site", torch.zeros(1))
-    for read in (lambda s: s["site"], lambda s: s.get("site"), lambda s: list(s.values()), lambda s: list(s.items()), lambda s: s.history):
+    for read in (
+        lambda s: s["site"],
+        lambda s: s.get("site"),
+        lambda s: list(s.values()),
+        lambda s: list(s.items()),
+        lambda s: s.history,
+    ):
         event = Event()
         store._pending.append(event)
         read(store)

@@ -11,7 +11,11 @@ def brute_topk(rows, k, n):
     """rows: list of (acts list[n], doc, pos, token, counted). Plain Python sort per neuron."""
     out = []
     for neuron in range(n):
-        candidates = [(r[0][neuron], r[1], r[2], r[3]) for r in rows if r[4] and r[0][neuron] == r[0][neuron] and abs(r[0][neuron]) != float("inf")]
+        candidates = [
+            (r[0][neuron], r[1], r[2], r[3])
+            for r in rows
+            if r[4] and r[0][neuron] == r[0][neuron] and abs(r[0][neuron]) != float("inf")
+        ]
         candidates.sort(key=lambda c: (-c[0], c[1], c[2]))
         out.append(candidates[:k])
     return out
@@ -49,14 +53,30 @@ def test_topk_matches_brute_force_with_ties():
         state, _ = run_batches(batches, k, n)
         expected = brute_topk(rows, k, n)
         for neuron in range(n):
-            got = [(state.values[r, neuron].item(), state.doc[r, neuron].item(), state.pos[r, neuron].item(), state.token[r, neuron].item()) for r in range(k)]
+            got = [
+                (
+                    state.values[r, neuron].item(),
+                    state.doc[r, neuron].item(),
+                    state.pos[r, neuron].item(),
+                    state.token[r, neuron].item(),
+                )
+                for r in range(k)
+            ]
             assert got == expected[neuron], (seed, neuron)
 
 
 def test_short_batches_and_empty_slots():
     k, n = 5, 3
     acts = torch.tensor([[1.0, -2.0, 0.5], [3.0, -1.0, float("nan")]])
-    state, moments = update(TopK.empty(k, n), Moments.zeros(n), acts, torch.tensor([7, 8]), torch.tensor([1, 1]), torch.tensor([4, 5]), torch.tensor([True, True]))
+    state, moments = update(
+        TopK.empty(k, n),
+        Moments.zeros(n),
+        acts,
+        torch.tensor([7, 8]),
+        torch.tensor([1, 1]),
+        torch.tensor([4, 5]),
+        torch.tensor([True, True]),
+    )
     assert state.values[:2, 0].tolist() == [3.0, 1.0]
     assert state.values[0, 1].item() == -1.0  # negative maxima are kept
     assert state.doc[2:].eq(-1).all() and torch.isinf(state.values[2:]).all()
@@ -90,7 +110,15 @@ def test_merge_is_order_independent():
 
 def test_fp16_overflow_never_wins():
     acts = torch.tensor([[60000.0], [1.0]], dtype=torch.float16) * 2  # inf in fp16
-    top, _ = update(TopK.empty(2, 1), Moments.zeros(1), acts, torch.tensor([0, 1]), torch.tensor([1, 1]), torch.tensor([0, 0]), torch.tensor([True, True]))
+    top, _ = update(
+        TopK.empty(2, 1),
+        Moments.zeros(1),
+        acts,
+        torch.tensor([0, 1]),
+        torch.tensor([1, 1]),
+        torch.tensor([0, 0]),
+        torch.tensor([True, True]),
+    )
     assert top.values[0, 0].item() == 2.0 and top.doc[1, 0].item() == -1
     assert batch_moments(acts, torch.tensor([True, True])).nonfinite.item() == 1
 
@@ -112,14 +140,23 @@ def test_within_batch_ties_follow_the_ranking_rule():
     expected = brute_topk(rows, 2, 9)
     top = topk_merge_fast.batch_topk(acts, doc, pos, torch.zeros(1024, dtype=torch.long), counted, 2)
     for neuron in range(9):
-        assert [(top.values[r, neuron].item(), top.doc[r, neuron].item()) for r in range(2)] == [(c[0], c[1]) for c in expected[neuron]]
+        assert [(top.values[r, neuron].item(), top.doc[r, neuron].item()) for r in range(2)] == [
+            (c[0], c[1]) for c in expected[neuron]
+        ]
 
 
 def test_fast_kernels_match_the_reference():
     from patchscope.kernels import topk_merge, topk_merge_fast
 
     gen = torch.Generator().manual_seed(7)
-    for tokens, k, clean in ((1024, 20, False), (1029, 20, False), (1029, 20, True), (37, 20, False), (300, 3, True), (12, 5, False)):
+    for tokens, k, clean in (
+        (1024, 20, False),
+        (1029, 20, False),
+        (1029, 20, True),
+        (37, 20, False),
+        (300, 3, True),
+        (12, 5, False),
+    ):
         acts = torch.randn(tokens, 33, generator=gen)
         if not clean:  # the clean cases take the CPU path that skips inf/nan handling
             acts[torch.rand(tokens, 33, generator=gen) < 0.01] = float("inf")
@@ -165,7 +202,9 @@ def test_fast_merge_matches_the_reference_merge():
     for _ in range(5):
         acts = ((torch.randn(300, 11, generator=gen) * 8).round() / 8).to(torch.bfloat16)  # small tie groups at the top
         doc = torch.randperm(10_000, generator=gen)[:300]
-        parts.append(topk_merge_fast.batch_stats(acts, doc, torch.arange(300), torch.arange(300), torch.ones(300, dtype=torch.bool), 6)[0])
+        parts.append(
+            topk_merge_fast.batch_stats(acts, doc, torch.arange(300), torch.arange(300), torch.ones(300, dtype=torch.bool), 6)[0]
+        )
     state = topk_merge.TopK.empty(6, 11)
     fast, ref = topk_merge_fast.merge_topk_fast(state, *parts), topk_merge.merge_topk(state, *parts)
     for name in ("values", "doc", "pos", "token"):
@@ -206,7 +245,9 @@ def test_thirty_identical_documents_rank_exactly_across_merges():
     for copy in range(30):
         rows = slice(copy * 16, (copy + 1) * 16)
         parts.append(topk_merge_fast.batch_stats(acts[rows], doc[rows], pos[rows], token[rows], counted[rows], 20)[0])
-        state_ref = topk_merge.merge_topk(state_ref, topk_merge.batch_topk(acts[rows], doc[rows], pos[rows], token[rows], counted[rows], 20))
+        state_ref = topk_merge.merge_topk(
+            state_ref, topk_merge.batch_topk(acts[rows], doc[rows], pos[rows], token[rows], counted[rows], 20)
+        )
     fast = topk_merge_fast.merge_topk_fast(state, *parts)
     whole = topk_merge.batch_topk(acts, doc, pos, token, counted, 20)
     for name in ("values", "doc", "pos", "token"):
@@ -217,7 +258,13 @@ def test_thirty_identical_documents_rank_exactly_across_merges():
 def _reduction_cases(seed: int = 7):
     """Batches with inf/nan, a never-finite neuron, uncounted rows, partial last blocks and 30-way ties."""
     gen = torch.Generator().manual_seed(seed)
-    for tokens, k, n, dtype in ((1024, 20, 33, torch.float32), (1029, 20, 130, torch.bfloat16), (37, 20, 33, torch.float32), (300, 3, 40, torch.bfloat16), (5, 2, 7, torch.float32)):
+    for tokens, k, n, dtype in (
+        (1024, 20, 33, torch.float32),
+        (1029, 20, 130, torch.bfloat16),
+        (37, 20, 33, torch.float32),
+        (300, 3, 40, torch.bfloat16),
+        (5, 2, 7, torch.float32),
+    ):
         acts = torch.randn(tokens, n, generator=gen).to(dtype)
         acts[torch.rand(tokens, n, generator=gen) < 0.01] = float("inf")
         acts[torch.rand(tokens, n, generator=gen) < 0.01] = float("nan")
@@ -250,7 +297,9 @@ def test_fused_pass_and_candidate_selection_match_the_reference():
 
     def reduce(acts, doc, pos, token, counted, k):
         stats = fused.block_stats(acts, counted, "eager")
-        moments = topk_merge.Moments(stats.fire_count, stats.total.double(), stats.total_sq.double(), stats.nonfinite, counted.sum())
+        moments = topk_merge.Moments(
+            stats.fire_count, stats.total.double(), stats.total_sq.double(), stats.nonfinite, counted.sum()
+        )
         return fused.select_candidates(acts, stats.block_max, doc, pos, token, counted, k), moments
 
     _assert_reduction_matches_reference(reduce)

@@ -38,7 +38,10 @@ def _layer(module: str) -> int | None:
 
 
 def _modules() -> list[tuple[str, Path]]:
-    found = [(".".join(("patchscope", *p.relative_to(ROOT / "patchscope").with_suffix("").parts)), p) for p in (ROOT / "patchscope").rglob("*.py")]
+    found = [
+        (".".join(("patchscope", *p.relative_to(ROOT / "patchscope").with_suffix("").parts)), p)
+        for p in (ROOT / "patchscope").rglob("*.py")
+    ]
     found += [("patchscope.kernels." + p.stem, p) for p in (ROOT / "kernels").glob("*.py")]
     return [(name.removesuffix(".__init__"), path) for name, path in found if name != "patchscope.__init__"]
 

@@ -77,7 +77,9 @@ def test_unreachable_hub_or_offline_fails_at_once_with_a_clear_message(monkeypat
     monkeypatch.setattr("patchscope.model.loading.AutoConfig.from_pretrained", never)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
     _no_hub(monkeypatch)
-    with pytest.raises(ModelLoadError, match=r"the hub \(http://127.0.0.1:9\) cannot be reached and the model is not in the local cache"):
+    with pytest.raises(
+        ModelLoadError, match=r"the hub \(http://127.0.0.1:9\) cannot be reached and the model is not in the local cache"
+    ):
         load_model("org/not-cached", device="cpu")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="HF_HUB_OFFLINE is set and the model is not in the local cache"):

@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from test_report import TEXTS
 
 from patchscope.atlas.config import ProfileConfig
 from patchscope.atlas.output_tokens import output_tokens
@@ -16,7 +17,6 @@ from patchscope.atlas.run import profile
 from patchscope.atlas.store import save_atlas
 from patchscope.kernels.histogram import CENTER
 from patchscope.report.neuronpedia import export_neuronpedia
-from test_report import TEXTS
 
 NUMBER, TEXT = (int, float), str
 NUMBERS, TEXTS_LIST, INTS = ("list", NUMBER), ("list", TEXT), ("list", int)
@@ -24,18 +24,33 @@ SCHEMA = {
     "batch": {"model_id": TEXT, "layer": int, "sae_id_suffix": (type(None), str), "features": list},
     "feature": {
         "feature_index": int,
-        "neuron_alignment_indices": INTS, "neuron_alignment_values": NUMBERS, "neuron_alignment_l1": NUMBERS,
-        "correlated_neurons_indices": INTS, "correlated_neurons_pearson": NUMBERS, "correlated_neurons_l1": NUMBERS,
-        "correlated_features_indices": INTS, "correlated_features_pearson": NUMBERS, "correlated_features_l1": NUMBERS,
-        "neg_str": TEXTS_LIST, "neg_values": NUMBERS, "pos_str": TEXTS_LIST, "pos_values": NUMBERS,
+        "neuron_alignment_indices": INTS,
+        "neuron_alignment_values": NUMBERS,
+        "neuron_alignment_l1": NUMBERS,
+        "correlated_neurons_indices": INTS,
+        "correlated_neurons_pearson": NUMBERS,
+        "correlated_neurons_l1": NUMBERS,
+        "correlated_features_indices": INTS,
+        "correlated_features_pearson": NUMBERS,
+        "correlated_features_l1": NUMBERS,
+        "neg_str": TEXTS_LIST,
+        "neg_values": NUMBERS,
+        "pos_str": TEXTS_LIST,
+        "pos_values": NUMBERS,
         "frac_nonzero": NUMBER,
-        "freq_hist_data_bar_heights": NUMBERS, "freq_hist_data_bar_values": NUMBERS,
-        "logits_hist_data_bar_heights": NUMBERS, "logits_hist_data_bar_values": NUMBERS,
+        "freq_hist_data_bar_heights": NUMBERS,
+        "freq_hist_data_bar_values": NUMBERS,
+        "logits_hist_data_bar_heights": NUMBERS,
+        "logits_hist_data_bar_values": NUMBERS,
         "decoder_weights_dist": NUMBERS,
         "activations": list,
     },
     "activation": {
-        "tokens": TEXTS_LIST, "values": NUMBERS, "bin_min": NUMBER, "bin_max": NUMBER, "bin_contains": NUMBER,
+        "tokens": TEXTS_LIST,
+        "values": NUMBERS,
+        "bin_min": NUMBER,
+        "bin_max": NUMBER,
+        "bin_contains": NUMBER,
         "qualifying_token_index": int,
     },
 }
@@ -46,7 +61,9 @@ def check(record: dict, schema: dict, where: str) -> None:
         assert key in record, f"{where}: missing {key!r}"
         value = record[key]
         if isinstance(kind, tuple) and kind and kind[0] == "list":
-            assert isinstance(value, list) and all(isinstance(v, kind[1]) and not isinstance(v, bool) for v in value), f"{where}.{key}"
+            assert isinstance(value, list) and all(isinstance(v, kind[1]) and not isinstance(v, bool) for v in value), (
+                f"{where}.{key}"
+            )
         else:
             assert isinstance(value, kind), f"{where}.{key}: {type(value).__name__}"
 
@@ -57,7 +74,9 @@ def exported(gemma, tmp_path_factory):
     root = tmp_path_factory.mktemp("neuronpedia")
     atlas = profile(model, tokenizer, TEXTS, ProfileConfig(layer=2, top_k=3, max_length=16, quantile_examples=2), progress=False)
     neurons = atlas.top_neurons("blocks.2.mlp.hook_post", 4)
-    paths = export_neuronpedia(atlas, root / "np", model=model, tokenizer=tokenizer, texts=dict(enumerate(TEXTS)), neurons=neurons, model_id="tiny")
+    paths = export_neuronpedia(
+        atlas, root / "np", model=model, tokenizer=tokenizer, texts=dict(enumerate(TEXTS)), neurons=neurons, model_id="tiny"
+    )
     return atlas, neurons, [json.loads(p.read_text()) for p in paths], paths
 
 
@@ -86,7 +105,9 @@ def test_exported_numbers_are_the_atlas(exported, gemma):
         n = feature["feature_index"]
         assert feature["frac_nonzero"] == pytest.approx(float(stats.fire_rate[n]))
         assert sum(feature["freq_hist_data_bar_heights"]) == int(stats.histogram[n, CENTER + 1 :].sum())
-        assert feature["pos_values"] == view.top_values[row].tolist() and feature["neg_values"] == view.bottom_values[row].tolist()
+        assert (
+            feature["pos_values"] == view.top_values[row].tolist() and feature["neg_values"] == view.bottom_values[row].tolist()
+        )
         assert feature["pos_str"] == tokenizer.batch_decode([[i] for i in view.top_ids[row].tolist()])
         assert sum(feature["logits_hist_data_bar_heights"]) == len(tokenizer)
         first = feature["activations"][0]  # the top example: its qualifying token holds the recorded maximum
@@ -100,7 +121,14 @@ def test_export_from_a_directory_reads_the_source_and_model(gemma, gemma_dir, tm
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS[:8]))
     from patchscope.atlas.sources import SourceConfig, TextSource
 
-    atlas = profile(model, tokenizer, TextSource(SourceConfig(dataset=str(corpus), split="")), ProfileConfig(layer=2, top_k=2, max_length=16), model_name=str(gemma_dir), progress=False)
+    atlas = profile(
+        model,
+        tokenizer,
+        TextSource(SourceConfig(dataset=str(corpus), split="")),
+        ProfileConfig(layer=2, top_k=2, max_length=16),
+        model_name=str(gemma_dir),
+        progress=False,
+    )
     save_atlas(atlas, tmp_path / "atlas")
     (path,) = export_neuronpedia(tmp_path / "atlas", tmp_path / "np", neurons=[3])
     feature = json.loads(path.read_text())["features"][0]
@@ -116,8 +144,23 @@ def test_export_command_writes_the_neuronpedia_batches(gemma_dir, tmp_path):
     data = tmp_path / "corpus.jsonl"
     data.write_text("\n".join(json.dumps({"text": t}) for t in TEXTS))
     atlas_dir = tmp_path / "atlas"
-    argv = ["profile", "--model", str(gemma_dir), "--device", "cpu", "--dataset", str(data), "--layer", "1", "--top-k", "3",
-            "--max-length", "16", "--out", str(atlas_dir)]
+    argv = [
+        "profile",
+        "--model",
+        str(gemma_dir),
+        "--device",
+        "cpu",
+        "--dataset",
+        str(data),
+        "--layer",
+        "1",
+        "--top-k",
+        "3",
+        "--max-length",
+        "16",
+        "--out",
+        str(atlas_dir),
+    ]
     assert main(argv) == 0
     assert main(["export", "--format", "neuronpedia", str(atlas_dir), "--out", str(tmp_path / "np"), "--neurons", "0", "5"]) == 0
     batch = json.loads((tmp_path / "np" / "batch-0.json").read_text())

@@ -5,7 +5,6 @@ import torch
 import torch.nn.functional as F
 from factories import FIXTURE_CORPUS
 
-from patchscope import patch
 from patchscope import (
     PatchscopeConfig,
     PlaceholderError,
@@ -14,6 +13,7 @@ from patchscope import (
     extract,
     find_placeholder,
     inject,
+    patch,
     plan_prompt,
 )
 from patchscope.atlas.config import ProfileConfig
@@ -82,7 +82,12 @@ def test_patched_activation_equals_manual_forward(gemma):
     patched, unpatched = inject(model, tokenizer, rows, plan, target_site=SITE, observe_site=NEURON_SITE, max_new_tokens=4)
     with torch.no_grad():
         expected = manual_neuron(model, torch.tensor([plan.input_ids]), vector, plan.position)[0, :, 17]
-        clean = manual_neuron(model, torch.tensor([plan.input_ids]), model(torch.tensor([plan.input_ids]), output_hidden_states=True).hidden_states[LAYER][0, plan.position], plan.position)[0, :, 17]
+        clean = manual_neuron(
+            model,
+            torch.tensor([plan.input_ids]),
+            model(torch.tensor([plan.input_ids]), output_hidden_states=True).hidden_states[LAYER][0, plan.position],
+            plan.position,
+        )[0, :, 17]
     torch.testing.assert_close(torch.tensor(patched.prompt_activations), expected, rtol=1e-4, atol=1e-5)
     assert patched.at_placeholder == pytest.approx(float(expected[plan.position]), abs=1e-5)
     torch.testing.assert_close(torch.tensor(unpatched.prompt_activations), clean, rtol=1e-4, atol=1e-5)
@@ -93,11 +98,13 @@ def test_injected_generation_matches_uncached(gemma):
     model, tokenizer = gemma
     plan = plan_prompt(tokenizer, PatchscopeConfig())
     vector = torch.randn(64, generator=torch.Generator().manual_seed(1)) * 8
-    (observed,) = inject(model, tokenizer, [Row("p", 3, vector)], plan, target_site=SITE, observe_site=NEURON_SITE, max_new_tokens=10)
+    (observed,) = inject(
+        model, tokenizer, [Row("p", 3, vector)], plan, target_site=SITE, observe_site=NEURON_SITE, max_new_tokens=10
+    )
     ids = torch.tensor([plan.input_ids])
     with patch(model, SITE, vector, positions=[plan.position]):
         uncached = model.generate(ids, max_new_tokens=10, do_sample=False, use_cache=False, pad_token_id=0)
-    assert observed.generated_tokens == uncached[0, ids.shape[1]:].tolist()[: len(observed.generated_tokens)]
+    assert observed.generated_tokens == uncached[0, ids.shape[1] :].tolist()[: len(observed.generated_tokens)]
 
 
 def test_batched_sweep_equals_one_by_one(gemma):
@@ -105,15 +112,23 @@ def test_batched_sweep_equals_one_by_one(gemma):
     plan = plan_prompt(tokenizer, PatchscopeConfig())
     other = plan_prompt(tokenizer, PatchscopeConfig(prompt="Syria: Country in the Middle East, x"))
     gen = torch.Generator().manual_seed(2)
-    rows = [Row("a", 5, torch.randn(64, generator=gen) * 4), Row("b", 9, torch.randn(64, generator=gen) * 4), Row("c", 5, None),
-            Row("d", 11, torch.randn(64, generator=gen) * 4, prompt=other)]  # a longer prompt: the others are left-padded
+    rows = [
+        Row("a", 5, torch.randn(64, generator=gen) * 4),
+        Row("b", 9, torch.randn(64, generator=gen) * 4),
+        Row("c", 5, None),
+        Row("d", 11, torch.randn(64, generator=gen) * 4, prompt=other),
+    ]  # a longer prompt: the others are left-padded
     batched = inject(model, tokenizer, rows, plan, target_site=SITE, observe_site=NEURON_SITE, max_new_tokens=6)
     for row, together in zip(rows, batched):
         (alone,) = inject(model, tokenizer, [row], plan, target_site=SITE, observe_site=NEURON_SITE, max_new_tokens=6)
         assert together.at_placeholder == pytest.approx(alone.at_placeholder, abs=1e-4)
-        torch.testing.assert_close(torch.tensor(together.prompt_activations), torch.tensor(alone.prompt_activations), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            torch.tensor(together.prompt_activations), torch.tensor(alone.prompt_activations), rtol=1e-4, atol=1e-4
+        )
         assert together.generated_tokens == alone.generated_tokens
-        torch.testing.assert_close(torch.tensor(together.generated_activations), torch.tensor(alone.generated_activations), rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(
+            torch.tensor(together.generated_activations), torch.tensor(alone.generated_activations), rtol=1e-3, atol=1e-3
+        )
 
 
 def test_extract_reproduces_atlas_and_catches_slice_offsets(gemma, tmp_path):

@@ -1,17 +1,15 @@
 import json
 
 import pytest
-import torch
 from factories import FIXTURE_CORPUS
 from sae_files import sae_params, write_npz
 
-from patchscope.atlas.atlas import Atlas
+from patchscope import PatchscopeConfig, Row, capture, extract, inject, patch, plan_prompt
+from patchscope.atlas.config import ProfileConfig
+from patchscope.atlas.sources import SourceConfig
 from patchscope.atlas.store import load_atlas
 from patchscope.cli.main import main
-from patchscope.atlas.sources import SourceConfig
-from patchscope import PatchscopeConfig, Row, capture, extract, inject, patch, plan_prompt
 from patchscope.experiment import ExperimentConfig, run_experiment
-from patchscope.atlas.config import ProfileConfig
 from patchscope.sae.jumprelu import SAEError, top_features
 from patchscope.sae.loaders import load_sae
 
@@ -32,8 +30,31 @@ def sae_file(tmp_path):
 
 def test_run_command_end_to_end(gemma, gemma_dir, corpus, sae_file, tmp_path, capsys):
     out = tmp_path / "out"
-    argv = ["run", "--model", str(gemma_dir), "--device", "cpu", "--dataset", str(corpus), "--split", "[2:25]", "--layer", str(LAYER),
-            "--max-length", "16", "--top-k", "4", "--top-neurons", "2", "--sae", str(sae_file), "--max-new-tokens", "5", "--out", str(out)]
+    argv = [
+        "run",
+        "--model",
+        str(gemma_dir),
+        "--device",
+        "cpu",
+        "--dataset",
+        str(corpus),
+        "--split",
+        "[2:25]",
+        "--layer",
+        str(LAYER),
+        "--max-length",
+        "16",
+        "--top-k",
+        "4",
+        "--top-neurons",
+        "2",
+        "--sae",
+        str(sae_file),
+        "--max-new-tokens",
+        "5",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "=== Experiment Results ===" in printed and "reactivation ratio" in printed and "control random_same_norm" in printed
@@ -58,14 +79,24 @@ def test_run_command_end_to_end(gemma, gemma_dir, corpus, sae_file, tmp_path, ca
         readout = top_features(sae, ex.vector, 10, position=ex.position)
         assert [f["index"] for f in record["sae"]["top_features"]] == [f.index for f in readout.features]
         assert record["sae"]["relative_error"] == pytest.approx(readout.relative_error, rel=1e-5)
-        (direct,) = inject(model, tokenizer, [Row("p", entry.neuron, ex.vector)], plan, target_site=site, observe_site=neuron_site, max_new_tokens=5)
+        (direct,) = inject(
+            model,
+            tokenizer,
+            [Row("p", entry.neuron, ex.vector)],
+            plan,
+            target_site=site,
+            observe_site=neuron_site,
+            max_new_tokens=5,
+        )
         assert record["patched"]["at_placeholder"] == pytest.approx(direct.at_placeholder, abs=1e-4)
         assert record["patched"]["generated_tokens"] == direct.generated_tokens
         assert record["patched"]["ratio"] == pytest.approx(direct.at_placeholder / entry.activation, abs=1e-4)
         assert set(record["controls"]) == {"unpatched", "random_same_norm", "corpus_mean"}
         assert record["controls"]["random_same_norm"]["norm"] == pytest.approx(record["patched"]["norm"], rel=1e-4)
         mean = atlas[site].mean.float()
-        (mean_row,) = inject(model, tokenizer, [Row("m", entry.neuron, mean)], plan, target_site=site, observe_site=neuron_site, max_new_tokens=5)
+        (mean_row,) = inject(
+            model, tokenizer, [Row("m", entry.neuron, mean)], plan, target_site=site, observe_site=neuron_site, max_new_tokens=5
+        )
         assert record["controls"]["corpus_mean"]["at_placeholder"] == pytest.approx(mean_row.at_placeholder, abs=1e-4)
 
     # a second run reuses the atlas instead of profiling again
@@ -77,8 +108,12 @@ def test_run_command_end_to_end(gemma, gemma_dir, corpus, sae_file, tmp_path, ca
 
 def _config(gemma_dir, corpus, tmp_path, **changes):
     base = dict(
-        model=str(gemma_dir), device="cpu", out=str(tmp_path / "o"), sae="none",
-        source=SourceConfig(dataset=str(corpus), split=""), profile=ProfileConfig(layer=LAYER, max_length=16),
+        model=str(gemma_dir),
+        device="cpu",
+        out=str(tmp_path / "o"),
+        sae="none",
+        source=SourceConfig(dataset=str(corpus), split=""),
+        profile=ProfileConfig(layer=LAYER, max_length=16),
         patchscope=PatchscopeConfig(max_new_tokens=2),
     )
     base.update(changes)
@@ -119,7 +154,13 @@ def test_atlas_made_with_other_settings_is_refused_before_loading(gemma_dir, cor
 
 
 def test_explicit_neuron_and_cross_layer_patch(gemma, gemma_dir, corpus, tmp_path):
-    config = _config(gemma_dir, corpus, tmp_path, neuron=12, patchscope=PatchscopeConfig(target_site="blocks.1.hook_resid_pre", max_new_tokens=3, controls=False))
+    config = _config(
+        gemma_dir,
+        corpus,
+        tmp_path,
+        neuron=12,
+        patchscope=PatchscopeConfig(target_site="blocks.1.hook_resid_pre", max_new_tokens=3, controls=False),
+    )
     result = run_experiment(config, progress=False)
     (record,) = result.neurons
     assert record.neuron == 12 and record.controls == {} and len(record.patched["generated_tokens"]) <= 3
@@ -140,7 +181,10 @@ def test_explicit_neuron_and_cross_layer_patch(gemma, gemma_dir, corpus, tmp_pat
 def test_result_summary_is_the_text_report(gemma_dir, corpus, tmp_path):
     from patchscope.experiment import ExperimentResult, format_summary
 
-    result = run_experiment(_config(gemma_dir, corpus, tmp_path, neuron=3, patchscope=PatchscopeConfig(max_new_tokens=1, controls=False)), progress=False)
+    result = run_experiment(
+        _config(gemma_dir, corpus, tmp_path, neuron=3, patchscope=PatchscopeConfig(max_new_tokens=1, controls=False)),
+        progress=False,
+    )
     text = result.summary()
     assert text == format_summary(result) and text.startswith("=== Experiment Results ===")
     assert f"neuron 3: max activation {result.neurons[0].max_activation:.4f}" in text

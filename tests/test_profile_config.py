@@ -24,11 +24,29 @@ def test_bad_numbers_are_refused(changes, message):
         ProfileConfig(**changes).validate()
 
 
-@pytest.mark.parametrize("argv, flag", [(["--sort-buffer", "0"], "--sort-buffer"), (["--checkpoint-every", "-1"], "--checkpoint-every")])
+@pytest.mark.parametrize(
+    "argv, flag", [(["--sort-buffer", "0"], "--sort-buffer"), (["--checkpoint-every", "-1"], "--checkpoint-every")]
+)
 def test_cli_names_the_flag_before_loading_anything(tmp_path, capsys, argv, flag):
     data = tmp_path / "corpus.txt"
     data.write_text("hello\n")
-    assert main(["profile", "--model", str(tmp_path / "nowhere"), "--dataset", str(data), "--split", "", "--out", str(tmp_path / "o"), *argv]) == 2
+    assert (
+        main(
+            [
+                "profile",
+                "--model",
+                str(tmp_path / "nowhere"),
+                "--dataset",
+                str(data),
+                "--split",
+                "",
+                "--out",
+                str(tmp_path / "o"),
+                *argv,
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert f"{flag} must be" in err and "Traceback" not in err
 

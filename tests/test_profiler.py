@@ -9,12 +9,12 @@ import torch
 from factories import FIXTURE_CORPUS
 
 from patchscope import load_model
-from patchscope.atlas.atlas import Atlas, AtlasError
-from patchscope.atlas.store import load_atlas
-from patchscope.atlas.exports import export_original, export_parquet
-from patchscope.atlas.sources import DataError, SourceConfig
+from patchscope.atlas.atlas import AtlasError
 from patchscope.atlas.config import ProfileConfig
+from patchscope.atlas.exports import export_original, export_parquet
 from patchscope.atlas.run import CHECKPOINT, profile
+from patchscope.atlas.sources import DataError, SourceConfig
+from patchscope.atlas.store import load_atlas
 from patchscope.cli.main import main
 from patchscope.model.sites import SiteError
 
@@ -36,7 +36,10 @@ def reference_rows(model, tokenizer, texts, max_length, overflow, exclude_bos):
                 windows = [(0, ids[:max_length], 1 if exclude_bos else 0)]
             else:  # window: BOS + (max_length - 1) body tokens per window; later windows' BOS never counted
                 width = max_length - 1
-                windows = [(i, [bos] + body[i : i + width], (1 if exclude_bos else 0) if i == 0 else 1) for i in range(0, len(body), width)]
+                windows = [
+                    (i, [bos] + body[i : i + width], (1 if exclude_bos else 0) if i == 0 else 1)
+                    for i in range(0, len(body), width)
+                ]
             for offset, window, first in windows:
                 model(torch.tensor([window]))  # no early exit: the whole model runs
                 acts = store["x"][0]
@@ -115,14 +118,29 @@ def test_round_trip_and_slice_offsets(gemma, tmp_path):
 
 def test_save_load_and_exports(gemma, tmp_path):
     model, tokenizer = gemma
-    atlas = profile(model, tokenizer, CORPUS, ProfileConfig(layer=LAYER, top_k=3, max_length=16), out=tmp_path, progress=False, model_name="tiny")
+    atlas = profile(
+        model,
+        tokenizer,
+        CORPUS,
+        ProfileConfig(layer=LAYER, top_k=3, max_length=16),
+        out=tmp_path,
+        progress=False,
+        model_name="tiny",
+    )
     loaded = load_atlas(tmp_path)
     for name, tensor in atlas.tensors().items():
         assert torch.equal(tensor, loaded.tensors()[name]), name
     meta = json.loads((tmp_path / "atlas.json").read_text())
-    assert meta["model"] == "tiny" and meta["max_length"] == 16 and meta["n_tokens"] == atlas.n_tokens and "torch" in meta["versions"]
+    assert (
+        meta["model"] == "tiny"
+        and meta["max_length"] == 16
+        and meta["n_tokens"] == atlas.n_tokens
+        and "torch" in meta["versions"]
+    )
     texts = dict(enumerate(CORPUS))
-    original = json.loads(export_original(atlas, tmp_path / f"gemma2_neuron_mapping_layer_{LAYER}.json", SITE, texts, tokenizer).read_text())
+    original = json.loads(
+        export_original(atlas, tmp_path / f"gemma2_neuron_mapping_layer_{LAYER}.json", SITE, texts, tokenizer).read_text()
+    )
     assert len(original) == 128
     first = original["7"]
     entry = atlas.entry(SITE, 7)
@@ -212,7 +230,13 @@ def test_bad_input_fails_before_work(gemma, tmp_path):
     with pytest.raises(DataError, match="no column 'text'"):
         profile(model, tokenizer, SourceConfig(dataset=str(table), split=""), ProfileConfig(layer=LAYER), progress=False)
     with pytest.raises(DataError, match="no non-empty documents"):
-        profile(model, tokenizer, SourceConfig(dataset=str(table), split="[5:9]", text_column="body"), ProfileConfig(layer=LAYER), progress=False)
+        profile(
+            model,
+            tokenizer,
+            SourceConfig(dataset=str(table), split="[5:9]", text_column="body"),
+            ProfileConfig(layer=LAYER),
+            progress=False,
+        )
 
 
 KILL_CONFIG = dict(layer=LAYER, top_k=4, max_length=16, batch_tokens=48, checkpoint_every=1, sort_buffer=7)
@@ -220,9 +244,33 @@ KILL_CONFIG = dict(layer=LAYER, top_k=4, max_length=16, batch_tokens=48, checkpo
 
 def kill_argv(gemma_dir, data, out):
     c = KILL_CONFIG
-    return ["profile", "--model", str(gemma_dir), "--device", "cpu", "--dtype", "float32", "--dataset", str(data), "--split", "",
-            "--layer", str(c["layer"]), "--top-k", str(c["top_k"]), "--max-length", str(c["max_length"]), "--batch-tokens",
-            str(c["batch_tokens"]), "--checkpoint-every", "1", "--sort-buffer", str(c["sort_buffer"]), "--out", str(out)]
+    return [
+        "profile",
+        "--model",
+        str(gemma_dir),
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--dataset",
+        str(data),
+        "--split",
+        "",
+        "--layer",
+        str(c["layer"]),
+        "--top-k",
+        str(c["top_k"]),
+        "--max-length",
+        str(c["max_length"]),
+        "--batch-tokens",
+        str(c["batch_tokens"]),
+        "--checkpoint-every",
+        "1",
+        "--sort-buffer",
+        str(c["sort_buffer"]),
+        "--out",
+        str(out),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -236,7 +284,9 @@ def kill_corpus(tmp_path_factory):
 def uninterrupted(gemma_dir, kill_corpus):
     with torch_threads(1):
         model, tokenizer = load_model(str(gemma_dir), dtype="float32", device="cpu")
-        return profile(model, tokenizer, SourceConfig(dataset=str(kill_corpus), split=""), ProfileConfig(**KILL_CONFIG), progress=False)
+        return profile(
+            model, tokenizer, SourceConfig(dataset=str(kill_corpus), split=""), ProfileConfig(**KILL_CONFIG), progress=False
+        )
 
 
 @contextmanager
@@ -250,7 +300,9 @@ def torch_threads(n):
 
 
 @pytest.mark.parametrize("point", ["after_checkpoint", "mid_checkpoint", "before_commit"])
-def test_sigkill_at_any_point_then_the_same_command_gives_the_same_atlas(gemma_dir, kill_corpus, uninterrupted, tmp_path, point, capsys):
+def test_sigkill_at_any_point_then_the_same_command_gives_the_same_atlas(
+    gemma_dir, kill_corpus, uninterrupted, tmp_path, point, capsys
+):
     """SIGKILL when a checkpoint is durable, while the next one is half written (its temporary
     file exists, the rename has not happened), and after the atlas tensors but before the exports
     and atlas.json. The child waits at the point, so the kill lands there every time."""

@@ -167,7 +167,9 @@ def test_sites_match_the_model(real_model, preset):
     model, tokenizer = real_model(preset)
     layer, act = MODELS[preset][1], MODELS[preset][2]
     block = model.model.layers[layer]
-    pre_mlp_norm = block.pre_feedforward_layernorm if hasattr(block, "pre_feedforward_layernorm") else block.post_attention_layernorm
+    pre_mlp_norm = (
+        block.pre_feedforward_layernorm if hasattr(block, "pre_feedforward_layernorm") else block.post_attention_layernorm
+    )
     normed = {}
     handle = pre_mlp_norm.register_forward_hook(lambda m, a, o: normed.__setitem__("x", o))
     ids = tokenizer("Assert statements are a convenient way to insert debugging assertions.", return_tensors="pt").input_ids
@@ -198,8 +200,13 @@ def test_patch_equals_manual_overwrite(real_model):
         vector = model(source, output_hidden_states=True).hidden_states[layer][0, -1]  # ' Paris' entering layer 6
     plan = plan_prompt(tokenizer, PatchscopeConfig(prompt=IDENTITY_PROMPT, placeholder="?"))
     [seen] = inject(
-        model, tokenizer, [Row("patched", neuron, vector)], plan,
-        target_site=f"blocks.{layer}.hook_resid_pre", observe_site=f"blocks.{layer}.mlp.hook_post", max_new_tokens=6,
+        model,
+        tokenizer,
+        [Row("patched", neuron, vector)],
+        plan,
+        target_site=f"blocks.{layer}.hook_resid_pre",
+        observe_site=f"blocks.{layer}.mlp.hook_post",
+        max_new_tokens=6,
     )
 
     ids = torch.tensor([plan.input_ids])
@@ -242,9 +249,29 @@ def test_main_job_end_to_end(real_model, tmp_path, capsys):
     real_model("gemma-3-270m")  # converted once per session
     out = tmp_path / "run"
     argv = [
-        "run", "--model", "gemma-3-270m", "--dataset", "python-docs", "--split", "[0:30]", "--layer", "3",
-        "--max-length", "48", "--prompt", IDENTITY_PROMPT, "--placeholder", "?", "--max-new-tokens", "4",
-        "--top-neurons", "2", "--device", "cpu", "--out", str(out),
+        "run",
+        "--model",
+        "gemma-3-270m",
+        "--dataset",
+        "python-docs",
+        "--split",
+        "[0:30]",
+        "--layer",
+        "3",
+        "--max-length",
+        "48",
+        "--prompt",
+        IDENTITY_PROMPT,
+        "--placeholder",
+        "?",
+        "--max-new-tokens",
+        "4",
+        "--top-neurons",
+        "2",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
     ]
     assert main(argv) == 0
     printed = capsys.readouterr().out

@@ -21,8 +21,8 @@ from patchscope import PatchscopeConfig
 from patchscope.atlas.atlas import Atlas, AtlasError
 from patchscope.atlas.config import ProfileConfig
 from patchscope.atlas.run import CHECKPOINT, profile
-from patchscope.atlas.sources import DataError, SourceConfig
-from patchscope.atlas.store import ATLAS_JSON, ATLAS_TENSORS, CHECKSUM_KEY, METADATA_KEY, load_atlas, write_atlas
+from patchscope.atlas.sources import SourceConfig
+from patchscope.atlas.store import ATLAS_JSON, ATLAS_TENSORS, CHECKSUM_KEY, METADATA_KEY, load_atlas
 from patchscope.cli.main import main
 from patchscope.experiment import ExperimentConfig, run_experiment
 from patchscope.util.lock import LOCK_FILE, OutputBusyError, output_lock
@@ -99,8 +99,23 @@ def test_a_second_run_on_a_locked_folder_is_refused_and_the_lock_dies_with_its_p
         with output_lock(out):
             pass
     data = write_corpus(tmp_path / "c.jsonl", TEXTS)
-    argv = ["profile", "--model", str(gemma_dir), "--device", "cpu", "--dataset", str(data), "--split", "", "--layer", "1",
-            "--max-length", "16", "--out", str(out)]
+    argv = [
+        "profile",
+        "--model",
+        str(gemma_dir),
+        "--device",
+        "cpu",
+        "--dataset",
+        str(data),
+        "--split",
+        "",
+        "--layer",
+        "1",
+        "--max-length",
+        "16",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 2
     assert "another patchscope run" in capsys.readouterr().err and not (out / ATLAS_TENSORS).exists()
     holder.kill()  # SIGKILL: no cleanup runs, the kernel drops the lock
@@ -130,8 +145,31 @@ def test_a_signal_saves_a_checkpoint_and_prints_one_line(gemma_dir, tmp_path, si
     data = tmp_path / "corpus.txt"
     data.write_text("\n".join(TEXTS * 3))
     out = tmp_path / "out"
-    argv = ["profile", "--model", str(gemma_dir), "--device", "cpu", "--dtype", "float32", "--dataset", str(data), "--split", "",
-            "--layer", str(LAYER), "--top-k", "3", "--max-length", "16", "--batch-tokens", "48", "--checkpoint-every", "50", "--out", str(out)]
+    argv = [
+        "profile",
+        "--model",
+        str(gemma_dir),
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--dataset",
+        str(data),
+        "--split",
+        "",
+        "--layer",
+        str(LAYER),
+        "--top-k",
+        "3",
+        "--max-length",
+        "16",
+        "--batch-tokens",
+        "48",
+        "--checkpoint-every",
+        "50",
+        "--out",
+        str(out),
+    ]
     child = child_runs.start("before_batch", 3, argv)  # two batches folded, the third about to start
     child.send_signal(signum)
     returncode, err = child_runs.go_on(child)
@@ -172,8 +210,13 @@ def test_library_profile_raises_interrupted_after_checkpointing(gemma, tmp_path,
 
 def _config(gemma_dir, corpus, out, **changes):
     base = dict(
-        model=str(gemma_dir), device="cpu", out=str(out), sae="none", source=SourceConfig(dataset=str(corpus), split=""),
-        profile=ProfileConfig(layer=LAYER, max_length=16), patchscope=PatchscopeConfig(max_new_tokens=2),
+        model=str(gemma_dir),
+        device="cpu",
+        out=str(out),
+        sae="none",
+        source=SourceConfig(dataset=str(corpus), split=""),
+        profile=ProfileConfig(layer=LAYER, max_length=16),
+        patchscope=PatchscopeConfig(max_new_tokens=2),
     )
     base.update(changes)
     return ExperimentConfig(**base)
@@ -183,7 +226,9 @@ def test_a_rewritten_data_file_is_not_reused(gemma_dir, tmp_path):
     corpus = write_corpus(tmp_path / "corpus.jsonl", TEXTS)
     run_experiment(_config(gemma_dir, corpus, tmp_path / "o"), progress=False)
     write_corpus(corpus, TEXTS * 2)  # 14 -> 28 rows, same path
-    with pytest.raises(FileExistsError, match=r"the data .*corpus.jsonl changed: \d+ bytes, sha256 \w+ then; \d+ bytes, sha256 \w+ now"):
+    with pytest.raises(
+        FileExistsError, match=r"the data .*corpus.jsonl changed: \d+ bytes, sha256 \w+ then; \d+ bytes, sha256 \w+ now"
+    ):
         run_experiment(_config(gemma_dir, corpus, tmp_path / "o"), progress=False)
 
 
@@ -220,7 +265,9 @@ def test_resume_refuses_data_that_changed_since_the_checkpoint(gemma, tmp_path, 
         profile(model, tokenizer, source, config, out=tmp_path / "o", progress=False)
     monkeypatch.setattr(Profiler, "fold", fold)
     data.write_text("\n".join(t.upper() for t in TEXTS * 2))  # same size, other texts
-    with pytest.raises(AtlasError, match=r"made from other inputs: the data .*corpus.txt changed.*Resuming would mix old and new data"):
+    with pytest.raises(
+        AtlasError, match=r"made from other inputs: the data .*corpus.txt changed.*Resuming would mix old and new data"
+    ):
         profile(model, tokenizer, source, config, out=tmp_path / "o", resume=True, progress=False)
 
 
@@ -231,8 +278,15 @@ def test_run_reuses_an_atlas_made_by_profile_and_recomputes_only_the_corpus_mean
     model, tokenizer = gemma
     corpus = write_corpus(tmp_path / "corpus.jsonl", TEXTS)
     out = tmp_path / "profiled"
-    profile(model, tokenizer, SourceConfig(dataset=str(corpus), split=""), ProfileConfig(layer=LAYER, max_length=16, top_k=5),
-            out=out, model_name=str(gemma_dir), progress=False)
+    profile(
+        model,
+        tokenizer,
+        SourceConfig(dataset=str(corpus), split=""),
+        ProfileConfig(layer=LAYER, max_length=16, top_k=5),
+        out=out,
+        model_name=str(gemma_dir),
+        progress=False,
+    )
     before = (out / ATLAS_TENSORS).read_bytes()
     reused = run_experiment(_config(gemma_dir, corpus, out), progress=False)
     fresh = run_experiment(_config(gemma_dir, corpus, tmp_path / "fresh"), progress=False)
@@ -251,8 +305,15 @@ def test_run_names_exactly_what_a_reused_atlas_lacks(gemma, gemma_dir, tmp_path,
     model, tokenizer = gemma
     corpus = write_corpus(tmp_path / "corpus.jsonl", TEXTS)
     out = tmp_path / "profiled"
-    profile(model, tokenizer, SourceConfig(dataset=str(corpus), split=""), ProfileConfig(layer=1, max_length=16),
-            out=out, model_name=str(gemma_dir), progress=False)
+    profile(
+        model,
+        tokenizer,
+        SourceConfig(dataset=str(corpus), split=""),
+        ProfileConfig(layer=1, max_length=16),
+        out=out,
+        model_name=str(gemma_dir),
+        progress=False,
+    )
     monkeypatch.setattr("patchscope.experiment.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     with pytest.raises(FileExistsError, match=rf"lacks the site {SITE} this run needs \(it has blocks.1.mlp.hook_post\)"):
         run_experiment(_config(gemma_dir, corpus, out), progress=False)
@@ -290,8 +351,22 @@ def test_run_checks_the_data_before_loading_the_model(gemma_dir, tmp_path, monke
     monkeypatch.setattr("patchscope.experiment.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     monkeypatch.setattr("patchscope.model.loading.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     out = tmp_path / "out"
-    common = ["--model", str(gemma_dir), "--device", "cpu", "--dataset", str(tmp_path / dataset), "--split", split,
-              "--text-column", column, "--layer", str(LAYER), "--out", str(out)]
+    common = [
+        "--model",
+        str(gemma_dir),
+        "--device",
+        "cpu",
+        "--dataset",
+        str(tmp_path / dataset),
+        "--split",
+        split,
+        "--text-column",
+        column,
+        "--layer",
+        str(LAYER),
+        "--out",
+        str(out),
+    ]
     assert main(["run", "--sae", "none", *common]) == 2
     assert message in capsys.readouterr().err and not out.exists()
     assert main(["profile", *common]) == 2
@@ -357,13 +432,23 @@ def _rewrite(tmp_path: Path, atlas: Atlas, metadata_edit=None, tensor_edit=None)
     [
         (lambda m: m.pop("sites"), None, "lists no `sites`"),
         (None, lambda t: t.pop(f"{SITE}/doc"), f"is missing the tensor '{SITE}/doc'"),
-        (None, lambda t: t.__setitem__(f"{SITE}/pos", t[f"{SITE}/pos"][:, :50]), rf"{SITE}/pos has shape \(3, 50\), expected \(3, 128\)"),
-        (None, lambda t: t.__setitem__(f"{SITE}/values", t[f"{SITE}/values"].index_fill(1, torch.tensor([7]), float("nan"))), "nan or inf"),
+        (
+            None,
+            lambda t: t.__setitem__(f"{SITE}/pos", t[f"{SITE}/pos"][:, :50]),
+            rf"{SITE}/pos has shape \(3, 50\), expected \(3, 128\)",
+        ),
+        (
+            None,
+            lambda t: t.__setitem__(f"{SITE}/values", t[f"{SITE}/values"].index_fill(1, torch.tensor([7]), float("nan"))),
+            "nan or inf",
+        ),
         (None, lambda t: t.__setitem__(f"{SITE}/doc", t[f"{SITE}/doc"].float()), "expected an integer dtype"),
         (lambda m: m.__setitem__("top_k", 20), None, r"expected \[top_k=20, neurons\]"),
     ],
 )
-def test_inconsistent_atlas_files_raise_atlas_error_naming_file_and_fault(small_atlas, tmp_path, metadata_edit, tensor_edit, message):
+def test_inconsistent_atlas_files_raise_atlas_error_naming_file_and_fault(
+    small_atlas, tmp_path, metadata_edit, tensor_edit, message
+):
     folder = _rewrite(tmp_path, load_atlas(small_atlas), metadata_edit, tensor_edit)
     with pytest.raises(AtlasError, match=message) as error:
         load_atlas(folder)
@@ -382,12 +467,28 @@ def test_a_truncated_checkpoint_says_exactly_what_to_do(gemma_dir, tmp_path, cap
     data = write_corpus(tmp_path / "c.jsonl", TEXTS)
     out = tmp_path / "out"
     out.mkdir()
-    (out / CHECKPOINT).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")  # cut short mid-header
-    argv = ["profile", "--model", str(gemma_dir), "--device", "cpu", "--dataset", str(data), "--split", "", "--layer", "1",
-            "--max-length", "16", "--out", str(out), "--resume"]
+    (out / CHECKPOINT).write_bytes(b'\x10\x00\x00\x00\x00\x00\x00\x00{"a":')  # cut short mid-header
+    argv = [
+        "profile",
+        "--model",
+        str(gemma_dir),
+        "--device",
+        "cpu",
+        "--dataset",
+        str(data),
+        "--split",
+        "",
+        "--layer",
+        "1",
+        "--max-length",
+        "16",
+        "--out",
+        str(out),
+        "--resume",
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert f"Delete it and run the same command without --resume to start over" in err and str(out / CHECKPOINT) in err
+    assert "Delete it and run the same command without --resume to start over" in err and str(out / CHECKPOINT) in err
 
 
 # -- exports: hook_embed, and rebuilding them from an atlas
@@ -396,10 +497,32 @@ def test_a_truncated_checkpoint_says_exactly_what_to_do(gemma_dir, tmp_path, cap
 def test_profile_with_hook_embed_and_export_rebuilds_the_exports(gemma_dir, tmp_path, capsys):
     data = write_corpus(tmp_path / "c.jsonl", TEXTS)
     out = tmp_path / "out"
-    argv = ["profile", "--model", str(gemma_dir), "--device", "cpu", "--dataset", str(data), "--split", "", "--site", "hook_embed", SITE,
-            "--top-k", "2", "--max-length", "16", "--out", str(out)]
+    argv = [
+        "profile",
+        "--model",
+        str(gemma_dir),
+        "--device",
+        "cpu",
+        "--dataset",
+        str(data),
+        "--split",
+        "",
+        "--site",
+        "hook_embed",
+        SITE,
+        "--top-k",
+        "2",
+        "--max-length",
+        "16",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0, capsys.readouterr().err
-    files = [out / "top_examples_hook_embed.parquet", out / f"top_examples_{SITE}.parquet", out / f"gemma2_neuron_mapping_layer_{LAYER}.json"]
+    files = [
+        out / "top_examples_hook_embed.parquet",
+        out / f"top_examples_{SITE}.parquet",
+        out / f"gemma2_neuron_mapping_layer_{LAYER}.json",
+    ]
     originals = [f.read_bytes() for f in files]
     for f in files:
         f.unlink()
@@ -419,8 +542,15 @@ def test_export_finishes_an_atlas_whose_run_stopped_before_its_exports(gemma, ge
     model, tokenizer = gemma
     data = write_corpus(tmp_path / "c.jsonl", TEXTS)
     out = tmp_path / "out"
-    profile(model, tokenizer, SourceConfig(dataset=str(data), split=""), ProfileConfig(layer=LAYER, top_k=2, max_length=16), out=out,
-            model_name=str(gemma_dir), progress=False)
+    profile(
+        model,
+        tokenizer,
+        SourceConfig(dataset=str(data), split=""),
+        ProfileConfig(layer=LAYER, top_k=2, max_length=16),
+        out=out,
+        model_name=str(gemma_dir),
+        progress=False,
+    )
     (out / ATLAS_JSON).unlink()  # as if killed before the commit marker
     assert main(["export", str(out)]) == 0
     assert (out / ATLAS_JSON).exists() and (out / f"gemma2_neuron_mapping_layer_{LAYER}.json").exists()
@@ -434,7 +564,9 @@ def test_inject_restores_every_generator_and_reseeds_no_gpu(gemma, monkeypatch):
 
     model, tokenizer = gemma
     reseeded = []
-    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: reseeded.append(seed))  # would change a caller's GPU generator
+    monkeypatch.setattr(
+        torch.cuda, "manual_seed_all", lambda seed: reseeded.append(seed)
+    )  # would change a caller's GPU generator
     plan = plan_prompt(tokenizer, PatchscopeConfig())
     rows = [Row("p", 3, torch.randn(64))]
     torch.manual_seed(123)
@@ -442,9 +574,29 @@ def test_inject_restores_every_generator_and_reseeds_no_gpu(gemma, monkeypatch):
     expected_next = torch.rand(3)
     torch.manual_seed(123)
     reseeded.clear()
-    first = inject(model, tokenizer, rows, plan, target_site="blocks.1.hook_resid_pre", observe_site=SITE, max_new_tokens=4, temperature=1.0, seed=7)
+    first = inject(
+        model,
+        tokenizer,
+        rows,
+        plan,
+        target_site="blocks.1.hook_resid_pre",
+        observe_site=SITE,
+        max_new_tokens=4,
+        temperature=1.0,
+        seed=7,
+    )
     assert torch.equal(torch.rand(3), expected_next)  # the caller's CPU stream goes on as if inject never ran
-    second = inject(model, tokenizer, rows, plan, target_site="blocks.1.hook_resid_pre", observe_site=SITE, max_new_tokens=4, temperature=1.0, seed=7)
+    second = inject(
+        model,
+        tokenizer,
+        rows,
+        plan,
+        target_site="blocks.1.hook_resid_pre",
+        observe_site=SITE,
+        max_new_tokens=4,
+        temperature=1.0,
+        seed=7,
+    )
     assert first[0].generated_tokens == second[0].generated_tokens  # the seed decides the sample
     assert reseeded == []
 
@@ -453,7 +605,9 @@ def test_run_refuses_to_resume_a_checkpoint_of_other_data_before_loading(gemma_d
     from patchscope.atlas.engine import Profiler
 
     corpus = write_corpus(tmp_path / "corpus.jsonl", TEXTS * 3)
-    config = _config(gemma_dir, corpus, tmp_path / "o", profile=ProfileConfig(layer=LAYER, max_length=16, batch_tokens=48, checkpoint_every=1))
+    config = _config(
+        gemma_dir, corpus, tmp_path / "o", profile=ProfileConfig(layer=LAYER, max_length=16, batch_tokens=48, checkpoint_every=1)
+    )
     fold, calls = Profiler.fold, []
 
     def fold_then_stop(self, rows, pad_id):

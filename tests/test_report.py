@@ -30,7 +30,15 @@ def site(gemma, gemma_dir, tmp_path_factory):
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
     model, tokenizer = gemma
     config = ProfileConfig(layer=2, top_k=4, bottom_k=4, max_length=20, quantile_examples=2)
-    profile(model, tokenizer, TextSource(SourceConfig(dataset=str(corpus), split="")), config, out=root / "atlas", model_name=str(gemma_dir), progress=False)
+    profile(
+        model,
+        tokenizer,
+        TextSource(SourceConfig(dataset=str(corpus), split="")),
+        config,
+        out=root / "atlas",
+        model_name=str(gemma_dir),
+        progress=False,
+    )
     argv = ["report", str(root / "atlas"), "--out", str(root / "site"), "--top", "3", "--examples", "4"]
     argv += ["--before", str(BEFORE), "--after", str(AFTER), "--dtype", "float32", "--device", "cpu"]
     assert main(argv) == 0
@@ -50,8 +58,15 @@ def test_neuron_page_shows_the_atlas_with_every_context_token_shaded(site, gemma
     assert examples, "no examples on the page"
     tokens = elements.having("span", "t")
     stats = atlas[SITE]
-    top = [(float(v), int(d), int(p)) for v, d, p in zip(stats.top.values[:, neuron], stats.top.doc[:, neuron], stats.top.pos[:, neuron])]
-    shown_top = [(float(a["data-act"]), int(a["data-doc"]), int(a["data-pos"])) for a, path in examples if any(p[1].get("id") == "top" for p in path)]
+    top = [
+        (float(v), int(d), int(p))
+        for v, d, p in zip(stats.top.values[:, neuron], stats.top.doc[:, neuron], stats.top.pos[:, neuron])
+    ]
+    shown_top = [
+        (float(a["data-act"]), int(a["data-doc"]), int(a["data-pos"]))
+        for a, path in examples
+        if any(p[1].get("id") == "top" for p in path)
+    ]
     assert shown_top == top  # the recorded values, documents and positions, exactly
     bottom = [float(v) for v in stats.bottom.values[:, neuron]]
     assert [float(a["data-act"]) for a, path in examples if any(p[1].get("id") == "bottom" for p in path)] == bottom
@@ -65,7 +80,9 @@ def test_neuron_page_shows_the_atlas_with_every_context_token_shaded(site, gemma
         assert all("background:" in a["style"] and "data-v" in a for a in mine)
         focus = [a for a in mine if "f" in a["class"].split()]
         assert len(focus) == 1
-        assert math.isclose(float(focus[0]["data-v"]), float(attrs["data-act"]), rel_tol=1e-4, abs_tol=1e-4)  # the replay reproduces it
+        assert math.isclose(
+            float(focus[0]["data-v"]), float(attrs["data-act"]), rel_tol=1e-4, abs_tol=1e-4
+        )  # the replay reproduces it
     assert float(elements.having("b")[0][0]["data-v"]) == float(stats.max[neuron])
     assert len(elements.having("rect", "hbar")) > 0
     render(page.as_uri(), root, screenshot=shot)
@@ -93,7 +110,9 @@ def test_index_sorts_filters_and_makes_no_request(site):
     rows = {int(a["data-n"]): a for a, _ in Elements(dom).having("tr") if "data-n" in a}
     assert all(float(rows[n]["data-max"]) == float(stats.max[n]) for n in rows)
     dom, _ = render(index + "#q=7", root)  # the search box: neuron numbers starting with 7
-    visible = [int(a["data-n"]) for a, _ in Elements(dom).having("tr") if "data-n" in a and "display: none" not in a.get("style", "")]
+    visible = [
+        int(a["data-n"]) for a, _ in Elements(dom).having("tr") if "data-n" in a and "display: none" not in a.get("style", "")
+    ]
     assert visible == [n for n in range(stats.n_neurons) if str(n).startswith("7")]
 
 
@@ -125,8 +144,12 @@ def test_run_report_shows_the_results(gemma, gemma_dir, tmp_path):
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
     sae = write_npz(tmp_path / "sae" / "layer_1/width_16k/average_l0_30/params.npz", sae_params(seed=7))
     config = ExperimentConfig(
-        model=str(gemma_dir), device="cpu", out=str(tmp_path / "out"), sae=str(sae),
-        source=SourceConfig(dataset=str(corpus), split=""), profile=ProfileConfig(layer=2, max_length=16, top_k=3),
+        model=str(gemma_dir),
+        device="cpu",
+        out=str(tmp_path / "out"),
+        sae=str(sae),
+        source=SourceConfig(dataset=str(corpus), split=""),
+        profile=ProfileConfig(layer=2, max_length=16, top_k=3),
         patchscope=PatchscopeConfig(max_new_tokens=4),
     )
     run_experiment(config, progress=False)
@@ -139,7 +162,9 @@ def test_run_report_shows_the_results(gemma, gemma_dir, tmp_path):
     drivers = [f["contribution"] for f in record["sae"]["features_driving_neuron"]]
     controls = [record["patched"]["at_placeholder"], *(c["at_placeholder"] for c in record["controls"].values())]
     assert bars == drivers + controls and len(controls) == 4  # patched, unpatched, random, corpus mean
-    contexts = [[a for a, path in elements.having("span", "t") if any(p[1] is ex for p in path)] for ex, _ in elements.having("div", "ex")]
+    contexts = [
+        [a for a, path in elements.having("span", "t") if any(p[1] is ex for p in path)] for ex, _ in elements.having("div", "ex")
+    ]
     trigger, along = contexts
     focus = [a for a in trigger if "f" in a["class"].split()]
     assert len(focus) == 1 and math.isclose(float(focus[0]["data-v"]), record["max_activation"], rel_tol=1e-4, abs_tol=1e-4)

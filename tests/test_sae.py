@@ -1,8 +1,8 @@
 import io
 import json
 import re
-import zipfile
 import warnings
+import zipfile
 
 import numpy as np
 import pytest
@@ -50,7 +50,10 @@ def test_hub_location_through_hf_hub_download(tmp_path, monkeypatch):
     write_hub_cache(tmp_path, "google/gemma-scope-2b-pt-res", "layer_11/width_16k/average_l0_80", params)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
-    for spec in ("google/gemma-scope-2b-pt-res/layer_11/width_16k/average_l0_80", "google/gemma-scope-2b-pt-res/layer_11/width_16k/canonical"):
+    for spec in (
+        "google/gemma-scope-2b-pt-res/layer_11/width_16k/average_l0_80",
+        "google/gemma-scope-2b-pt-res/layer_11/width_16k/canonical",
+    ):
         sae = load_sae(spec, offline=True)
         _check_against_numpy(sae, params)
         assert sae.info.site == "blocks.11.hook_resid_post" and sae.info.l0 == 80
@@ -117,7 +120,10 @@ def test_bad_files(tmp_path):
 def test_matching_sae_for_a_site():
     from patchscope.sae.loaders import sae_spec_for_site
 
-    assert sae_spec_for_site("google/gemma-2-2b", "blocks.12.hook_resid_pre") == "google/gemma-scope-2b-pt-res/layer_11/width_16k/canonical"
+    assert (
+        sae_spec_for_site("google/gemma-2-2b", "blocks.12.hook_resid_pre")
+        == "google/gemma-scope-2b-pt-res/layer_11/width_16k/canonical"
+    )
     assert sae_spec_for_site("gemma-2-2b", "blocks.12.hook_resid_post", l0=82).endswith("layer_12/width_16k/average_l0_82")
     with pytest.raises(SAEError, match="no Gemma Scope SAEs"):
         sae_spec_for_site("meta-llama/Llama-3.2-1B", "blocks.3.hook_resid_pre")
@@ -232,7 +238,13 @@ def _npz_declaring(path, shapes):
 
 
 def test_declared_shapes_are_checked_before_allocating(tmp_path):
-    huge = {"W_enc": (100_000, 10_000_000), "b_enc": (10_000_000,), "threshold": (10_000_000,), "W_dec": (10_000_000, 100_000), "b_dec": (100_000,)}
+    huge = {
+        "W_enc": (100_000, 10_000_000),
+        "b_enc": (10_000_000,),
+        "threshold": (10_000_000,),
+        "W_dec": (10_000_000, 100_000),
+        "b_dec": (100_000,),
+    }
     path = _npz_declaring(tmp_path / "huge.npz", huge)
     with pytest.raises(SAEError, match="width mismatch.*d_model=100000.*64"):
         load_sae(path, d_model=D_MODEL)

@@ -67,7 +67,9 @@ def test_mlp_sites_match_hand_computation(any_model):
     ids = _ids(tokenizer)
     L = 1
     block = model.model.layers[L]
-    pre_mlp_norm = block.pre_feedforward_layernorm if hasattr(block, "pre_feedforward_layernorm") else block.post_attention_layernorm
+    pre_mlp_norm = (
+        block.pre_feedforward_layernorm if hasattr(block, "pre_feedforward_layernorm") else block.post_attention_layernorm
+    )
     normed, handle = _raw_output(pre_mlp_norm)
     names = [f"blocks.{L}.{s}" for s in ("mlp.hook_pre", "mlp.hook_post", "hook_mlp_out", "hook_resid_mid", "hook_resid_post")]
     try:
@@ -94,14 +96,24 @@ def test_mlp_sites_match_hand_computation(any_model):
 def test_resid_identities(any_model):
     model, tokenizer = any_model
     ids = _ids(tokenizer)
-    names = ["blocks.1.hook_resid_pre", "blocks.1.hook_attn_out", "blocks.1.hook_resid_mid", "blocks.1.hook_resid_post", "blocks.2.hook_resid_pre"]
+    names = [
+        "blocks.1.hook_resid_pre",
+        "blocks.1.hook_attn_out",
+        "blocks.1.hook_resid_mid",
+        "blocks.1.hook_resid_post",
+        "blocks.2.hook_resid_pre",
+    ]
     with capture(model, names) as cache:
         model(ids)
     torch.testing.assert_close(cache["blocks.1.hook_resid_post"], cache["blocks.2.hook_resid_pre"], rtol=0, atol=0)
-    torch.testing.assert_close(cache["blocks.1.hook_resid_mid"], cache["blocks.1.hook_resid_pre"] + cache["blocks.1.hook_attn_out"])
+    torch.testing.assert_close(
+        cache["blocks.1.hook_resid_mid"], cache["blocks.1.hook_resid_pre"] + cache["blocks.1.hook_attn_out"]
+    )
 
 
-@pytest.mark.parametrize("name", ["blocks.1.hook_resid_pre\n", "hook_embed\n", " blocks.1.hook_resid_pre", "blocks.1.mlp.hook_post\n"])
+@pytest.mark.parametrize(
+    "name", ["blocks.1.hook_resid_pre\n", "hook_embed\n", " blocks.1.hook_resid_pre", "blocks.1.mlp.hook_post\n"]
+)
 def test_site_names_match_in_full(name):
     from patchscope.model.sites import parse_site
 

@@ -12,11 +12,11 @@ from transformers import PreTrainedTokenizerFast
 from patchscope.cli.main import main
 from patchscope.model.hooks import capture, patch
 from patchscope.model.row_patch import patch_rows
+from patchscope.scope import sweep as sweep_module
 from patchscope.scope.config import PatchscopeConfig
 from patchscope.scope.heatmap import SWEEP_JSON, SWEEP_TABLE, save_sweep
 from patchscope.scope.placeholder import PlaceholderError, find_placeholder, plan_prompt
 from patchscope.scope.prompts import PROMPTS, target_prompt
-from patchscope.scope import sweep as sweep_module
 from patchscope.scope.sweep import Source, SweepConfig, sweep
 
 TEXT = "The quick brown fox jumps over the lazy dog near the river bank."
@@ -51,7 +51,9 @@ def _family_tokenizer(family: str) -> PreTrainedTokenizerFast:
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        trainer = trainers.BpeTrainer(
+            vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        )
     else:
         tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
         if family == "llama":
@@ -63,7 +65,9 @@ def _family_tokenizer(family: str) -> PreTrainedTokenizerFast:
         trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials)
     tok.train_from_iterator([t for t in TRAINING if t] * 3, trainer)
     if family != "smollm2":  # then encode with the family's own layout
-        tok.pre_tokenizer = pre_tokenizers.Split(" ", "merged_with_previous") if family == "gemma3" else pre_tokenizers.Sequence([])
+        tok.pre_tokenizer = (
+            pre_tokenizers.Split(" ", "merged_with_previous") if family == "gemma3" else pre_tokenizers.Sequence([])
+        )
     if family == "smollm2":
         return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
     bos = "<s>" if family == "llama" else "<bos>"
@@ -136,7 +140,9 @@ def test_target_prompt_presets_and_custom():
     assert target_prompt("identity") is PROMPTS["identity"] and PROMPTS["identity"].placeholder == "?"
     assert PROMPTS["identity"].text == "cat -> cat\n1135 -> 1135\nhello -> hello\n?"
     assert PROMPTS["entity"].text.startswith("Syria: Country in the Middle East, Leonardo DiCaprio: American actor,")
-    assert PROMPTS["entity"].text.endswith("corporation, x") and PROMPTS["description"].text == "A detailed description of x is that"
+    assert (
+        PROMPTS["entity"].text.endswith("corporation, x") and PROMPTS["description"].text == "A detailed description of x is that"
+    )
     custom = target_prompt("The official currency of x")
     assert (custom.text, custom.placeholder, custom.origin) == ("The official currency of x", "x", "user")
     assert target_prompt("Say # again", "#").placeholder == "#"
@@ -174,7 +180,10 @@ def test_patch_rows_equals_one_patch_per_row(gemma):
 
 def _sources(tokenizer, positions=(3, 6, 9), neuron=None):
     ids = tokenizer(TEXT).input_ids
-    return [Source(ids, p, f"pos {p}", NEURON_SITE if neuron is not None else None, neuron, 2.0 if neuron is not None else None) for p in positions]
+    return [
+        Source(ids, p, f"pos {p}", NEURON_SITE if neuron is not None else None, neuron, 2.0 if neuron is not None else None)
+        for p in positions
+    ]
 
 
 def _prompt(tokenizer, name="description"):
@@ -202,7 +211,13 @@ def test_same_vector_same_layer_same_text_reproduces_unpatched(gemma):
     result = sweep(model, tokenizer, [source], plan, SweepConfig(pairs="same", controls=("unpatched", "random_same_norm")))
     records = _records(result)
     # the patch is live: a random vector of the same norm does change the prediction
-    assert max(abs(records[(0, s, s, "random_same_norm")]["surprisal"] - records[(0, s, s, "unpatched")]["surprisal"]) for s in range(4)) > 1e-2
+    assert (
+        max(
+            abs(records[(0, s, s, "random_same_norm")]["surprisal"] - records[(0, s, s, "unpatched")]["surprisal"])
+            for s in range(4)
+        )
+        > 1e-2
+    )
     assert result.pairs == [(s, s) for s in range(4)]
     for s, t in result.pairs:
         patched, unpatched = records[(0, s, t, "patched")], records[(0, s, t, "unpatched")]
@@ -227,7 +242,10 @@ def test_metrics_recomputed_from_plain_logits(gemma):
             target = int(run.logits[0, source.position].argmax())  # the source model's own next token
             for s, t in [(0, 0), (2, 1), (3, 3), (3, 0)]:
                 vector = run.hidden_states[s][0, source.position]  # blocks.s.hook_resid_pre
-                with patch(model, f"blocks.{t}.hook_resid_pre", vector, positions=[plan.position]), capture(model, NEURON_SITE) as seen:
+                with (
+                    patch(model, f"blocks.{t}.hook_resid_pre", vector, positions=[plan.position]),
+                    capture(model, NEURON_SITE) as seen,
+                ):
                     logits = model(prompt_ids).logits[0, plan.position]
                 record = records[(j, s, t, "patched")]
                 assert record["top1"] == int(logits.argmax())
@@ -269,7 +287,9 @@ def test_batched_sweep_equals_each_cell_alone(gemma, monkeypatch):
     monkeypatch.setattr(sweep_module, "patch_rows", real)
     for j, source in enumerate(sources):
         for s, t in config.layer_pairs(4):
-            alone_config = SweepConfig(source_layers=(s,), target_layers=(t,), max_new_tokens=3, batch_size=1, controls=config.controls)
+            alone_config = SweepConfig(
+                source_layers=(s,), target_layers=(t,), max_new_tokens=3, batch_size=1, controls=config.controls
+            )
             alone = _records(sweep(model, tokenizer, [source], plan, alone_config, means=means))
             for condition in ("patched", "corpus_mean", "unpatched"):
                 together, single = batched[(j, s, t, condition)], alone[(0, s, t, condition)]
@@ -284,7 +304,9 @@ def test_generation_matches_a_plain_patched_generate(gemma):
     model, tokenizer = gemma
     (source,) = _sources(tokenizer, positions=(5,))
     plan = _prompt(tokenizer, "ending")
-    result = sweep(model, tokenizer, [source], plan, SweepConfig(source_layers=(2,), target_layers=(1,), max_new_tokens=4, controls=()))
+    result = sweep(
+        model, tokenizer, [source], plan, SweepConfig(source_layers=(2,), target_layers=(1,), max_new_tokens=4, controls=())
+    )
     (record,) = result.table["generated"]
     with torch.no_grad():
         vector = model(torch.tensor([source.ids]), output_hidden_states=True).hidden_states[2][0, source.position]
@@ -300,7 +322,11 @@ def test_sweep_on_llama_with_a_prompt_ending_in_the_placeholder(llama):
     plan = plan_prompt(tokenizer, PatchscopeConfig(prompt="Syria: Country in the Middle East, x"))
     assert plan.position == len(plan.input_ids) - 1
     result = sweep(model, tokenizer, _sources(tokenizer), None, SweepConfig(prompt=ENDING, pairs="all"))
-    assert result.prompt["position"] == plan.position and len(result.pairs) == 9 and set(result.conditions()) == {"patched", "random_same_norm", "unpatched"}
+    assert (
+        result.prompt["position"] == plan.position
+        and len(result.pairs) == 9
+        and set(result.conditions()) == {"patched", "random_same_norm", "unpatched"}
+    )
     assert np.isfinite(result.grid("surprisal")).all()
 
 
@@ -337,8 +363,28 @@ def test_bad_sweep_settings_are_refused(gemma):
 
 def test_sweep_command(gemma_dir, tmp_path, capsys):
     out = tmp_path / "s"
-    argv = ["sweep", "--model", str(gemma_dir), "--device", "cpu", "--text", TEXT, "--position", "4", "--prompt", "description",
-            "--source-layers", "1", "3", "--target-layers", "0", "1", "3", "--out", str(out)]
+    argv = [
+        "sweep",
+        "--model",
+        str(gemma_dir),
+        "--device",
+        "cpu",
+        "--text",
+        TEXT,
+        "--position",
+        "4",
+        "--prompt",
+        "description",
+        "--source-layers",
+        "1",
+        "3",
+        "--target-layers",
+        "0",
+        "1",
+        "3",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     assert "best cell" in capsys.readouterr().out
     data = json.loads((out / SWEEP_JSON).read_text())
@@ -346,7 +392,12 @@ def test_sweep_command(gemma_dir, tmp_path, capsys):
     assert data["prompt"]["name"] == "description" and data["sources"][0]["position"] == 4
     assert main(["sweep", "--model", str(gemma_dir), "--text", TEXT, "--position", "99", "--out", str(out)]) == 2
     assert "--position must be a token position" in capsys.readouterr().err
-    assert main(["sweep", "--model", str(gemma_dir), "--text", TEXT, "--position", "2", "--prompt", "identity", "--placeholder", "x"]) == 2
+    assert (
+        main(
+            ["sweep", "--model", str(gemma_dir), "--text", TEXT, "--position", "2", "--prompt", "identity", "--placeholder", "x"]
+        )
+        == 2
+    )
     assert "leave --placeholder unset" in capsys.readouterr().err
 
 
@@ -358,12 +409,31 @@ def test_sweep_command_from_an_atlas_entry(gemma, gemma_dir, tmp_path, capsys):
     model, tokenizer = gemma
     data = tmp_path / "c.jsonl"
     data.write_text("\n".join(json.dumps({"text": t}) for t in FIXTURE_CORPUS))
-    config = ProfileConfig(layer=2, top_k=2, max_length=16, sites=("blocks.2.mlp.hook_post", "blocks.1.hook_resid_pre", "blocks.2.hook_resid_pre"))
+    config = ProfileConfig(
+        layer=2, top_k=2, max_length=16, sites=("blocks.2.mlp.hook_post", "blocks.1.hook_resid_pre", "blocks.2.hook_resid_pre")
+    )
     atlas = profile(model, tokenizer, SourceConfig(dataset=str(data), split=""), config, out=tmp_path / "atlas", progress=False)
     neuron = atlas.top_neurons(NEURON_SITE, 1)[0]
     out = tmp_path / "s"
-    argv = ["sweep", "--model", str(gemma_dir), "--device", "cpu", "--atlas", str(tmp_path / "atlas"), "--neuron", str(neuron),
-            "--source-layers", "1", "2", "--prompt", "description", "--no-heatmaps", "--out", str(out)]
+    argv = [
+        "sweep",
+        "--model",
+        str(gemma_dir),
+        "--device",
+        "cpu",
+        "--atlas",
+        str(tmp_path / "atlas"),
+        "--neuron",
+        str(neuron),
+        "--source-layers",
+        "1",
+        "2",
+        "--prompt",
+        "description",
+        "--no-heatmaps",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     result = json.loads((out / SWEEP_JSON).read_text())
     entry = atlas.entry(NEURON_SITE, neuron)
@@ -386,8 +456,13 @@ def test_run_verdict_names_the_case_and_never_sells_same_layer_reactivation(gemm
 
     def run(target_site, out):
         config = ExperimentConfig(
-            model=str(gemma_dir), device="cpu", out=str(tmp_path / out), sae="none", neuron=7,
-            source=SourceConfig(dataset=str(data), split=""), profile=ProfileConfig(layer=2, max_length=16),
+            model=str(gemma_dir),
+            device="cpu",
+            out=str(tmp_path / out),
+            sae="none",
+            neuron=7,
+            source=SourceConfig(dataset=str(data), split=""),
+            profile=ProfileConfig(layer=2, max_length=16),
             patchscope=PatchscopeConfig(prompt=ENDING, target_site=target_site, max_new_tokens=4),
         )
         return run_experiment(config, progress=False)
@@ -410,4 +485,8 @@ def test_run_verdict_names_the_case_and_never_sells_same_layer_reactivation(gemm
     later = run("blocks.3.hook_resid_pre", "later").neurons[0]
     assert later.case == "later_target_layer" and "cannot see the patch" in later.verdict
     stored = json.loads((tmp_path / "later" / "results.json").read_text())["neurons"][0]
-    assert stored["case"] == "later_target_layer" and set(stored["decode"]) >= {"patched", "random_same_norm", "same_as_unpatched"}
+    assert stored["case"] == "later_target_layer" and set(stored["decode"]) >= {
+        "patched",
+        "random_same_norm",
+        "same_as_unpatched",
+    }

@@ -12,12 +12,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from patchscope.atlas.batching import Overflow
+from patchscope.atlas.exact import ExactSum
 from patchscope.kernels.bottomk import merge_bottomk
 from patchscope.kernels.quantiles import QuantileExamples, merge_quantiles
 from patchscope.kernels.topk_merge import Moments, TopK, merge_topk
-
-from patchscope.atlas.batching import Overflow
-from patchscope.atlas.exact import ExactSum
 
 CONTEXT_TOKENS = 5
 
@@ -113,7 +112,12 @@ class SiteAtlas:
     def to(self, device: torch.device | str) -> SiteAtlas:
         move = lambda part: part.to(device) if part is not None else None  # noqa: E731
         return SiteAtlas(
-            self.top.to(device), self.moments.to(device), move(self.sums), move(self.bottom), move(self.histogram), move(self.quantiles)
+            self.top.to(device),
+            self.moments.to(device),
+            move(self.sums),
+            move(self.bottom),
+            move(self.histogram),
+            move(self.quantiles),
         )
 
     @property
@@ -198,7 +202,13 @@ class Atlas:
         if doc < 0:
             raise AtlasError(f"neuron {neuron} of {site} has no example at rank {rank}")
         return AtlasEntry(
-            site, neuron, rank, float(stats.top.values[rank, neuron]), doc, int(stats.top.pos[rank, neuron]), int(stats.top.token[rank, neuron])
+            site,
+            neuron,
+            rank,
+            float(stats.top.values[rank, neuron]),
+            doc,
+            int(stats.top.pos[rank, neuron]),
+            int(stats.top.token[rank, neuron]),
         )
 
     def entries(self, site: str, ranks: int | None = None) -> list[AtlasEntry]:

@@ -57,7 +57,12 @@ class Batch:
     def to(self, device: torch.device) -> Batch:
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
         return Batch(
-            move(self.input_ids), move(self.attention_mask), move(self.doc), move(self.position), move(self.counted), self.n_tokens
+            move(self.input_ids),
+            move(self.attention_mask),
+            move(self.doc),
+            move(self.position),
+            move(self.counted),
+            self.n_tokens,
         )
 
 
@@ -89,8 +94,7 @@ def segments(
     # Each window re-starts with BOS; its token j >= 1 is document position i + j. The repeated
     # BOS of later windows is not a document token and is never counted.
     return [
-        Segment(document.index, i, (ids[0], *body[i : i + width]), first if i == 0 else 1)
-        for i in range(0, len(body), width)
+        Segment(document.index, i, (ids[0], *body[i : i + width]), first if i == 0 else 1) for i in range(0, len(body), width)
     ]
 
 

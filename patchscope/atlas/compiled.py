@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import cast
 
 import torch
 from torch import nn
@@ -24,10 +25,11 @@ class CompiledLayers:
     """Compiled wrappers of the first ``count`` decoder layers, swapped in only during a forward."""
 
     def __init__(self, model: nn.Module, count: int) -> None:
-        self.layers = base_model(model).layers  # nn.ModuleList
+        self.layers = cast(nn.ModuleList, base_model(model).layers)
         # dynamic=None: the first batch shape compiles a static graph, the next one a dynamic graph
         # that serves every later (batch, pos); compiled code is shared by layers of one class.
-        self.compiled = {index: torch.compile(self.layers[index]) for index in range(max(count, 0))}
+        # torch.compile of a module returns an OptimizedModule, itself an nn.Module
+        self.compiled = {index: cast(nn.Module, torch.compile(self.layers[index])) for index in range(max(count, 0))}
 
     @contextmanager
     def active(self) -> Iterator[None]:

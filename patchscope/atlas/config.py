@@ -21,7 +21,11 @@ class ProfileConfig:
         default=12, metadata={"help": "Layer whose MLP neurons (blocks.L.mlp.hook_post) are profiled when no --site is given."}
     )
     sites: tuple[str, ...] = field(
-        default=(), metadata={"help": "Explicit sites to profile instead of --layer; any number, any layers.", "flags": ("--site", "--sites")}
+        default=(),
+        metadata={
+            "help": "Explicit sites to profile instead of --layer; any number, any layers.",
+            "flags": ("--site", "--sites"),
+        },
     )
     top_k: int = field(default=20, metadata={"help": "Examples kept per neuron."})
     max_length: int = field(default=128, metadata={"help": "Tokens per segment, BOS included (the original used 128)."})
@@ -41,8 +45,11 @@ class ProfileConfig:
         default=50, metadata={"help": "Write a resumable checkpoint to the output directory every N batches (0: never)."}
     )
     sort_buffer: int = field(
-        default=4096, metadata={"help": "Documents buffered and length-sorted together (blocks of consecutive row indices); bounds memory for streamed "
-            "sources. Blocks are also what the ranks of a torchrun job share out."}
+        default=4096,
+        metadata={
+            "help": "Documents buffered and length-sorted together (blocks of consecutive row indices); bounds memory for streamed "
+            "sources. Blocks are also what the ranks of a torchrun job share out."
+        },
     )
     compile: bool = field(
         default=False,
@@ -54,11 +61,14 @@ class ProfileConfig:
     )
     bottom_k: int = field(default=20, metadata={"help": "Most negative examples kept per neuron (0: none)."})
     histogram: bool = field(
-        default=True, metadata={"help": "Record a per-neuron activation histogram over fixed log-spaced bins (patchscope.kernels.histogram)."}
+        default=True,
+        metadata={"help": "Record a per-neuron activation histogram over fixed log-spaced bins (patchscope.kernels.histogram)."},
     )
     quantile_examples: int = field(
         default=0,
-        metadata={"help": "Examples kept in each of 5 activation intervals below the maximum; a second pass over the data (0: none)."},
+        metadata={
+            "help": "Examples kept in each of 5 activation intervals below the maximum; a second pass over the data (0: none)."
+        },
     )
 
     def site_names(self) -> tuple[str, ...]:

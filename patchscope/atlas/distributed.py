@@ -37,12 +37,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from patchscope.kernels.topk_merge import Moments, TopK
-
 from patchscope.atlas.atlas import Atlas, SiteAtlas
 from patchscope.atlas.exact import ExactSum
-from patchscope.atlas.store import optional_parts
 from patchscope.atlas.sources import Document
+from patchscope.atlas.store import optional_parts
+from patchscope.kernels.topk_merge import Moments, TopK
 
 log = logging.getLogger(__name__)
 TIMEOUT_ENV = "PATCHSCOPE_DIST_TIMEOUT"
@@ -203,7 +202,8 @@ def merge_ranks(atlas: Atlas, world: World) -> Atlas:
     gathered = {name: _all_gather(tensor, world, group) for name, tensor in mine.items()}
     extra = atlas.meta.extra
     counts = torch.tensor(
-        [atlas.meta.n_documents, atlas.meta.skipped_empty] + [float(extra.get(key) or 0) for key in _RANK_FIELDS], dtype=torch.float64
+        [atlas.meta.n_documents, atlas.meta.skipped_empty] + [float(extra.get(key) or 0) for key in _RANK_FIELDS],
+        dtype=torch.float64,
     )
     all_counts = _all_gather(counts, world, group)
     parts = [_rank_atlas(atlas, {name: g[r] for name, g in gathered.items()}, all_counts[r]) for r in range(world.size)]
@@ -259,7 +259,9 @@ def combine(parts: list[Atlas]) -> Atlas:
         "seconds": seconds,
         "tokens_this_run": tokens,
         "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else None,
-        "ranks": [{key: extra.get(key) for key in ("batches", "seconds", "tokens_this_run", "resumed_after_batches")} for extra in ranks],
+        "ranks": [
+            {key: extra.get(key) for key in ("batches", "seconds", "tokens_this_run", "resumed_after_batches")} for extra in ranks
+        ],
     }
     return merged
 

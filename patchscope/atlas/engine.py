@@ -13,22 +13,22 @@ import dataclasses
 import logging
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor, nn
 
-from patchscope.kernels.topk_merge import Moments, TopK
-from patchscope.kernels.fused import batch_stats, resolve_backend
-from patchscope.kernels.topk_merge_fast import merge_topk_fast
-
-from patchscope.model.hooks import add_hooks, stop_after
-from patchscope.model.loading import model_device
-from patchscope.model.sites import check_layer, resolve, site_width
 from patchscope.atlas.atlas import SiteAtlas
 from patchscope.atlas.batching import Batch, Segment, collate
 from patchscope.atlas.compiled import CompiledLayers
 from patchscope.atlas.config import ProfileConfig
 from patchscope.atlas.extras import ExtraReductions
+from patchscope.kernels.fused import batch_stats, resolve_backend
+from patchscope.kernels.topk_merge import Moments, TopK
+from patchscope.kernels.topk_merge_fast import merge_topk_fast
+from patchscope.model.hooks import add_hooks, stop_after
+from patchscope.model.loading import model_device
+from patchscope.model.sites import check_layer, resolve, site_width
 
 log = logging.getLogger(__name__)
 MERGE_EVERY = 4
@@ -66,7 +66,10 @@ class Profiler:
         self.device = model_device(model)
         config.check_atlas_size({site: site_width(model, site) for site in self.sites}, self.device)
         self.state = {
-            site: SiteAtlas(TopK.empty(config.top_k, site_width(model, site), self.device), Moments.zeros(site_width(model, site), self.device))
+            site: SiteAtlas(
+                TopK.empty(config.top_k, site_width(model, site), self.device),
+                Moments.zeros(site_width(model, site), self.device),
+            )
             for site in self.sites
         }
         self.splits = 0  # each OOM doubles how many pieces a planned batch is cut into
@@ -92,7 +95,10 @@ class Profiler:
                     acts, f.doc, f.position, f.token, f.counted, self.config.top_k, backend=self._reduction, scratch=self._scratch
                 )
             )
-            self.extras.observe(site, acts, f.doc, f.position, f.token, f.counted)
+            # the batch fields are set by `_forward` before any hook runs
+            self.extras.observe(
+                site, acts, cast(Tensor, f.doc), cast(Tensor, f.position), cast(Tensor, f.token), cast(Tensor, f.counted)
+            )
 
         return reduce
 
@@ -120,8 +126,11 @@ class Profiler:
             batch.doc.flatten(), batch.position.flatten(), batch.input_ids.flatten(), batch.counted.flatten()
         )
         compiled = self._compiled.active() if self._compiled else nullcontext()
-        with torch.inference_mode(), compiled, add_hooks(self.model, {s: self._on_site_device(self._site_hook(s)) for s in self.sites}), stop_after(
-            self.model, self.deepest
+        with (
+            torch.inference_mode(),
+            compiled,
+            add_hooks(self.model, {s: self._on_site_device(self._site_hook(s)) for s in self.sites}),
+            stop_after(self.model, self.deepest),
         ):
             self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
 

@@ -8,11 +8,10 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
-from patchscope.model.sites import parse_site
-from patchscope.util.storage import atomic_write, write_json
 from patchscope.atlas.atlas import CONTEXT_TOKENS, Atlas, AtlasEntry
 from patchscope.atlas.batching import document_segments, locate
-
+from patchscope.model.sites import parse_site
+from patchscope.util.storage import atomic_write, write_json
 
 
 def contexts(
@@ -33,6 +32,7 @@ def contexts(
     decoded = tokenizer.batch_decode(pieces)
     return list(zip(decoded[0::2], decoded[1::2]))
 
+
 def export_original(
     atlas: Atlas, path: str | Path, site: str, texts: Mapping[int, str], tokenizer: PreTrainedTokenizerBase
 ) -> Path:
@@ -48,6 +48,7 @@ def export_original(
             "context": context,
         }
     return write_json(path, mapping)
+
 
 def export_parquet(
     atlas: Atlas, path: str | Path, site: str, texts: Mapping[int, str], tokenizer: PreTrainedTokenizerBase
@@ -111,7 +112,11 @@ DEFAULT_EXPORTS = ("mapping", "parquet")
 
 
 def write_exports(
-    atlas: Atlas, directory: str | Path, texts: Mapping[int, str], tokenizer: PreTrainedTokenizerBase, formats: tuple[str, ...] = DEFAULT_EXPORTS
+    atlas: Atlas,
+    directory: str | Path,
+    texts: Mapping[int, str],
+    tokenizer: PreTrainedTokenizerBase,
+    formats: tuple[str, ...] = DEFAULT_EXPORTS,
 ) -> list[Path]:
     """Write the named export formats of every site of ``atlas`` into ``directory``."""
     unknown = [name for name in formats if name not in EXPORTS]

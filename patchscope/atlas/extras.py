@@ -9,16 +9,16 @@ the same atlas as one uninterrupted run.
 from __future__ import annotations
 
 import dataclasses
+from typing import cast
 
 import torch
 from torch import Tensor
 
+from patchscope.atlas.atlas import SiteAtlas
+from patchscope.atlas.config import ProfileConfig
 from patchscope.kernels.bottomk import bottomk_candidates, empty_bottomk, merge_bottomk_fast
 from patchscope.kernels.histogram import batch_histogram, empty_histogram
 from patchscope.kernels.topk_merge import TopK
-
-from patchscope.atlas.atlas import SiteAtlas
-from patchscope.atlas.config import ProfileConfig
 
 
 class ExtraReductions:
@@ -56,6 +56,6 @@ class ExtraReductions:
                 bottom = merge_bottomk_fast(start, *(piece for piece, _ in pieces))
             if self.histogram:
                 start = histogram if histogram is not None else empty_histogram(n, device)
-                histogram = start + sum(counts for _, counts in pieces)
+                histogram = start + sum(cast(Tensor, counts) for _, counts in pieces)  # set when histogram is on
             state[site] = dataclasses.replace(stats, bottom=bottom, histogram=histogram)
         self._pending = {}

@@ -28,13 +28,19 @@ def merge_atlases(atlases: list[Atlas], names: list[str] | None = None) -> Atlas
         for field in SAME_SETTINGS:
             mine, theirs = getattr(first.meta, field), getattr(atlas.meta, field)
             if mine != theirs:
-                raise AtlasError(f"{name} was made with {field}={theirs!r}, {names[0]} with {mine!r}: only atlases of the same settings merge")
+                raise AtlasError(
+                    f"{name} was made with {field}={theirs!r}, {names[0]} with {mine!r}: only atlases of the same settings merge"
+                )
         if list(atlas.sites) != list(first.sites):
-            raise AtlasError(f"{name} profiles sites {list(atlas.sites)}, {names[0]} {list(first.sites)}: only the same sites merge")
+            raise AtlasError(
+                f"{name} profiles sites {list(atlas.sites)}, {names[0]} {list(first.sites)}: only the same sites merge"
+            )
     ranges = sorted((_rows(atlas, name), name, atlas) for atlas, name in zip(atlases, names))
     for (low, name_low, _), (high, name_high, _) in zip(ranges, ranges[1:]):
         if low[0] != high[0]:
-            raise AtlasError(f"{name_low} covers split {low[0]!r} and {name_high} split {high[0]!r}: slices must come from one split")
+            raise AtlasError(
+                f"{name_low} covers split {low[0]!r} and {name_high} split {high[0]!r}: slices must come from one split"
+            )
         if low[2] is None or low[2] > high[1]:
             raise AtlasError(
                 f"{name_low} (rows {low[1]}:{'' if low[2] is None else low[2]}) and {name_high} (rows {high[1]}:"
@@ -62,5 +68,7 @@ def merge_atlases(atlases: list[Atlas], names: list[str] | None = None) -> Atlas
 
 def _rows(atlas: Atlas, name: str) -> tuple[str, int, int | None]:
     if atlas.meta.dataset == "<texts>":
-        raise AtlasError(f"{name} was profiled from in-memory texts; only atlases of a named source and slice can be checked for overlap")
+        raise AtlasError(
+            f"{name} was profiled from in-memory texts; only atlases of a named source and slice can be checked for overlap"
+        )
     return parse_split(atlas.meta.split)

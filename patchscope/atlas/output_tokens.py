@@ -17,6 +17,7 @@ post-norms) the direction is the basis vector of the dimension, through the fina
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -47,8 +48,8 @@ def norm_gain(norm: nn.Module, width: int) -> Tensor:
 def output_directions(model: nn.Module, site: str, neurons: list[int]) -> Tensor | None:
     """``[d_model, neurons]`` float32 directions with the norm gains folded in, or None for ``mlp.hook_pre``."""
     layer, suffix = parse_site(site)
-    base = base_model(model)
-    d_model = model.config.hidden_size
+    base: Any = base_model(model)  # HF decoder: its submodules are found by attribute name
+    d_model: int = cast(Any, model.config).hidden_size
     index = torch.tensor(neurons, dtype=torch.long)
     if suffix == "mlp.hook_pre":
         return None
@@ -68,7 +69,7 @@ def output_tokens(model: nn.Module, site: str, neurons: list[int], k: int = 10) 
     directions = output_directions(model, site, neurons)
     if directions is None:
         return None
-    unembed = model.get_output_embeddings().weight.float()  # [vocab, d_model]
+    unembed = cast(Any, model).get_output_embeddings().weight.float()  # [vocab, d_model]
     parts = []
     with torch.no_grad():
         for start in range(0, len(neurons), CHUNK):

@@ -15,15 +15,14 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from patchscope.kernels.quantiles import INTERVALS, QuantileExamples, batch_quantiles, merge_quantiles
-
-from patchscope.model.hooks import add_hooks, stop_after
-from patchscope.model.loading import model_device
-from patchscope.model.sites import resolve
 from patchscope.atlas.atlas import Atlas
 from patchscope.atlas.batching import collate, plan
 from patchscope.atlas.config import ProfileConfig
 from patchscope.atlas.sources import Document
+from patchscope.kernels.quantiles import INTERVALS, QuantileExamples, batch_quantiles, merge_quantiles
+from patchscope.model.hooks import add_hooks, stop_after
+from patchscope.model.loading import model_device
+from patchscope.model.sites import resolve
 
 __all__ = ["INTERVALS", "add_quantile_examples", "quantile_examples"]
 
@@ -45,19 +44,31 @@ def quantile_examples(
     def hook(site: str):
         def pick(value: Tensor, step) -> None:
             acts = value.reshape(-1, value.shape[-1])  # [tokens, n]
-            found = batch_quantiles(acts, fields["doc"], fields["pos"], fields["token"], fields["counted"], upper[site], config.quantile_examples)
+            found = batch_quantiles(
+                acts, fields["doc"], fields["pos"], fields["token"], fields["counted"], upper[site], config.quantile_examples
+            )
             state[site] = merge_quantiles(state[site], found)
 
         return pick
 
     batches = plan(
-        documents, tokenizer, max_length=config.max_length, overflow=config.overflow, exclude_bos=config.exclude_bos,
-        batch_tokens=config.batch_tokens, sort_buffer=config.sort_buffer,
+        documents,
+        tokenizer,
+        max_length=config.max_length,
+        overflow=config.overflow,
+        exclude_bos=config.exclude_bos,
+        batch_tokens=config.batch_tokens,
+        sort_buffer=config.sort_buffer,
     )
     with torch.inference_mode(), add_hooks(model, {site: hook(site) for site in sites}):
         for rows in batches:
             batch = collate(rows, pad_id).to(device)
-            fields.update(doc=batch.doc.flatten(), pos=batch.position.flatten(), token=batch.input_ids.flatten(), counted=batch.counted.flatten())
+            fields.update(
+                doc=batch.doc.flatten(),
+                pos=batch.position.flatten(),
+                token=batch.input_ids.flatten(),
+                counted=batch.counted.flatten(),
+            )
             with stop_after(model, deepest):
                 model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
     return {site: picks.to("cpu") for site, picks in state.items()}

@@ -27,7 +27,13 @@ class Reuse:
 
 
 def check_reuse(
-    atlas: Atlas, *, model_name: str, source: SourceConfig, config: ProfileConfig, dtype: str, identity: dict[str, Identity | None]
+    atlas: Atlas,
+    *,
+    model_name: str,
+    source: SourceConfig,
+    config: ProfileConfig,
+    dtype: str,
+    identity: dict[str, Identity | None],
 ) -> Reuse:
     meta = atlas.meta
     recorded = meta.extra.get("identity") or {}
@@ -52,4 +58,4 @@ def check_reuse(
 
 def _local(identity: Identity | None) -> bool:
     """Identified by content (a local file or folder), so a moved path does not matter."""
-    return bool(identity) and identity.get("kind") in ("file", "folder")
+    return identity is not None and identity.get("kind") in ("file", "folder")

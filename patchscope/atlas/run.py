@@ -12,6 +12,7 @@ import time
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import cast
 
 import torch
 from safetensors import safe_open
@@ -19,11 +20,6 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from patchscope.util.identity import Identity, compare, path_identity
-from patchscope.util.lock import output_lock
-from patchscope.util.signals import InterruptFlag, Interrupted
-from patchscope.util.storage import check_writable, remove_stale_temp_files
-from patchscope.util.versions import versions
 from patchscope.atlas import distributed
 from patchscope.atlas.atlas import Atlas, AtlasError, AtlasMeta
 from patchscope.atlas.batching import adds_bos, plan
@@ -32,9 +28,23 @@ from patchscope.atlas.corpora import builtin_version
 from patchscope.atlas.engine import Profiler
 from patchscope.atlas.exports import write_exports
 from patchscope.atlas.prefetch import prefetch
-from patchscope.atlas.sources import Document, SourceConfig, TextSource, count_documents
-from patchscope.atlas.store import ATLAS_JSON, ATLAS_TENSORS, METADATA_KEY, commit_atlas, is_committed, load_atlas_with_metadata, save_atlas, write_atlas
 from patchscope.atlas.quantiles import add_quantile_examples
+from patchscope.atlas.sources import Document, SourceConfig, TextSource, count_documents
+from patchscope.atlas.store import (
+    ATLAS_JSON,
+    ATLAS_TENSORS,
+    METADATA_KEY,
+    commit_atlas,
+    is_committed,
+    load_atlas_with_metadata,
+    save_atlas,
+    write_atlas,
+)
+from patchscope.util.identity import Identity, compare, path_identity
+from patchscope.util.lock import output_lock
+from patchscope.util.signals import Interrupted, InterruptFlag
+from patchscope.util.storage import check_writable, remove_stale_temp_files
+from patchscope.util.versions import versions
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.safetensors"
@@ -56,7 +66,9 @@ def run_identity(model_name: str, source: SourceConfig | None, model: nn.Module 
     }
 
 
-def identity_changes(recorded: dict[str, Identity | None] | None, current: dict[str, Identity | None], model_name: str, dataset: str) -> list[str]:
+def identity_changes(
+    recorded: dict[str, Identity | None] | None, current: dict[str, Identity | None], model_name: str, dataset: str
+) -> list[str]:
     """What changed in the inputs since ``recorded`` was taken, in words."""
     recorded = recorded or {}
     return compare(f"the model {model_name}", recorded.get("model"), current.get("model")) + compare(
@@ -64,12 +76,14 @@ def identity_changes(recorded: dict[str, Identity | None] | None, current: dict[
     )
 
 
-def _documents(source: TextSource | SourceConfig | Iterable[str] | Iterable[Document]) -> tuple[Iterable[Document], TextSource | None]:
+def _documents(
+    source: TextSource | SourceConfig | Iterable[str] | Iterable[Document],
+) -> tuple[Iterable[Document], TextSource | None]:
     if isinstance(source, SourceConfig):
         source = TextSource(source)
     if isinstance(source, TextSource):
         return source, source
-    docs = [d if isinstance(d, Document) else Document(i, d) for i, d in enumerate(source)]
+    docs = [d if isinstance(d, Document) else Document(i, cast(str, d)) for i, d in enumerate(source)]
     return [d for d in docs if d.text.strip()], None
 
 
@@ -146,7 +160,14 @@ def _profile(model, tokenizer, source, config, out: Path | None, resume: bool, m
         )
     if out is not None:
         if (out / ATLAS_TENSORS).exists() and not is_committed(out):  # killed after its tensors were saved
-            return _finish(out, key, identity, model_name, dataset, lambda saved: _before_commit(saved, out, documents, text_source, tokenizer, exports))
+            return _finish(
+                out,
+                key,
+                identity,
+                model_name,
+                dataset,
+                lambda saved: _before_commit(saved, out, documents, text_source, tokenizer, exports),
+            )
         guard_output(out, resume)
         distributed.check_checkpoints(out, world, resume)
 
@@ -158,17 +179,21 @@ def _profile(model, tokenizer, source, config, out: Path | None, resume: bool, m
             print(f"resuming after {done} batches ({documents_done} documents)", file=sys.stderr)
 
     count = _Counter(distributed.shard(documents, config.sort_buffer, world))  # this rank's blocks
-    batches = prefetch(plan(  # tokenized in a background thread, overlapping the forward
-        count,
-        tokenizer,
-        max_length=config.max_length,
-        overflow=config.overflow,
-        exclude_bos=config.exclude_bos,
-        batch_tokens=config.batch_tokens,
-        sort_buffer=config.sort_buffer,
-    ))
+    batches = prefetch(
+        plan(  # tokenized in a background thread, overlapping the forward
+            count,
+            tokenizer,
+            max_length=config.max_length,
+            overflow=config.overflow,
+            exclude_bos=config.exclude_bos,
+            batch_tokens=config.batch_tokens,
+            sort_buffer=config.sort_buffer,
+        )
+    )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    bar = tqdm(desc=f"profiling {', '.join(profiler.sites)}", unit="tok", unit_scale=True, disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        desc=f"profiling {', '.join(profiler.sites)}", unit="tok", unit_scale=True, disable=not progress, dynamic_ncols=True
+    )
     started = time.perf_counter()
     tokens = padded = index = 0
     stop = InterruptFlag()
@@ -188,7 +213,7 @@ def _profile(model, tokenizer, source, config, out: Path | None, resume: bool, m
                 _checkpoint(profiler, checkpoint, key, index, identity, documents_done)
             if stop:
                 where = f" after {index} batches ({documents_done} documents)"
-                raise Interrupted(stop.signum, checkpoint, where)
+                raise Interrupted(cast(int, stop.signum), checkpoint, where)  # set when `stop` is true
     finally:
         stop.restore()
         bar.close()
@@ -248,7 +273,9 @@ def _profile(model, tokenizer, source, config, out: Path | None, resume: bool, m
     return atlas
 
 
-def _before_commit(atlas: Atlas, out: Path, documents, text_source: TextSource | None, tokenizer, exports: tuple[str, ...]) -> None:
+def _before_commit(
+    atlas: Atlas, out: Path, documents, text_source: TextSource | None, tokenizer, exports: tuple[str, ...]
+) -> None:
     """Between the tensors and ``atlas.json``: the exports; the checkpoint is no longer needed."""
     if exports:
         texts = text_source.fetch(atlas.documents()) if text_source is not None else {d.index: d.text for d in documents}
@@ -267,7 +294,6 @@ def _finish(out: Path, key: str, identity: dict, model_name: str, dataset: str, 
         )
     log.info("finishing the atlas in %s: a previous run stopped before its exports", out)
     return commit_atlas(out, before_commit=before_commit)
-
 
 
 def _rank_zero_lock(out: Path):
@@ -347,17 +373,22 @@ class _Counter:
             yield document
 
 
-def _checkpoint(
-    profiler: Profiler, path: Path, key: str, batches: int, identity: dict | None = None, documents: int = 0
-) -> None:
+def _checkpoint(profiler: Profiler, path: Path, key: str, batches: int, identity: dict | None = None, documents: int = 0) -> None:
     profiler.flush()
     partial = Atlas(AtlasMeta(model="", dataset="", split="", top_k=profiler.config.top_k), profiler.state)
     # the cursor lives inside the same file as the tensors: one rename makes both durable
-    cursor = {"batches_done": str(batches), "documents_done": str(documents), "fingerprint": key, "identity": json.dumps(identity)}
+    cursor = {
+        "batches_done": str(batches),
+        "documents_done": str(documents),
+        "fingerprint": key,
+        "identity": json.dumps(identity),
+    }
     write_atlas(partial, path, cursor)
 
 
-def _restore(profiler: Profiler, path: Path, key: str, identity: dict | None = None, model_name: str = "", dataset: str = "") -> tuple[int, int]:
+def _restore(
+    profiler: Profiler, path: Path, key: str, identity: dict | None = None, model_name: str = "", dataset: str = ""
+) -> tuple[int, int]:
     """Load a checkpoint into ``profiler``; returns (batches, documents) already done."""
     try:
         atlas, metadata = load_atlas_with_metadata(path, device=profiler.device)

@@ -26,8 +26,11 @@ class SourceConfig:
     """Where the profiled texts come from."""
 
     dataset: str = field(
-        default="NeelNanda/pile-10k", metadata={"help": "HF dataset id or data folder, a local .txt / .jsonl / .json / .parquet / .csv file, or the built-in "
-            "'python-docs' (CPython's pydoc_data prose, one paragraph per document)."}
+        default="NeelNanda/pile-10k",
+        metadata={
+            "help": "HF dataset id or data folder, a local .txt / .jsonl / .json / .parquet / .csv file, or the built-in "
+            "'python-docs' (CPython's pydoc_data prose, one paragraph per document)."
+        },
     )
     split: str | None = field(
         default=None,
@@ -108,7 +111,7 @@ class TextSource:
                 continue
             produced += 1
             yield Document(index, text)
-        self.rows_read = None if first is None else (first, last)
+        self.rows_read = None if first is None or last is None else (first, last)
         if produced == 0:
             raise DataError(
                 f"{self.describe()} has no non-empty documents in column {self.config.text_column!r} "
@@ -180,16 +183,22 @@ class TextSource:
                 loaded = json.loads(_read_utf8(path))
             except json.JSONDecodeError as error:
                 raise DataError(f"{path}: invalid JSON at line {error.lineno} column {error.colno}: {error.msg}") from error
-            listed = loaded if isinstance(loaded, list) else loaded.get("data", loaded.get("rows", [])) if isinstance(loaded, dict) else None
+            listed = (
+                loaded
+                if isinstance(loaded, list)
+                else loaded.get("data", loaded.get("rows", []))
+                if isinstance(loaded, dict)
+                else None
+            )
             if not isinstance(listed, list):
-                raise DataError(f"{path}: expected a list of records (or {{\"data\": [...]}}), got {type(loaded).__name__}")
+                raise DataError(f'{path}: expected a list of records (or {{"data": [...]}}), got {type(loaded).__name__}')
             if not any(isinstance(record, dict) for record in listed):
                 return listed  # a plain list of texts
             for number, record in enumerate(listed):
                 if not isinstance(record, dict):
                     raise DataError(
                         f"{path}: record {number} is a JSON {_json_kind(record)}, not an object; "
-                        "write one object per record, e.g. {\"text\": \"...\"}"
+                        'write one object per record, e.g. {"text": "..."}'
                     )
             records = listed
         if records:
@@ -199,8 +208,7 @@ class TextSource:
     def _check_column(self, column: str, available: list[str]) -> None:
         if column not in available:
             raise DataError(
-                f"{self.config.dataset} has no column {column!r}; available: {', '.join(map(str, available))}. "
-                "Pass `text_column`"
+                f"{self.config.dataset} has no column {column!r}; available: {', '.join(map(str, available))}. Pass `text_column`"
             )
 
     def _hub_rows(self) -> Iterator[tuple[int, object]]:

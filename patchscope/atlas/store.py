@@ -20,13 +20,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from patchscope.kernels.quantiles import QuantileExamples
-from patchscope.kernels.topk_merge import Moments, TopK
-
-from patchscope.model.sites import SiteError, parse_site
-from patchscope.util.storage import write_json, write_tensors
 from patchscope.atlas.atlas import Atlas, AtlasError, AtlasMeta, SiteAtlas
 from patchscope.atlas.exact import ExactSum
+from patchscope.kernels.quantiles import QuantileExamples
+from patchscope.kernels.topk_merge import Moments, TopK
+from patchscope.model.sites import SiteError, parse_site
+from patchscope.util.storage import write_json, write_tensors
 
 ATLAS_TENSORS = "atlas.safetensors"
 ATLAS_JSON = "atlas.json"
@@ -42,13 +41,15 @@ def tensor_checksum(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, 
     """sha256 over every tensor's name, dtype, shape and bytes, in name order, then the metadata
     (the atlas description, a checkpoint's cursor), so no byte that a load uses goes unchecked."""
     digest = hashlib.sha256()
-    for key in sorted(metadata or {}):
+    entries = metadata or {}
+    for key in sorted(entries):
         if key != CHECKSUM_KEY:
-            digest.update(f"{key}={metadata[key]}|".encode())
+            digest.update(f"{key}={entries[key]}|".encode())
     for name in sorted(tensors):
         tensor = tensors[name].detach().to("cpu").contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+        # numpy's stubs declare the buffer protocol only for Python >= 3.12
+        digest.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))  # type: ignore[arg-type]
     return digest.hexdigest()
 
 
@@ -107,7 +108,9 @@ def load_atlas_with_metadata(path: str | Path, device: torch.device | str = "cpu
             metadata = handle.metadata() or {}
         tensors = load_file(str(file), device="cpu")
     except Exception as error:  # noqa: BLE001 - safetensors raises several types on bad bytes
-        raise AtlasError(f"{file} is not a readable atlas ({type(error).__name__}: {error}); it is damaged or was cut short") from error
+        raise AtlasError(
+            f"{file} is not a readable atlas ({type(error).__name__}: {error}); it is damaged or was cut short"
+        ) from error
     expected = metadata.get(CHECKSUM_KEY)
     if expected is not None and tensor_checksum(tensors, metadata) != expected:
         raise AtlasError(
@@ -115,7 +118,9 @@ def load_atlas_with_metadata(path: str | Path, device: torch.device | str = "cpu
             "partial copy, an edit); profile again or restore the file"
         )
     if METADATA_KEY not in metadata:
-        raise AtlasError(f"{file} holds tensors but no patchscope metadata ({METADATA_KEY!r}); it is not an atlas written by patchscope")
+        raise AtlasError(
+            f"{file} holds tensors but no patchscope metadata ({METADATA_KEY!r}); it is not an atlas written by patchscope"
+        )
     try:
         raw = json.loads(metadata[METADATA_KEY])
     except json.JSONDecodeError as error:
@@ -151,7 +156,9 @@ def _tensor(file: Path, tensors: Mapping[str, torch.Tensor], site: str, name: st
         raise AtlasError(f"{file} is missing the tensor {key!r}; the atlas is incomplete, profile again")
     tensor = tensors[key]
     if (name in _INTEGER_FIELDS) == tensor.dtype.is_floating_point or tensor.is_complex():
-        raise AtlasError(f"{file}: tensor {key!r} has dtype {tensor.dtype}, expected {'an integer' if name in _INTEGER_FIELDS else 'a float'} dtype")
+        raise AtlasError(
+            f"{file}: tensor {key!r} has dtype {tensor.dtype}, expected {'an integer' if name in _INTEGER_FIELDS else 'a float'} dtype"
+        )
     return tensor
 
 
@@ -168,10 +175,14 @@ def _check_site(file: Path, site: str, stats: SiteAtlas, top_k: int) -> None:
     for spec in dataclasses.fields(Moments):
         want = () if spec.name == "n_tokens" else (n,)
         if tuple(getattr(moments, spec.name).shape) != want:
-            raise AtlasError(f"{file}: {site}/{spec.name} has shape {tuple(getattr(moments, spec.name).shape)}, expected {list(want)}")
+            raise AtlasError(
+                f"{file}: {site}/{spec.name} has shape {tuple(getattr(moments, spec.name).shape)}, expected {list(want)}"
+            )
     filled = top.doc >= 0
     if not torch.isfinite(top.values[filled]).all():
-        raise AtlasError(f"{file}: {site}/values holds nan or inf among its recorded examples; the atlas is damaged, profile again")
+        raise AtlasError(
+            f"{file}: {site}/values holds nan or inf among its recorded examples; the atlas is damaged, profile again"
+        )
     if bool((top.doc < -1).any()) or bool((top.pos < 0).any()):
         raise AtlasError(f"{file}: {site} holds negative document or position indices; the atlas is damaged, profile again")
     if not (torch.isfinite(moments.total).all() and torch.isfinite(moments.total_sq).all()):
@@ -180,6 +191,7 @@ def _check_site(file: Path, site: str, stats: SiteAtlas, top_k: int) -> None:
 
 def optional_parts(tensors: Mapping[str, torch.Tensor], site: str) -> tuple:
     """Bottom-k, histogram and quantile examples where the file has them (older atlases do not)."""
+
     def group(cls, prefix: str):
         names = [f"{site}/{prefix}_{f.name}" for f in dataclasses.fields(cls)]
         return cls(*(tensors[name] for name in names)) if names[0] in tensors else None

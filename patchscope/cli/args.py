@@ -33,8 +33,10 @@ def add_dataclass_arguments(
         if spec.name in skip or not spec.init or (only is not None and spec.name not in only):
             continue
         hint = hints[spec.name]
-        default = spec.default if spec.default is not dataclasses.MISSING else (
-            spec.default_factory() if spec.default_factory is not dataclasses.MISSING else None
+        default = (
+            spec.default
+            if spec.default is not dataclasses.MISSING
+            else (spec.default_factory() if spec.default_factory is not dataclasses.MISSING else None)
         )
         help_text = field_help(spec)
         base, optional = _unwrap(hint)
@@ -70,6 +72,10 @@ def from_namespace(cls: type, namespace: argparse.Namespace, **extra: Any) -> An
     values = {name: getattr(namespace, name) for name in names if hasattr(namespace, name)}
     values.update(extra)
     for spec in dataclasses.fields(cls):  # nargs="+" gives lists; keep tuples where declared
-        if spec.name in values and isinstance(values[spec.name], list) and get_origin(_unwrap(typing.get_type_hints(cls)[spec.name])[0]) is tuple:
+        if (
+            spec.name in values
+            and isinstance(values[spec.name], list)
+            and get_origin(_unwrap(typing.get_type_hints(cls)[spec.name])[0]) is tuple
+        ):
             values[spec.name] = tuple(values[spec.name])
     return cls(**values)

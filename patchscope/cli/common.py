@@ -7,8 +7,8 @@ import argparse
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
     """``--model``, ``--dtype`` and ``--device``, with the same help and choices as `ExperimentConfig`."""
-    from patchscope.experiment import ExperimentConfig
     from patchscope.cli.args import add_dataclass_arguments
+    from patchscope.experiment import ExperimentConfig
 
     add_dataclass_arguments(parser, ExperimentConfig, only=("model", "dtype", "device"))
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 
-
 NEURONPEDIA = "neuronpedia"
 """Neuronpedia's batch JSON (`patchscope.report.neuronpedia`), written to ``--out``."""
 
@@ -19,7 +18,9 @@ def register(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("atlas_dir", metavar="ATLAS_DIR", help="folder holding atlas.safetensors")
     parser.add_argument(
-        "--format", action="append", choices=[*EXPORTS, NEURONPEDIA],
+        "--format",
+        action="append",
+        choices=[*EXPORTS, NEURONPEDIA],
         help=f"a format to write; repeat for several (default: {' '.join(DEFAULT_EXPORTS)}). "
         f"{NEURONPEDIA}: Neuronpedia's feature batch JSON, into --out",
     )
@@ -31,14 +32,12 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from patchscope.atlas.atlas import AtlasError
-    from patchscope.atlas.exports import write_exports
+    from patchscope.atlas.exports import DEFAULT_EXPORTS, write_exports
     from patchscope.atlas.run import identity_changes, run_identity
     from patchscope.atlas.sources import SourceConfig, TextSource
     from patchscope.atlas.store import commit_atlas, is_committed, load_atlas
     from patchscope.model.loading import load_tokenizer
     from patchscope.util.lock import output_lock
-
-    from patchscope.atlas.exports import DEFAULT_EXPORTS
 
     directory = Path(args.atlas_dir)
     atlas = load_atlas(directory)
@@ -53,7 +52,9 @@ def run(args: argparse.Namespace) -> int:
             return 0
     meta = atlas.meta
     if meta.dataset == "<texts>":
-        raise AtlasError(f"the atlas in {directory} was profiled from texts given in Python, so its exports cannot be rebuilt here")
+        raise AtlasError(
+            f"the atlas in {directory} was profiled from texts given in Python, so its exports cannot be rebuilt here"
+        )
     recorded = meta.extra.get("source") or {"dataset": meta.dataset, "split": meta.split, "text_column": meta.text_column}
     source_config = SourceConfig(**recorded)
     changes = identity_changes(meta.extra.get("identity"), run_identity(meta.model, source_config), meta.model, meta.dataset)
@@ -67,7 +68,9 @@ def run(args: argparse.Namespace) -> int:
             written = write_exports(atlas, directory, texts, tokenizer, formats)
         else:  # a run killed before its exports: write them, then the commit marker
             written = []
-            commit_atlas(directory, before_commit=lambda saved: written.extend(write_exports(saved, directory, texts, tokenizer, formats)))
+            commit_atlas(
+                directory, before_commit=lambda saved: written.extend(write_exports(saved, directory, texts, tokenizer, formats))
+            )
     for path in written:
         print(f"wrote {path}")
     return 0

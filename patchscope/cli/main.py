@@ -21,7 +21,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("patchscope.cli.run", "the whole experiment: profile, extract, SAE, Patchscope; writes results.json"),
     "export": ("patchscope.cli.export", "rebuild an atlas folder's exports (neuron mapping, Parquet table) from its atlas"),
     "merge": ("patchscope.cli.merge", "merge the atlases of independent jobs over disjoint slices into one"),
-    "sweep": ("patchscope.cli.sweep", "Patchscope sweep over source x target layers: precision@1, surprisal, reactivation, heatmaps"),
+    "sweep": (
+        "patchscope.cli.sweep",
+        "Patchscope sweep over source x target layers: precision@1, surprisal, reactivation, heatmaps",
+    ),
     "report": ("patchscope.cli.report", "write a static, offline HTML dashboard of an atlas (index + a page per neuron)"),
 }
 
@@ -41,7 +44,9 @@ examples:
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The top-level parser; only ``command``'s own flags are loaded (all of them when None)."""
-    parser = argparse.ArgumentParser(prog="patchscope", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="patchscope", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--version", action="version", version=f"patchscope {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():

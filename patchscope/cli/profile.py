@@ -23,14 +23,14 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from patchscope.cli.args import from_namespace
-    from patchscope.atlas.sources import SourceConfig, TextSource
     from patchscope.atlas import distributed
-    from patchscope.model.loading import load_model, load_model_until, resolve_device, resolve_dtype
-    from patchscope.model.sites import parse_site
     from patchscope.atlas.config import ProfileConfig
     from patchscope.atlas.exports import DEFAULT_EXPORTS
     from patchscope.atlas.run import check_before_loading, profile
+    from patchscope.atlas.sources import SourceConfig, TextSource
+    from patchscope.cli.args import from_namespace
+    from patchscope.model.loading import load_model, load_model_until, resolve_device, resolve_dtype
+    from patchscope.model.sites import parse_site
     from patchscope.util.storage import check_writable
 
     if args.nproc > 1 and distributed.detect().size == 1:
@@ -47,13 +47,25 @@ def run(args: argparse.Namespace) -> int:
     distributed.check_checkpoints(out, world, args.resume)
     device = distributed.rank_device(args.device, world)  # cuda:LOCAL_RANK under torchrun
     if args.device_map and world.size > 1 and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
-        raise ValueError("`device_map` spreads one model over this node's GPUs: run one process per node (torchrun --nproc-per-node 1)")
+        raise ValueError(
+            "`device_map` spreads one model over this node's GPUs: run one process per node (torchrun --nproc-per-node 1)"
+        )
     if args.truncated_load:  # profiling never needs the layers after the deepest site, nor the LM head
-        model, tokenizer = load_model_until(args.model, max(layers, default=0), dtype=args.dtype, device=device, device_map=args.device_map)
+        model, tokenizer = load_model_until(
+            args.model, max(layers, default=0), dtype=args.dtype, device=device, device_map=args.device_map
+        )
     else:
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=device, device_map=args.device_map)
     atlas = profile(
-        model, tokenizer, source, config, out=out, resume=args.resume, model_name=args.model, exports=DEFAULT_EXPORTS, progress=world.is_main
+        model,
+        tokenizer,
+        source,
+        config,
+        out=out,
+        resume=args.resume,
+        model_name=args.model,
+        exports=DEFAULT_EXPORTS,
+        progress=world.is_main,
     )
     if not world.is_main:  # rank 0 writes the one atlas and the exports
         return 0
@@ -66,13 +78,17 @@ def add_scale_flags(parser: argparse.ArgumentParser) -> None:
     """Data parallelism (torchrun), one model over several GPUs (accelerate), and truncated loading."""
     group = parser.add_argument_group("scaling out")
     group.add_argument(
-        "--nproc", type=int, default=1,
+        "--nproc",
+        type=int,
+        default=1,
         help="processes on this machine, one per GPU (torchrun --standalone --nproc-per-node N); "
         "for several nodes, run torchrun yourself (see README, Scaling out)",
     )
     group.add_argument("--device-map", default=None, help="accelerate device map, e.g. auto: one model over several GPUs")
     group.add_argument(
-        "--truncated-load", action=argparse.BooleanOptionalAction, default=True,
+        "--truncated-load",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="load only the layers up to the deepest profiled site, without the LM head (values are unchanged)",
     )
 

@@ -20,8 +20,8 @@ def register(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from patchscope.atlas.store import load_atlas
     from patchscope.cli.args import from_namespace
-    from patchscope.report.inputs import atlas_model, atlas_texts
     from patchscope.report.dashboard import DashboardConfig, chosen_neurons, shown_examples, write_dashboard
+    from patchscope.report.inputs import atlas_model, atlas_texts
     from patchscope.util.storage import check_writable
 
     config = from_namespace(DashboardConfig, args)
@@ -29,7 +29,9 @@ def run(args: argparse.Namespace) -> int:
     out = check_writable(args.out)
     atlas = load_atlas(args.atlas)
     chosen = chosen_neurons(atlas, config)  # checks `neurons` before the model loads
-    docs = {e.doc for site, ns in chosen.items() for n in ns for g in shown_examples(atlas, site, n, config).values() for _, e in g}
+    docs = {
+        e.doc for site, ns in chosen.items() for n in ns for g in shown_examples(atlas, site, n, config).values() for _, e in g
+    }
     texts = atlas_texts(atlas, docs)
     model, tokenizer = atlas_model(atlas, args.model, args.dtype, args.device)
     index = write_dashboard(atlas, out, model=model, tokenizer=tokenizer, texts=texts, config=config)

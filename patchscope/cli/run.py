@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 
 
-
 def register(parser: argparse.ArgumentParser) -> None:
     from patchscope.atlas.config import ProfileConfig
     from patchscope.atlas.sources import SourceConfig
@@ -20,11 +19,11 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from patchscope.cli.args import from_namespace
-    from patchscope.atlas.sources import SourceConfig
-    from patchscope.scope.config import PatchscopeConfig
-    from patchscope.experiment import ExperimentConfig, format_summary, run_experiment
     from patchscope.atlas.config import ProfileConfig
+    from patchscope.atlas.sources import SourceConfig
+    from patchscope.cli.args import from_namespace
+    from patchscope.experiment import ExperimentConfig, format_summary, run_experiment
+    from patchscope.scope.config import PatchscopeConfig
 
     config = from_namespace(
         ExperimentConfig,

@@ -7,7 +7,6 @@ import argparse
 from patchscope.cli.common import add_model_flags
 
 
-
 def register(parser: argparse.ArgumentParser) -> None:
     add_model_flags(parser)
     parser.add_argument("--sae", required=True, help="params.npz / .safetensors file, SAELens folder, or REPO_ID/PATH")
@@ -22,9 +21,9 @@ def register(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from patchscope.sae.attribution import attribute_neuron
     from patchscope.model.hooks import capture, stop_after
     from patchscope.model.loading import load_config, load_model
+    from patchscope.sae.attribution import attribute_neuron
     from patchscope.sae.jumprelu import check_site, top_features
     from patchscope.sae.loaders import load_sae
 
@@ -45,10 +44,14 @@ def run(args: argparse.Namespace) -> int:
     print(f"SAE {sae.info.source} (trained on {sae.info.site}, d_sae {sae.d_sae}) at {site}, position {args.position} {token!r}")
     print(format_readout(top_features(sae, vector, args.k, position=args.position)))
     if args.neuron is not None:
-        result = attribute_neuron(model, sae, ids, args.position, vector, site=site, neuron=args.neuron, allow_site_mismatch=args.allow_site_mismatch)
+        result = attribute_neuron(
+            model, sae, ids, args.position, vector, site=site, neuron=args.neuron, allow_site_mismatch=args.allow_site_mismatch
+        )
         print(f"\nfeatures that drive neuron {args.neuron} of {result.neuron_site} (value {result.value:.4f}):")
         for feature in result.features[: args.k]:
-            print(f"  {feature.index:>7d}  act {feature.activation:8.3f}  contribution {feature.contribution:+9.4f}  {feature.url or ''}")
+            print(
+                f"  {feature.index:>7d}  act {feature.activation:8.3f}  contribution {feature.contribution:+9.4f}  {feature.url or ''}"
+            )
         print(f"  b_dec {result.bias_contribution:+.4f}   SAE error {result.error_contribution:+.4f}")
     return 0
 

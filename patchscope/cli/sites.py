@@ -7,7 +7,6 @@ import argparse
 from patchscope.cli.common import add_model_flags
 
 
-
 def register(parser: argparse.ArgumentParser) -> None:
     add_model_flags(parser)
 

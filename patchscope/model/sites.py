@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, cast
 
 from torch import nn
 
@@ -84,14 +84,13 @@ def model_family(model: nn.Module) -> str:
     family = getattr(getattr(model, "config", None), "model_type", None)
     if family not in SUPPORTED_FAMILIES:
         raise SiteError(
-            f"unsupported architecture {family!r} ({type(model).__name__}); "
-            f"supported: {', '.join(sorted(SUPPORTED_FAMILIES))}"
+            f"unsupported architecture {family!r} ({type(model).__name__}); supported: {', '.join(sorted(SUPPORTED_FAMILIES))}"
         )
     return family
 
 
 def n_layers(model: nn.Module) -> int:
-    return len(base_model(model).layers)
+    return len(cast(nn.ModuleList, base_model(model).layers))
 
 
 def list_sites(model: nn.Module) -> list[str]:
@@ -137,7 +136,7 @@ def resolve(model: nn.Module, name: str) -> SiteRef:
     """The module and hook point behind a TransformerLens name."""
     family = model_family(model)
     layer, suffix = parse_site(name)
-    base = base_model(model)
+    base: Any = base_model(model)  # HF decoder: its submodules are found by attribute name
     order = site_order(name)
     if layer < 0:
         embed = base.embed_tokens
@@ -171,5 +170,5 @@ def resolve(model: nn.Module, name: str) -> SiteRef:
 def site_width(model: nn.Module, name: str) -> int:
     """Size of the last dimension at a site: d_mlp for ``mlp.*`` sites, d_model otherwise."""
     _, suffix = parse_site(name)
-    config = model.config
+    config: Any = model.config
     return config.intermediate_size if suffix.startswith("mlp.") else config.hidden_size

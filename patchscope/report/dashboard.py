@@ -20,13 +20,13 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from patchscope.kernels.histogram import bin_ranges
-from patchscope.kernels.quantiles import INTERVALS
-from patchscope.util.storage import atomic_write
 from patchscope.atlas.atlas import Atlas
 from patchscope.atlas.output_tokens import OutputTokens, output_tokens
+from patchscope.kernels.histogram import bin_ranges
+from patchscope.kernels.quantiles import INTERVALS
 from patchscope.report.html import esc, histogram_chart, number, page, scatter_chart, tokens_html
 from patchscope.report.replay import Context, Example, replay_contexts
+from patchscope.util.storage import atomic_write
 
 INDEX = "index.html"
 COLUMNS = ("max", "min", "density", "mean", "std")
@@ -37,7 +37,9 @@ class DashboardConfig:
     """What the dashboard shows."""
 
     top: int = field(default=20, metadata={"help": "Neurons per site that get their own page: those with the largest maxima."})
-    neurons: tuple[int, ...] = field(default=(), metadata={"help": "Explicit neurons to give pages (every site) instead of --top."})
+    neurons: tuple[int, ...] = field(
+        default=(), metadata={"help": "Explicit neurons to give pages (every site) instead of --top."}
+    )
     examples: int = field(default=10, metadata={"help": "Top and bottom examples shown per neuron."})
     before: int = field(default=24, metadata={"help": "Context tokens shown before each example's token."})
     after: int = field(default=8, metadata={"help": "Context tokens shown after it."})
@@ -81,12 +83,16 @@ def shown_examples(atlas: Atlas, site: str, neuron: int, config: DashboardConfig
 
     groups["top"] = take(stats.top.values[:, neuron], stats.top.doc[:, neuron], stats.top.pos[:, neuron], config.examples)
     if stats.bottom is not None:
-        groups["bottom"] = take(stats.bottom.values[:, neuron], stats.bottom.doc[:, neuron], stats.bottom.pos[:, neuron], config.examples)
+        groups["bottom"] = take(
+            stats.bottom.values[:, neuron], stats.bottom.doc[:, neuron], stats.bottom.pos[:, neuron], config.examples
+        )
     if stats.quantiles is not None:
         q = stats.quantiles
         for b in reversed(range(INTERVALS)):
             order = torch.argsort(q.values[b, :, neuron], descending=True)
-            groups[f"quantile {b}"] = take(q.values[b, order, neuron], q.doc[b, order, neuron], q.pos[b, order, neuron], q.per_interval)
+            groups[f"quantile {b}"] = take(
+                q.values[b, order, neuron], q.doc[b, order, neuron], q.pos[b, order, neuron], q.per_interval
+            )
     return groups
 
 
@@ -110,7 +116,11 @@ def write_dashboard(
         view = output_tokens(model, site, neurons, config.output_k)
         for n in neurons:
             html_text = neuron_page(atlas, site, n, groups[n], contexts, view, tokenizer)
-            atomic_write(out / neuron_file(site, n), lambda tmp, text=html_text: Path(tmp).write_text(text, encoding="utf-8"))
+
+            def write_page(tmp: Path, text: str = html_text) -> int:
+                return Path(tmp).write_text(text, encoding="utf-8")
+
+            atomic_write(out / neuron_file(site, n), write_page)
     index = out / INDEX
     html_text = index_page(atlas, chosen)
     atomic_write(index, lambda tmp: Path(tmp).write_text(html_text, encoding="utf-8"))
@@ -158,7 +168,10 @@ def _output_tokens_html(view: OutputTokens | None, n: int, tokenizer: PreTrained
 
     def column(title: str, ids, values) -> str:
         names = tokenizer.batch_decode([[i] for i in ids.tolist()])
-        cells = "".join(f"<tr><td class='l ctx'>{esc(repr(t))}</td><td data-v='{v!r}'>{number(v)}</td></tr>" for t, v in zip(names, values.tolist()))
+        cells = "".join(
+            f"<tr><td class='l ctx'>{esc(repr(t))}</td><td data-v='{v!r}'>{number(v)}</td></tr>"
+            for t, v in zip(names, values.tolist())
+        )
         return f"<div><h3>{title}</h3><table>{cells}</table></div>"
 
     return (
@@ -180,18 +193,23 @@ def neuron_page(atlas: Atlas, site: str, n: int, groups, contexts, view, tokeniz
             body.append(f"<section id={key}><h2>{titles[key]}</h2>{_examples_html(groups[key], contexts, scale)}</section>")
     quantiles = [k for k in groups if k.startswith("quantile")]
     if quantiles:
+        assert stats.quantiles is not None  # quantile groups exist only when the atlas has quantiles
         upper = float(stats.quantiles.upper[n])
         parts = []
         for key in quantiles:
             b = int(key.split()[1])
-            parts.append(f"<h3>interval {b + 1} of {INTERVALS}: ({number(upper * b / INTERVALS)}, {number(upper * (b + 1) / INTERVALS)}]</h3>")
+            parts.append(
+                f"<h3>interval {b + 1} of {INTERVALS}: ({number(upper * b / INTERVALS)}, {number(upper * (b + 1) / INTERVALS)}]</h3>"
+            )
             parts.append(_examples_html(groups[key], contexts, scale))
         body.append("<section id=quantiles><h2>Examples across the activation range</h2>" + "".join(parts) + "</section>")
     if stats.histogram is not None:
         low, high = bin_ranges()
         chart = histogram_chart(stats.histogram[n].tolist(), low.tolist(), high.tolist())
         body.append(f"<section id=histogram><h2>Activation histogram</h2>{chart}</section>")
-    body.append(f"<section id=output-tokens><h2>Output tokens (from the weights)</h2>{_output_tokens_html(view, n, tokenizer)}</section>")
+    body.append(
+        f"<section id=output-tokens><h2>Output tokens (from the weights)</h2>{_output_tokens_html(view, n, tokenizer)}</section>"
+    )
     subtitle = (
         f"<a href='../{INDEX}'>&larr; all neurons</a> · {esc(atlas.meta.model)} · {esc(atlas.meta.dataset)} "
         f"{esc(atlas.meta.split)} · {atlas.n_tokens} tokens · hover a token for its activation"
@@ -264,11 +282,17 @@ def index_page(atlas: Atlas, chosen: Mapping[str, list[int]]) -> str:
         for n in range(stats.n_neurons):
             label = f"<a href='{esc(neuron_file(site, n))}'>{n}</a>" if n in pages else str(n)
             cells = "".join(f"<td data-v='{columns[c][n]!r}'>{number(columns[c][n], 4)}</td>" for c in COLUMNS)
-            body.append(f"<tr data-n={n} data-max='{columns['max'][n]!r}' data-density='{columns['density'][n]!r}'><td class=l data-v={n}>{label}</td>{cells}</tr>")
+            body.append(
+                f"<tr data-n={n} data-max='{columns['max'][n]!r}' data-density='{columns['density'][n]!r}'><td class=l data-v={n}>{label}</td>{cells}</tr>"
+            )
         head = "<th class=l data-key=neuron>neuron</th>" + "".join(f"<th data-key={c}>{c}</th>" for c in COLUMNS)
         points = [
-            (columns["density"][n], columns["max"][n], f"neuron {n}: max {number(columns['max'][n])}, density {number(columns['density'][n], 4)}",
-             neuron_file(site, n) if n in pages else None)
+            (
+                columns["density"][n],
+                columns["max"][n],
+                f"neuron {n}: max {number(columns['max'][n])}, density {number(columns['density'][n], 4)}",
+                neuron_file(site, n) if n in pages else None,
+            )
             for n in range(stats.n_neurons)
         ]
         plot = scatter_chart(points, x_label="density (share of tokens > 0)", y_label="max activation")

@@ -82,11 +82,15 @@ def tokens_html(tokens: Sequence[str], values: Sequence[float | None], scale: fl
         classes = "t" + (" f" if i == focus else "") + (" nv" if value is None else "")
         data = f" data-v='{value!r}'" if value is not None else ""
         hover = f"{token!r}: {number(value, 4)}" if value is not None else f"{token!r}: not fed back (no activation)"
-        spans.append(f"<span class='{classes}'{data} style='background:{shade(value, scale)}' title='{esc(hover)}'>{esc(visible(token))}</span>")
+        spans.append(
+            f"<span class='{classes}'{data} style='background:{shade(value, scale)}' title='{esc(hover)}'>{esc(visible(token))}</span>"
+        )
     return "<span class=ctx>" + "".join(spans) + "</span>"
 
 
-def bar_chart(labels: Sequence[str], values: Sequence[float], *, width: int = 560, reference: tuple[str, float] | None = None) -> str:
+def bar_chart(
+    labels: Sequence[str], values: Sequence[float], *, width: int = 560, reference: tuple[str, float] | None = None
+) -> str:
     """Horizontal bars around a zero line; an optional dashed reference value (e.g. the neuron's maximum)."""
     row, left, pad = 24, 170, 60
     extent = [0.0, *values] + ([reference[1]] if reference else [])
@@ -115,7 +119,9 @@ def bar_chart(labels: Sequence[str], values: Sequence[float], *, width: int = 56
     return "".join(parts)
 
 
-def histogram_chart(counts: Sequence[int], low: Sequence[float], high: Sequence[float], *, width: int = 900, height: int = 170) -> str:
+def histogram_chart(
+    counts: Sequence[int], low: Sequence[float], high: Sequence[float], *, width: int = 900, height: int = 170
+) -> str:
     """Bars for the occupied range of a fixed-bin histogram; heights on a log scale (bins span decades)."""
     occupied = [i for i, c in enumerate(counts) if c]
     if not occupied:
@@ -141,7 +147,9 @@ def histogram_chart(counts: Sequence[int], low: Sequence[float], high: Sequence[
     return "".join(parts)
 
 
-def scatter_chart(points: Sequence[tuple[float, float, str, str | None]], *, x_label: str, y_label: str, width: int = 620, height: int = 300) -> str:
+def scatter_chart(
+    points: Sequence[tuple[float, float, str, str | None]], *, x_label: str, y_label: str, width: int = 620, height: int = 300
+) -> str:
     """Points ``(x, y, tooltip, link)``; x on a log scale (densities span decades)."""
     positive = [p[0] for p in points if p[0] > 0]
     floor = min(positive) if positive else 1e-6  # neurons that never fire sit at the left edge
@@ -151,12 +159,15 @@ def scatter_chart(points: Sequence[tuple[float, float, str, str | None]], *, x_l
     y0, y1 = min(ys + [0.0]), max(ys + [0.0])
     sx = lambda v: 50 + (math.log10(max(v, floor)) - lx0) / ((lx1 - lx0) or 1) * (width - 70)  # noqa: E731
     sy = lambda v: height - 30 - (v - y0) / ((y1 - y0) or 1) * (height - 50)  # noqa: E731
-    parts = [f"<svg width={width} height={height} role=img><rect x=50 y=10 width={width - 70} height={height - 40} fill='#fafbfc' stroke='#dfe3e8'/>"]
-    for (x, y, tip, link) in points:
-        dot = f"<circle cx={sx(x):.1f} cy={sy(y):.1f} r={3.5 if link else 2} fill='{'#d35400' if link else '#7f8c99'}' fill-opacity=0.7><title>{esc(tip)}</title></circle>"
+    parts = [
+        f"<svg width={width} height={height} role=img><rect x=50 y=10 width={width - 70} height={height - 40} fill='#fafbfc' stroke='#dfe3e8'/>"
+    ]
+    for x, y, tip, link in points:
+        colour = "#d35400" if link else "#7f8c99"
+        dot = f"<circle cx={sx(x):.1f} cy={sy(y):.1f} r={3.5 if link else 2} fill='{colour}' fill-opacity=0.7><title>{esc(tip)}</title></circle>"
         parts.append(f"<a href='{esc(link)}'>{dot}</a>" if link else dot)
     parts.append(
-        f"<text x={width / 2:.0f} y={height - 4} text-anchor=middle>{esc(x_label)} (log scale, {number(10 ** lx0, 2)} to {number(10 ** lx1, 2)})</text>"
+        f"<text x={width / 2:.0f} y={height - 4} text-anchor=middle>{esc(x_label)} (log scale, {number(10**lx0, 2)} to {number(10**lx1, 2)})</text>"
         f"<text x=12 y={height / 2:.0f} transform='rotate(-90 12 {height / 2:.0f})' text-anchor=middle>{esc(y_label)}</text>"
         f"<text x=46 y={sy(y1) + 4:.1f} text-anchor=end>{number(y1, 2)}</text><text x=46 y={sy(y0):.1f} text-anchor=end>{number(y0, 2)}</text></svg>"
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import cast
 
 from torch import nn
 from transformers import PreTrainedTokenizerBase
@@ -25,8 +26,10 @@ def atlas_texts(atlas: Atlas, docs: Iterable[int]) -> dict[int, str]:
     return source.fetch(docs)
 
 
-def atlas_model(atlas: Atlas, model: str | None = None, dtype: str = "auto", device: str = "auto") -> tuple[nn.Module, PreTrainedTokenizerBase]:
+def atlas_model(
+    atlas: Atlas, model: str | None = None, dtype: str = "auto", device: str = "auto"
+) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """The model the atlas names (or ``model``), to replay examples and read output directions."""
-    from patchscope.model.loading import load_model
+    from patchscope.model.loading import DTypeName, load_model
 
-    return load_model(model or atlas.meta.model, dtype=dtype, device=device)
+    return load_model(model or atlas.meta.model, dtype=cast(DTypeName, dtype), device=device)  # checked by load_model

@@ -26,20 +26,20 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from patchscope.atlas.atlas import Atlas
+from patchscope.atlas.output_tokens import output_directions, output_tokens
 from patchscope.kernels.histogram import CENTER, bin_values
 from patchscope.kernels.quantiles import INTERVALS
 from patchscope.model.sites import parse_site
-from patchscope.util.storage import write_json
-from patchscope.atlas.atlas import Atlas
-from patchscope.atlas.output_tokens import output_directions, output_tokens
 from patchscope.report.inputs import as_atlas, atlas_model, atlas_texts
 from patchscope.report.replay import Example, replay_contexts
+from patchscope.util.storage import write_json
 
 LOGIT_BINS = 40
 BATCH_FEATURES = 128
@@ -94,7 +94,11 @@ def _groups(atlas: Atlas, site: str, n: int) -> list[tuple[list[tuple[float, Exa
     """``(examples, bin_min, bin_max, bin_contains)``: the top group, then the quantile intervals from the highest."""
     stats = atlas[site]
     positive = max(int(stats.moments.fire_count[n]), 1)
-    top = [(float(v), Example(n, int(d), int(p))) for v, d, p in zip(stats.top.values[:, n].tolist(), stats.top.doc[:, n].tolist(), stats.top.pos[:, n].tolist()) if d >= 0 and v > 0]
+    top = [
+        (float(v), Example(n, int(d), int(p)))
+        for v, d, p in zip(stats.top.values[:, n].tolist(), stats.top.doc[:, n].tolist(), stats.top.pos[:, n].tolist())
+        if d >= 0 and v > 0
+    ]
     groups = []
     if top:
         groups.append((top, top[-1][0], top[0][0], len(top) / positive))
@@ -103,7 +107,11 @@ def _groups(atlas: Atlas, site: str, n: int) -> list[tuple[list[tuple[float, Exa
         upper = float(q.upper[n])
         for b in reversed(range(INTERVALS)):
             picks = sorted(
-                ((float(v), Example(n, int(d), int(p))) for v, d, p in zip(q.values[b, :, n].tolist(), q.doc[b, :, n].tolist(), q.pos[b, :, n].tolist()) if d >= 0),
+                (
+                    (float(v), Example(n, int(d), int(p)))
+                    for v, d, p in zip(q.values[b, :, n].tolist(), q.doc[b, :, n].tolist(), q.pos[b, :, n].tolist())
+                    if d >= 0
+                ),
                 key=lambda pick: -pick[0],
             )
             if picks:
@@ -161,9 +169,15 @@ def _features(atlas, site, neurons, model, tokenizer, texts, logit_k) -> list[di
 def _logits(view, directions, row: int, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
     if view is None:
         empty: list = []
-        return {"pos_str": empty, "pos_values": empty, "neg_str": empty, "neg_values": empty,
-                "logits_hist_data_bar_heights": empty, "logits_hist_data_bar_values": empty}
-    unembed = model.get_output_embeddings().weight
+        return {
+            "pos_str": empty,
+            "pos_values": empty,
+            "neg_str": empty,
+            "neg_values": empty,
+            "logits_hist_data_bar_heights": empty,
+            "logits_hist_data_bar_values": empty,
+        }
+    unembed = cast(Any, model).get_output_embeddings().weight
     with torch.no_grad():
         logits = (unembed.float() @ directions[:, row].to(unembed.device)).cpu()  # [vocab]
     heights = torch.histc(logits, bins=LOGIT_BINS, min=float(logits.min()), max=float(logits.max()))

@@ -15,11 +15,11 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from patchscope.model.hooks import capture, stop_after
-from patchscope.model.loading import model_device
 from patchscope.atlas.atlas import Atlas
 from patchscope.atlas.batching import Segment, adds_bos, collate, locate, segments
 from patchscope.atlas.sources import Document
+from patchscope.model.hooks import capture, stop_after
+from patchscope.model.loading import model_device
 
 BATCH_ROWS = 8
 
@@ -62,7 +62,9 @@ def replay_contexts(
     for example in examples:
         if example.doc not in parts:  # the profiler's own segments: an excluded BOS is not shown
             meta = atlas.meta
-            parts[example.doc] = segments(tokenizer, Document(example.doc, texts[example.doc]), meta.max_length, meta.overflow, meta.exclude_bos, has_bos)
+            parts[example.doc] = segments(
+                tokenizer, Document(example.doc, texts[example.doc]), meta.max_length, meta.overflow, meta.exclude_bos, has_bos
+            )
         where[example] = locate(parts[example.doc], example.position)
     needed = list(dict.fromkeys(segment for segment, _ in where.values()))
     by_segment: dict[Segment, list[Example]] = {}

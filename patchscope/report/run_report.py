@@ -16,12 +16,12 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from patchscope.model.hooks import capture, stop_after
-from patchscope.model.loading import model_device
-from patchscope.util.storage import atomic_write
 from patchscope.atlas.batching import segment_at
 from patchscope.atlas.sources import SourceConfig, TextSource
+from patchscope.model.hooks import capture, stop_after
+from patchscope.model.loading import model_device
 from patchscope.report.html import bar_chart, esc, number, page, tokens_html
+from patchscope.util.storage import atomic_write
 
 BEFORE, AFTER = 24, 8
 

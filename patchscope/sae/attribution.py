@@ -15,8 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from patchscope.model.hooks import Step, add_hooks, patch, stop_after
-from patchscope.sae.jumprelu import JumpReLUSAE, check_site
 from patchscope.model.sites import parse_site, site_order
+from patchscope.sae.jumprelu import JumpReLUSAE, check_site
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,11 @@ def neuron_function(model: nn.Module, input_ids: Tensor, site: str, position: in
         def keep(value: Tensor, step: Step) -> None:
             seen["value"] = value
 
-        with patch(model, site, vector, positions=[position]), add_hooks(model, {neuron_site: keep}), stop_after(model, neuron_site):
+        with (
+            patch(model, site, vector, positions=[position]),
+            add_hooks(model, {neuron_site: keep}),
+            stop_after(model, neuron_site),
+        ):
             model(input_ids=input_ids, use_cache=False)
         return seen["value"][0, position, neuron].float()
 

@@ -56,7 +56,15 @@ class JumpReLUSAE(nn.Module):
     b_dec: Tensor
 
     def __init__(
-        self, W_enc: Tensor, b_enc: Tensor, threshold: Tensor, W_dec: Tensor, b_dec: Tensor, info: SAEInfo = SAEInfo(), *, apply_b_dec_to_input: bool = False
+        self,
+        W_enc: Tensor,
+        b_enc: Tensor,
+        threshold: Tensor,
+        W_dec: Tensor,
+        b_dec: Tensor,
+        info: SAEInfo = SAEInfo(),
+        *,
+        apply_b_dec_to_input: bool = False,
     ) -> None:
         super().__init__()
         self.register_buffer("W_enc", W_enc.float())  # [d_model, d_sae]
@@ -195,4 +203,3 @@ def top_features(sae: JumpReLUSAE, vector: Tensor, k: int = 10, *, position: int
         cosine=float(torch.nn.functional.cosine_similarity(x, recon, dim=0)),
         warnings=notes,
     )
-

@@ -30,8 +30,32 @@ CANONICAL_TARGET_L0 = 100
 # Average L0 of the canonical (closest to 100) 16k residual SAE per layer of gemma-2-2b, as listed in
 # google/gemma-scope-2b-pt-res (SAELens's "canonical" release names the same files). Used offline.
 GEMMA_2_2B_RES_16K_CANONICAL_L0 = {
-    0: 105, 1: 102, 2: 141, 3: 59, 4: 124, 5: 68, 6: 70, 7: 69, 8: 71, 9: 73, 10: 77, 11: 80, 12: 82,
-    13: 84, 14: 84, 15: 78, 16: 78, 17: 77, 18: 74, 19: 73, 20: 71, 21: 70, 22: 72, 23: 75, 24: 73, 25: 116,
+    0: 105,
+    1: 102,
+    2: 141,
+    3: 59,
+    4: 124,
+    5: 68,
+    6: 70,
+    7: 69,
+    8: 71,
+    9: 73,
+    10: 77,
+    11: 80,
+    12: 82,
+    13: 84,
+    14: 84,
+    15: 78,
+    16: 78,
+    17: 77,
+    18: 74,
+    19: 73,
+    20: 71,
+    21: 70,
+    22: 72,
+    23: 75,
+    24: 73,
+    25: 116,
 }
 OFFLINE_CANONICAL = {("google/gemma-scope-2b-pt-res", "16k"): GEMMA_2_2B_RES_16K_CANONICAL_L0}
 NEURONPEDIA_MODELS = {"google/gemma-scope-2b-pt-res": "gemma-2-2b", "google/gemma-scope-9b-pt-res": "gemma-2-9b"}
@@ -83,7 +107,9 @@ def check_declared(shapes: dict[str, tuple[int, ...]], source: str, d_model: int
     expected = {"b_enc": (d_sae,), "threshold": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
     for key, shape in expected.items():
         if tuple(shapes[names[key]]) != shape:
-            raise SAEError(f"{source}: {key} has shape {tuple(shapes[names[key]])}, expected {shape} from W_enc [{d_in}, {d_sae}]")
+            raise SAEError(
+                f"{source}: {key} has shape {tuple(shapes[names[key]])}, expected {shape} from W_enc [{d_in}, {d_sae}]"
+            )
     return names
 
 
@@ -126,7 +152,9 @@ def _read_npz(path: Path, d_model: int | None = None) -> dict[str, torch.Tensor]
         raise SAEError(f"{path}: truncated or corrupt npz ({error}); download it again") from error
     except ValueError as error:
         if "pickle" in str(error):
-            raise SAEError(f"{path}: contains pickled objects, which patchscope never loads; use a plain npz or safetensors") from error
+            raise SAEError(
+                f"{path}: contains pickled objects, which patchscope never loads; use a plain npz or safetensors"
+            ) from error
         raise SAEError(f"{path}: unreadable npz ({error})") from error
 
 
@@ -196,7 +224,15 @@ def load_saelens_dir(directory: str | Path, *, d_model: int | None = None) -> Ju
     site = metadata.get("hook_name", cfg.get("hook_name"))
     model = metadata.get("model_name", cfg.get("model_name"))
     base = info_from_path(str(directory))
-    info = SAEInfo(site=site or base.site, model=model, layer=base.layer, width=base.width, l0=base.l0, source=str(directory), neuronpedia=metadata.get("neuronpedia_id"))
+    info = SAEInfo(
+        site=site or base.site,
+        model=model,
+        layer=base.layer,
+        width=base.width,
+        l0=base.l0,
+        source=str(directory),
+        neuronpedia=metadata.get("neuronpedia_id"),
+    )
     tensors = _read_safetensors(directory / "sae_weights.safetensors", d_model)
     sae = sae_from_tensors(tensors, info, apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", False)))
     for key, actual in (("d_in", sae.d_model), ("d_sae", sae.d_sae)):
@@ -225,8 +261,7 @@ def canonical_l0(repo_id: str, layer: int, width: str, *, offline: bool = False)
     if layer in table:
         return table[layer]
     raise SAEError(
-        f"cannot resolve 'canonical' for {repo_id} layer {layer} width {width} offline; "
-        "name the file (average_l0_N) or go online"
+        f"cannot resolve 'canonical' for {repo_id} layer {layer} width {width} offline; name the file (average_l0_N) or go online"
     )
 
 
@@ -258,7 +293,9 @@ def load_from_hub(repo_id: str, path: str, *, offline: bool = False, d_model: in
     return load_npz(local, dataclasses.replace(info_from_path(path, repo=repo_id), source=f"{repo_id}/{path}"), d_model=d_model)
 
 
-def load_sae(spec: str | Path, *, device: str | torch.device = "cpu", d_model: int | None = None, offline: bool = False) -> JumpReLUSAE:
+def load_sae(
+    spec: str | Path, *, device: str | torch.device = "cpu", d_model: int | None = None, offline: bool = False
+) -> JumpReLUSAE:
     """Load a JumpReLU SAE from a file, a folder or a hub location (see the module docstring).
 
     Args:
@@ -286,7 +323,9 @@ def load_sae(spec: str | Path, *, device: str | torch.device = "cpu", d_model: i
         elif (path / "params.npz").exists():
             sae = load_npz(path / "params.npz", d_model=d_model)
         else:
-            raise SAEError(f"{path}: neither a SAELens folder (cfg.json + sae_weights.safetensors) nor a Gemma Scope folder (params.npz)")
+            raise SAEError(
+                f"{path}: neither a SAELens folder (cfg.json + sae_weights.safetensors) nor a Gemma Scope folder (params.npz)"
+            )
     elif path.suffix == ".npz":
         if not path.is_file():
             raise SAEError(f"no such SAE file: {path}")
@@ -322,6 +361,6 @@ def sae_spec_for_site(model: str, site: str, width: str = "16k", l0: str | int =
     from patchscope.model.loading import preset_for
 
     preset = preset_for(model)
-    if preset is None:
+    if preset is None or preset.sae_repo is None:
         raise SAEError(f"no Gemma Scope SAEs are known for {model!r}; pass an SAE spec explicitly")
     return gemma_scope_spec(preset.sae_repo, sae_layer_for_site(site), width, l0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -93,7 +94,9 @@ def extract(
     except IndexError as error:
         if entry is None:
             raise
-        raise ReproductionError(f"document {entry.doc} has no position {entry.position}: not the text that was profiled") from error
+        raise ReproductionError(
+            f"document {entry.doc} has no position {entry.position}: not the text that was profiled"
+        ) from error
     ids = torch.tensor([segment.ids], device=model_device(model))
     names = [site] + ([neuron_site] if neuron_site and neuron_site != site else [])
     deepest = max(names, key=site_order)
@@ -114,8 +117,8 @@ def extract(
         doc=entry.doc if entry else None,
         position=position,
         token_id=token_id,
-        token=tokenizer.decode([token_id]),
-        context=tokenizer.decode(list(segment.ids[lo : local + CONTEXT_TOKENS + 1])),
+        token=cast(str, tokenizer.decode([token_id])),
+        context=cast(str, tokenizer.decode(list(segment.ids[lo : local + CONTEXT_TOKENS + 1]))),
         neuron_site=neuron_site,
         neuron=neuron,
         activation=activation,

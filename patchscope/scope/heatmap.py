@@ -50,7 +50,15 @@ def plot_grid(result: SweepResult, column: str, path: str | Path, *, title: str 
         for i in range(len(sources)):
             for j in range(len(targets)):
                 if not np.isnan(grid[i, j]):
-                    axes.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=6, color="white" if grid[i, j] < np.nanmean(grid) else "black")
+                    axes.text(
+                        j,
+                        i,
+                        f"{grid[i, j]:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=6,
+                        color="white" if grid[i, j] < np.nanmean(grid) else "black",
+                    )
     figure.colorbar(image, ax=axes, label=label)
     axes.set_title(textwrap.fill(title or f"{label}, {condition}", 60), fontsize=9)
     figure.tight_layout()

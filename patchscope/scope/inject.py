@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -83,8 +84,8 @@ def inject(
     """
     resolve(model, target_site), resolve(model, observe_site)
     device = model_device(model)
-    dtype = model.get_input_embeddings().weight.dtype
-    plans = [row.prompt or prompt for row in rows]
+    dtype = cast(Any, model).get_input_embeddings().weight.dtype
+    plans = cast(list[PromptPlan], [row.prompt or prompt for row in rows])  # a None is rejected just below
     if any(p is None for p in plans):
         raise ValueError("every row needs a prompt: pass `prompt` or set Row.prompt")
     width = max(len(p.input_ids) for p in plans)
@@ -93,10 +94,13 @@ def inject(
     input_ids = torch.tensor([[pad_id] * n + p.input_ids for n, p in zip(pads, plans)], device=device)  # [batch, pos]
     attention_mask = torch.tensor([[0] * n + [1] * len(p.input_ids) for n, p in zip(pads, plans)], device=device)
     positions = torch.tensor([[n + p.position] for n, p in zip(pads, plans)], device=device)  # [batch, 1]
-    d_model = model.config.hidden_size
+    d_model: int = cast(Any, model).config.hidden_size
     patched = torch.tensor([row.vector is not None for row in rows], device=device)
     vectors = torch.stack(
-        [row.vector.detach().to(device, dtype) if row.vector is not None else torch.zeros(d_model, device=device, dtype=dtype) for row in rows]
+        [
+            row.vector.detach().to(device, dtype) if row.vector is not None else torch.zeros(d_model, device=device, dtype=dtype)
+            for row in rows
+        ]
     ).unsqueeze(1)  # [batch, 1, d_model]
     batch = len(rows)
     neurons = torch.tensor([row.neuron for row in rows], device=device)
@@ -107,12 +111,16 @@ def inject(
         torch.random.default_generator.manual_seed(seed)
         if devices:
             torch.cuda.default_generators[devices[0]].manual_seed(seed)
-        with torch.no_grad(), patch(model, target_site, vectors, positions=positions, rows=patched), capture(
-            model, observe_site, keep_history=True
-        ) as seen:
+        with (
+            torch.no_grad(),
+            patch(model, target_site, vectors, positions=positions, rows=patched),
+            capture(model, observe_site, keep_history=True) as seen,
+        ):
             if max_new_tokens > 0:
-                sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
-                output = model.generate(
+                sampling = (
+                    {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+                )
+                output = cast(Any, model).generate(
                     input_ids=input_ids,
                     attention_mask=attention_mask,
                     max_new_tokens=max_new_tokens,
@@ -142,7 +150,7 @@ def inject(
                 prompt_activations=picked[index, start:width].tolist(),
                 generated_activations=picked[index, width : width + max(len(tokens) - 1, 0)].tolist(),
                 generated_tokens=tokens,
-                generated_text=tokenizer.decode(tokens, skip_special_tokens=True),
+                generated_text=cast(str, tokenizer.decode(tokens, skip_special_tokens=True)),
                 norm=float(row.vector.float().norm()) if row.vector is not None else None,
             )
         )

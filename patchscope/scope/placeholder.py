@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import cast
 
 from transformers import PreTrainedTokenizerBase
 
@@ -78,4 +79,4 @@ def plan_prompt(tokenizer: PreTrainedTokenizerBase, config: PatchscopeConfig) ->
         position = find_placeholder(tokenizer, config.prompt, config.placeholder)
     if position == 0 and adds_bos(tokenizer):
         raise PlaceholderError("position 0 is BOS; patching it is almost never meant")
-    return PromptPlan(ids, position, tokenizer.convert_ids_to_tokens(ids))
+    return PromptPlan(ids, position, cast(list[str], tokenizer.convert_ids_to_tokens(ids)))  # a list for a list of ids

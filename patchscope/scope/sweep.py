@@ -30,7 +30,7 @@ import dataclasses
 import inspect
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -57,13 +57,32 @@ def resid_pre(layer: int) -> str:
 class SweepConfig:
     """Which layer pairs to sweep, which controls to run, how to batch and generate."""
 
-    prompt: str = field(default="identity", metadata={"help": "Target prompt: a preset name (identity, description, entity) or the prompt text itself."})
-    placeholder: str | None = field(default=None, metadata={"help": "Placeholder of a custom prompt (default x); presets bring their own."})
-    source_layers: tuple[int, ...] | None = field(default=None, metadata={"help": "Layers s whose blocks.s.hook_resid_pre is read at the source token (default: all)."})
-    target_layers: tuple[int, ...] | None = field(default=None, metadata={"help": "Layers t whose blocks.t.hook_resid_pre receives the vector at the placeholder (default: all)."})
-    pairs: Literal["lower", "all", "same"] = field(default="lower", metadata={"help": "lower: only pairs with t <= s (the default grid); all: every source x target pair; same: t == s only."})
-    controls: tuple[str, ...] = field(default=CONTROLS, metadata={"help": "Controls to run per cell: unpatched, random_same_norm, corpus_mean (needs a mean)."})
-    max_new_tokens: int = field(default=0, metadata={"help": "Tokens to generate greedily per cell (0: score the next token only)."})
+    prompt: str = field(
+        default="identity",
+        metadata={"help": "Target prompt: a preset name (identity, description, entity) or the prompt text itself."},
+    )
+    placeholder: str | None = field(
+        default=None, metadata={"help": "Placeholder of a custom prompt (default x); presets bring their own."}
+    )
+    source_layers: tuple[int, ...] | None = field(
+        default=None, metadata={"help": "Layers s whose blocks.s.hook_resid_pre is read at the source token (default: all)."}
+    )
+    target_layers: tuple[int, ...] | None = field(
+        default=None,
+        metadata={"help": "Layers t whose blocks.t.hook_resid_pre receives the vector at the placeholder (default: all)."},
+    )
+    pairs: Literal["lower", "all", "same"] = field(
+        default="lower",
+        metadata={
+            "help": "lower: only pairs with t <= s (the default grid); all: every source x target pair; same: t == s only."
+        },
+    )
+    controls: tuple[str, ...] = field(
+        default=CONTROLS, metadata={"help": "Controls to run per cell: unpatched, random_same_norm, corpus_mean (needs a mean)."}
+    )
+    max_new_tokens: int = field(
+        default=0, metadata={"help": "Tokens to generate greedily per cell (0: score the next token only)."}
+    )
     batch_size: int = field(default=128, metadata={"help": "Rows per forward pass."})
     seed: int = field(default=0, metadata={"help": "Seed of the random-vector control."})
 
@@ -84,7 +103,9 @@ class SweepConfig:
                 if bad:
                     raise ValueError(f"`{name}` {bad} out of range: the model has layers 0..{layers - 1}")
             if not self.layer_pairs(layers):
-                raise ValueError(f"no (source, target) layer pair fits `pairs` {self.pairs!r}; widen `target_layers` or set `pairs` to all")
+                raise ValueError(
+                    f"no (source, target) layer pair fits `pairs` {self.pairs!r}; widen `target_layers` or set `pairs` to all"
+                )
 
     def layer_pairs(self, layers: int) -> list[tuple[int, int]]:
         """Every ``(s, t)`` to run, sorted by source then target layer."""
@@ -173,14 +194,19 @@ class _Rows:
     vectors: Tensor  # [rows, d_model]
 
 
-def _build_rows(reading: SourceReading, pairs: list[tuple[int, int]], config: SweepConfig, means: dict[int, Tensor] | None) -> _Rows:
+def _build_rows(
+    reading: SourceReading, pairs: list[tuple[int, int]], config: SweepConfig, means: dict[int, Tensor] | None
+) -> _Rows:
     n_sources, n_read, d_model = reading.vectors.shape
     index = {layer: i for i, layer in enumerate(reading.layers)}
     rows = _Rows([], [], [], [], torch.empty(0))
     vectors: list[Tensor] = []
 
     def add(source: int, s: int, t: int, condition: str, vector: Tensor) -> None:
-        rows.source.append(source), rows.source_layer.append(s), rows.target_layer.append(t), rows.condition.append(condition)
+        rows.source.append(source)
+        rows.source_layer.append(s)
+        rows.target_layer.append(t)
+        rows.condition.append(condition)
         vectors.append(vector)
 
     generator = torch.Generator().manual_seed(config.seed)
@@ -235,7 +261,7 @@ def _run_rows(
     config: SweepConfig,
 ) -> _Outputs:
     device = model_device(model)
-    dtype = model.get_input_embeddings().weight.dtype
+    dtype = cast(Any, model).get_input_embeddings().weight.dtype
     ids = torch.tensor([prompt.input_ids], device=device)  # [1, pos]
     p = prompt.position
     keyword = _cache_keyword(model)
@@ -253,7 +279,10 @@ def _run_rows(
         positions = torch.full((batch,), p, device=device)
         suffix = ids[:, p:].expand(batch, -1)
         mask = torch.ones(batch, ids.shape[1], dtype=torch.long, device=device)
-        with patch_rows(model, sites, vectors, positions), capture(model, [neuron_site] if neuron_site else [], positions=[p]) as seen:
+        with (
+            patch_rows(model, sites, vectors, positions),
+            capture(model, [neuron_site] if neuron_site else [], positions=[p]) as seen,
+        ):
             logits = model(
                 input_ids=suffix,
                 attention_mask=mask,
@@ -266,7 +295,8 @@ def _run_rows(
         top1[where] = logprobs.argmax(-1).cpu()
         surprisal[where] = -logprobs[:, targets.to(logprobs.device)].cpu()
         if read is not None:
-            read[where] = seen[neuron_site][:, 0, neurons.to(device)].float().cpu()
+            # `read` exists only for neuron sources, which bring their site and neurons
+            read[where] = seen[cast(str, neuron_site)][:, 0, cast(Tensor, neurons).to(device)].float().cpu()
         if generated is not None:
             tokens = _generate(model, tokenizer, ids.expand(batch, -1), sites, vectors, positions, config.max_new_tokens)
             for i, row in enumerate(chosen):
@@ -275,13 +305,24 @@ def _run_rows(
 
 
 def _generate(
-    model: nn.Module, tokenizer: PreTrainedTokenizerBase, ids: Tensor, sites: list[str | None], vectors: Tensor, positions: Tensor, max_new_tokens: int
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    ids: Tensor,
+    sites: list[str | None],
+    vectors: Tensor,
+    positions: Tensor,
+    max_new_tokens: int,
 ) -> list[list[int]]:
     """Greedy tokens per row, the patch in the prefill and carried by the KV cache; cut after EOS."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     with patch_rows(model, sites, vectors, positions):
-        output = model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, use_cache=True
+        output = cast(Any, model).generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            use_cache=True,
         )
     eos = tokenizer.eos_token_id
     result = []
@@ -324,7 +365,9 @@ class SweepResult:
         t_index = {t: i for i, t in enumerate(self.target_layers)}
         total = np.zeros((len(s_index), len(t_index)))
         count = np.zeros_like(total)
-        for s, t, c, value in zip(self.table["source_layer"], self.table["target_layer"], self.table["condition"], self.table[metric]):
+        for s, t, c, value in zip(
+            self.table["source_layer"], self.table["target_layer"], self.table["condition"], self.table[metric]
+        ):
             if c != condition or value is None or (isinstance(value, float) and np.isnan(value)):
                 continue
             total[s_index[s], t_index[t]] += float(value)
@@ -335,7 +378,12 @@ class SweepResult:
     def cells(self) -> list[dict[str, Any]]:
         """Per (s, t): each metric's mean over sources, for the patched run and every control."""
         metrics = ["hit", "surprisal", "ratio"] + (["source_token_in_generation"] if self.config.max_new_tokens else [])
-        names = {"hit": "precision_at_1", "surprisal": "surprisal", "ratio": "reactivation", "source_token_in_generation": "source_token_in_generation"}
+        names = {
+            "hit": "precision_at_1",
+            "surprisal": "surprisal",
+            "ratio": "reactivation",
+            "source_token_in_generation": "source_token_in_generation",
+        }
         grids = {(m, c): self.grid(m, c) for m in metrics for c in self.conditions()}
         s_index = {s: i for i, s in enumerate(self.source_layers)}
         t_index = {t: i for i, t in enumerate(self.target_layers)}
@@ -405,7 +453,7 @@ def sweep(
         raise ValueError("no sources to sweep")
     neuron_sites = {s.neuron_site for s in sources if s.neuron is not None}
     if len(neuron_sites) > 1:
-        raise ValueError(f"all neuron sources must share one site, got {sorted(neuron_sites)}")
+        raise ValueError(f"all neuron sources must share one site, got {sorted(cast(set[str], neuron_sites))}")
     for source in sources:
         if not 0 <= source.position < len(source.ids):
             raise IndexError(f"source {source.label!r}: position {source.position} is outside its {len(source.ids)} tokens")
@@ -434,7 +482,11 @@ def sweep(
     table = _table(tokenizer, sources, reading, rows, outputs, pairs, neuron_layer, unique_neurons)
     return SweepResult(
         config=config,
-        prompt={"text": tokenizer.decode(prompt.input_ids, skip_special_tokens=True), "tokens": prompt.tokens, "position": prompt.position},
+        prompt={
+            "text": tokenizer.decode(prompt.input_ids, skip_special_tokens=True),
+            "tokens": prompt.tokens,
+            "position": prompt.position,
+        },
         sources=[
             {
                 "label": s.label,
@@ -472,17 +524,37 @@ def _table(
     Source-independent rows (corpus mean per (s, t), the one unpatched run) are scored against
     every source; the unpatched run repeats in every cell.
     """
-    columns = ["source", "source_layer", "target_layer", "condition", "top1", "top1_token", "hit", "surprisal", "activation", "ratio", "case"]
+    columns = [
+        "source",
+        "source_layer",
+        "target_layer",
+        "condition",
+        "top1",
+        "top1_token",
+        "hit",
+        "surprisal",
+        "activation",
+        "ratio",
+        "case",
+    ]
     if outputs.generated is not None:
         columns += ["generated", "generated_text", "source_token_in_generation"]
     table: dict[str, list[Any]] = {name: [] for name in columns}
     neuron_column = {n: i for i, n in enumerate(unique_neurons)}
-    source_text = [tokenizer.decode([t]).strip() for t in reading.tokens]
+    source_text = [cast(str, tokenizer.decode([t])).strip() for t in reading.tokens]
     top1 = outputs.top1.tolist()
     surprisal = outputs.surprisal.tolist()
     token_text = {k: tokenizer.decode([k]) for k in set(top1)}
-    shared = {(rows.source_layer[i], rows.target_layer[i], rows.condition[i]): i for i in range(len(rows.condition)) if rows.source[i] < 0}
-    own = {(rows.source[i], rows.source_layer[i], rows.target_layer[i], rows.condition[i]): i for i in range(len(rows.condition)) if rows.source[i] >= 0}
+    shared = {
+        (rows.source_layer[i], rows.target_layer[i], rows.condition[i]): i
+        for i in range(len(rows.condition))
+        if rows.source[i] < 0
+    }
+    own = {
+        (rows.source[i], rows.source_layer[i], rows.target_layer[i], rows.condition[i]): i
+        for i in range(len(rows.condition))
+        if rows.source[i] >= 0
+    }
     conditions = list(dict.fromkeys(rows.condition))
     for s, t in pairs:
         for condition in conditions:
@@ -496,8 +568,13 @@ def _table(
                 else:
                     continue
                 activation = ratio = None
-                reads = source.neuron is not None and outputs.neurons is not None and (condition == "unpatched" or t <= neuron_layer)
+                reads = (
+                    source.neuron is not None
+                    and outputs.neurons is not None
+                    and (condition == "unpatched" or t <= cast(int, neuron_layer))
+                )
                 if reads:
+                    assert outputs.neurons is not None and source.neuron is not None  # checked by `reads`
                     activation = float(outputs.neurons[i, neuron_column[source.neuron]])
                     ratio = activation / source.activation if source.activation else None
                 table["source"].append(j)
@@ -515,7 +592,7 @@ def _table(
                     tokens = outputs.generated[i]
                     table["generated"].append(tokens)
                     table["generated_text"].append(tokenizer.decode(tokens, skip_special_tokens=True))
-                    pieces = {tokenizer.decode([k]).strip() for k in tokens}
+                    pieces = {cast(str, tokenizer.decode([k])).strip() for k in tokens}
                     table["source_token_in_generation"].append(float(bool(source_text[j]) and source_text[j] in pieces))
     return table
 
@@ -551,7 +628,9 @@ def summary_lines(result: SweepResult) -> list[str]:
             top = max(earlier, key=lambda c: c["reactivation"])
             random = (top.get("controls", {}).get("random_same_norm") or {}).get("reactivation")
             vs = f" (random control {random:.3f})" if random is not None else ""
-            lines.append(f"earliest-layer evidence: best reactivation at t < {L} is {top['reactivation']:.3f} at s={top['source_layer']} t={top['target_layer']}{vs}")
+            lines.append(
+                f"earliest-layer evidence: best reactivation at t < {L} is {top['reactivation']:.3f} at s={top['source_layer']} t={top['target_layer']}{vs}"
+            )
         else:
             lines.append(f"no target layer below {L} was swept, so the reactivation here is no evidence of a decode")
     return lines

@@ -48,7 +48,9 @@ def file_identity(path: str | Path) -> Identity:
 def folder_identity(path: str | Path) -> Identity:
     path = Path(path)
     files = {}
-    for file in sorted(p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)):
+    for file in sorted(
+        p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    ):
         info = file.stat()
         key = str(file.relative_to(path))
         if info.st_size <= HASH_LIMIT:

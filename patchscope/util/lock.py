@@ -60,8 +60,7 @@ def _acquire(path: Path) -> int:
             holder = _read_holder(fd)
             os.close(fd)
             raise OutputBusyError(
-                f"another patchscope run{holder} is writing to {path.parent}; wait for it to finish, "
-                "or pick another `out`"
+                f"another patchscope run{holder} is writing to {path.parent}; wait for it to finish, or pick another `out`"
             ) from None
         # The holder unlinks the file before unlocking; if we locked a file that is no longer at
         # `path`, the next run would lock a fresh one beside us. Try again on the current file.

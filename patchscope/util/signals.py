@@ -22,7 +22,9 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 class Interrupted(KeyboardInterrupt):
     """The run stopped on a signal after saving its progress (``checkpoint``, when there is one)."""
 
-    def __init__(self, signum: int, checkpoint: Path | None = None, detail: str = "", hint: str = "rerun the same command with `resume`") -> None:
+    def __init__(
+        self, signum: int, checkpoint: Path | None = None, detail: str = "", hint: str = "rerun the same command with `resume`"
+    ) -> None:
         super().__init__(signum)
         self.signum = signum
         self.checkpoint = checkpoint
@@ -79,7 +81,7 @@ def deferred_interrupts() -> Iterator[InterruptFlag]:
         flag.restore()
 
 
-def raise_on_sigterm() -> Callable[[], None]:
+def raise_on_sigterm() -> Callable[[], object]:
     """Make SIGTERM stop the main thread like Ctrl-C does (an `Interrupted` exception), not silently.
 
     Returns a function that puts the previous handler back.

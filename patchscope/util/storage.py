@@ -20,7 +20,7 @@ _SAFETENSORS_TEMP = re.compile(r"^\.tmp[A-Za-z0-9]{6}$")
 """safetensors' own temporary file (``.tmpXXXXXX``, the Rust `tempfile` crate), renamed onto ours when done."""
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
     """Call ``write(tmp)`` on a temporary file beside ``path``, fsync it, rename it over ``path``, fsync the folder.
 
     The file ends with the mode an ordinary ``open(path, "w")`` would give it (umask respected),
@@ -121,5 +121,7 @@ def check_writable(directory: str | Path) -> Path:
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as error:
-        raise PermissionError(f"cannot write to output directory {str(directory)!r}: {error.strerror}; pick another `out`") from error
+        raise PermissionError(
+            f"cannot write to output directory {str(directory)!r}: {error.strerror}; pick another `out`"
+        ) from error
     return directory
