@@ -83,10 +83,12 @@ def _real_tokenizer(name: str, cache):
     import importlib.metadata
     from pathlib import Path
 
+    import transformers
     from transformers import AutoTokenizer
 
     pytest.importorskip("gguf")
-    kept = cache.mkdir(f"tokenizer-{name}") if cache is not None else None
+    # keyed by the transformers version: a tokenizer saved by 5.x names a class 4.x does not have
+    kept = cache.mkdir(f"tokenizer-{name}-transformers-{transformers.__version__}") if cache is not None else None
     if kept is not None and (kept / "tokenizer.json").exists():
         return AutoTokenizer.from_pretrained(kept)
     if name == "gemma-3-270m":
