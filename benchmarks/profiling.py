@@ -26,9 +26,14 @@ def _segments(batches: list[torch.Tensor]) -> list[list[Segment]]:
     return rows
 
 
-def ours(model, batches, layer: int, top_k: int = 20) -> Callable[[], None]:
-    """The profiler's real per-batch work: collate, move, forward to mlp.hook_post, top-k + moments, merge."""
-    profiler = Profiler(model, ProfileConfig(layer=layer, top_k=top_k, checkpoint_every=0))
+def ours(model, batches, layer: int, top_k: int = 20, extras: bool = True) -> Callable[[], None]:
+    """The profiler's real per-batch work: collate, move, forward to mlp.hook_post, top-k + moments, merge.
+
+    ``extras`` adds the default bottom-k and histogram reductions; without them it is the top-k and
+    moments alone (``--bottom-k 0 --no-histogram``).
+    """
+    lean = {} if extras else {"bottom_k": 0, "histogram": False}
+    profiler = Profiler(model, ProfileConfig(layer=layer, top_k=top_k, checkpoint_every=0, **lean))
     planned = _segments(batches)
 
     def run() -> None:
@@ -141,6 +146,10 @@ def throughput(
     tokens = n_batches * batch * seq_len
     table: dict[str, tuple[Callable[[], None], int]] = {
         "patchscope profiler (top-k atlas update included)": (ours(model, batches, layer), tokens),
+        "patchscope profiler, top-k + moments only (--bottom-k 0 --no-histogram)": (
+            ours(model, batches, layer, extras=False),
+            tokens,
+        ),
         f"bare HF forward, decoder cut after layer {layer} (floor)": (bare_truncated(model, batches, layer), tokens),
         "bare HF forward, stopped at mlp.hook_post (profiler's stop point)": (bare_stop_at_site(model, batches, site), tokens),
     }
