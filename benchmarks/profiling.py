@@ -32,8 +32,8 @@ def ours(model, batches, layer: int, top_k: int = 20, extras: bool = True) -> Ca
     ``extras`` adds the default bottom-k and histogram reductions; without them it is the top-k and
     moments alone (``--bottom-k 0 --no-histogram``).
     """
-    lean = {} if extras else {"bottom_k": 0, "histogram": False}
-    profiler = Profiler(model, ProfileConfig(layer=layer, top_k=top_k, checkpoint_every=0, **lean))
+    config = ProfileConfig(layer=layer, top_k=top_k, checkpoint_every=0, bottom_k=20 if extras else 0, histogram=extras)
+    profiler = Profiler(model, config)
     planned = _segments(batches)
 
     def run() -> None:
