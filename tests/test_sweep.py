@@ -358,6 +358,10 @@ def test_bad_sweep_settings_are_refused(gemma):
         sweep(model, tokenizer, _sources(tokenizer), plan, SweepConfig(controls=("shuffled",)))
     with pytest.raises(ValueError, match="no \\(source, target\\) layer pair"):
         sweep(model, tokenizer, _sources(tokenizer), plan, SweepConfig(source_layers=(0,), target_layers=(2,)))
+    (first, *_) = _sources(tokenizer)
+    unsited = Source(first.ids, first.position, neuron=3)  # a neuron without the site it is read at
+    with pytest.raises(ValueError, match="neuron 3 has no `neuron_site`"):
+        sweep(model, tokenizer, [unsited], plan, SweepConfig())
 
 
 # -- the command

@@ -451,6 +451,9 @@ def sweep(
         prompt = plan_prompt(tokenizer, PatchscopeConfig(prompt=chosen.text, placeholder=chosen.placeholder))
     if not sources:
         raise ValueError("no sources to sweep")
+    unsited = [s.neuron for s in sources if s.neuron is not None and s.neuron_site is None]
+    if unsited:
+        raise ValueError(f"neuron {unsited[0]} has no `neuron_site`: name the site it is read at, e.g. blocks.6.mlp.hook_post")
     neuron_sites = {s.neuron_site for s in sources if s.neuron is not None}
     if len(neuron_sites) > 1:
         raise ValueError(f"all neuron sources must share one site, got {sorted(cast(set[str], neuron_sites))}")
