@@ -39,6 +39,24 @@ def write_corpus(path: Path, texts: list[str]) -> Path:
     return path
 
 
+def profile_argv(model_dir: Path, data: Path, out: Path, *flags: str) -> list[str]:
+    """``patchscope profile`` of ``data`` (every row) on the CPU into ``out``, plus ``flags``."""
+    return [
+        "profile",
+        "--model",
+        str(model_dir),
+        "--device",
+        "cpu",
+        "--dataset",
+        str(data),
+        "--split",
+        "",
+        *flags,
+        "--out",
+        str(out),
+    ]
+
+
 # -- atomic writes
 
 
@@ -99,23 +117,7 @@ def test_a_second_run_on_a_locked_folder_is_refused_and_the_lock_dies_with_its_p
         with output_lock(out):
             pass
     data = write_corpus(tmp_path / "c.jsonl", TEXTS)
-    argv = [
-        "profile",
-        "--model",
-        str(gemma_dir),
-        "--device",
-        "cpu",
-        "--dataset",
-        str(data),
-        "--split",
-        "",
-        "--layer",
-        "1",
-        "--max-length",
-        "16",
-        "--out",
-        str(out),
-    ]
+    argv = profile_argv(gemma_dir, data, out, "--layer", "1", "--max-length", "16")
     assert main(argv) == 2
     assert "another patchscope run" in capsys.readouterr().err and not (out / ATLAS_TENSORS).exists()
     holder.kill()  # SIGKILL: no cleanup runs, the kernel drops the lock
@@ -145,18 +147,12 @@ def test_a_signal_saves_a_checkpoint_and_prints_one_line(gemma_dir, tmp_path, si
     data = tmp_path / "corpus.txt"
     data.write_text("\n".join(TEXTS * 3))
     out = tmp_path / "out"
-    argv = [
-        "profile",
-        "--model",
-        str(gemma_dir),
-        "--device",
-        "cpu",
+    argv = profile_argv(
+        gemma_dir,
+        data,
+        out,
         "--dtype",
         "float32",
-        "--dataset",
-        str(data),
-        "--split",
-        "",
         "--layer",
         str(LAYER),
         "--top-k",
@@ -167,9 +163,7 @@ def test_a_signal_saves_a_checkpoint_and_prints_one_line(gemma_dir, tmp_path, si
         "48",
         "--checkpoint-every",
         "50",
-        "--out",
-        str(out),
-    ]
+    )
     child = child_runs.start("before_batch", 3, argv)  # two batches folded, the third about to start
     child.send_signal(signum)
     returncode, err = child_runs.go_on(child)
@@ -468,24 +462,7 @@ def test_a_truncated_checkpoint_says_exactly_what_to_do(gemma_dir, tmp_path, cap
     out = tmp_path / "out"
     out.mkdir()
     (out / CHECKPOINT).write_bytes(b'\x10\x00\x00\x00\x00\x00\x00\x00{"a":')  # cut short mid-header
-    argv = [
-        "profile",
-        "--model",
-        str(gemma_dir),
-        "--device",
-        "cpu",
-        "--dataset",
-        str(data),
-        "--split",
-        "",
-        "--layer",
-        "1",
-        "--max-length",
-        "16",
-        "--out",
-        str(out),
-        "--resume",
-    ]
+    argv = profile_argv(gemma_dir, data, out, "--layer", "1", "--max-length", "16", "--resume")
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "Delete it and run the same command without --resume to start over" in err and str(out / CHECKPOINT) in err
@@ -497,26 +474,7 @@ def test_a_truncated_checkpoint_says_exactly_what_to_do(gemma_dir, tmp_path, cap
 def test_profile_with_hook_embed_and_export_rebuilds_the_exports(gemma_dir, tmp_path, capsys):
     data = write_corpus(tmp_path / "c.jsonl", TEXTS)
     out = tmp_path / "out"
-    argv = [
-        "profile",
-        "--model",
-        str(gemma_dir),
-        "--device",
-        "cpu",
-        "--dataset",
-        str(data),
-        "--split",
-        "",
-        "--site",
-        "hook_embed",
-        SITE,
-        "--top-k",
-        "2",
-        "--max-length",
-        "16",
-        "--out",
-        str(out),
-    ]
+    argv = profile_argv(gemma_dir, data, out, "--site", "hook_embed", SITE, "--top-k", "2", "--max-length", "16")
     assert main(argv) == 0, capsys.readouterr().err
     files = [
         out / "top_examples_hook_embed.parquet",
