@@ -276,6 +276,7 @@ def test_main_job_end_to_end(real_model, tmp_path, capsys):
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "python-docs rows 0-29" in printed and "SAE read-out skipped" in printed
+    assert "pass --sae to read the vector" in printed  # the library note, in the command line's words
     results = json.loads((out / "results.json").read_text())
     assert results["atlas"]["n_documents"] == 30 and results["atlas"]["rows_read"] == [0, 29]
     assert results["prompt"]["token"] == "?"

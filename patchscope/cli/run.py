@@ -24,6 +24,7 @@ def run(args: argparse.Namespace) -> int:
     from patchscope.cli.args import from_namespace
     from patchscope.experiment import ExperimentConfig, format_summary, run_experiment
     from patchscope.scope.config import PatchscopeConfig
+    from patchscope.util.errors import as_flags
 
     config = from_namespace(
         ExperimentConfig,
@@ -33,6 +34,8 @@ def run(args: argparse.Namespace) -> int:
         patchscope=from_namespace(PatchscopeConfig, args),
     )
     result = run_experiment(config)
-    print(format_summary(result))
+    # the summary's notes name parameters as the library does; on the command line they read as flags
+    flags = {"--" + name.replace("_", "-") for name in vars(args)}
+    print(as_flags(format_summary(result), flags))
     print(f"\nwrote {result.results_file}")
     return 0
