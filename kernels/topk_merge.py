@@ -72,7 +72,8 @@ class Moments:
         return Moments(*(getattr(self, f.name).to(device) for f in fields(self)))
 
 
-def _order_key(doc: Tensor, pos: Tensor) -> Tensor:
+def order_key(doc: Tensor, pos: Tensor) -> Tensor:
+    """The tie-break key of each example: smaller ranks first; empty slots last."""
     return torch.where(doc >= 0, (doc << POSITION_BITS) | pos, EMPTY_KEY)
 
 
@@ -84,7 +85,7 @@ def merge_topk(first: TopK, *rest: TopK) -> TopK:
     pos = torch.cat([p.pos for p in parts])
     token = torch.cat([p.token for p in parts])
     # Lexicographic sort as two stable sorts: by tie-break key, then by value (descending).
-    by_key = _order_key(doc, pos).argsort(dim=0, stable=True)
+    by_key = order_key(doc, pos).argsort(dim=0, stable=True)
     by_value = values.gather(0, by_key).argsort(dim=0, descending=True, stable=True)
     order = by_key.gather(0, by_value)[: first.k]
     return TopK(values.gather(0, order), doc.gather(0, order), pos.gather(0, order), token.gather(0, order))
@@ -100,7 +101,7 @@ def batch_topk(acts: Tensor, doc: Tensor, pos: Tensor, token: Tensor, counted: T
     usable = counted.unsqueeze(1) & torch.isfinite(values)  # [tokens, n]
     masked = torch.where(usable, values, float("-inf"))
     # rows in tie-break order, then a stable sort by value: equal values keep that order
-    by_key = _order_key(doc, pos).argsort(stable=True)  # [tokens]
+    by_key = order_key(doc, pos).argsort(stable=True)  # [tokens]
     order = masked[by_key].argsort(dim=0, descending=True, stable=True)[:k]  # [<=k, n]
     top_index = by_key[order]
     top_values = masked.gather(0, top_index)

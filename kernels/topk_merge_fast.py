@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .topk_merge import Moments, TopK, merge_topk
+from .topk_merge import Moments, TopK, merge_topk, order_key
 from .topk_merge import batch_topk as reference_batch_topk
 
 BLOCK_ROWS = 8
@@ -58,19 +58,31 @@ def exact_columns(top: TopK, columns: Tensor, exact: TopK) -> TopK:
 def merge_topk_fast(first: TopK, *rest: TopK) -> TopK:
     """`topk_merge.merge_topk`, with a plain top-k pre-selection of ``k + TIE_MARGIN`` rows first.
 
-    Two stable sorts of a few hundred rows cost several ms per merge on a CPU; ``topk`` picks the
-    rows that can still win (ties at the k-th value included, up to TIE_MARGIN + 1 of them), and
-    the exact lexicographic sort runs on those alone.
+    ``topk`` picks the rows that can still win (ties at the k-th value included, up to
+    TIE_MARGIN + 1 of them), and the exact lexicographic sort runs on those alone. Both run on the
+    neuron-major copy ``[n, rows]``: torch sorts a short contiguous row 2-3 times faster than a
+    strided column (measured on a 2-core CPU: stable argsort of ``[28, 2048]`` along dim 0 3.0 ms,
+    of ``[2048, 28]`` along dim 1 1.3 ms).
     """
     parts = (first, *rest)
-    values = torch.cat([p.values for p in parts])  # [rows, n]
-    keep = min(first.k + TIE_MARGIN, values.shape[0])
-    top_values, index = values.topk(keep, dim=0, sorted=False)  # [keep, n]
-    pick = lambda name: torch.cat([getattr(p, name) for p in parts]).gather(0, index)  # noqa: E731
-    shortlist = TopK(top_values, pick("doc"), pick("pos"), pick("token"))
-    merged = merge_topk(TopK.empty(first.k, values.shape[1], values.device), shortlist)
-    if keep < values.shape[0]:
-        columns = overflowing_ties(top_values, first.k).nonzero().squeeze(1)
+    k = first.k
+    joined = {name: torch.cat([getattr(p, name) for p in parts]).T.contiguous() for name in ("values", "doc", "pos", "token")}
+    values = joined["values"]  # [n, rows]
+    keep = min(k + TIE_MARGIN, values.shape[1])
+    if keep < values.shape[1]:
+        values, index = values.topk(keep, dim=1, sorted=False)  # [n, keep]
+        joined = {name: tensor.gather(1, index) for name, tensor in joined.items()}
+        joined["values"] = values
+    by_key = order_key(joined["doc"], joined["pos"]).argsort(dim=1, stable=True)  # [n, keep]
+    by_value = values.gather(1, by_key).argsort(dim=1, descending=True, stable=True)
+    order = by_key.gather(1, by_value)[:, :k]  # [n, k]
+    merged = TopK(*(joined[name].gather(1, order).T.contiguous() for name in ("values", "doc", "pos", "token")))
+    if merged.k < k:  # fewer rows than k in all: pad with empty slots
+        merged = exact_columns(
+            TopK.empty(k, merged.values.shape[1], merged.values.device), torch.arange(merged.values.shape[1]), merged
+        )
+    if keep < sum(p.k for p in parts):
+        columns = overflowing_ties(values.T, k).nonzero().squeeze(1)
         if len(columns):
             sub = [TopK(*(getattr(p, name)[:, columns] for name in ("values", "doc", "pos", "token"))) for p in parts]
             merged = exact_columns(merged, columns, merge_topk(*sub))
@@ -112,7 +124,7 @@ def batch_stats(
         values = acts.float()
     weight = counted.to(values.dtype).unsqueeze(0)  # [1, tokens]
     total, all_finite = _finite_sums(values, weight)
-    return _topk(values, doc, pos, token, counted, k, all_finite), _moments(values, weight, counted, total, all_finite)
+    return topk_candidates(values, doc, pos, token, counted, k, all_finite), _moments(values, weight, counted, total, all_finite)
 
 
 def batch_topk(acts: Tensor, doc: Tensor, pos: Tensor, token: Tensor, counted: Tensor, k: int) -> TopK:
@@ -128,7 +140,11 @@ def batch_moments(acts: Tensor, counted: Tensor) -> Moments:
     return _moments(values, weight, counted, total, all_finite)
 
 
-def _topk(values: Tensor, doc: Tensor, pos: Tensor, token: Tensor, counted: Tensor, k: int, all_finite: bool) -> TopK:
+def topk_candidates(values: Tensor, doc: Tensor, pos: Tensor, token: Tensor, counted: Tensor, k: int, all_finite: bool) -> TopK:
+    """``k + TIE_MARGIN`` candidate rows per neuron of float32 ``values`` ``[tokens, n]``, unordered.
+
+    ``all_finite``: the caller has proven every counted entry finite, so no inf/nan cleaning runs.
+    """
     values = _masked(values, counted, all_finite)  # [tokens, n]
     tokens, n = values.shape
     wanted, k = k, min(k + TIE_MARGIN, tokens)

@@ -183,6 +183,33 @@ def test_profile_bottomk_and_histogram_match_brute_force(gemma):
     assert int((histogram - reference).abs().sum()) <= 2  # only a value within float rounding of a bin edge may differ
 
 
+def test_profile_skipping_blocks_below_the_floor_matches_brute_force(gemma, monkeypatch):
+    """Batches long enough for `cpu_pass` to read only the blocks reaching each neuron's running k-th
+    value; repeated documents make exact ties across batches, ranked by document."""
+    from patchscope.kernels import cpu_pass
+
+    calls = []
+    reaching = cpu_pass._entries_reaching
+    monkeypatch.setattr(cpu_pass, "_entries_reaching", lambda *a: calls.append(1) or reaching(*a))
+    model, tokenizer = gemma
+    texts = CORPUS + CORPUS[:6]
+    config = ProfileConfig(layer=LAYER, top_k=2, bottom_k=2, max_length=12, batch_tokens=120)
+    atlas = profile(model, tokenizer, texts, config, progress=False)
+    assert calls, "no batch took the skipping path"
+    rows = reference_rows(model, tokenizer, texts, 12)
+    top, bottom = atlas[SITE].top, atlas[SITE].bottom
+    for n in range(top.values.shape[1]):
+        best = sorted((-r[0][n], r[1], r[2]) for r in rows)[:2]
+        worst = sorted((r[0][n], r[1], r[2]) for r in rows)[:2]
+        assert [(int(top.doc[i, n]), int(top.pos[i, n])) for i in range(2)] == [(d, p) for _, d, p in best], n
+        assert [(int(bottom.doc[i, n]), int(bottom.pos[i, n])) for i in range(2)] == [(d, p) for _, d, p in worst], n
+        torch.testing.assert_close(top.values[:, n], torch.tensor([-v for v, _, _ in best]), rtol=1e-5, atol=1e-5)
+    acts = torch.tensor([r[0] for r in rows])  # [tokens, n]
+    histogram = atlas[SITE].histogram
+    assert int((histogram - batch_histogram(acts, torch.ones(len(rows), dtype=torch.bool))).abs().sum()) <= 2
+    torch.testing.assert_close(atlas[SITE].mean, acts.double().mean(0), rtol=1e-4, atol=1e-5)
+
+
 def test_shards_and_second_pass_merge_exactly(gemma, tmp_path):
     """One segment per batch gives bit-identical activations in every run, so the merge must be exact."""
     model, tokenizer = gemma

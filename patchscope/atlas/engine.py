@@ -1,10 +1,10 @@
 """Fill an activation atlas: batched, early-exit, resumable, reductions on the device.
 
 Per batch the forward pass stops right after the deepest requested site; a hook at each site folds
-``[batch, pos, n]`` into top-k candidates and moments (`patchscope.kernels.fused.batch_stats`, checked
-against the plain reference in `topk_merge`), which join the running state only once the whole
-batch succeeded. Nothing is copied to the host until a
-checkpoint or the end of the run.
+``[batch, pos, n]`` into top-k and bottom-k candidates, moments and histogram counts (on the CPU in
+one pass, `patchscope.kernels.cpu_pass`; elsewhere `patchscope.kernels.fused.batch_stats` and its
+neighbours; all checked against the plain references), which join the running state only once the
+whole batch succeeded. Nothing is copied to the host until a checkpoint or the end of the run.
 """
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ from patchscope.atlas.atlas import SiteAtlas
 from patchscope.atlas.batching import Batch, Segment, collate
 from patchscope.atlas.compiled import CompiledLayers
 from patchscope.atlas.config import ProfileConfig
-from patchscope.atlas.extras import ExtraReductions
+from patchscope.kernels.bottomk import bottomk_candidates, empty_bottomk, merge_bottomk_fast
+from patchscope.kernels.cpu_pass import BatchPieces, Workspace, cpu_pass
 from patchscope.kernels.fused import batch_stats, resolve_backend
+from patchscope.kernels.histogram import batch_histogram, empty_histogram
 from patchscope.kernels.topk_merge import Moments, TopK
 from patchscope.kernels.topk_merge_fast import merge_topk_fast
 from patchscope.model.hooks import add_hooks, stop_after
@@ -65,42 +67,64 @@ class Profiler:
         self.deepest = max(refs, key=lambda ref: ref.order).name
         self.device = model_device(model)
         config.check_atlas_size({site: site_width(model, site) for site in self.sites}, self.device)
-        self.state = {
-            site: SiteAtlas(
-                TopK.empty(config.top_k, site_width(model, site), self.device),
-                Moments.zeros(site_width(model, site), self.device),
-            )
-            for site in self.sites
-        }
+        self.state = {site: self._empty_site(site_width(model, site)) for site in self.sites}
         self.splits = 0  # each OOM doubles how many pieces a planned batch is cut into
         self._fields = _BatchFields()
-        self._pending: dict[str, list[tuple[TopK, Moments]]] = {}  # this batch's pieces, per site
-        # Per-batch top-k candidates wait here and are merged into the state MERGE_EVERY at a time:
-        # one sort of all of them costs much less than MERGE_EVERY small sorts.
+        self._pending: dict[str, list[BatchPieces]] = {}  # this batch's pieces, per site
+        # Per-batch top-k and bottom-k candidates wait here and are merged into the state MERGE_EVERY at
+        # a time: one sort of all of them costs much less than MERGE_EVERY small sorts.
         self._unmerged: dict[str, list[TopK]] = {site: [] for site in self.sites}
+        self._unmerged_bottom: dict[str, list[TopK]] = {site: [] for site in self.sites}
         self._scratch = torch.empty(0, device=self.device)  # float32 copy of bf16/fp16 activations, reused
+        self._workspace = Workspace()  # the CPU pass's buffers, reused
         # --compile: the layers before the first site run compiled, and so does the fused reduction
         self._compiled = CompiledLayers(model, min(ref.layer for ref in refs)) if config.compile else None
         self._reduction = resolve_backend("inductor" if config.compile else "auto", self.device)
-        self.extras = ExtraReductions(config)  # bottom-k and histograms (patchscope.atlas.extras)
+
+    def _empty_site(self, n: int) -> SiteAtlas:
+        config, device = self.config, self.device
+        return SiteAtlas(
+            TopK.empty(config.top_k, n, device),
+            Moments.zeros(n, device),
+            bottom=empty_bottomk(config.bottom_k, n, device) if config.bottom_k else None,
+            histogram=empty_histogram(n, device) if config.histogram else None,
+        )
 
     def _site_hook(self, site: str):
         def reduce(value: Tensor, step) -> None:
             acts = value.reshape(-1, value.shape[-1])  # [tokens, n]
-            f = self._fields
-            if self._reduction == "eager" and acts.dtype != torch.float32 and self._scratch.numel() < acts.numel():
-                self._scratch = torch.empty(acts.numel(), dtype=torch.float32, device=acts.device)
-            self._pending.setdefault(site, []).append(
-                batch_stats(
-                    acts, f.doc, f.position, f.token, f.counted, self.config.top_k, backend=self._reduction, scratch=self._scratch
-                )
-            )
-            # the batch fields are set by `_forward` before any hook runs
-            self.extras.observe(
-                site, acts, cast(Tensor, f.doc), cast(Tensor, f.position), cast(Tensor, f.token), cast(Tensor, f.counted)
-            )
+            self._pending.setdefault(site, []).append(self._reduce(site, acts))
 
         return reduce
+
+    def _reduce(self, site: str, acts: Tensor) -> BatchPieces:
+        """Every statistic of one batch at one site: one CPU pass, or the separate kernels elsewhere."""
+        f, config = self._fields, self.config
+        doc, pos, token, counted = (cast(Tensor, t) for t in (f.doc, f.position, f.token, f.counted))  # set by `_forward`
+        if acts.device.type == "cpu" and self._reduction == "eager":
+            state = self.state[site]
+            pieces = cpu_pass(
+                acts,
+                doc,
+                pos,
+                token,
+                counted,
+                top_k=config.top_k,
+                bottom_k=config.bottom_k,
+                histogram=config.histogram,
+                workspace=self._workspace,
+                top_floor=state.top.values.amin(0),  # [n] the k-th value held so far (-inf until k are held)
+                bottom_ceiling=state.bottom.values.amax(0) if state.bottom is not None else None,
+            )
+            if pieces is not None:
+                return pieces
+        if self._reduction == "eager" and acts.dtype != torch.float32 and self._scratch.numel() < acts.numel():
+            self._scratch = torch.empty(acts.numel(), dtype=torch.float32, device=acts.device)
+        top, moments = batch_stats(acts, doc, pos, token, counted, config.top_k, backend=self._reduction, scratch=self._scratch)
+        values = acts if acts.dtype == torch.float32 else acts.float()  # [tokens, n]
+        bottom = bottomk_candidates(values, doc, pos, token, counted, config.bottom_k) if config.bottom_k else None
+        counts = batch_histogram(values, counted) if config.histogram else None  # [n, N_BINS]
+        return BatchPieces(top, moments, bottom, counts)
 
     def _on_site_device(self, hook):
         """Under a device_map a site may live on another GPU than the inputs: reduce its activations
@@ -116,7 +140,7 @@ class Profiler:
             finally:
                 self._fields, self._scratch = fields, scratch
             pieces = self._pending[step.site]
-            pieces[-1] = tuple(part.to(self.device) for part in pieces[-1])
+            pieces[-1] = BatchPieces(*(part.to(self.device) if part is not None else None for part in pieces[-1]))
 
         return reduce_where_it_lives
 
@@ -148,26 +172,42 @@ class Profiler:
                 if not _is_oom(error) or size == 1:
                     raise
                 self._pending = {}
-                self.extras.discard()
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 self.splits += 1
                 log.warning("out of memory on %d rows; halving the batch token budget and retrying", size)
         for site, pieces in self._pending.items():
             stats = self.state[site]
-            for candidates, piece_moments in pieces:
-                stats = stats.add(piece_moments)  # exact sums: the grouping of batches cannot change them
-                self._unmerged[site].append(candidates)
+            for piece in pieces:
+                stats = stats.add(piece.moments)  # exact sums: the grouping of batches cannot change them
+                if piece.top.k:
+                    self._unmerged[site].append(piece.top)
+                if piece.bottom is not None and piece.bottom.k:
+                    self._unmerged_bottom[site].append(piece.bottom)
+                if piece.histogram is not None:
+                    current = stats.histogram if stats.histogram is not None else empty_histogram(stats.n_neurons, self.device)
+                    stats = dataclasses.replace(stats, histogram=current + piece.histogram)
             self.state[site] = stats
-            if len(self._unmerged[site]) >= MERGE_EVERY:
+            # While a neuron holds fewer than k examples its floor is -inf and no block can be skipped:
+            # merge at once until the state is full (on the CPU, where reading that costs no sync).
+            filling = self.device.type == "cpu" and bool(torch.isneginf(stats.top.values[-1]).any())
+            if filling or max(len(self._unmerged[site]), len(self._unmerged_bottom[site])) >= MERGE_EVERY:
                 self.flush(site)
         self._pending = {}
-        self.extras.fold_into(self.state)
 
     def flush(self, site: str | None = None) -> None:
-        """Merge the waiting per-batch top-ks into the state (before a checkpoint, and at the end)."""
+        """Merge the waiting per-batch candidates into the state (before a checkpoint, and at the end)."""
         for name in [site] if site else self.sites:
+            current = self.state[name]
             if self._unmerged[name]:
-                current = self.state[name]
-                self.state[name] = dataclasses.replace(current, top=merge_topk_fast(current.top, *self._unmerged[name]))
+                current = dataclasses.replace(current, top=merge_topk_fast(current.top, *self._unmerged[name]))
                 self._unmerged[name] = []
+            if self._unmerged_bottom[name]:
+                start = (
+                    current.bottom
+                    if current.bottom is not None
+                    else empty_bottomk(self.config.bottom_k, current.n_neurons, self.device)
+                )
+                current = dataclasses.replace(current, bottom=merge_bottomk_fast(start, *self._unmerged_bottom[name]))
+                self._unmerged_bottom[name] = []
+            self.state[name] = current
