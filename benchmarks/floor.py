@@ -32,10 +32,17 @@ from .sections import write_section
 HERE = Path(__file__).parent
 
 
-def profiler_run(model, batches, layer: int, *, reduction: str = "auto", compile: bool = False) -> Callable[[], None]:
-    """Our profiler's per-batch work with a chosen reduction backend (``auto`` is what users get)."""
-    profiler = Profiler(model, ProfileConfig(layer=layer, checkpoint_every=0, compile=compile))
-    profiler._reduction = reduction
+def profiler_run(
+    model, batches, layer: int, *, reduction: str | None = None, compile: bool = False, one_pass: bool = True, extras: bool = True
+) -> Callable[[], None]:
+    """Our profiler's per-batch work (the default statistics unless ``extras`` is False) with a chosen
+    reduction backend; ``None`` keeps what users get. ``one_pass=False`` times the separate kernels
+    that the CPU ran before `cpu_pass` (and that other devices run)."""
+    config = ProfileConfig(layer=layer, checkpoint_every=0, compile=compile, bottom_k=20 if extras else 0, histogram=extras)
+    profiler = Profiler(model, config)
+    if reduction is not None:
+        profiler._reduction = reduction
+    profiler._one_pass = one_pass
     planned = _segments(batches)
 
     def run() -> None:
@@ -110,8 +117,11 @@ def variants(
     table = {
         "floor: bare forward, decoder cut after the layer": bare_truncated(model, batches, layer),
         "bare forward stopped at mlp.hook_post (profiler's stop point)": bare_stop_at_site(model, batches, site),
-        "profiler, default reduction (auto)": profiler_run(model, batches, layer),
-        "profiler, eager torch reduction (topk_merge_fast)": profiler_run(model, batches, layer, reduction="eager"),
+        "profiler, defaults (top-k, moments, bottom-k, histogram)": profiler_run(model, batches, layer),
+        "profiler, top-k and moments only (--bottom-k 0 --no-histogram)": profiler_run(model, batches, layer, extras=False),
+        "profiler, defaults, separate kernels (the path before cpu_pass)": profiler_run(
+            model, batches, layer, reduction="eager", one_pass=False
+        ),
     }
     if device.startswith("cuda"):
         table["profiler, Triton fused reduction"] = profiler_run(model, batches, layer, reduction="triton")
@@ -119,8 +129,8 @@ def variants(
     if compiled:
         extra = {
             "profiler, inductor fused reduction (eager forward)": profiler_run(model, batches, layer, reduction="inductor"),
-            "profiler --compile (compiled layers + inductor reduction)": profiler_run(
-                model, batches, layer, reduction="inductor", compile=True
+            "profiler --compile (compiled layers; reduction as --compile picks)": profiler_run(
+                model, batches, layer, compile=True
             ),
             "floor under torch.compile": compiled_floor(model, batches, layer),
         }
@@ -148,9 +158,12 @@ def render(results: dict) -> str:
         "eager floor (the bare HF forward, decoder cut after the profiled layer) measured in the same round-robin; "
         "above 1.0 is faster than the floor. The compiled variants' first call (the compile) is timed apart from the runs.",
         "",
-        "Backends: `auto` is what a run gets (the Triton kernel on CUDA when Triton imports, else the eager torch kernels "
-        "of `topk_merge_fast`); `inductor` is the same fused pass compiled by torch.compile, which `--compile` uses together "
-        "with compiled decoder layers. All are checked against the plain reference in `tests/test_kernels.py`.",
+        "Backends: on the CPU a run gets `cpu_pass` (every statistic in one pass over reused buffers, reading only the blocks "
+        "that reach each neuron's running k-th value); on CUDA the Triton kernel when Triton imports, else the separate eager "
+        "kernels. `inductor` is the fused top-k/moments pass compiled by torch.compile, which `--compile` uses off the CPU "
+        "together with compiled decoder layers (on the CPU `--compile` compiles the layers and keeps `cpu_pass`). The profiler "
+        "rows compute the default statistics (top-k 20, moments, bottom-k 20, histogram) unless they say otherwise. All "
+        "kernels are checked against the plain references in `tests/test_kernels.py` and `tests/test_cpu_pass.py`.",
         "",
     ]
     if not any(key.startswith("cuda") for key in results):

@@ -54,7 +54,7 @@ class ProfileConfig:
     compile: bool = field(
         default=False,
         metadata={
-            "help": "Run the layers before the profiled sites and the batch reduction under torch.compile, after a one-off "
+            "help": "Run the layers before the profiled sites (and, on a GPU, the batch reduction) under torch.compile, after a one-off "
             "compile (tens of seconds on a CPU); values agree with eager within relative 1e-5 (float32) or 1e-2 (bfloat16). "
             "Whether it is faster depends on the machine: see benchmarks/RESULTS.md."
         },

@@ -77,9 +77,11 @@ class Profiler:
         self._unmerged_bottom: dict[str, list[TopK]] = {site: [] for site in self.sites}
         self._scratch = torch.empty(0, device=self.device)  # float32 copy of bf16/fp16 activations, reused
         self._workspace = Workspace()  # the CPU pass's buffers, reused
-        # --compile: the layers before the first site run compiled, and so does the fused reduction
+        # --compile: the layers before the first site run compiled, and off the CPU so does the fused reduction
+        # (on the CPU `cpu_pass` measured faster than the compiled pass: benchmarks/RESULTS.md, "Reaching the floor")
         self._compiled = CompiledLayers(model, min(ref.layer for ref in refs)) if config.compile else None
-        self._reduction = resolve_backend("inductor" if config.compile else "auto", self.device)
+        self._reduction = resolve_backend("inductor" if config.compile and self.device.type != "cpu" else "auto", self.device)
+        self._one_pass = True  # on the CPU; benchmarks turn it off to time the separate kernels
 
     def _empty_site(self, n: int) -> SiteAtlas:
         config, device = self.config, self.device
@@ -101,7 +103,7 @@ class Profiler:
         """Every statistic of one batch at one site: one CPU pass, or the separate kernels elsewhere."""
         f, config = self._fields, self.config
         doc, pos, token, counted = (cast(Tensor, t) for t in (f.doc, f.position, f.token, f.counted))  # set by `_forward`
-        if acts.device.type == "cpu" and self._reduction == "eager":
+        if acts.device.type == "cpu" and self._reduction == "eager" and self._one_pass:
             state = self.state[site]
             pieces = cpu_pass(
                 acts,
