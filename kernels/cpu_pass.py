@@ -113,7 +113,7 @@ def _histogram(values: Tensor, uncounted: Tensor, workspace: Workspace) -> Tenso
     """`histogram.batch_histogram` of finite ``values`` ``[tokens, n]``: ``[n, N_BINS]`` int64."""
     tokens, n = values.shape
     bits = values.view(torch.int32)
-    key = workspace.get("key", (tokens, n), torch.int32)
+    key = workspace.get("scratch", (tokens, n), torch.float32).view(torch.int32)  # the moments are done with it
     sign = workspace.get("sign", (tokens, n), torch.int32)
     torch.bitwise_and(bits, 0x7FFFFFFF, out=key).bitwise_right_shift_(_MANTISSA_SHIFT)  # exponent, 2 mantissa bits
     key.sub_(_LOW_KEY - 1).clamp_(0, LOG_BINS + 1)  # magnitude bin: 0 near zero .. 81 overflow
