@@ -9,7 +9,7 @@ from pathlib import Path
 from transformers import PreTrainedTokenizerBase
 
 from patchscope.atlas.atlas import CONTEXT_TOKENS, Atlas, AtlasEntry
-from patchscope.atlas.batching import document_segments, locate
+from patchscope.atlas.batching import Segment, document_segments, locate
 from patchscope.model.sites import parse_site
 from patchscope.util.storage import atomic_write, write_json
 
@@ -19,18 +19,23 @@ def contexts(
 ) -> list[tuple[str, str]]:
     """``(token, context)`` strings for entries: the token and ±5 tokens of its segment.
 
-    Each document is tokenized once, and all strings are decoded in one batch.
+    Neurons share their top positions, so each distinct (doc, position) is decoded once: on Gemma 3
+    270M over 100 paragraphs, the 40,960 top-20 entries of one layer hold 3,792 of them, and
+    decoding every entry took most of a second. Each document is tokenized once, and all strings
+    are decoded in one batch.
     """
-    by_doc: dict[int, list] = {}
+    places = dict.fromkeys((entry.doc, entry.position) for entry in entries)  # distinct, in order
+    by_doc: dict[int, list[Segment]] = {}
     pieces: list[list[int]] = []
-    for entry in entries:
-        if entry.doc not in by_doc:
-            by_doc[entry.doc] = document_segments(tokenizer, texts[entry.doc], atlas.meta.max_length, atlas.meta.overflow)
-        segment, local = locate(by_doc[entry.doc], entry.position)
+    for doc, position in places:
+        if doc not in by_doc:
+            by_doc[doc] = document_segments(tokenizer, texts[doc], atlas.meta.max_length, atlas.meta.overflow)
+        segment, local = locate(by_doc[doc], position)
         lo, hi = max(segment.first_counted, local - CONTEXT_TOKENS), local + CONTEXT_TOKENS + 1
         pieces += [[segment.ids[local]], list(segment.ids[lo:hi])]
     decoded = tokenizer.batch_decode(pieces)
-    return list(zip(decoded[0::2], decoded[1::2]))
+    strings = dict(zip(places, zip(decoded[0::2], decoded[1::2])))
+    return [strings[entry.doc, entry.position] for entry in entries]
 
 
 def export_original(
