@@ -10,7 +10,7 @@ from factories import FIXTURE_CORPUS
 from patchscope.atlas.atlas import CONTEXT_TOKENS
 from patchscope.atlas.batching import segment_at
 from patchscope.atlas.config import ProfileConfig
-from patchscope.atlas.exports import contexts, export_original, export_parquet
+from patchscope.atlas.exports import contexts, decode_all, export_original, export_parquet
 from patchscope.atlas.run import profile
 
 LAYER = 2
@@ -38,6 +38,14 @@ def test_contexts_equal_one_decode_per_entry(atlas, gemma):
     entries = atlas.entries(SITE)
     assert len({(e.doc, e.position) for e in entries}) < len(entries)  # neurons share positions: the case deduplicated
     assert contexts(atlas, entries, TEXTS, tokenizer) == [reference_strings(atlas, e, tokenizer) for e in entries]
+
+
+@pytest.mark.parametrize("clean_up", [False, True])  # the Rust backend alone, or transformers' own decode
+def test_decode_all_equals_decode_one_by_one(gemma, clean_up, monkeypatch):
+    _, tokenizer = gemma
+    monkeypatch.setattr(tokenizer, "clean_up_tokenization_spaces", clean_up)
+    pieces = [tokenizer(text).input_ids[:12] for text in TEXTS.values()] + [[5], [tokenizer.bos_token_id, 7, 9]]
+    assert decode_all(tokenizer, pieces) == [tokenizer.decode(piece) for piece in pieces]
 
 
 def test_parquet_rows_equal_the_entries(atlas, gemma, tmp_path):

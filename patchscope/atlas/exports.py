@@ -6,10 +6,11 @@ import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from patchscope.atlas.atlas import CONTEXT_TOKENS, Atlas, AtlasEntry
-from patchscope.atlas.batching import Segment, document_segments, locate
+from patchscope.atlas.batching import Segment, adds_bos, locate, segments
+from patchscope.atlas.sources import Document
 from patchscope.model.sites import parse_site
 from patchscope.util.storage import atomic_write, write_json
 
@@ -19,23 +20,46 @@ def contexts(
 ) -> list[tuple[str, str]]:
     """``(token, context)`` strings for entries: the token and ±5 tokens of its segment.
 
-    Neurons share their top positions, so each distinct (doc, position) is decoded once: on Gemma 3
-    270M over 100 paragraphs, the 40,960 top-20 entries of one layer hold 3,792 of them, and
-    decoding every entry took most of a second. Each document is tokenized once, and all strings
-    are decoded in one batch.
+    Neurons share their top positions, so each distinct (doc, position) and each distinct token is
+    decoded once: on Gemma 3 270M over 100 paragraphs of python-docs, the 40,960 top-20 entries of
+    one layer hold 3,792 positions (20,214 over 1000 paragraphs), and decoding every entry took
+    1.3 s. Each document is tokenized once, and all strings are decoded in one batch.
     """
     places = dict.fromkeys((entry.doc, entry.position) for entry in entries)  # distinct, in order
+    has_bos = adds_bos(tokenizer)
     by_doc: dict[int, list[Segment]] = {}
-    pieces: list[list[int]] = []
+    token_at: dict[tuple[int, int], int] = {}
+    windows: list[list[int]] = []
     for doc, position in places:
         if doc not in by_doc:
-            by_doc[doc] = document_segments(tokenizer, texts[doc], atlas.meta.max_length, atlas.meta.overflow)
+            document = Document(doc, texts[doc])
+            by_doc[doc] = segments(tokenizer, document, atlas.meta.max_length, atlas.meta.overflow, False, has_bos)
         segment, local = locate(by_doc[doc], position)
         lo, hi = max(segment.first_counted, local - CONTEXT_TOKENS), local + CONTEXT_TOKENS + 1
-        pieces += [[segment.ids[local]], list(segment.ids[lo:hi])]
-    decoded = tokenizer.batch_decode(pieces)
-    strings = dict(zip(places, zip(decoded[0::2], decoded[1::2])))
-    return [strings[entry.doc, entry.position] for entry in entries]
+        token_at[doc, position] = segment.ids[local]
+        windows.append(list(segment.ids[lo:hi]))
+    tokens = dict.fromkeys(token_at.values())
+    decoded = decode_all(tokenizer, [[token] for token in tokens] + windows)
+    token_text = dict(zip(tokens, decoded))
+    context_text = dict(zip(places, decoded[len(tokens) :]))
+    return [(token_text[token_at[e.doc, e.position]], context_text[e.doc, e.position]) for e in entries]
+
+
+def decode_all(tokenizer: PreTrainedTokenizerBase, pieces: list[list[int]]) -> list[str]:
+    """``tokenizer.batch_decode(pieces)``, in one call to the Rust decoder where that is all it does.
+
+    A fast tokenizer that cleans up no spaces (Gemma, Llama, Qwen2) decodes each piece with its
+    backend alone, but transformers wraps every piece in Python checks: for 20,000 contexts of
+    Gemma 3, 0.33 s through `batch_decode` against 0.07 s for the backend's `decode_batch`.
+    """
+    plain_fast = (
+        isinstance(tokenizer, PreTrainedTokenizerFast)
+        and type(tokenizer)._decode is PreTrainedTokenizerFast._decode
+        and not tokenizer.clean_up_tokenization_spaces
+    )
+    if plain_fast:
+        return tokenizer.backend_tokenizer.decode_batch(pieces, skip_special_tokens=False)
+    return tokenizer.batch_decode(pieces)
 
 
 def export_original(
