@@ -3,6 +3,7 @@
 import json
 import math
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from factories import FIXTURE_CORPUS
@@ -50,7 +51,7 @@ def test_decode_all_equals_decode_one_by_one(gemma, clean_up, monkeypatch):
 
 def test_parquet_rows_equal_the_entries(atlas, gemma, tmp_path):
     _, tokenizer = gemma
-    rows = pq.read_table(export_parquet(atlas, tmp_path / "top.parquet", SITE, TEXTS, tokenizer)).to_pylist()
+    table = pq.read_table(export_parquet(atlas, tmp_path / "top.parquet", SITE, TEXTS, tokenizer))
     expected = [
         {
             "neuron": e.neuron,
@@ -65,7 +66,7 @@ def test_parquet_rows_equal_the_entries(atlas, gemma, tmp_path):
         for e in atlas.entries(SITE)
         for token, context in [reference_strings(atlas, e, tokenizer)]
     ]
-    assert rows == expected
+    assert table.equals(pa.Table.from_pylist(expected))  # values, order and column types (int64, double, string)
 
 
 def test_mapping_equals_the_top_entries(atlas, gemma, tmp_path):

@@ -25,12 +25,19 @@ def contexts(
     one layer hold 3,792 positions (20,214 over 1000 paragraphs), and decoding every entry took
     1.3 s. Each document is tokenized once, and all strings are decoded in one batch.
     """
-    places = dict.fromkeys((entry.doc, entry.position) for entry in entries)  # distinct, in order
+    return place_strings(atlas, [(entry.doc, entry.position) for entry in entries], texts, tokenizer)
+
+
+def place_strings(
+    atlas: Atlas, places: list[tuple[int, int]], texts: Mapping[int, str], tokenizer: PreTrainedTokenizerBase
+) -> list[tuple[str, str]]:
+    """`contexts` of ``(doc, position)`` pairs."""
+    distinct = dict.fromkeys(places)  # in order
     has_bos = adds_bos(tokenizer)
     by_doc: dict[int, list[Segment]] = {}
     token_at: dict[tuple[int, int], int] = {}
     windows: list[list[int]] = []
-    for doc, position in places:
+    for doc, position in distinct:
         if doc not in by_doc:
             document = Document(doc, texts[doc])
             by_doc[doc] = segments(tokenizer, document, atlas.meta.max_length, atlas.meta.overflow, False, has_bos)
@@ -41,8 +48,8 @@ def contexts(
     tokens = dict.fromkeys(token_at.values())
     decoded = decode_all(tokenizer, [[token] for token in tokens] + windows)
     token_text = dict(zip(tokens, decoded))
-    context_text = dict(zip(places, decoded[len(tokens) :]))
-    return [(token_text[token_at[e.doc, e.position]], context_text[e.doc, e.position]) for e in entries]
+    context_text = dict(zip(distinct, decoded[len(tokens) :]))
+    return [(token_text[token_at[place]], context_text[place]) for place in places]
 
 
 def decode_all(tokenizer: PreTrainedTokenizerBase, pieces: list[list[int]]) -> list[str]:
@@ -86,16 +93,19 @@ def export_parquet(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    entries = atlas.entries(site)
-    strings = contexts(atlas, entries, texts, tokenizer)
+    top = atlas[site].top.to("cpu")
+    filled = (top.doc >= 0).T  # [n, k]: neuron by neuron, ranks in order, as `Atlas.entries` lists them
+    neuron, rank = filled.nonzero(as_tuple=True)
+    doc, position, token = (part.T[filled].long() for part in (top.doc, top.pos, top.token))
+    strings = place_strings(atlas, list(zip(doc.tolist(), position.tolist())), texts, tokenizer)
     table = pa.table(
         {
-            "neuron": [e.neuron for e in entries],
-            "rank": [e.rank for e in entries],
-            "activation": [e.activation for e in entries],
-            "doc": [e.doc for e in entries],
-            "position": [e.position for e in entries],
-            "token_id": [e.token for e in entries],
+            "neuron": neuron.numpy(),
+            "rank": rank.numpy(),
+            "activation": top.values.T[filled].double().numpy(),
+            "doc": doc.numpy(),
+            "position": position.numpy(),
+            "token_id": token.numpy(),
             "token": [s[0] for s in strings],
             "context": [s[1] for s in strings],
         }
