@@ -22,8 +22,9 @@ def contexts(
 
     Neurons share their top positions, so each distinct (doc, position) and each distinct token is
     decoded once: on Gemma 3 270M over 100 paragraphs of python-docs, the 40,960 top-20 entries of
-    one layer hold 3,792 positions (20,214 over 1000 paragraphs), and decoding every entry took
-    1.3 s. Each document is tokenized once, and all strings are decoded in one batch.
+    one layer hold 3,792 positions (20,214 over 1000 paragraphs); decoding every entry made the two
+    exports take 1.1 s, against 0.08 s now. Each document is tokenized once, and all strings are
+    decoded in one batch.
     """
     return place_strings(atlas, [(entry.doc, entry.position) for entry in entries], texts, tokenizer)
 
