@@ -6,10 +6,11 @@ import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from patchscope.atlas.atlas import CONTEXT_TOKENS, Atlas, AtlasEntry
-from patchscope.atlas.batching import document_segments, locate
+from patchscope.atlas.batching import Segment, adds_bos, locate, segments
+from patchscope.atlas.sources import Document
 from patchscope.model.sites import parse_site
 from patchscope.util.storage import atomic_write, write_json
 
@@ -19,18 +20,54 @@ def contexts(
 ) -> list[tuple[str, str]]:
     """``(token, context)`` strings for entries: the token and ±5 tokens of its segment.
 
-    Each document is tokenized once, and all strings are decoded in one batch.
+    Neurons share their top positions, so each distinct (doc, position) and each distinct token is
+    decoded once: on Gemma 3 270M over 100 paragraphs of python-docs, the 40,960 top-20 entries of
+    one layer hold 3,792 positions (20,214 over 1000 paragraphs); decoding every entry made the two
+    exports take 1.1 s, against 0.08 s now. Each document is tokenized once, and all strings are
+    decoded in one batch.
     """
-    by_doc: dict[int, list] = {}
-    pieces: list[list[int]] = []
-    for entry in entries:
-        if entry.doc not in by_doc:
-            by_doc[entry.doc] = document_segments(tokenizer, texts[entry.doc], atlas.meta.max_length, atlas.meta.overflow)
-        segment, local = locate(by_doc[entry.doc], entry.position)
+    return place_strings(atlas, [(entry.doc, entry.position) for entry in entries], texts, tokenizer)
+
+
+def place_strings(
+    atlas: Atlas, places: list[tuple[int, int]], texts: Mapping[int, str], tokenizer: PreTrainedTokenizerBase
+) -> list[tuple[str, str]]:
+    """`contexts` of ``(doc, position)`` pairs."""
+    distinct = dict.fromkeys(places)  # in order
+    has_bos = adds_bos(tokenizer)
+    by_doc: dict[int, list[Segment]] = {}
+    token_at: dict[tuple[int, int], int] = {}
+    windows: list[list[int]] = []
+    for doc, position in distinct:
+        if doc not in by_doc:
+            document = Document(doc, texts[doc])
+            by_doc[doc] = segments(tokenizer, document, atlas.meta.max_length, atlas.meta.overflow, False, has_bos)
+        segment, local = locate(by_doc[doc], position)
         lo, hi = max(segment.first_counted, local - CONTEXT_TOKENS), local + CONTEXT_TOKENS + 1
-        pieces += [[segment.ids[local]], list(segment.ids[lo:hi])]
-    decoded = tokenizer.batch_decode(pieces)
-    return list(zip(decoded[0::2], decoded[1::2]))
+        token_at[doc, position] = segment.ids[local]
+        windows.append(list(segment.ids[lo:hi]))
+    tokens = dict.fromkeys(token_at.values())
+    decoded = decode_all(tokenizer, [[token] for token in tokens] + windows)
+    token_text = dict(zip(tokens, decoded))
+    context_text = dict(zip(distinct, decoded[len(tokens) :]))
+    return [(token_text[token_at[place]], context_text[place]) for place in places]
+
+
+def decode_all(tokenizer: PreTrainedTokenizerBase, pieces: list[list[int]]) -> list[str]:
+    """``tokenizer.batch_decode(pieces)``, in one call to the Rust decoder where that is all it does.
+
+    A fast tokenizer that cleans up no spaces (Gemma, Llama, Qwen2) decodes each piece with its
+    backend alone, but transformers wraps every piece in Python checks: for 20,000 contexts of
+    Gemma 3, 0.33 s through `batch_decode` against 0.07 s for the backend's `decode_batch`.
+    """
+    plain_fast = (
+        isinstance(tokenizer, PreTrainedTokenizerFast)
+        and type(tokenizer)._decode is PreTrainedTokenizerFast._decode
+        and not tokenizer.clean_up_tokenization_spaces
+    )
+    if plain_fast:
+        return tokenizer.backend_tokenizer.decode_batch(pieces, skip_special_tokens=False)
+    return tokenizer.batch_decode(pieces)
 
 
 def export_original(
@@ -57,16 +94,19 @@ def export_parquet(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    entries = atlas.entries(site)
-    strings = contexts(atlas, entries, texts, tokenizer)
+    top = atlas[site].top.to("cpu")
+    filled = (top.doc >= 0).T  # [n, k]: neuron by neuron, ranks in order, as `Atlas.entries` lists them
+    neuron, rank = filled.nonzero(as_tuple=True)
+    doc, position, token = (part.T[filled].long() for part in (top.doc, top.pos, top.token))
+    strings = place_strings(atlas, list(zip(doc.tolist(), position.tolist())), texts, tokenizer)
     table = pa.table(
         {
-            "neuron": [e.neuron for e in entries],
-            "rank": [e.rank for e in entries],
-            "activation": [e.activation for e in entries],
-            "doc": [e.doc for e in entries],
-            "position": [e.position for e in entries],
-            "token_id": [e.token for e in entries],
+            "neuron": neuron.numpy(),
+            "rank": rank.numpy(),
+            "activation": top.values.T[filled].double().numpy(),
+            "doc": doc.numpy(),
+            "position": position.numpy(),
+            "token_id": token.numpy(),
             "token": [s[0] for s in strings],
             "context": [s[1] for s in strings],
         }

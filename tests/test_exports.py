@@ -1,0 +1,85 @@
+"""The exports against a reference that decodes every entry on its own, one `tokenizer.decode` each."""
+
+import json
+import math
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from factories import FIXTURE_CORPUS
+
+from patchscope.atlas.atlas import CONTEXT_TOKENS
+from patchscope.atlas.batching import segment_at
+from patchscope.atlas.config import ProfileConfig
+from patchscope.atlas.exports import contexts, decode_all, export_original, export_parquet
+from patchscope.atlas.run import profile
+
+LAYER = 2
+SITE = f"blocks.{LAYER}.mlp.hook_post"
+TEXTS = dict(enumerate([t for t in FIXTURE_CORPUS if t] + [" ".join(FIXTURE_CORPUS[:5])]))
+
+
+def reference_strings(atlas, entry, tokenizer) -> tuple[str, str]:
+    """The entry's token, and ±5 tokens of the segment the profiler saw it in."""
+    segment, local = segment_at(tokenizer, TEXTS[entry.doc], entry.position, atlas.meta.max_length, atlas.meta.overflow)
+    assert segment.ids[local] == entry.token
+    lo = max(segment.first_counted, local - CONTEXT_TOKENS)
+    return tokenizer.decode([entry.token]), tokenizer.decode(list(segment.ids[lo : local + CONTEXT_TOKENS + 1]))
+
+
+@pytest.fixture(params=["truncate", "window"])
+def atlas(request, gemma):
+    model, tokenizer = gemma
+    config = ProfileConfig(layer=LAYER, top_k=4, max_length=10, overflow=request.param, batch_tokens=64)
+    return profile(model, tokenizer, list(TEXTS.values()), config, progress=False)
+
+
+def test_contexts_equal_one_decode_per_entry(atlas, gemma):
+    _, tokenizer = gemma
+    entries = atlas.entries(SITE)
+    assert len({(e.doc, e.position) for e in entries}) < len(entries)  # neurons share positions: the case deduplicated
+    assert contexts(atlas, entries, TEXTS, tokenizer) == [reference_strings(atlas, e, tokenizer) for e in entries]
+
+
+@pytest.mark.parametrize("clean_up", [False, True])  # the Rust backend alone, or transformers' own decode
+def test_decode_all_equals_decode_one_by_one(gemma, clean_up, monkeypatch):
+    _, tokenizer = gemma
+    monkeypatch.setattr(tokenizer, "clean_up_tokenization_spaces", clean_up)
+    pieces = [tokenizer(text).input_ids[:12] for text in TEXTS.values()] + [[5], [tokenizer.bos_token_id, 7, 9]]
+    assert decode_all(tokenizer, pieces) == [tokenizer.decode(piece) for piece in pieces]
+
+
+def test_parquet_rows_equal_the_entries(atlas, gemma, tmp_path):
+    _, tokenizer = gemma
+    table = pq.read_table(export_parquet(atlas, tmp_path / "top.parquet", SITE, TEXTS, tokenizer))
+    expected = [
+        {
+            "neuron": e.neuron,
+            "rank": e.rank,
+            "activation": e.activation,
+            "doc": e.doc,
+            "position": e.position,
+            "token_id": e.token,
+            "token": token,
+            "context": context,
+        }
+        for e in atlas.entries(SITE)
+        for token, context in [reference_strings(atlas, e, tokenizer)]
+    ]
+    assert table.equals(pa.Table.from_pylist(expected))  # values, order and column types (int64, double, string)
+
+
+def test_mapping_equals_the_top_entries(atlas, gemma, tmp_path):
+    _, tokenizer = gemma
+    mapping = json.loads(export_original(atlas, tmp_path / "mapping.json", SITE, TEXTS, tokenizer).read_text())
+    expected = {}
+    for e in atlas.entries(SITE, ranks=1):
+        token, context = reference_strings(atlas, e, tokenizer)
+        expected[str(e.neuron)] = {
+            "text_index": e.doc,
+            "token_position": e.position,
+            "trigger_token": token,
+            "activation_score": e.activation if math.isfinite(e.activation) else None,
+            "context": context,
+        }
+    assert mapping == expected
