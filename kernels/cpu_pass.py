@@ -22,6 +22,7 @@ holding inf or nan. Three things make it cheaper, each measured on a 2-core CPU 
 
 from __future__ import annotations
 
+import sys
 from typing import NamedTuple
 
 import torch
@@ -97,7 +98,7 @@ def cpu_pass(
         n_tokens=counted.sum(),
     )
     uncounted = (~counted).nonzero().squeeze(1)  # [rows], usually BOS and padding
-    counts = _histogram(values, uncounted, workspace) if histogram else None
+    counts = _histogram(acts, values, uncounted, workspace) if histogram else None
 
     values.index_fill_(0, uncounted, float("-inf"))
     top = _candidates(values, doc, pos, token, counted, top_k, top_floor)
@@ -109,17 +110,27 @@ def cpu_pass(
     return BatchPieces(top, moments, bottom, counts)
 
 
-def _histogram(values: Tensor, uncounted: Tensor, workspace: Workspace) -> Tensor:
-    """`histogram.batch_histogram` of finite ``values`` ``[tokens, n]``: ``[n, N_BINS]`` int64."""
+def _histogram(acts: Tensor, values: Tensor, uncounted: Tensor, workspace: Workspace) -> Tensor:
+    """`histogram.batch_histogram` of finite activations: ``[n, N_BINS]`` int64.
+
+    The bin depends only on the sign, the exponent and the top two mantissa bits, all in the upper
+    16 bits of a float32, which are a bfloat16's bits: so the bin arithmetic runs on int16 (half
+    the memory traffic of int32; measured 4.4 -> 3.3 ms for ``[1024, 2048]``), and only the final
+    ``bin * n + neuron`` index is int32.
+    """
     tokens, n = values.shape
-    bits = values.view(torch.int32)
+    if acts.dtype == torch.bfloat16 and acts.is_contiguous():
+        high = acts.view(torch.int16)  # [tokens, n]
+    else:  # the upper half of each float32 of the copy
+        high = values.view(torch.int16)[:, 1::2] if sys.byteorder == "little" else values.view(torch.int16)[:, 0::2]
+    magnitude = workspace.get("magnitude", (tokens, n), torch.int16)
+    sign = workspace.get("sign", (tokens, n), torch.int16)
+    torch.bitwise_and(high, 0x7FFF, out=magnitude).bitwise_right_shift_(_MANTISSA_SHIFT - 16)  # exponent, 2 mantissa bits
+    magnitude.sub_(_LOW_KEY - 1).clamp_(0, LOG_BINS + 1)  # magnitude bin: 0 near zero .. 81 overflow
+    torch.bitwise_right_shift(high, 15, out=sign)  # 0, or -1 where negative
+    magnitude.bitwise_xor_(sign).sub_(sign)  # the signed bin minus CENTER: -81 .. 81
     key = workspace.get("scratch", (tokens, n), torch.float32).view(torch.int32)  # the moments are done with it
-    sign = workspace.get("sign", (tokens, n), torch.int32)
-    torch.bitwise_and(bits, 0x7FFFFFFF, out=key).bitwise_right_shift_(_MANTISSA_SHIFT)  # exponent, 2 mantissa bits
-    key.sub_(_LOW_KEY - 1).clamp_(0, LOG_BINS + 1)  # magnitude bin: 0 near zero .. 81 overflow
-    torch.bitwise_right_shift(bits, 31, out=sign)  # 0, or -1 where negative
-    key.bitwise_xor_(sign).sub_(sign).add_(CENTER)  # the signed bin, 0 .. N_BINS - 1
-    key.mul_(n).add_(torch.arange(n, dtype=torch.int32))  # bin * n + neuron
+    key.copy_(magnitude).mul_(n).add_(torch.arange(CENTER * n, CENTER * n + n, dtype=torch.int32))  # bin * n + neuron
     key.index_fill_(0, uncounted, N_BINS * n)  # past the last real slot: dropped below
     counts = torch.bincount(key.view(-1), minlength=N_BINS * n + 1)[: N_BINS * n]  # [N_BINS * n]
     return counts.view(N_BINS, n).T.contiguous()
