@@ -13,7 +13,10 @@ holding inf or nan. Three things make it cheaper, each measured on a 2-core CPU 
   whose maximum reaches the floor are read, and only their entries at or above it are kept
   (ties at the floor included: the merge ranks them). After the first batches that is a handful
   of entries per neuron, and the column-wise ``topk``/``gather`` of the dense selection (5-20 ms)
-  go away. Before the state is full, the batch's own k-th largest block maximum is the floor.
+  go away. A neuron whose floor still leaves more than ``k + TIE_MARGIN`` blocks (early in a run,
+  while the state is not yet full) gets the larger of it and the batch's own k-th largest block
+  maximum; one tied at its floor in that many blocks (a dead neuron's zeros) takes the dense
+  selection, with its exact tie fallback.
   Bottom-k is the same selection run on the negated activations.
 - **The histogram is one ``bincount``** of ``bin * n + neuron`` in int32, the bin read from the
   float bits as in `histogram.bin_index` (about 2.5 ms instead of 11-18 ms for the column-wise
@@ -30,7 +33,7 @@ from torch import Tensor
 
 from .bottomk import negated
 from .fused import select_candidates
-from .histogram import _LOW_KEY, _MANTISSA_SHIFT, CENTER, LOG_BINS, N_BINS
+from .histogram import CENTER, LOG_BINS, LOW_KEY, MANTISSA_SHIFT, N_BINS
 from .topk_merge import Moments, TopK
 from .topk_merge_fast import BLOCK_ROWS, TIE_MARGIN
 
@@ -80,8 +83,8 @@ def cpu_pass(
     acts: ``[tokens, n]`` any float dtype, on the CPU, left untouched; doc, pos, token: ``[tokens]``
     int64; counted: ``[tokens]`` bool. ``top_floor``: ``[n]`` the k-th largest value each neuron
     already holds (``-inf`` while it holds fewer than k), or None; ``bottom_ceiling`` mirrors it
-    for the bottom-k. Candidates returned for the top-k include every counted entry at or above the
-    floor; the merge with the state ranks them.
+    for the bottom-k. The top-k candidates hold every entry that can still enter the top-k (on the
+    skipping path, every counted entry at or above the floor); the merge with the state ranks them.
     """
     tokens, n = acts.shape
     values = workspace.get("values", (tokens, n), torch.float32).copy_(acts)  # [tokens, n]
@@ -125,8 +128,8 @@ def _histogram(acts: Tensor, values: Tensor, uncounted: Tensor, workspace: Works
         high = values.view(torch.int16)[:, 1::2] if sys.byteorder == "little" else values.view(torch.int16)[:, 0::2]
     magnitude = workspace.get("magnitude", (tokens, n), torch.int16)
     sign = workspace.get("sign", (tokens, n), torch.int16)
-    torch.bitwise_and(high, 0x7FFF, out=magnitude).bitwise_right_shift_(_MANTISSA_SHIFT - 16)  # exponent, 2 mantissa bits
-    magnitude.sub_(_LOW_KEY - 1).clamp_(0, LOG_BINS + 1)  # magnitude bin: 0 near zero .. 81 overflow
+    torch.bitwise_and(high, 0x7FFF, out=magnitude).bitwise_right_shift_(MANTISSA_SHIFT - 16)  # exponent, 2 mantissa bits
+    magnitude.sub_(LOW_KEY - 1).clamp_(0, LOG_BINS + 1)  # magnitude bin: 0 near zero .. 81 overflow
     torch.bitwise_right_shift(high, 15, out=sign)  # 0, or -1 where negative
     magnitude.bitwise_xor_(sign).sub_(sign)  # the signed bin minus CENTER: -81 .. 81
     key = workspace.get("scratch", (tokens, n), torch.float32).view(torch.int32)  # the moments are done with it

@@ -1,6 +1,7 @@
 """The batch reduction in one pass over ``[tokens, n]``: block maxima and moments together, then a small top-k.
 
-`batch_stats` is the one entry point the profiler calls. It returns the same candidates and moments
+`batch_stats` is the profiler's entry point off the CPU (on the CPU it runs `cpu_pass`, and comes here
+only for batches holding inf or nan). It returns the same candidates and moments
 as `topk_merge_fast.batch_stats` (and, after `merge_topk`, the same `TopK` as the reference
 `topk_merge.batch_topk`), computed by one of three backends:
 

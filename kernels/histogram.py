@@ -26,8 +26,8 @@ STEPS_PER_OCTAVE = 4  # the top two mantissa bits
 LOG_BINS = (MAX_EXP - MIN_EXP) * STEPS_PER_OCTAVE  # 80 per sign
 CENTER = LOG_BINS + 1
 N_BINS = 2 * CENTER + 1
-_MANTISSA_SHIFT = 23 - 2  # float32: 23 mantissa bits, keep the top 2
-_LOW_KEY = (127 + MIN_EXP) * STEPS_PER_OCTAVE  # (biased exponent, 2 mantissa bits) of 2**MIN_EXP
+MANTISSA_SHIFT = 23 - 2  # float32: 23 mantissa bits, keep the top 2
+LOW_KEY = (127 + MIN_EXP) * STEPS_PER_OCTAVE  # (biased exponent, 2 mantissa bits) of 2**MIN_EXP
 _NONFINITE_KEY = 255 * STEPS_PER_OCTAVE  # exponent all ones: inf or nan
 
 
@@ -65,8 +65,8 @@ def bin_index(values: Tensor, counted: Tensor) -> Tensor:
     ``values``: float32 ``[tokens, n]``; ``counted``: ``[tokens]`` bool.
     """
     bits = values.contiguous().view(torch.int32)  # [tokens, n]
-    key = (bits & 0x7FFFFFFF) >> _MANTISSA_SHIFT  # exponent and 2 mantissa bits of |x|
-    magnitude = (key - (_LOW_KEY - 1)).clamp_(0, LOG_BINS + 1)  # 0: near zero; 81: overflow
+    key = (bits & 0x7FFFFFFF) >> MANTISSA_SHIFT  # exponent and 2 mantissa bits of |x|
+    magnitude = (key - (LOW_KEY - 1)).clamp_(0, LOG_BINS + 1)  # 0: near zero; 81: overflow
     sign = bits >> 31  # 0 or -1
     index = ((magnitude ^ sign) - sign + CENTER).long()  # CENTER -/+ magnitude
     dropped = (key >= _NONFINITE_KEY) | ~counted.unsqueeze(1)

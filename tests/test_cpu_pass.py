@@ -18,6 +18,7 @@ def _stream(seed: int, dtype: torch.dtype, n: int = 40, coarse: bool = True):
         if coarse:
             acts = (acts * 2).round() / 2
         acts[:, 3] = 0.0  # a neuron that never fires: everything ties
+        acts[:, 7] = 1.5  # another one tied everywhere, at another value: the dense columns must not swap
         docs = torch.arange(tokens) // 16
         doc0 -= int(docs.max()) + 1  # later batches hold earlier documents: their ties rank first
         doc = doc0 + docs.flip(0)  # and documents arrive out of order within a batch
@@ -33,10 +34,12 @@ def _assert_same(a: topk_merge.TopK, b: topk_merge.TopK, what: str) -> None:
         assert torch.equal(getattr(a, name), getattr(b, name)), (what, name)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("k", [3, 20])
 def test_streamed_cpu_pass_matches_the_references(dtype, k):
     batches = _stream(k, dtype)
+    if dtype == torch.float16:  # and activations that are a strided view, as a hook may hand over
+        batches = [(torch.cat([acts, acts], 1)[:, ::2], *rest) for acts, *rest in batches]
     n = batches[0][0].shape[1]
     workspace = Workspace()
     top, bottom = topk_merge.TopK.empty(k, n), bottomk.empty_bottomk(k, n)
@@ -105,3 +108,19 @@ def test_a_batch_with_inf_or_nan_is_left_to_the_plain_kernels():
     broken = acts.clone()
     broken[0, 1] = float("nan")  # in an uncounted row too: the plain kernels handle it
     assert cpu_pass(broken, ids, ids, ids, everything.logical_not(), **kwargs) is None
+
+
+def test_bottomk_candidates_rank_ties_past_the_margin_exactly():
+    """More rows tie at the k-th smallest value than the candidates keep: the plain bottom-k path
+    (off the CPU, and for batches holding inf or nan) must still pick them by the ranking rule."""
+    gen = torch.Generator().manual_seed(3)
+    acts = torch.randint(-1, 2, (400, 5), generator=gen).float()  # values in {-1, 0, 1}: hundreds of ties
+    doc = torch.randperm(400, generator=gen)
+    pos, token = torch.zeros(400, dtype=torch.long), torch.arange(400)
+    counted = torch.rand(400, generator=gen) > 0.1
+    candidates = bottomk.bottomk_candidates(acts, doc, pos, token, counted, 3)
+    _assert_same(
+        bottomk.merge_bottomk_fast(bottomk.empty_bottomk(3, 5), candidates),
+        bottomk.batch_bottomk(acts, doc, pos, token, counted, 3),
+        "bottom",
+    )

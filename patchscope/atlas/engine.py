@@ -103,7 +103,7 @@ class Profiler:
         """Every statistic of one batch at one site: one CPU pass, or the separate kernels elsewhere."""
         f, config = self._fields, self.config
         doc, pos, token, counted = (cast(Tensor, t) for t in (f.doc, f.position, f.token, f.counted))  # set by `_forward`
-        if acts.device.type == "cpu" and self._reduction == "eager" and self._one_pass:
+        if acts.device.type == "cpu" and self.device.type == "cpu" and self._reduction == "eager" and self._one_pass:
             state = self.state[site]
             pieces = cpu_pass(
                 acts,
