@@ -105,9 +105,15 @@ def segment_at(
     return locate(document_segments(tokenizer, text, max_length, overflow), position)
 
 
-def document_segments(tokenizer: PreTrainedTokenizerBase, text: str, max_length: int, overflow: Overflow) -> list[Segment]:
-    """Every segment of one text, BOS positions included (for looking positions up)."""
-    return segments(tokenizer, Document(-1, text), max_length, overflow, False, adds_bos(tokenizer))
+def document_segments(
+    tokenizer: PreTrainedTokenizerBase, text: str, max_length: int, overflow: Overflow, has_bos: bool | None = None
+) -> list[Segment]:
+    """Every segment of one text, BOS positions included (for looking positions up).
+
+    ``has_bos``: `adds_bos(tokenizer)`, when the caller already knows it (it tokenizes a probe text).
+    """
+    has_bos = adds_bos(tokenizer) if has_bos is None else has_bos
+    return segments(tokenizer, Document(-1, text), max_length, overflow, False, has_bos)
 
 
 def locate(parts: list[Segment], position: int) -> tuple[Segment, int]:

@@ -9,8 +9,7 @@ from pathlib import Path
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from patchscope.atlas.atlas import CONTEXT_TOKENS, Atlas, AtlasEntry
-from patchscope.atlas.batching import Segment, adds_bos, locate, segments
-from patchscope.atlas.sources import Document
+from patchscope.atlas.batching import Segment, adds_bos, document_segments, locate
 from patchscope.model.sites import parse_site
 from patchscope.util.storage import atomic_write, write_json
 
@@ -40,8 +39,7 @@ def place_strings(
     windows: list[list[int]] = []
     for doc, position in distinct:
         if doc not in by_doc:
-            document = Document(doc, texts[doc])
-            by_doc[doc] = segments(tokenizer, document, atlas.meta.max_length, atlas.meta.overflow, False, has_bos)
+            by_doc[doc] = document_segments(tokenizer, texts[doc], atlas.meta.max_length, atlas.meta.overflow, has_bos)
         segment, local = locate(by_doc[doc], position)
         lo, hi = max(segment.first_counted, local - CONTEXT_TOKENS), local + CONTEXT_TOKENS + 1
         token_at[doc, position] = segment.ids[local]
