@@ -85,13 +85,13 @@ def profile_run(model: Path, data: Path, out: Path, nproc: int, args: argparse.N
     if result.returncode:
         raise SystemExit(result.stderr[-3000:])
     meta = json.loads((out / "atlas.json").read_text())
-    extra = meta["extra"]
+    extra = meta["provenance"]
     return {
         "wall_s": time.perf_counter() - started,
         "tokens": extra["tokens_this_run"],
         "profile_s": extra["seconds"],
         "tokens_per_s": extra["tokens_this_run"] / extra["seconds"],
-        "merge_s": extra.get("merge_seconds", 0.0),
+        "merge_s": extra.get("merge_seconds") or 0.0,
     }
 
 
@@ -126,7 +126,7 @@ MEMORY_PROBE = textwrap.dedent(
     from benchmarks.common import PeakMemory
     from patchscope.model.loading import load_model, load_model_until
     from patchscope.atlas.config import ProfileConfig
-    from patchscope.atlas.run import profile
+    from patchscope.atlas.profiling import profile
     torch.set_num_threads(1)
     folder, layer, truncated, texts = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", json.loads(sys.argv[4])
     with PeakMemory("cpu") as peak:

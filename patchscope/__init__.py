@@ -33,7 +33,7 @@ _EXPORTS: dict[str, str] = {
     "export_original": "patchscope.atlas.exports",
     "export_parquet": "patchscope.atlas.exports",
     "ProfileConfig": "patchscope.atlas.config",
-    "profile": "patchscope.atlas.run",
+    "profile": "patchscope.atlas.profiling",
     "SourceConfig": "patchscope.atlas.sources",
     "TextSource": "patchscope.atlas.sources",
     "Document": "patchscope.atlas.sources",
@@ -97,7 +97,7 @@ if TYPE_CHECKING:  # for type checkers and editors: the same names, imported eag
     from patchscope.atlas.atlas import Atlas, AtlasEntry, AtlasError, AtlasMeta, SiteAtlas
     from patchscope.atlas.config import ProfileConfig
     from patchscope.atlas.exports import export_original, export_parquet
-    from patchscope.atlas.run import profile
+    from patchscope.atlas.profiling import profile
     from patchscope.atlas.sources import Document, SourceConfig, TextSource
     from patchscope.atlas.store import load_atlas, save_atlas
     from patchscope.experiment import ExperimentConfig, ExperimentResult, run_experiment

@@ -10,7 +10,6 @@ import dataclasses
 import hashlib
 import json
 import time
-from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,14 +17,12 @@ from typing import Any
 
 import torch
 
-from patchscope.atlas.atlas import Atlas
-from patchscope.atlas.batching import adds_bos, segments
+from patchscope.atlas.atlas import Atlas, AtlasEntry, AtlasMeta
 from patchscope.atlas.config import ProfileConfig
-from patchscope.atlas.reuse import check_reuse
-from patchscope.atlas.run import CHECKPOINT, check_before_loading, check_source, profile, run_identity
+from patchscope.atlas.distributed import World
+from patchscope.atlas.folder import Action, AtlasFolder, Plan, Policy, plan_before_loading
+from patchscope.atlas.profiling import profile
 from patchscope.atlas.sources import SourceConfig, TextSource
-from patchscope.atlas.store import ATLAS_TENSORS, is_committed, load_atlas
-from patchscope.model.hooks import capture, run_until
 from patchscope.model.loading import (
     DEFAULT_MODEL,
     PRESETS,
@@ -41,12 +38,12 @@ from patchscope.model.loading import (
 from patchscope.model.sites import parse_site
 from patchscope.report.run_report import write_run_report
 from patchscope.sae.attribution import attribute_neuron
-from patchscope.sae.jumprelu import check_for_model, check_site, top_features
+from patchscope.sae.jumprelu import JumpReLUSAE, check_for_model, check_site, top_features
 from patchscope.sae.loaders import load_sae, sae_spec_for_site
 from patchscope.scope.config import PatchscopeConfig
-from patchscope.scope.extract import extract
+from patchscope.scope.extract import Extraction, extract
 from patchscope.scope.inject import Observation, Row, control_rows, inject
-from patchscope.scope.placeholder import plan_prompt
+from patchscope.scope.placeholder import PromptPlan, plan_prompt
 from patchscope.util.lock import output_lock
 from patchscope.util.signals import Interrupted
 from patchscope.util.storage import check_writable, write_json
@@ -167,8 +164,20 @@ class _Timer:
             self.phases[name] = round(time.perf_counter() - started, 3)
 
 
-def _preflight(config: ExperimentConfig):
-    """Everything that can be checked without model weights: sites, layer, neuron, prompt, SAE, output."""
+@dataclass(frozen=True)
+class _Checked:
+    """What `_preflight` established before any model loads."""
+
+    prompt: PromptPlan
+    sae: JumpReLUSAE | None
+    sae_note: str
+    out: Path
+    folder: Plan
+    """What the run will do with the atlas folder ``out`` (`AtlasFolder.plan`)."""
+
+
+def _preflight(config: ExperimentConfig) -> _Checked:
+    """Everything that can be checked without model weights: sites, layer, neuron, prompt, SAE, data, output."""
     config.patchscope.validate()
     config.profile.validate()
     if config.top_neurons < 1:
@@ -184,13 +193,16 @@ def _preflight(config: ExperimentConfig):
     prompt = plan_prompt(load_tokenizer(config.model), config.patchscope)
     sae, sae_note = _load_matching_sae(config, model_config.hidden_size)
     out = check_writable(config.out)
-    source = TextSource(config.source)
-    if _reusable_atlas(config, out):
-        check_source(source)  # a missing file, column or row, before the model loads
-    else:  # the data, and an interrupted or unfinished run's files in `out` against this run's inputs
-        dtype = str(resolve_dtype(config.dtype, resolve_device(config.device))).removeprefix("torch.")
-        check_before_loading(out, True, config.model, source, config.profile_config(), dtype)
-    return prompt, sae, sae_note, out
+    return _Checked(prompt, sae, sae_note, out, _plan_folder(config, out))
+
+
+def _plan_folder(config: ExperimentConfig, out: Path) -> Plan:
+    """Reuse a finished atlas of the same reading, resume this run's checkpoint, finish its exports, or start."""
+    dtype = str(resolve_dtype(config.dtype, resolve_device(config.device))).removeprefix("torch.")
+    profile_config = config.profile_config()
+    # the source site only feeds the corpus-mean control, whose mean a reused atlas may lack (`_corpus_mean`)
+    policy = Policy(resume=True, reuse=True, sites=profile_config.site_names(), optional_sites=(config.source_site,))
+    return plan_before_loading(out, World(), config.model, TextSource(config.source), profile_config, dtype, policy)
 
 
 def _load_matching_sae(config: ExperimentConfig, d_model: int):
@@ -208,67 +220,38 @@ def _load_matching_sae(config: ExperimentConfig, d_model: int):
     return sae, f"SAE {sae.info.source} (trained on {sae.info.site})"
 
 
-def _reusable_atlas(config: ExperimentConfig, out: Path) -> bool:
-    """Whether ``out`` holds a finished atlas this run may use; one made from other inputs or
-    settings, or lacking a site the run needs, is refused, not overwritten."""
-    if not (out / ATLAS_TENSORS).exists() or not is_committed(out):
-        return False
-    dtype = str(resolve_dtype(config.dtype, resolve_device(config.device))).removeprefix("torch.")
-    atlas = load_atlas(out)
-    reuse = check_reuse(
-        atlas,
-        model_name=config.model,
-        source=config.source,
-        config=config.profile_config(),
-        dtype=dtype,
-        identity=run_identity(config.model, config.source),
-    )
-    if reuse.problems:
-        raise FileExistsError(
-            f"{out} holds an atlas made with other settings or inputs: {'; '.join(reuse.problems)}. "
-            "Use another `out`, or delete it to profile again"
-        )
-    missing = [site for site in reuse.missing_sites if site != config.source_site]
-    if missing:
-        raise FileExistsError(
-            f"the atlas in {out} lacks the site{'s' if len(missing) > 1 else ''} {', '.join(missing)} this run needs "
-            f"(it has {', '.join(atlas.sites)}); profile {'them' if len(missing) > 1 else 'it'} into another `out`"
-        )
-    return True
-
-
-def _atlas(model, tokenizer, config: ExperimentConfig, out: Path, timer: _Timer, progress: bool) -> tuple[Atlas, bool]:
-    profile_config = config.profile_config()
-    if _reusable_atlas(config, out):  # checked again under the lock of `out`
-        return load_atlas(out), True
+def _profile_or_reuse(model, tokenizer, config: ExperimentConfig, checked: _Checked, timer: _Timer, progress: bool) -> Atlas:
+    """Carry the folder's plan out (made again under the lock of ``out``, which another run may have changed)."""
+    plan = _plan_folder(config, checked.out)
+    if plan.action is Action.REUSE:
+        return AtlasFolder(checked.out).load()
     with timer.phase("profile"):
         try:
-            atlas = profile(
+            return profile(
                 model,
                 tokenizer,
                 TextSource(config.source),
-                profile_config,
-                out=out,
-                resume=(out / CHECKPOINT).exists(),
+                config.profile_config(),
+                out=checked.out,
+                resume=plan.action is Action.RESUME,
                 model_name=config.model,
                 progress=progress,
             )
         except Interrupted as stop:
             stop.hint = "rerun the same command to continue from it"  # a run resumes from its checkpoint by itself
             raise
-    return atlas, False
 
 
 def _corpus_mean(
     model, tokenizer, config: ExperimentConfig, atlas: Atlas, timer: _Timer, progress: bool
 ) -> tuple[torch.Tensor | None, str | None]:
-    """The mean of the source site over the corpus, for the corpus-mean control.
+    """The mean of the source site over the corpus, first slots left out, for the corpus-mean control.
 
     A reused atlas made by ``patchscope profile`` may lack that site; then only its mean is
     recomputed (one pass up to the source site, nothing stored).
     """
     if config.source_site in atlas.sites:
-        return _mean_without_first_slots(model, tokenizer, atlas, config.source_site, TextSource(config.source)), None
+        return atlas.mean_without_first_slots(config.source_site, model, tokenizer), None
     if not config.patchscope.controls:
         return None, None
     meta = atlas.meta
@@ -288,6 +271,72 @@ def _corpus_mean(
     return mean.float(), f"the atlas has no {config.source_site}; its corpus mean was computed in this run"
 
 
+def _extract_top(model, tokenizer, config: ExperimentConfig, atlas: Atlas) -> tuple[list[AtlasEntry], list[Extraction]]:
+    """The studied neurons' top examples, and the source-site vector of each, recomputed from its text."""
+    neurons = [config.neuron] if config.neuron is not None else atlas.top_neurons(config.neuron_site, config.top_neurons)
+    entries = [atlas.entry(config.neuron_site, n) for n in neurons]
+    texts = atlas.texts({e.doc for e in entries})
+    extractions = [
+        extract(
+            model,
+            tokenizer,
+            texts[e.doc],
+            site=config.source_site,
+            position=e.position,
+            entry=e,
+            max_length=atlas.meta.max_length,
+            overflow=atlas.meta.overflow,
+        )
+        for e in entries
+    ]
+    return entries, extractions
+
+
+def _read_with_sae(
+    model, config: ExperimentConfig, sae: JumpReLUSAE, entries: list[AtlasEntry], extractions: list[Extraction]
+) -> list[dict[str, Any] | None]:
+    """Each vector's SAE features, and the features that drive its neuron."""
+    sae = sae.to(extractions[0].vector.device)
+    results: list[dict[str, Any] | None] = []
+    for entry, ex in zip(entries, extractions):
+        readout = top_features(sae, ex.vector, config.sae_top_k, position=ex.position)
+        attribution = attribute_neuron(
+            model,
+            sae,
+            torch.tensor([ex.segment_ids], device=ex.vector.device),
+            ex.local_position,
+            ex.vector,
+            site=config.source_site,
+            neuron=entry.neuron,
+            neuron_site=config.neuron_site,
+            allow_site_mismatch=config.allow_site_mismatch,
+        )
+        results.append(
+            {
+                "sae": sae.info.source,
+                "sae_site": sae.info.site,
+                "l0": readout.l0,
+                "relative_error": readout.relative_error,
+                "cosine": readout.cosine,
+                "top_features": [dataclasses.asdict(f) for f in readout.features],
+                "warnings": readout.warnings,
+                "features_driving_neuron": [dataclasses.asdict(f) for f in attribution.features[: config.sae_top_k]],
+            }
+        )
+    return results
+
+
+def _atlas_record(meta: AtlasMeta) -> dict[str, Any]:
+    """The atlas's provenance, as results.json lists it."""
+    return {
+        **dataclasses.asdict(meta.provenance),
+        "fingerprint": meta.fingerprint,
+        "identity": meta.inputs.to_json(),
+        "source": dataclasses.asdict(meta.source) if meta.source else None,
+        "rows_read": list(meta.rows_read) if meta.rows_read else None,
+    }
+
+
 def _results_path(out: Path, config_json: dict[str, Any]) -> Path:
     """``results.json``, unless it holds a run with other settings: then ``results-<settings hash>.json``."""
     settings = json.loads(json.dumps({k: v for k, v in config_json.items() if k != "out"}, default=str))  # as read back
@@ -300,34 +349,6 @@ def _results_path(out: Path, config_json: dict[str, Any]) -> Path:
         return default
     key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
     return out / f"results-{key}.json"
-
-
-def _mean_without_first_slots(model, tokenizer, atlas: Atlas, site: str, source: TextSource) -> torch.Tensor | None:
-    """Mean of the profiled vectors at ``site``, each segment's first slot (BOS or attention sink) left out.
-
-    The atlas's moments leave those slots out already unless it was profiled with `exclude_bos` off.
-    Then their sum is taken off: under causal attention a first-slot vector depends on its token only,
-    so one forward pass over the distinct first tokens gives every one of them.
-    """
-    stats = atlas.sites.get(site)
-    if stats is None:
-        return None
-    if atlas.meta.exclude_bos:
-        return stats.mean.float()
-    has_bos = adds_bos(tokenizer)
-    firsts = Counter(
-        part.ids[0]
-        for document in source
-        for part in segments(tokenizer, document, atlas.meta.max_length, atlas.meta.overflow, False, has_bos)
-        if part.first_counted == 0
-    )
-    ids = torch.tensor(list(firsts), device=model.get_input_embeddings().weight.device).unsqueeze(1)  # [tokens, 1]
-    with torch.no_grad(), capture(model, site) as cache:
-        run_until(model, site, input_ids=ids)
-    first_slots = cache[site][:, 0].float().cpu()  # [tokens, d_model]
-    counts = torch.tensor(list(firsts.values()), dtype=torch.float32)
-    total = stats.moments.total.float() - counts @ first_slots
-    return total / (float(stats.moments.n_tokens) - float(counts.sum()))
 
 
 def _reactivation(patched: float, controls: dict[str, float]) -> str:
@@ -411,66 +432,25 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True) -> Experi
     """
     timer = _Timer()
     with timer.phase("prepare"):  # checks every input; includes a GGUF model's one-time conversion
-        prompt, sae, sae_note, out = _preflight(config)
-    with output_lock(out):
-        return _run_locked(config, timer, prompt, sae, sae_note, out, progress)
+        checked = _preflight(config)
+    with output_lock(checked.out):
+        return _run_locked(config, checked, timer, progress)
 
 
-def _run_locked(
-    config: ExperimentConfig, timer: _Timer, prompt, sae, sae_note: str, out: Path, progress: bool
-) -> ExperimentResult:
-    notes = [sae_note]
+def _run_locked(config: ExperimentConfig, checked: _Checked, timer: _Timer, progress: bool) -> ExperimentResult:
+    prompt, sae, out = checked.prompt, checked.sae, checked.out
+    notes = [checked.sae_note]
     with timer.phase("load_model"):
         model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
-    atlas, reused = _atlas(model, tokenizer, config, out, timer, progress)
+    atlas = _profile_or_reuse(model, tokenizer, config, checked, timer, progress)
+    reused = checked.folder.action is Action.REUSE
     notes.append("atlas reused from `out`" if reused else "atlas profiled in this run")
-    source = TextSource(config.source)
-
     with timer.phase("extract"):
-        neurons = [config.neuron] if config.neuron is not None else atlas.top_neurons(config.neuron_site, config.top_neurons)
-        entries = [atlas.entry(config.neuron_site, n) for n in neurons]
-        texts = source.fetch({e.doc for e in entries})
-        extractions = [
-            extract(
-                model,
-                tokenizer,
-                texts[e.doc],
-                site=config.source_site,
-                position=e.position,
-                entry=e,
-                max_length=atlas.meta.max_length,
-                overflow=atlas.meta.overflow,
-            )
-            for e in entries
-        ]
-
-    sae_results: list[dict[str, Any] | None] = [None] * len(neurons)
+        entries, extractions = _extract_top(model, tokenizer, config, atlas)
+    sae_results: list[dict[str, Any] | None] = [None] * len(entries)
     if sae is not None:
         with timer.phase("sae"):
-            sae = sae.to(extractions[0].vector.device)
-            for i, (entry, ex) in enumerate(zip(entries, extractions)):
-                readout = top_features(sae, ex.vector, config.sae_top_k, position=ex.position)
-                attribution = attribute_neuron(
-                    model,
-                    sae,
-                    torch.tensor([ex.segment_ids], device=ex.vector.device),
-                    ex.local_position,
-                    ex.vector,
-                    site=config.source_site,
-                    neuron=entry.neuron,
-                    neuron_site=config.neuron_site,
-                    allow_site_mismatch=config.allow_site_mismatch,
-                )
-                sae_results[i] = {
-                    "sae": sae.info.source,
-                    "sae_site": sae.info.site,
-                    "l0": readout.l0,
-                    "relative_error": readout.relative_error,
-                    "cosine": readout.cosine,
-                    "top_features": [dataclasses.asdict(f) for f in readout.features],
-                    "warnings": readout.warnings,
-                    "features_driving_neuron": [dataclasses.asdict(f) for f in attribution.features[: config.sae_top_k]],
-                }
+            sae_results = _read_with_sae(model, config, sae, entries, extractions)
 
     mean, mean_note = _corpus_mean(model, tokenizer, config, atlas, timer, progress)
     notes += [mean_note] if mean_note else []
@@ -548,7 +528,7 @@ def _run_locked(
             "reused": reused,
             "n_tokens": atlas.n_tokens,
             "n_documents": atlas.meta.n_documents,
-            **atlas.meta.extra,
+            **_atlas_record(atlas.meta),
         },
         notes=notes,
     )

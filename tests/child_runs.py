@@ -16,7 +16,7 @@ import sys
 sys.path.insert(0, {tests!r})
 import torch
 torch.set_num_threads(1)
-import patchscope.atlas.run as run_module
+import patchscope.atlas.profiling as run_module
 import patchscope.util.storage as storage
 from patchscope.atlas.engine import Profiler
 from patchscope.cli.main import main
@@ -29,9 +29,9 @@ def pause():
 
 if POINT == "after_checkpoint":  # a checkpoint is durable on disk
     checkpoint = run_module._checkpoint
-    def after(profiler, path, key, batches, *args, **kwargs):
-        checkpoint(profiler, path, key, batches, *args, **kwargs)
-        if batches == AT:
+    def after(run, folder, loop):
+        checkpoint(run, folder, loop)
+        if loop.batches == AT:
             pause()
     run_module._checkpoint = after
 elif POINT == "mid_checkpoint":  # the new checkpoint is written to its temporary file, not yet renamed

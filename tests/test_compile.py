@@ -6,7 +6,7 @@ from factories import FIXTURE_CORPUS
 
 from patchscope import load_model
 from patchscope.atlas.config import ProfileConfig
-from patchscope.atlas.run import profile
+from patchscope.atlas.profiling import profile
 
 TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2}
 """Relative agreement documented for `ProfileConfig.compile` (patchscope/atlas/compiled.py)."""

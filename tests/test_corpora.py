@@ -70,8 +70,7 @@ def test_corpus_mean_leaves_first_positions_out_even_when_profiled_with_them(gem
     import torch
 
     from patchscope.atlas.config import ProfileConfig
-    from patchscope.atlas.run import profile
-    from patchscope.experiment import _mean_without_first_slots
+    from patchscope.atlas.profiling import profile
 
     model, tokenizer = gemma
     path = tmp_path / "corpus.txt"
@@ -92,7 +91,7 @@ def test_corpus_mean_leaves_first_positions_out_even_when_profiled_with_them(gem
                 hidden = model(torch.tensor([window]), output_hidden_states=True).hidden_states[1]
             vectors.append(hidden[0, 1:])
     expected = torch.cat(vectors).mean(0)
-    torch.testing.assert_close(_mean_without_first_slots(model, tokenizer, atlas, site, source), expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(atlas.mean_without_first_slots(site, model, tokenizer), expected, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(atlas[site].mean.float(), expected, rtol=1e-4, atol=1e-5)  # the atlas itself counts BOS
 
 

@@ -23,7 +23,7 @@ from patchscope.atlas import distributed
 from patchscope.atlas.atlas import AtlasError
 from patchscope.atlas.config import ProfileConfig
 from patchscope.atlas.exact import ExactSum
-from patchscope.atlas.run import profile
+from patchscope.atlas.profiling import profile
 from patchscope.atlas.sources import Document, SourceConfig
 from patchscope.atlas.store import load_atlas
 from patchscope.cli.main import main
@@ -134,7 +134,7 @@ def test_two_ranks_give_the_single_process_atlas(gemma_dir, corpus_file, tmp_pat
         )
     assert result.returncode == 0, result.stderr[-3000:]
     merged = load_atlas(out)
-    assert merged.meta.extra["world_size"] == 2 and all(r["batches"] > 0 for r in merged.meta.extra["ranks"])
+    assert merged.meta.provenance.world_size == 2 and all(r.batches > 0 for r in merged.meta.provenance.ranks)
     expected = single_process(gemma_dir, SourceConfig(dataset=str(corpus_file), split=split), overflow=overflow)
     assert_identical(merged, expected)
     assert (out / f"top_examples_blocks.{LAYER}.mlp.hook_post.parquet").exists()
@@ -147,7 +147,7 @@ sys.path.insert(0, {tests!r})
 import torch
 from patchscope import load_model
 from patchscope.atlas.config import ProfileConfig
-from patchscope.atlas.run import profile
+from patchscope.atlas.profiling import profile
 from patchscope.atlas.sources import SourceConfig
 model, tokenizer = load_model({model!r}, dtype="float32", device="cpu")
 model.model.layers[0].register_forward_pre_hook(lambda *a: time.sleep(0.2))  # slow enough to be killed mid-run
@@ -216,7 +216,7 @@ def test_killed_rank_is_named_and_the_job_resumes(gemma_dir, corpus_file, tmp_pa
     resumed = torchrun([*cli, "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     merged = load_atlas(out)
-    assert [r["resumed_after_batches"] for r in merged.meta.extra["ranks"]][1] >= 2
+    assert [r.resumed_after_batches for r in merged.meta.provenance.ranks][1] >= 2
     expected = single_process(gemma_dir, SourceConfig(dataset=str(corpus_file), split=""), batch_tokens=16)
     assert_identical(merged, expected)
     assert not list(out.glob("checkpoint*"))

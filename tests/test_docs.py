@@ -3,7 +3,7 @@
 import pytest
 
 from patchscope.atlas.atlas import Atlas
-from patchscope.atlas.run import profile
+from patchscope.atlas.profiling import profile
 from patchscope.experiment import run_experiment
 from patchscope.model.hooks import capture, patch, stop_after
 from patchscope.sae.loaders import load_sae

@@ -12,7 +12,7 @@ from patchscope.atlas.atlas import CONTEXT_TOKENS
 from patchscope.atlas.batching import segment_at
 from patchscope.atlas.config import ProfileConfig
 from patchscope.atlas.exports import contexts, decode_all, export_original, export_parquet
-from patchscope.atlas.run import profile
+from patchscope.atlas.profiling import profile
 
 LAYER = 2
 SITE = f"blocks.{LAYER}.mlp.hook_post"

@@ -13,7 +13,7 @@ from test_report import TEXTS
 
 from patchscope.atlas.config import ProfileConfig
 from patchscope.atlas.output_tokens import output_tokens
-from patchscope.atlas.run import profile
+from patchscope.atlas.profiling import profile
 from patchscope.atlas.store import save_atlas
 from patchscope.kernels.histogram import CENTER
 from patchscope.report.neuronpedia import export_neuronpedia

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from patchscope.atlas.config import ATLAS_BYTES_PER_SLOT, ProfileConfig
-from patchscope.atlas.run import profile
+from patchscope.atlas.profiling import profile
 from patchscope.atlas.sources import SourceConfig
 from patchscope.cli.main import main
 

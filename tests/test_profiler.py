@@ -12,7 +12,8 @@ from patchscope import load_model
 from patchscope.atlas.atlas import AtlasError
 from patchscope.atlas.config import ProfileConfig
 from patchscope.atlas.exports import export_original, export_parquet
-from patchscope.atlas.run import CHECKPOINT, profile
+from patchscope.atlas.folder import CHECKPOINT
+from patchscope.atlas.profiling import profile
 from patchscope.atlas.sources import DataError, SourceConfig
 from patchscope.atlas.store import load_atlas
 from patchscope.cli.main import main
@@ -83,7 +84,7 @@ def test_atlas_matches_brute_force(gemma, overflow, exclude_bos):
     check_against_reference(atlas, rows, 5)
     if exclude_bos:
         assert int(atlas[SITE].top.pos.min()) >= 1
-    assert atlas.meta.extra["padding_fraction"] < 0.5
+    assert atlas.meta.provenance.padding_fraction < 0.5
 
 
 def _rerun(model, tokenizer, text, position, max_length, overflow):
@@ -196,7 +197,7 @@ def test_fp16_overflow_is_counted_and_reported(gemma_dir):
     assert int(stats.moments.nonfinite[:8].sum()) > 0 and int(stats.moments.nonfinite[8:].sum()) == 0
     filled = stats.top.doc >= 0
     assert torch.isfinite(stats.top.values[filled]).all()
-    assert atlas.meta.extra["nonfinite_activations"] == int(stats.moments.nonfinite.sum())
+    assert atlas.meta.provenance.nonfinite_activations == int(stats.moments.nonfinite.sum())
 
 
 def test_out_of_memory_halves_the_batch(gemma, monkeypatch):
@@ -326,10 +327,10 @@ def test_sigkill_at_any_point_then_the_same_command_gives_the_same_atlas(
         assert torch.equal(resumed.tensors()[name], tensor), name
     assert resumed.meta.n_documents == uninterrupted.meta.n_documents
     if point == "after_checkpoint":
-        assert resumed.meta.extra["resumed_after_batches"] == 3
+        assert resumed.meta.provenance.resumed_after_batches == 3
         assert "resuming after 3 batches" in capsys.readouterr().err
     if point == "mid_checkpoint":  # the durable checkpoint before the cut one was used
-        assert resumed.meta.extra["resumed_after_batches"] == 2
+        assert resumed.meta.provenance.resumed_after_batches == 2
     assert not (out / CHECKPOINT).exists() and (out / "atlas.json").exists()
     assert (out / f"gemma2_neuron_mapping_layer_{LAYER}.json").exists() and (out / f"top_examples_{SITE}.parquet").exists()
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp") or p.name.startswith(".tmp") or p.name.endswith(".lock")]
@@ -341,10 +342,12 @@ def test_resume_with_other_settings_is_refused(gemma, tmp_path):
     data.write_text("\n".join(CORPUS))
     source = SourceConfig(dataset=str(data), split="")
     from patchscope.atlas.engine import Profiler
-    from patchscope.atlas.run import _checkpoint, fingerprint
+    from patchscope.atlas.folder import AtlasFolder, Cursor
+    from patchscope.atlas.key import Inputs, RunKey
 
     config = ProfileConfig(layer=LAYER, max_length=16, checkpoint_every=1)
-    _checkpoint(Profiler(model, config), tmp_path / CHECKPOINT, fingerprint("m", source, config, "float32"), 1)
+    key = RunKey.of("m", source, config, "float32", Inputs())
+    AtlasFolder(tmp_path).write_checkpoint(Profiler(model, config).state, config.top_k, Cursor(1, 0, key.fingerprint, key.inputs))
     with pytest.raises(AtlasError, match="other settings"):
         profile(model, tokenizer, source, ProfileConfig(layer=LAYER, max_length=20), out=tmp_path, resume=True, progress=False)
 

@@ -12,7 +12,7 @@ from factories import FIXTURE_CORPUS
 
 from patchscope.atlas.batching import adds_bos, locate, segments
 from patchscope.atlas.config import ProfileConfig
-from patchscope.atlas.run import profile
+from patchscope.atlas.profiling import profile
 from patchscope.atlas.sources import Document, SourceConfig, TextSource
 from patchscope.atlas.store import load_atlas
 from patchscope.cli.main import main

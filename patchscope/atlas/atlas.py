@@ -6,14 +6,19 @@ The data model only; `store` reads and writes it, `exports` turns it into tables
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
 
 from patchscope.atlas.batching import Overflow
+from patchscope.atlas.config import ProfileConfig
 from patchscope.atlas.exact import ExactSum
+from patchscope.atlas.key import TEXTS, Inputs, RunKey
+from patchscope.atlas.sources import SourceConfig, TextSource
 from patchscope.kernels.bottomk import merge_bottomk
 from patchscope.kernels.quantiles import QuantileExamples, merge_quantiles
 from patchscope.kernels.topk_merge import Moments, TopK, merge_topk
@@ -26,13 +31,52 @@ class AtlasError(ValueError):
 
 
 @dataclass
+class RankShare:
+    """One torchrun rank's share of a run."""
+
+    batches: int = 0
+    seconds: float = 0.0
+    tokens_this_run: int = 0
+    resumed_after_batches: int = 0
+
+
+@dataclass
+class Provenance:
+    """How the run that made an atlas went: never compared between runs, only reported."""
+
+    batches: int = 0
+    resumed_after_batches: int = 0
+    """Batches restored from a checkpoint rather than run."""
+    seconds: float = 0.0
+    tokens_this_run: int = 0
+    padding_fraction: float = 0.0
+    tokens_per_second: float | None = None
+    nonfinite_activations: int = 0
+    """inf/nan activations left out (an fp16 overflow)."""
+    world_size: int = 1
+    ranks: list[RankShare] = field(default_factory=list)
+    """Per rank, for a torchrun job (empty for one process)."""
+    merge_seconds: float | None = None
+    merged_from: list[str] = field(default_factory=list)
+    """The splits of the atlases `patchscope merge` combined."""
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> Provenance:
+        known = {f.name for f in dataclasses.fields(cls)} - {"ranks"}
+        ranks = [RankShare(**{k: v for k, v in r.items() if k in _RANK_KEYS}) for r in raw.get("ranks") or []]
+        return cls(**{k: v for k, v in raw.items() if k in known and v is not None}, ranks=ranks)
+
+
+_RANK_KEYS = {f.name for f in dataclasses.fields(RankShare)}
+
+
+@dataclass
 class AtlasMeta:
     """What produced an atlas; enough to re-run any entry."""
 
     model: str
-    dataset: str
-    split: str
-    text_column: str = "text"
+    source: SourceConfig | None
+    """The texts' source with its split as resolved; None for texts given in Python."""
     max_length: int = 128
     overflow: Overflow = "truncate"
     exclude_bos: bool = True
@@ -41,11 +85,61 @@ class AtlasMeta:
     n_documents: int = 0
     skipped_empty: int = 0
     versions: dict[str, str] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
     has_bos: bool | None = None
     """Whether the tokenizer put a BOS token at position 0 (None: not recorded)."""
     dataset_version: str = ""
     """What a built-in dataset's text depends on, e.g. ``python 3.11.7`` for python-docs."""
+    fingerprint: str = ""
+    """`RunKey.fingerprint` of the run: a checkpoint or unfinished atlas continues only the same settings."""
+    inputs: Inputs = field(default_factory=Inputs)
+    """What the model and data were when profiled (content hashes or hub commits)."""
+    rows_read: tuple[int, int] | None = None
+    """First and last row index read from the source."""
+    provenance: Provenance = field(default_factory=Provenance)
+
+    @property
+    def dataset(self) -> str:
+        return self.source.dataset if self.source is not None else TEXTS
+
+    @property
+    def split(self) -> str:
+        return self.source.resolved_split if self.source is not None else ""
+
+    @property
+    def text_column(self) -> str:
+        return self.source.text_column if self.source is not None else "text"
+
+    def key(self) -> RunKey:
+        """The recorded run's key, to compare a new run with (`RunKey.reuse_changes`); its statistics are
+        only recorded as `fingerprint`."""
+        reading = ProfileConfig(max_length=self.max_length, overflow=self.overflow, exclude_bos=self.exclude_bos)
+        return dataclasses.replace(RunKey.of(self.model, self.source, reading, self.dtype, self.inputs), statistics=())
+
+    def to_json(self) -> dict[str, Any]:
+        """As written to ``atlas.json``: the fields, plus the source's dataset, split and column for people and tools."""
+        return {**dataclasses.asdict(self), "dataset": self.dataset, "split": self.split, "text_column": self.text_column}
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> AtlasMeta:
+        """Read back `to_json`, or the layout before typed fields (an ``extra`` dict and flat source fields)."""
+        extra = raw.get("extra") or {}
+        source = raw["source"] if "source" in raw else extra.get("source")
+        if source is None and raw.get("dataset", TEXTS) != TEXTS:
+            source = {"dataset": raw["dataset"], "split": raw.get("split", ""), "text_column": raw.get("text_column", "text")}
+        if isinstance(source, dict):
+            known = {f.name for f in dataclasses.fields(SourceConfig)}
+            source = SourceConfig(**{k: v for k, v in source.items() if k in known})
+            source = dataclasses.replace(source, split=source.resolved_split)
+        rows = raw["rows_read"] if "rows_read" in raw else extra.get("rows_read")
+        fields = {f.name for f in dataclasses.fields(cls)} - {"source", "inputs", "rows_read", "provenance", "fingerprint"}
+        return cls(
+            **{k: v for k, v in raw.items() if k in fields},
+            source=source,
+            inputs=Inputs.from_json(raw["inputs"] if "inputs" in raw else extra.get("identity")),
+            rows_read=(int(rows[0]), int(rows[1])) if rows else None,
+            provenance=Provenance.from_json(raw.get("provenance") or extra),
+            fingerprint=raw.get("fingerprint") or extra.get("fingerprint", ""),
+        )
 
 
 @dataclass
@@ -246,6 +340,24 @@ class Atlas:
             if stats.histogram is not None:
                 out[f"{site}/histogram"] = stats.histogram
         return out
+
+    def mean_without_first_slots(self, site: str, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> Tensor:
+        """``[d]``: the corpus mean of ``site`` without each segment's first slot (BOS or attention sink),
+        which the corpus-mean control needs: see `patchscope.atlas.first_slots`."""
+        from patchscope.atlas.first_slots import mean_without_first_slots
+
+        return mean_without_first_slots(self, site, model, tokenizer)
+
+    def texts(self, docs: Iterable[int] | None = None) -> dict[int, str]:
+        """The texts of ``docs`` (default: every document among the examples), read again from the source
+        the atlas names, once it is checked to be the data that was profiled (same content or commit)."""
+        source = self.meta.source
+        if source is None:
+            raise AtlasError("this atlas was profiled from in-memory texts; its texts cannot be read again, pass them as `texts`")
+        changes = Inputs.of("", source).changes_since(self.meta.inputs, self.meta.model, source.dataset)
+        if changes:
+            raise AtlasError(f"cannot read the atlas's texts again: {'; '.join(changes)} since the atlas was made")
+        return TextSource(source).fetch(self.documents() if docs is None else docs)
 
     def documents(self, site: str | None = None) -> set[int]:
         """Every document index that appears among the recorded examples."""

@@ -108,7 +108,7 @@ class ProfileConfig:
                 f"than half of the {available / 2**30:.1f} GiB of {torch.device(device).type} memory; lower `top_k`"
             )
 
-    def capped_for(self, n_documents: int | None) -> ProfileConfig:
+    def capped_for(self, n_documents: int | None, *, warn: bool = True) -> ProfileConfig:
         """This config with `top_k` capped at the tokens ``n_documents`` can hold (with a warning).
 
         A longer list could never fill: truncated documents give at most `max_length` counted tokens each.
@@ -118,12 +118,13 @@ class ProfileConfig:
         most = n_documents * self.max_length
         if self.top_k <= most:
             return self
-        warnings.warn(
-            f"`top_k` {self.top_k} is more than the at most {most} tokens of {n_documents} documents "
-            f"of up to {self.max_length} tokens; keeping top {most}",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+        if warn:
+            warnings.warn(
+                f"`top_k` {self.top_k} is more than the at most {most} tokens of {n_documents} documents "
+                f"of up to {self.max_length} tokens; keeping top {most}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         return dataclasses.replace(self, top_k=most)
 
 

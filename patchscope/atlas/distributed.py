@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from patchscope.atlas.atlas import Atlas, SiteAtlas
+from patchscope.atlas.atlas import Atlas, RankShare, SiteAtlas
 from patchscope.atlas.exact import ExactSum
 from patchscope.atlas.sources import Document
 from patchscope.atlas.store import optional_parts
@@ -200,15 +200,15 @@ def merge_ranks(atlas: Atlas, world: World) -> Atlas:
     atlas = Atlas(atlas.meta, {site: _exact(stats) for site, stats in atlas.sites.items()})
     mine = {name: tensor.cpu() for name, tensor in atlas.tensors().items()}  # the same names and shapes on every rank
     gathered = {name: _all_gather(tensor, world, group) for name, tensor in mine.items()}
-    extra = atlas.meta.extra
+    shares = atlas.meta.provenance
     counts = torch.tensor(
-        [atlas.meta.n_documents, atlas.meta.skipped_empty] + [float(extra.get(key) or 0) for key in _RANK_FIELDS],
+        [atlas.meta.n_documents, atlas.meta.skipped_empty] + [float(getattr(shares, key)) for key in _RANK_FIELDS],
         dtype=torch.float64,
     )
     all_counts = _all_gather(counts, world, group)
     parts = [_rank_atlas(atlas, {name: g[r] for name, g in gathered.items()}, all_counts[r]) for r in range(world.size)]
     merged = combine(parts)
-    merged.meta.extra["merge_seconds"] = round(time.perf_counter() - started, 4)
+    merged.meta.provenance.merge_seconds = round(time.perf_counter() - started, 4)
     return merged
 
 
@@ -229,8 +229,15 @@ def _all_gather(tensor: torch.Tensor, world: World, group) -> list[torch.Tensor]
 def _rank_atlas(template: Atlas, tensors: dict[str, torch.Tensor], counts: torch.Tensor) -> Atlas:
     """Another rank's atlas, from its gathered tensors and counts (same sites and shapes as ``template``)."""
     values = counts.tolist()
-    extra = {**template.meta.extra, **dict(zip(_RANK_FIELDS, values[2:]))}
-    meta = dataclasses.replace(template.meta, n_documents=int(values[0]), skipped_empty=int(values[1]), extra=extra)
+    batches, resumed, seconds, tokens = values[2:]
+    share = dataclasses.replace(
+        template.meta.provenance,
+        batches=int(batches),
+        resumed_after_batches=int(resumed),
+        seconds=seconds,
+        tokens_this_run=int(tokens),
+    )
+    meta = dataclasses.replace(template.meta, n_documents=int(values[0]), skipped_empty=int(values[1]), provenance=share)
     sites = {}
     for site in template.sites:
         top = TopK(*(tensors[f"{site}/{f.name}"] for f in dataclasses.fields(TopK)))
@@ -249,20 +256,18 @@ def combine(parts: list[Atlas]) -> Atlas:
     for part in parts[1:]:
         merged = merged.merge(part)
     merged.meta.skipped_empty = parts[0].meta.skipped_empty
-    ranks = [part.meta.extra for part in parts]  # seconds: the slowest rank; tokens: all of them
-    seconds = max(float(extra.get("seconds") or 0.0) for extra in ranks)
-    tokens = sum(int(extra.get("tokens_this_run") or 0) for extra in ranks)
-    merged.meta.extra = {
-        **parts[0].meta.extra,
-        "world_size": len(parts),
-        "batches": sum(int(extra.get("batches") or 0) for extra in ranks),
-        "seconds": seconds,
-        "tokens_this_run": tokens,
-        "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else None,
-        "ranks": [
-            {key: extra.get(key) for key in ("batches", "seconds", "tokens_this_run", "resumed_after_batches")} for extra in ranks
-        ],
-    }
+    ranks = [part.meta.provenance for part in parts]  # seconds: the slowest rank; tokens: all of them
+    seconds = max(share.seconds for share in ranks)
+    tokens = sum(share.tokens_this_run for share in ranks)
+    merged.meta.provenance = dataclasses.replace(
+        parts[0].meta.provenance,
+        world_size=len(parts),
+        batches=sum(share.batches for share in ranks),
+        seconds=seconds,
+        tokens_this_run=tokens,
+        tokens_per_second=round(tokens / seconds, 1) if seconds > 0 else None,
+        ranks=[RankShare(s.batches, s.seconds, s.tokens_this_run, s.resumed_after_batches) for s in ranks],
+    )
     return merged
 
 

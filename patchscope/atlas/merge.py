@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from patchscope.atlas.atlas import Atlas, AtlasError
+from patchscope.atlas.atlas import Atlas, AtlasError, Provenance
 from patchscope.atlas.sources import parse_split
-
-SAME_SETTINGS = ("model", "dataset", "text_column", "max_length", "overflow", "exclude_bos", "dtype", "top_k")
-"""Metadata that must agree: anything else would mix different measurements."""
 
 
 def merge_atlases(atlases: list[Atlas], names: list[str] | None = None) -> Atlas:
@@ -25,12 +22,12 @@ def merge_atlases(atlases: list[Atlas], names: list[str] | None = None) -> Atlas
     names = names or [f"atlas {i}" for i in range(len(atlases))]
     first = atlases[0]
     for atlas, name in zip(atlases[1:], names[1:]):
-        for field in SAME_SETTINGS:
-            mine, theirs = getattr(first.meta, field), getattr(atlas.meta, field)
-            if mine != theirs:
-                raise AtlasError(
-                    f"{name} was made with {field}={theirs!r}, {names[0]} with {mine!r}: only atlases of the same settings merge"
-                )
+        # the same run key but for the slice (`RunKey.reuse_changes`), and the same top-k
+        problems = first.meta.key().reuse_changes(atlas.meta.key(), but=("split",))
+        if atlas.meta.top_k != first.meta.top_k:
+            problems.append(f"it keeps top_k={atlas.meta.top_k}, {names[0]} top_k={first.meta.top_k}")
+        if problems:
+            raise AtlasError(f"{name} differs from {names[0]}: {'; '.join(problems)}. Only atlases of the same settings merge")
         if list(atlas.sites) != list(first.sites):
             raise AtlasError(
                 f"{name} profiles sites {list(atlas.sites)}, {names[0]} {list(first.sites)}: only the same sites merge"
@@ -53,15 +50,16 @@ def merge_atlases(atlases: list[Atlas], names: list[str] | None = None) -> Atlas
     name = ordered[0].meta.split.strip().split("[")[0]  # as written: local files have no split name
     start, stop = ranges[0][0][1], ranges[-1][0][2]
     contiguous = all(a[0][2] == b[0][1] for a, b in zip(ranges, ranges[1:]))
+    split = f"{name}[{start}:{'' if stop is None else stop}]" if contiguous else "+".join(a.meta.split for a in ordered)
     merged.meta = dataclasses.replace(
         merged.meta,
-        split=f"{name}[{start}:{'' if stop is None else stop}]" if contiguous else "+".join(a.meta.split for a in ordered),
-        extra={
-            "merged_from": [a.meta.split for a in ordered],
-            "tokens_this_run": sum(int(a.meta.extra.get("tokens_this_run") or 0) for a in ordered),
-            "seconds": round(sum(float(a.meta.extra.get("seconds") or 0.0) for a in ordered), 3),
-            "nonfinite_activations": merged.nonfinite_total(),
-        },
+        source=dataclasses.replace(merged.meta.source, split=split) if merged.meta.source else None,
+        provenance=Provenance(
+            merged_from=[a.meta.split for a in ordered],
+            tokens_this_run=sum(a.meta.provenance.tokens_this_run for a in ordered),
+            seconds=round(sum(a.meta.provenance.seconds for a in ordered), 3),
+            nonfinite_activations=merged.nonfinite_total(),
+        ),
     )
     return merged
 

@@ -118,6 +118,12 @@ class TextSource:
                 f"({self.skipped_empty} empty rows skipped); check the split slice and `text_column`"
             )
 
+    def check(self) -> None:
+        """Read up to the first document, so a missing column, an unreadable file or an empty selection
+        is reported before any model loads."""
+        for _ in self:
+            return
+
     def count(self) -> int | None:
         """Rows in the slice (empty ones included) where that is cheap to know: local files; else None."""
         if not is_local(self.config.dataset):

@@ -55,7 +55,7 @@ def tensor_checksum(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, 
 
 def write_atlas(atlas: Atlas, path: str | Path, extra_metadata: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Write the tensors, with the metadata and checksum inside the same file, atomically; returns that metadata."""
-    meta = dataclasses.asdict(atlas.meta)
+    meta = atlas.meta.to_json()
     meta["sites"] = list(atlas.sites)
     meta["n_tokens"] = atlas.n_tokens
     meta["format"] = FORMAT
@@ -97,6 +97,22 @@ def load_atlas(path: str | Path, device: torch.device | str = "cpu") -> Atlas:
     return atlas
 
 
+def read_header(path: str | Path) -> tuple[AtlasMeta, list[str]]:
+    """The metadata and site names of an atlas file (or a folder holding ``atlas.safetensors``), without
+    reading its tensors: enough to decide what a run may do with it."""
+    file = Path(path)
+    file = file / ATLAS_TENSORS if file.is_dir() else file
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        raw = json.loads(metadata[METADATA_KEY])
+        return AtlasMeta.from_json(raw), list(raw.get("sites") or [])
+    except Exception as error:  # noqa: BLE001 - safetensors raises several types on bad bytes
+        raise AtlasError(
+            f"{file} cannot be read ({type(error).__name__}: {error}); it was cut short or is not an atlas"
+        ) from error
+
+
 def load_atlas_with_metadata(path: str | Path, device: torch.device | str = "cpu") -> tuple[Atlas, dict[str, str]]:
     """The atlas and the raw safetensors metadata (which also holds a checkpoint's cursor)."""
     path = Path(path)
@@ -130,11 +146,7 @@ def load_atlas_with_metadata(path: str | Path, device: torch.device | str = "cpu
     if not isinstance(raw, dict) or not isinstance(raw.get("sites"), list) or not raw["sites"]:
         raise AtlasError(f"{file}: its metadata lists no `sites`, so its tensors cannot be read; profile again")
     sites = raw.pop("sites")
-    raw.pop("n_tokens", None)
-    raw.pop("checksum", None)
-    raw.pop("format", None)
-    known = {f.name for f in dataclasses.fields(AtlasMeta)}
-    meta = AtlasMeta(**{k: v for k, v in raw.items() if k in known})
+    meta = AtlasMeta.from_json(raw)
     stats = {}
     for site in sites:
         try:

@@ -33,8 +33,7 @@ def run(args: argparse.Namespace) -> int:
 
     from patchscope.atlas.atlas import AtlasError
     from patchscope.atlas.exports import DEFAULT_EXPORTS, write_exports
-    from patchscope.atlas.run import identity_changes, run_identity
-    from patchscope.atlas.sources import SourceConfig, TextSource
+    from patchscope.atlas.key import Inputs
     from patchscope.atlas.store import commit_atlas, is_committed, load_atlas
     from patchscope.model.loading import load_tokenizer
     from patchscope.util.lock import output_lock
@@ -51,16 +50,14 @@ def run(args: argparse.Namespace) -> int:
         if not requested:
             return 0
     meta = atlas.meta
-    if meta.dataset == "<texts>":
+    if meta.source is None:
         raise AtlasError(
             f"the atlas in {directory} was profiled from texts given in Python, so its exports cannot be rebuilt here"
         )
-    recorded = meta.extra.get("source") or {"dataset": meta.dataset, "split": meta.split, "text_column": meta.text_column}
-    source_config = SourceConfig(**recorded)
-    changes = identity_changes(meta.extra.get("identity"), run_identity(meta.model, source_config), meta.model, meta.dataset)
+    changes = Inputs.of(meta.model, None).changes_since(meta.inputs, meta.model, meta.dataset)  # the tokenizer's model
     if changes:
         raise AtlasError(f"cannot rebuild the exports of {directory}: {'; '.join(changes)} since the atlas was made")
-    texts = TextSource(source_config).fetch(atlas.documents())
+    texts = atlas.texts()  # checks the data against the atlas too
     tokenizer = load_tokenizer(meta.model)
     formats = requested
     with output_lock(directory):

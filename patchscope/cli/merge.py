@@ -11,13 +11,13 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from patchscope.atlas.folder import AtlasFolder
     from patchscope.atlas.merge import merge_atlases
-    from patchscope.atlas.run import guard_output
     from patchscope.atlas.store import load_atlas, save_atlas
     from patchscope.util.storage import check_writable
 
     out = check_writable(args.out)
-    guard_output(out, resume=False)
+    AtlasFolder(out).refuse_existing()
     atlases = [load_atlas(path) for path in args.atlases]
     merged = merge_atlases(atlases, names=list(args.atlases))
     save_atlas(merged, out)

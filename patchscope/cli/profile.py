@@ -26,7 +26,8 @@ def run(args: argparse.Namespace) -> int:
     from patchscope.atlas import distributed
     from patchscope.atlas.config import ProfileConfig
     from patchscope.atlas.exports import DEFAULT_EXPORTS
-    from patchscope.atlas.run import check_before_loading, profile
+    from patchscope.atlas.folder import Policy, plan_before_loading
+    from patchscope.atlas.profiling import profile
     from patchscope.atlas.sources import SourceConfig, TextSource
     from patchscope.cli.args import from_namespace
     from patchscope.model.loading import load_model, load_model_until, resolve_device, resolve_dtype
@@ -43,8 +44,7 @@ def run(args: argparse.Namespace) -> int:
     check_layers(args.model, layers)
     out = check_writable(args.out)
     dtype = str(resolve_dtype(args.dtype, resolve_device(args.device))).removeprefix("torch.")
-    check_before_loading(out, args.resume, args.model, source, config, dtype)
-    distributed.check_checkpoints(out, world, args.resume)
+    plan_before_loading(out, world, args.model, source, config, dtype, Policy(resume=args.resume))
     device = distributed.rank_device(args.device, world)  # cuda:LOCAL_RANK under torchrun
     if args.device_map and world.size > 1 and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
         raise ValueError(
@@ -119,19 +119,20 @@ def _without_nproc(argv: list[str]) -> list[str]:
 
 
 def summarize_atlas(atlas) -> str:
-    extra = atlas.meta.extra
-    rows = extra.get("rows_read")
+    meta, run = atlas.meta, atlas.meta.provenance
+    rows = meta.rows_read
     lines = [
-        f"profiled {atlas.meta.n_documents} documents ({atlas.meta.skipped_empty} empty skipped"
-        f"{f'; rows {rows[0]}-{rows[1]} of {atlas.meta.dataset} read' if rows else ''}), "
-        f"{atlas.n_tokens} tokens counted, {extra.get('tokens_per_second')} tok/s, "
-        f"padding {100 * extra.get('padding_fraction', 0):.1f}%"
+        f"profiled {meta.n_documents} documents ({meta.skipped_empty} empty skipped"
+        f"{f'; rows {rows[0]}-{rows[1]} of {meta.dataset} read' if rows else ''}), "
+        f"{atlas.n_tokens} tokens counted, {run.tokens_per_second} tok/s, "
+        f"padding {100 * run.padding_fraction:.1f}%"
     ]
     for site in atlas.sites:
         top = atlas.top_neurons(site, 5)
         maxima = ", ".join(f"{n} ({float(atlas[site].max[n]):.3f})" for n in top)
         lines.append(f"  {site}: top neurons by max activation: {maxima}")
-    nonfinite = extra.get("nonfinite_activations", 0)
-    if nonfinite:
-        lines.append(f"!! WARNING: {nonfinite} activations were inf/nan and were left out: use bfloat16 or float32 !!")
+    if run.nonfinite_activations:
+        lines.append(
+            f"!! WARNING: {run.nonfinite_activations} activations were inf/nan and were left out: use bfloat16 or float32 !!"
+        )
     return "\n".join(lines)

@@ -21,7 +21,7 @@ def run(args: argparse.Namespace) -> int:
     from patchscope.atlas.store import load_atlas
     from patchscope.cli.args import from_namespace
     from patchscope.report.dashboard import DashboardConfig, chosen_neurons, shown_examples, write_dashboard
-    from patchscope.report.inputs import atlas_model, atlas_texts
+    from patchscope.report.inputs import atlas_model
     from patchscope.util.storage import check_writable
 
     config = from_namespace(DashboardConfig, args)
@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     docs = {
         e.doc for site, ns in chosen.items() for n in ns for g in shown_examples(atlas, site, n, config).values() for _, e in g
     }
-    texts = atlas_texts(atlas, docs)
+    texts = atlas.texts(docs)
     model, tokenizer = atlas_model(atlas, args.model, args.dtype, args.device)
     index = write_dashboard(atlas, out, model=model, tokenizer=tokenizer, texts=texts, config=config)
     print(f"wrote {index} and {sum(len(ns) for ns in chosen.values())} neuron pages; open it in a browser (works offline)")

@@ -1,8 +1,7 @@
-"""What a report needs besides the atlas: the model that made it and the texts of the shown documents."""
+"""What a report needs besides the atlas: the model that made it (its texts come from `Atlas.texts`)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from pathlib import Path
 from typing import cast
 
@@ -10,20 +9,11 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from patchscope.atlas.atlas import Atlas
-from patchscope.atlas.sources import SourceConfig, TextSource
 from patchscope.atlas.store import load_atlas
 
 
 def as_atlas(atlas: Atlas | str | Path) -> Atlas:
     return atlas if isinstance(atlas, Atlas) else load_atlas(atlas)
-
-
-def atlas_texts(atlas: Atlas, docs: Iterable[int]) -> dict[int, str]:
-    """The texts of some documents, read again from the source the atlas names."""
-    if atlas.meta.dataset == "<texts>":
-        raise ValueError("this atlas was profiled from in-memory texts; pass them as `texts`")
-    source = TextSource(SourceConfig(dataset=atlas.meta.dataset, split=atlas.meta.split, text_column=atlas.meta.text_column))
-    return source.fetch(docs)
 
 
 def atlas_model(

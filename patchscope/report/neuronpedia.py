@@ -37,7 +37,7 @@ from patchscope.atlas.output_tokens import output_directions, output_tokens
 from patchscope.kernels.histogram import CENTER, bin_values
 from patchscope.kernels.quantiles import INTERVALS
 from patchscope.model.sites import parse_site
-from patchscope.report.inputs import as_atlas, atlas_model, atlas_texts
+from patchscope.report.inputs import as_atlas, atlas_model
 from patchscope.report.replay import Example, replay_contexts
 from patchscope.util.storage import write_json
 
@@ -72,7 +72,7 @@ def export_neuronpedia(
         raise IndexError(f"`neurons` {bad[:5]} are out of range: {site} has neurons 0..{stats.n_neurons - 1}")
     layer, _ = parse_site(site)
     if texts is None:
-        texts = atlas_texts(atlas, {e.doc for n in neurons for examples, *_ in _groups(atlas, site, n) for _, e in examples})
+        texts = atlas.texts({e.doc for n in neurons for examples, *_ in _groups(atlas, site, n) for _, e in examples})
     if model is None or tokenizer is None:
         model, tokenizer = atlas_model(atlas)
     written = []

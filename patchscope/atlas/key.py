@@ -1,0 +1,146 @@
+"""What makes two profiling runs the same: their settings as resolved, and what their inputs *are*.
+
+One key answers every "is this the same run?" question (`patchscope.atlas.folder` asks it for
+reuse, resume and finishing; `merge` and the experiment's results file ask it too), so spellings
+that mean the same thing can never be told apart in one place and not in another:
+
+- an unset split, ``""``, ``"[0:]"`` and ``"train"`` all read every row of the default split;
+- ``--layer 3`` and ``--site blocks.3.mlp.hook_post`` profile the same site, in any order;
+- a local file or folder is known by its content, so ``data.jsonl`` and ``./data.jsonl`` agree;
+- ``streaming`` and ``checkpoint_every`` change how a run reads and saves, not what it measures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from patchscope.atlas.config import ProfileConfig
+from patchscope.atlas.sources import SourceConfig, parse_split
+from patchscope.util.identity import Identity, compare, path_identity
+
+TEXTS = "<texts>"
+"""The dataset name of an atlas profiled from texts given in Python."""
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What the model and the data are (content hashes, or the hub commit): `patchscope.util.identity`."""
+
+    model: Identity | None = None
+    data: Identity | None = None
+
+    @classmethod
+    def of(cls, model_name: str, source: SourceConfig | None, model: nn.Module | None = None) -> Inputs:
+        """Identify the inputs; with the loaded ``model``, a hub model is known by the commit it came from."""
+        commit = getattr(getattr(model, "config", None), "_commit_hash", None)
+        return cls(
+            model=path_identity(model_name, "model", commit) if model_name else None,
+            data=path_identity(source.dataset, "dataset") if source is not None else None,
+        )
+
+    def changes_since(self, recorded: Inputs, model_name: str, dataset: str) -> list[str]:
+        """What changed in the inputs since ``recorded`` was taken, in words."""
+        return compare(f"the model {model_name}", recorded.model, self.model) + compare(
+            f"the data {dataset}", recorded.data, self.data
+        )
+
+    def to_json(self) -> dict[str, Identity | None]:
+        return {"model": self.model, "data": self.data}
+
+    @classmethod
+    def from_json(cls, raw: object) -> Inputs:
+        return cls(raw.get("model"), raw.get("data")) if isinstance(raw, dict) else cls()
+
+
+def canonical_split(split: str) -> str:
+    """One spelling per selection of rows: ``""``, ``"[0:]"`` and ``"train"`` all read ``train[0:]``."""
+    name, start, stop = parse_split(split)
+    return f"{name}[{start}:{'' if stop is None else stop}]"
+
+
+def _local(identity: Identity | None) -> bool:
+    return identity is not None and identity.get("kind") in ("file", "folder")
+
+
+@dataclass(frozen=True)
+class RunKey:
+    """A profiling run's identity: everything that decides what its atlas holds.
+
+    ``reading`` is what the recorded examples depend on (so a run may reuse an atlas whose reading
+    matches); ``statistics`` adds what shapes the running state batch by batch (so a run may resume a
+    checkpoint only if that matches too).
+    """
+
+    model: str
+    """The model's hub id or preset, or ``<local>`` for a file or folder known by its content."""
+    source: tuple[tuple[str, str], ...]
+    """The data: dataset (``<local>`` when known by content), canonical split, text column, txt mode."""
+    reading: tuple[tuple[str, object], ...]
+    """Truncation and dtype: max_length, overflow, exclude_bos, dtype."""
+    statistics: tuple[tuple[str, object], ...] = ()
+    """Sites, top-k, bottom-k, histogram, quantiles, batching, compile (empty when read back from an atlas)."""
+    inputs: Inputs = field(default_factory=Inputs)
+    names: tuple[str, str] = ("", TEXTS)
+    """The model and dataset as given, for messages."""
+
+    @classmethod
+    def of(cls, model_name: str, source: SourceConfig | None, config: ProfileConfig, dtype: str, inputs: Inputs) -> RunKey:
+        """The key of a run about to happen (``dtype`` as resolved, e.g. ``float32``)."""
+        settings = dataclasses.asdict(config)
+        for how in ("checkpoint_every", "layer", "sites"):  # `layer` and `sites` are folded into `site_names`
+            settings.pop(how)
+        settings["sites"] = sorted(config.site_names())
+        reading = {
+            "max_length": config.max_length,
+            "overflow": config.overflow,
+            "exclude_bos": config.exclude_bos,
+            "dtype": dtype,
+        }
+        return cls(
+            model="<local>" if _local(inputs.model) else model_name,
+            source=_source(source, inputs),
+            reading=tuple(reading.items()),
+            statistics=tuple(sorted((k, v) for k, v in settings.items() if k not in reading)),
+            inputs=inputs,
+            names=(model_name, source.dataset if source is not None else TEXTS),
+        )
+
+    @property
+    def fingerprint(self) -> str:
+        """A digest of the settings a checkpoint may only be resumed with (the inputs are compared apart)."""
+        payload = {"model": self.model, "source": self.source, "reading": self.reading, "statistics": self.statistics}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def reuse_changes(self, recorded: RunKey, but: tuple[str, ...] = ()) -> list[str]:
+        """Why an atlas recorded under ``recorded`` cannot serve this run (empty: it can), in words;
+        source fields named in ``but`` may differ (the slices of `merge_atlases`)."""
+        problems = self.inputs.changes_since(recorded.inputs, *self.names)
+        if self.model != recorded.model:
+            problems.append(f"it was made with the model {recorded.names[0]!r}, not {self.names[0]!r}")
+        old, new = dict(recorded.source), dict(self.source)
+        if old.get("dataset") != new.get("dataset"):
+            problems.append(f"it was made with the data {recorded.names[1]!r}, not {self.names[1]!r}")
+        for name in ("split", "text_column", "txt_mode"):
+            if name not in but and name in old and name in new and old[name] != new[name]:
+                problems.append(f"`{name}` was {old[name]!r}, this run asks for {new[name]!r}")
+        mine = dict(self.reading)
+        problems += [
+            f"`{name}` was {was!r}, this run asks for {mine[name]!r}" for name, was in recorded.reading if mine[name] != was
+        ]
+        return problems
+
+
+def _source(source: SourceConfig | None, inputs: Inputs) -> tuple[tuple[str, str], ...]:
+    if source is None:
+        return (("dataset", TEXTS),)
+    return (
+        ("dataset", "<local>" if _local(inputs.data) else source.dataset),
+        ("split", canonical_split(source.resolved_split)),
+        ("text_column", source.text_column),
+        ("txt_mode", source.txt_mode),
+    )
