@@ -137,6 +137,8 @@ class ExperimentResult:
     versions: dict[str, str]
     atlas: dict[str, Any]
     notes: list[str] = field(default_factory=list)
+    key: str = ""
+    """The run's settings as resolved (`_results_key`): a later run with the same key writes the same results file."""
     results_file: str = ""
     """Where this result was written: ``results.json``, or ``results-<settings>.json`` when
     ``results.json`` holds a run with other settings (earlier results are never overwritten)."""
@@ -337,18 +339,28 @@ def _atlas_record(meta: AtlasMeta) -> dict[str, Any]:
     }
 
 
-def _results_path(out: Path, config_json: dict[str, Any]) -> Path:
-    """``results.json``, unless it holds a run with other settings: then ``results-<settings hash>.json``."""
-    settings = json.loads(json.dumps({k: v for k, v in config_json.items() if k != "out"}, default=str))  # as read back
+def _results_key(config: ExperimentConfig, folder: Plan) -> str:
+    """Which results a run gives: its atlas's reading (`RunKey.reading_digest`) and the experiment's own settings, resolved."""
+    own = {
+        k: v for k, v in dataclasses.asdict(config).items() if k not in ("out", "source", "profile", "dtype", "device", "model")
+    }
+    payload = {
+        "atlas": folder.key.reading_digest,
+        "sites": (config.neuron_site, config.source_site, config.target_site),
+        "device": str(resolve_device(config.device)),
+        "experiment": own,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _results_path(out: Path, key: str) -> Path:
+    """``results.json``, unless it holds a run with other settings: then ``results-<key>.json``."""
     default = out / RESULTS
     try:
-        earlier = json.loads(default.read_text(encoding="utf-8")).get("config", {})
+        earlier = json.loads(default.read_text(encoding="utf-8")).get("key")
     except (OSError, ValueError, AttributeError):
         earlier = None
-    if not default.exists() or {k: v for k, v in (earlier or {}).items() if k != "out"} == settings:
-        return default
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
-    return out / f"results-{key}.json"
+    return default if not default.exists() or earlier == key else out / f"results-{key[:10]}.json"
 
 
 def _reactivation(patched: float, controls: dict[str, float]) -> str:
@@ -531,8 +543,9 @@ def _run_locked(config: ExperimentConfig, checked: _Checked, timer: _Timer, prog
             **_atlas_record(atlas.meta),
         },
         notes=notes,
+        key=_results_key(config, checked.folder),
     )
-    path = _results_path(out, result.config)
+    path = _results_path(out, result.key)
     result.results_file = str(path)
     if path.name != RESULTS:
         result.notes.append(f"{out / RESULTS} holds a run with other settings; this run's results are in {path.name}")

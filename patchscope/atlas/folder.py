@@ -29,6 +29,7 @@ from safetensors import safe_open
 from patchscope.atlas import distributed
 from patchscope.atlas.atlas import Atlas, AtlasError, AtlasMeta, SiteAtlas
 from patchscope.atlas.config import ProfileConfig
+from patchscope.atlas.exports import write_exports
 from patchscope.atlas.key import Inputs, RunKey
 from patchscope.atlas.sources import TextSource, count_documents
 from patchscope.atlas.store import (
@@ -40,6 +41,7 @@ from patchscope.atlas.store import (
     read_header,
     write_atlas,
 )
+from patchscope.model.loading import load_tokenizer
 from patchscope.util.lock import output_lock
 
 CHECKPOINT = f"{distributed.CHECKPOINT_STEM}.safetensors"
@@ -267,6 +269,31 @@ def plan_before_loading(
     config = config.capped_for(count_documents(source), warn=False)  # as `profile` will run it
     key = RunKey.of(model_name, source.config, config, dtype, Inputs.of(model_name, source.config))
     return AtlasFolder(out, world).plan(key, policy)
+
+
+def rebuild_exports(path: str | Path, formats: tuple[str, ...]) -> list[Path]:
+    """Write the exports of the atlas in ``path`` again (`patchscope.atlas.exports.EXPORTS`); for a run killed
+    after saving its tensors, then its ``atlas.json``. The texts and the tokenizer must still be the profiled ones."""
+    folder = AtlasFolder(path)
+    atlas = folder.load()
+    meta = atlas.meta
+    if meta.source is None:
+        raise AtlasError(
+            f"the atlas in {folder.path} was profiled from texts given in Python, so its exports cannot be rebuilt here"
+        )
+    changes = Inputs.of(meta.model, None).changes_since(meta.inputs, meta.model, meta.dataset)  # the tokenizer's model
+    if changes:
+        raise AtlasError(f"cannot rebuild the exports of {folder.path}: {'; '.join(changes)} since the atlas was made")
+    texts = atlas.texts()  # checks the data against the atlas
+    tokenizer = load_tokenizer(meta.model)
+    with output_lock(folder.path):
+        if folder.finished:
+            return write_exports(atlas, folder.path, texts, tokenizer, formats)
+        written: list[Path] = []
+        commit_atlas(
+            folder.path, before_commit=lambda saved: written.extend(write_exports(saved, folder.path, texts, tokenizer, formats))
+        )
+        return written
 
 
 def rank_zero_lock(out: Path) -> contextlib.AbstractContextManager:

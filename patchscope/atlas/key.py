@@ -113,8 +113,12 @@ class RunKey:
     @property
     def fingerprint(self) -> str:
         """A digest of the settings a checkpoint may only be resumed with (the inputs are compared apart)."""
-        payload = {"model": self.model, "source": self.source, "reading": self.reading, "statistics": self.statistics}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return _digest({"model": self.model, "source": self.source, "reading": self.reading, "statistics": self.statistics})
+
+    @property
+    def reading_digest(self) -> str:
+        """A digest of what the recorded examples depend on: model, data and reading, not how the state was kept."""
+        return _digest({"model": self.model, "source": self.source, "reading": self.reading})
 
     def reuse_changes(self, recorded: RunKey, but: tuple[str, ...] = ()) -> list[str]:
         """Why an atlas recorded under ``recorded`` cannot serve this run (empty: it can), in words;
@@ -133,6 +137,10 @@ class RunKey:
             f"`{name}` was {was!r}, this run asks for {mine[name]!r}" for name, was in recorded.reading if mine[name] != was
         ]
         return problems
+
+
+def _digest(payload: object) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _source(source: SourceConfig | None, inputs: Inputs) -> tuple[tuple[str, str], ...]:

@@ -31,43 +31,21 @@ def register(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from patchscope.atlas.atlas import AtlasError
-    from patchscope.atlas.exports import DEFAULT_EXPORTS, write_exports
-    from patchscope.atlas.key import Inputs
-    from patchscope.atlas.store import commit_atlas, is_committed, load_atlas
-    from patchscope.model.loading import load_tokenizer
-    from patchscope.util.lock import output_lock
+    from patchscope.atlas.exports import DEFAULT_EXPORTS
+    from patchscope.atlas.folder import rebuild_exports
+    from patchscope.atlas.store import load_atlas
 
     directory = Path(args.atlas_dir)
-    atlas = load_atlas(directory)
     requested = tuple(dict.fromkeys(args.format or DEFAULT_EXPORTS))
     if NEURONPEDIA in requested:
         from patchscope.report.neuronpedia import export_neuronpedia
 
-        for path in export_neuronpedia(atlas, Path(args.out or directory / NEURONPEDIA), neurons=args.neurons):
+        for path in export_neuronpedia(load_atlas(directory), Path(args.out or directory / NEURONPEDIA), neurons=args.neurons):
             print(f"wrote {path}")
         requested = tuple(name for name in requested if name != NEURONPEDIA)
         if not requested:
             return 0
-    meta = atlas.meta
-    if meta.source is None:
-        raise AtlasError(
-            f"the atlas in {directory} was profiled from texts given in Python, so its exports cannot be rebuilt here"
-        )
-    changes = Inputs.of(meta.model, None).changes_since(meta.inputs, meta.model, meta.dataset)  # the tokenizer's model
-    if changes:
-        raise AtlasError(f"cannot rebuild the exports of {directory}: {'; '.join(changes)} since the atlas was made")
-    texts = atlas.texts()  # checks the data against the atlas too
-    tokenizer = load_tokenizer(meta.model)
-    formats = requested
-    with output_lock(directory):
-        if is_committed(directory):
-            written = write_exports(atlas, directory, texts, tokenizer, formats)
-        else:  # a run killed before its exports: write them, then the commit marker
-            written = []
-            commit_atlas(
-                directory, before_commit=lambda saved: written.extend(write_exports(saved, directory, texts, tokenizer, formats))
-            )
+    written = rebuild_exports(directory, requested)
     for path in written:
         print(f"wrote {path}")
     return 0
