@@ -14,7 +14,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .topk_merge import TopK, batch_topk, merge_topk
+from patchscope.atlas.stats import TopK
+
+from .topk_merge import batch_topk, merge_topk
 from .topk_merge_fast import merge_topk_fast, topk_candidates
 
 

@@ -31,10 +31,11 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from patchscope.atlas.stats import Moments, TokenFields, TopK
+
 from .bottomk import negated
 from .fused import select_candidates
 from .histogram import CENTER, LOG_BINS, LOW_KEY, MANTISSA_SHIFT, N_BINS
-from .topk_merge import Moments, TopK
 from .topk_merge_fast import BLOCK_ROWS, TIE_MARGIN
 
 
@@ -66,10 +67,7 @@ class Workspace:
 
 def cpu_pass(
     acts: Tensor,
-    doc: Tensor,
-    pos: Tensor,
-    token: Tensor,
-    counted: Tensor,
+    fields: TokenFields,
     *,
     top_k: int,
     bottom_k: int,
@@ -80,13 +78,14 @@ def cpu_pass(
 ) -> BatchPieces | None:
     """All statistics of one batch; None when an entry is inf or nan (the caller then takes the plain path).
 
-    acts: ``[tokens, n]`` any float dtype, on the CPU, left untouched; doc, pos, token: ``[tokens]``
-    int64; counted: ``[tokens]`` bool. ``top_floor``: ``[n]`` the k-th largest value each neuron
+    acts: ``[tokens, n]`` any float dtype, on the CPU, left untouched; ``fields``: each token's
+    document, position, id and whether it counts (`TokenFields`). ``top_floor``: ``[n]`` the k-th largest value each neuron
     already holds (``-inf`` while it holds fewer than k), or None; ``bottom_ceiling`` mirrors it
     for the bottom-k. The top-k candidates hold every entry that can still enter the top-k (on the
     skipping path, every counted entry at or above the floor); the merge with the state ranks them.
     """
     tokens, n = acts.shape
+    doc, pos, token, counted = fields.doc, fields.pos, fields.token, fields.counted
     values = workspace.get("values", (tokens, n), torch.float32).copy_(acts)  # [tokens, n]
     weight = counted.to(torch.float32)  # [tokens]
     total = weight @ values  # [n]; inf or nan in a column if any entry of it is (0 * inf is nan)

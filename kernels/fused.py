@@ -25,7 +25,8 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from .topk_merge import Moments, TopK
+from patchscope.atlas.stats import Moments, TopK
+
 from .topk_merge import batch_topk as reference_batch_topk
 from .topk_merge_fast import BLOCK_ROWS, TIE_MARGIN, exact_columns, overflowing_ties
 from .topk_merge_fast import batch_stats as eager_batch_stats

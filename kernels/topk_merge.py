@@ -1,7 +1,7 @@
 """Per-batch neuron statistics: the masked top-k merge and running moments, in plain torch.
 
-This is the reference. An optimised kernel must produce the same `TopK` and `Moments` on the same
-inputs (``tests/test_kernels.py`` holds the checks it has to pass).
+This is the reference. An optimised kernel must produce the same `TopK` and `Moments` (the atlas's
+data, `patchscope.atlas.stats`) on the same inputs (``tests/test_kernels.py`` holds the checks it has to pass).
 
 Ranking rule, used everywhere: larger activation first; among exact ties, smaller document index,
 then smaller position. Empty slots hold ``-inf`` with document ``-1`` (position and token 0) and sort last.
@@ -9,67 +9,14 @@ then smaller position. Empty slots hold ``-inf`` with document ``-1`` (position 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-
 import torch
 from torch import Tensor
+
+from patchscope.atlas.stats import Moments, TopK
 
 POSITION_BITS = 24
 """Tie-break key = doc << POSITION_BITS | position; positions stay below 16.7M tokens."""
 EMPTY_KEY = torch.iinfo(torch.int64).max
-
-
-@dataclass
-class TopK:
-    """The k largest activations of each neuron so far, best first."""
-
-    values: Tensor  # [k, n] float32
-    doc: Tensor  # [k, n] int64, absolute document (row) index; -1 where empty
-    pos: Tensor  # [k, n] int64, token position in the document (BOS = 0)
-    token: Tensor  # [k, n] int64, token id
-
-    @classmethod
-    def empty(cls, k: int, n: int, device: torch.device | str = "cpu") -> TopK:
-        return cls(
-            values=torch.full((k, n), float("-inf"), device=device),
-            doc=torch.full((k, n), -1, dtype=torch.long, device=device),
-            pos=torch.zeros((k, n), dtype=torch.long, device=device),
-            token=torch.zeros((k, n), dtype=torch.long, device=device),
-        )
-
-    @property
-    def k(self) -> int:
-        return self.values.shape[0]
-
-    def to(self, device: torch.device | str) -> TopK:
-        return TopK(*(getattr(self, f.name).to(device) for f in fields(self)))
-
-
-@dataclass
-class Moments:
-    """Per-neuron running counts and sums over every counted token."""
-
-    fire_count: Tensor  # [n] int64, tokens with activation > 0
-    total: Tensor  # [n] float64, sum of activations
-    total_sq: Tensor  # [n] float64, sum of squared activations
-    nonfinite: Tensor  # [n] int64, tokens whose activation was inf or nan (excluded from everything else)
-    n_tokens: Tensor  # [] int64, tokens counted (the same for every neuron)
-
-    @classmethod
-    def zeros(cls, n: int, device: torch.device | str = "cpu") -> Moments:
-        return cls(
-            fire_count=torch.zeros(n, dtype=torch.long, device=device),
-            total=torch.zeros(n, dtype=torch.float64, device=device),
-            total_sq=torch.zeros(n, dtype=torch.float64, device=device),
-            nonfinite=torch.zeros(n, dtype=torch.long, device=device),
-            n_tokens=torch.zeros((), dtype=torch.long, device=device),
-        )
-
-    def __add__(self, other: Moments) -> Moments:
-        return Moments(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
-
-    def to(self, device: torch.device | str) -> Moments:
-        return Moments(*(getattr(self, f.name).to(device) for f in fields(self)))
 
 
 def order_key(doc: Tensor, pos: Tensor) -> Tensor:

@@ -23,8 +23,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .topk_merge import Moments, TopK, merge_topk, order_key
+from patchscope.atlas.stats import Moments, TopK
+
 from .topk_merge import batch_topk as reference_batch_topk
+from .topk_merge import merge_topk, order_key
 
 BLOCK_ROWS = 8
 TIE_MARGIN = 8

@@ -9,8 +9,8 @@ from factories import FIXTURE_CORPUS
 from patchscope.atlas.atlas import Atlas, AtlasError
 from patchscope.atlas.config import ProfileConfig
 from patchscope.atlas.output_tokens import output_tokens
-from patchscope.atlas.quantile_pass import quantile_examples
 from patchscope.atlas.profiling import profile
+from patchscope.atlas.quantile_pass import quantile_examples
 from patchscope.atlas.sources import Document
 from patchscope.atlas.store import load_atlas, save_atlas
 from patchscope.kernels.bottomk import batch_bottomk, bottomk_candidates, empty_bottomk, merge_bottomk, merge_bottomk_fast

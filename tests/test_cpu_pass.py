@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from patchscope.atlas.stats import TokenFields, TopK
 from patchscope.kernels import bottomk, histogram, topk_merge
 from patchscope.kernels.cpu_pass import Workspace, cpu_pass
 from patchscope.kernels.topk_merge_fast import merge_topk_fast
@@ -29,7 +30,7 @@ def _stream(seed: int, dtype: torch.dtype, n: int = 40, coarse: bool = True):
     return batches
 
 
-def _assert_same(a: topk_merge.TopK, b: topk_merge.TopK, what: str) -> None:
+def _assert_same(a: TopK, b: TopK, what: str) -> None:
     for name in ("values", "doc", "pos", "token"):
         assert torch.equal(getattr(a, name), getattr(b, name)), (what, name)
 
@@ -42,17 +43,14 @@ def test_streamed_cpu_pass_matches_the_references(dtype, k):
         batches = [(torch.cat([acts, acts], 1)[:, ::2], *rest) for acts, *rest in batches]
     n = batches[0][0].shape[1]
     workspace = Workspace()
-    top, bottom = topk_merge.TopK.empty(k, n), bottomk.empty_bottomk(k, n)
-    ref_top, ref_bottom = topk_merge.TopK.empty(k, n), bottomk.empty_bottomk(k, n)
+    top, bottom = TopK.empty(k, n), bottomk.empty_bottomk(k, n)
+    ref_top, ref_bottom = TopK.empty(k, n), bottomk.empty_bottomk(k, n)
     counts = histogram.empty_histogram(n)
     skipped = False
     for acts, doc, pos, token, counted in batches:
         pieces = cpu_pass(
             acts,
-            doc,
-            pos,
-            token,
-            counted,
+            TokenFields(doc, pos, token, counted),
             top_k=k,
             bottom_k=k,
             histogram=True,
@@ -86,11 +84,11 @@ def test_blocks_below_the_floor_are_skipped_entirely():
     ids = torch.arange(256)
     kwargs = dict(top_k=2, bottom_k=2, histogram=False, workspace=Workspace())
     floor, ceiling = torch.full((6,), 100.0), torch.full((6,), -100.0)
-    pieces = cpu_pass(acts, ids, ids, ids, everything, top_floor=floor, bottom_ceiling=ceiling, **kwargs)
+    pieces = cpu_pass(acts, TokenFields(ids, ids, ids, everything), top_floor=floor, bottom_ceiling=ceiling, **kwargs)
     assert pieces is not None and pieces.bottom is not None
     assert pieces.top.k == 0 and pieces.bottom.k == 0
     floor[4] = float(acts[:, 4].max())  # one neuron's best row reaches its floor, exactly (a tie)
-    pieces = cpu_pass(acts, ids, ids, ids, everything, top_floor=floor, bottom_ceiling=ceiling, **kwargs)
+    pieces = cpu_pass(acts, TokenFields(ids, ids, ids, everything), top_floor=floor, bottom_ceiling=ceiling, **kwargs)
     assert pieces is not None and pieces.top.k == 1  # the one entry reaching it
     best = int(acts[:, 4].argmax())
     assert best in pieces.top.doc[:, 4].tolist() and pieces.top.doc[:, 0].eq(-1).all()
@@ -100,14 +98,14 @@ def test_a_batch_with_inf_or_nan_is_left_to_the_plain_kernels():
     acts = torch.randn(32, 4)
     ids, everything = torch.arange(32), torch.ones(32, dtype=torch.bool)
     kwargs = dict(top_k=2, bottom_k=2, histogram=True, workspace=Workspace())
-    assert cpu_pass(acts, ids, ids, ids, everything, **kwargs) is not None
+    assert cpu_pass(acts, TokenFields(ids, ids, ids, everything), **kwargs) is not None
     for bad in (float("inf"), float("nan")):
         broken = acts.clone()
         broken[7, 2] = bad
-        assert cpu_pass(broken, ids, ids, ids, everything, **kwargs) is None
+        assert cpu_pass(broken, TokenFields(ids, ids, ids, everything), **kwargs) is None
     broken = acts.clone()
     broken[0, 1] = float("nan")  # in an uncounted row too: the plain kernels handle it
-    assert cpu_pass(broken, ids, ids, ids, everything.logical_not(), **kwargs) is None
+    assert cpu_pass(broken, TokenFields(ids, ids, ids, everything.logical_not()), **kwargs) is None
 
 
 def test_bottomk_candidates_rank_ties_past_the_margin_exactly():

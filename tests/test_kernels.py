@@ -4,7 +4,8 @@ import random
 
 import torch
 
-from patchscope.kernels.topk_merge import Moments, TopK, batch_moments, merge_topk, update
+from patchscope.atlas.stats import Moments, TopK
+from patchscope.kernels.topk_merge import batch_moments, merge_topk, update
 
 
 def brute_topk(rows, k, n):
@@ -188,7 +189,7 @@ def test_fast_kernel_scratch_buffer_for_half_precision():
     counted = torch.ones(200, dtype=torch.bool)
     scratch = torch.full((5000,), 123.0)
     candidates, moments = topk_merge_fast.batch_stats(acts, doc, pos, tok, counted, 4, scratch)
-    top = topk_merge.merge_topk(topk_merge.TopK.empty(4, 17), candidates)
+    top = topk_merge.merge_topk(TopK.empty(4, 17), candidates)
     ref = topk_merge.batch_topk(acts, doc, pos, tok, counted, 4)
     assert torch.equal(top.values, ref.values) and torch.equal(top.doc, ref.doc) and torch.equal(top.pos, ref.pos)
     torch.testing.assert_close(moments.total, topk_merge.batch_moments(acts, counted).total, rtol=1e-5, atol=1e-4)
@@ -205,7 +206,7 @@ def test_fast_merge_matches_the_reference_merge():
         parts.append(
             topk_merge_fast.batch_stats(acts, doc, torch.arange(300), torch.arange(300), torch.ones(300, dtype=torch.bool), 6)[0]
         )
-    state = topk_merge.TopK.empty(6, 11)
+    state = TopK.empty(6, 11)
     fast, ref = topk_merge_fast.merge_topk_fast(state, *parts), topk_merge.merge_topk(state, *parts)
     for name in ("values", "doc", "pos", "token"):
         assert torch.equal(getattr(fast, name), getattr(ref, name)), name
@@ -240,7 +241,7 @@ def test_thirty_identical_documents_rank_exactly_across_merges():
     from patchscope.kernels import topk_merge, topk_merge_fast
 
     acts, doc, pos, token, counted = _identical_documents(30, 16, 9)
-    state, parts = topk_merge.TopK.empty(20, 9), []
+    state, parts = TopK.empty(20, 9), []
     state_ref = state
     for copy in range(30):
         rows = slice(copy * 16, (copy + 1) * 16)
@@ -281,7 +282,7 @@ def _assert_reduction_matches_reference(reduce) -> None:
 
     for acts, doc, pos, token, counted, k in _reduction_cases():
         candidates, moments = reduce(acts, doc, pos, token, counted, k)
-        top = topk_merge.merge_topk(topk_merge.TopK.empty(k, acts.shape[1]), candidates)
+        top = topk_merge.merge_topk(TopK.empty(k, acts.shape[1]), candidates)
         ref, ref_m = topk_merge.batch_topk(acts, doc, pos, token, counted, k), topk_merge.batch_moments(acts, counted)
         for name in ("values", "doc", "pos", "token"):
             assert torch.equal(getattr(top, name), getattr(ref, name)), (acts.shape, acts.dtype, name)
@@ -297,9 +298,7 @@ def test_fused_pass_and_candidate_selection_match_the_reference():
 
     def reduce(acts, doc, pos, token, counted, k):
         stats = fused.block_stats(acts, counted, "eager")
-        moments = topk_merge.Moments(
-            stats.fire_count, stats.total.double(), stats.total_sq.double(), stats.nonfinite, counted.sum()
-        )
+        moments = Moments(stats.fire_count, stats.total.double(), stats.total_sq.double(), stats.nonfinite, counted.sum())
         return fused.select_candidates(acts, stats.block_max, doc, pos, token, counted, k), moments
 
     _assert_reduction_matches_reference(reduce)

@@ -14,6 +14,7 @@ from patchscope.atlas.sources import SourceConfig
 from patchscope.cli.main import main
 
 LAYER = 2
+SITE3 = "blocks.3.mlp.hook_post"
 
 
 def _key(source: SourceConfig, config: ProfileConfig = ProfileConfig(layer=LAYER), dtype: str = "float32") -> RunKey:
@@ -41,8 +42,8 @@ def test_equivalent_settings_share_the_key(tmp_path, monkeypatch):
         assert _key(first).reuse_changes(_key(second)) == [], (first, second)
     source = SourceConfig("data.jsonl")
     configs = [
-        (ProfileConfig(layer=3), ProfileConfig(sites=("blocks.3.mlp.hook_post",))),
-        (ProfileConfig(sites=("blocks.1.hook_resid_pre", "blocks.3.mlp.hook_post")), ProfileConfig(sites=("blocks.3.mlp.hook_post", "blocks.1.hook_resid_pre"))),
+        (ProfileConfig(layer=3), ProfileConfig(sites=(SITE3,))),
+        (ProfileConfig(sites=("blocks.1.hook_resid_pre", SITE3)), ProfileConfig(sites=(SITE3, "blocks.1.hook_resid_pre"))),
         (ProfileConfig(checkpoint_every=1), ProfileConfig(checkpoint_every=50)),
     ]  # fmt: skip
     for first_config, second_config in configs:

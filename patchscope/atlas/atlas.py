@@ -19,9 +19,10 @@ from patchscope.atlas.config import ProfileConfig
 from patchscope.atlas.exact import ExactSum
 from patchscope.atlas.key import TEXTS, Inputs, RunKey
 from patchscope.atlas.sources import SourceConfig, TextSource
+from patchscope.atlas.stats import Moments, TopK
 from patchscope.kernels.bottomk import merge_bottomk
 from patchscope.kernels.quantiles import QuantileExamples, merge_quantiles
-from patchscope.kernels.topk_merge import Moments, TopK, merge_topk
+from patchscope.kernels.topk_merge import merge_topk
 
 CONTEXT_TOKENS = 5
 
@@ -329,9 +330,9 @@ class Atlas:
     def tensors(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         for site, stats in self.sites.items():
-            for group in (stats.top, stats.moments):
-                for spec in dataclasses.fields(group):
-                    out[f"{site}/{spec.name}"] = getattr(group, spec.name)
+            for part in (stats.top, stats.moments):
+                for spec in dataclasses.fields(part):
+                    out[f"{site}/{spec.name}"] = getattr(part, spec.name)
             if stats.sums is not None:
                 out[f"{site}/sums"] = stats.sums.parts
             for prefix, group in (("bottom", stats.bottom), ("quantile", stats.quantiles)):

@@ -21,6 +21,7 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from patchscope.atlas.sources import Document
+from patchscope.atlas.stats import TokenFields
 
 Overflow = Literal["truncate", "window"]
 
@@ -53,6 +54,10 @@ class Batch:
     @property
     def padded_tokens(self) -> int:
         return self.input_ids.numel()
+
+    def fields(self) -> TokenFields:
+        """Each token's document, position, id and whether it counts, flattened like the activations' ``[tokens]``."""
+        return TokenFields(self.doc.flatten(), self.position.flatten(), self.input_ids.flatten(), self.counted.flatten())
 
     def to(self, device: torch.device) -> Batch:
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731

@@ -40,8 +40,8 @@ import torch.distributed as dist
 from patchscope.atlas.atlas import Atlas, RankShare, SiteAtlas
 from patchscope.atlas.exact import ExactSum
 from patchscope.atlas.sources import Document
+from patchscope.atlas.stats import Moments, TopK
 from patchscope.atlas.store import optional_parts
-from patchscope.kernels.topk_merge import Moments, TopK
 
 log = logging.getLogger(__name__)
 TIMEOUT_ENV = "PATCHSCOPE_DIST_TIMEOUT"

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 from contextlib import nullcontext
-from dataclasses import dataclass
 from typing import cast
 
 import torch
@@ -22,11 +21,11 @@ from patchscope.atlas.atlas import SiteAtlas
 from patchscope.atlas.batching import Batch, Segment, collate
 from patchscope.atlas.compiled import CompiledLayers
 from patchscope.atlas.config import ProfileConfig
+from patchscope.atlas.stats import Moments, TokenFields, TopK
 from patchscope.kernels.bottomk import bottomk_candidates, empty_bottomk, merge_bottomk_fast
 from patchscope.kernels.cpu_pass import BatchPieces, Workspace, cpu_pass
 from patchscope.kernels.fused import batch_stats, resolve_backend
 from patchscope.kernels.histogram import batch_histogram, empty_histogram
-from patchscope.kernels.topk_merge import Moments, TopK
 from patchscope.kernels.topk_merge_fast import merge_topk_fast
 from patchscope.model.hooks import add_hooks, stop_after
 from patchscope.model.loading import model_device
@@ -34,19 +33,6 @@ from patchscope.model.sites import check_layer, resolve, site_width
 
 log = logging.getLogger(__name__)
 MERGE_EVERY = 4
-
-
-@dataclass
-class _BatchFields:
-    """The current batch, flattened to ``[tokens]`` for the site hooks."""
-
-    doc: Tensor | None = None
-    position: Tensor | None = None
-    token: Tensor | None = None
-    counted: Tensor | None = None
-
-    def to(self, device: torch.device) -> _BatchFields:
-        return _BatchFields(*(None if t is None else t.to(device) for t in (self.doc, self.position, self.token, self.counted)))
 
 
 def _is_oom(error: BaseException) -> bool:
@@ -69,7 +55,7 @@ class Profiler:
         config.check_atlas_size({site: site_width(model, site) for site in self.sites}, self.device)
         self.state = {site: self._empty_site(site_width(model, site)) for site in self.sites}
         self.splits = 0  # each OOM doubles how many pieces a planned batch is cut into
-        self._fields = _BatchFields()
+        self._fields: TokenFields | None = None  # the batch being folded, set by `_forward`
         self._pending: dict[str, list[BatchPieces]] = {}  # this batch's pieces, per site
         # Per-batch top-k and bottom-k candidates wait here and are merged into the state MERGE_EVERY at
         # a time: one sort of all of them costs much less than MERGE_EVERY small sorts.
@@ -101,16 +87,13 @@ class Profiler:
 
     def _reduce(self, site: str, acts: Tensor) -> BatchPieces:
         """Every statistic of one batch at one site: one CPU pass, or the separate kernels elsewhere."""
-        f, config = self._fields, self.config
-        doc, pos, token, counted = (cast(Tensor, t) for t in (f.doc, f.position, f.token, f.counted))  # set by `_forward`
+        fields, config = cast(TokenFields, self._fields), self.config
+        doc, pos, token, counted = fields.doc, fields.pos, fields.token, fields.counted
         if acts.device.type == "cpu" and self.device.type == "cpu" and self._reduction == "eager" and self._one_pass:
             state = self.state[site]
             pieces = cpu_pass(
                 acts,
-                doc,
-                pos,
-                token,
-                counted,
+                fields,
                 top_k=config.top_k,
                 bottom_k=config.bottom_k,
                 histogram=config.histogram,
@@ -136,7 +119,7 @@ class Profiler:
             if value.device == self.device:
                 return hook(value, step)
             fields, scratch = self._fields, self._scratch
-            self._fields, self._scratch = fields.to(value.device), torch.empty(0, device=value.device)
+            self._fields, self._scratch = cast(TokenFields, fields).to(value.device), torch.empty(0, device=value.device)
             try:
                 hook(value, step)
             finally:
@@ -148,9 +131,7 @@ class Profiler:
 
     def _forward(self, batch: Batch) -> None:
         batch = batch.to(self.device)
-        self._fields = _BatchFields(
-            batch.doc.flatten(), batch.position.flatten(), batch.input_ids.flatten(), batch.counted.flatten()
-        )
+        self._fields = batch.fields()
         compiled = self._compiled.active() if self._compiled else nullcontext()
         with (
             torch.inference_mode(),

@@ -19,6 +19,7 @@ from patchscope.atlas.atlas import Atlas
 from patchscope.atlas.batching import collate, plan
 from patchscope.atlas.config import ProfileConfig
 from patchscope.atlas.sources import Document
+from patchscope.atlas.stats import TokenFields
 from patchscope.kernels.quantiles import INTERVALS, QuantileExamples, batch_quantiles, merge_quantiles
 from patchscope.model.hooks import add_hooks, stop_after
 from patchscope.model.loading import model_device
@@ -39,13 +40,14 @@ def quantile_examples(
     upper = {site: atlas[site].max.float().clamp(min=0).to(device) for site in sites}  # [n]
     state = {site: QuantileExamples.empty(upper[site], config.quantile_examples) for site in sites}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    fields: dict[str, Tensor] = {}
+    current: list[TokenFields] = []  # the batch being run
 
     def hook(site: str):
         def pick(value: Tensor, step) -> None:
             acts = value.reshape(-1, value.shape[-1])  # [tokens, n]
+            fields = current[-1]
             found = batch_quantiles(
-                acts, fields["doc"], fields["pos"], fields["token"], fields["counted"], upper[site], config.quantile_examples
+                acts, fields.doc, fields.pos, fields.token, fields.counted, upper[site], config.quantile_examples
             )
             state[site] = merge_quantiles(state[site], found)
 
@@ -63,12 +65,7 @@ def quantile_examples(
     with torch.inference_mode(), add_hooks(model, {site: hook(site) for site in sites}):
         for rows in batches:
             batch = collate(rows, pad_id).to(device)
-            fields.update(
-                doc=batch.doc.flatten(),
-                pos=batch.position.flatten(),
-                token=batch.input_ids.flatten(),
-                counted=batch.counted.flatten(),
-            )
+            current[:] = [batch.fields()]
             with stop_after(model, deepest):
                 model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
     return {site: picks.to("cpu") for site, picks in state.items()}

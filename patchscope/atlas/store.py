@@ -22,8 +22,8 @@ from safetensors.torch import load_file
 
 from patchscope.atlas.atlas import Atlas, AtlasError, AtlasMeta, SiteAtlas
 from patchscope.atlas.exact import ExactSum
+from patchscope.atlas.stats import Moments, TopK
 from patchscope.kernels.quantiles import QuantileExamples
-from patchscope.kernels.topk_merge import Moments, TopK
 from patchscope.model.sites import SiteError, parse_site
 from patchscope.util.storage import write_json, write_tensors
 
