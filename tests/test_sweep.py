@@ -12,7 +12,7 @@ from transformers import PreTrainedTokenizerFast
 from patchscope.cli.main import main
 from patchscope.model.hooks import capture, patch
 from patchscope.model.row_patch import patch_rows
-from patchscope.scope import sweep as sweep_module
+from patchscope.scope import engine as engine_module
 from patchscope.scope.config import PatchscopeConfig
 from patchscope.scope.heatmap import SWEEP_JSON, SWEEP_TABLE, save_sweep
 from patchscope.scope.placeholder import PlaceholderError, find_placeholder, plan_prompt
@@ -275,18 +275,18 @@ def test_batched_sweep_equals_each_cell_alone(gemma, monkeypatch):
     plan = _prompt(tokenizer, "ending")
     means = {s: torch.randn(64, generator=torch.Generator().manual_seed(s)) for s in range(4)}
     seen_sites = []
-    real = sweep_module.patch_rows
+    real = engine_module.patch_rows
 
     def spy(model, sites, vectors, positions):
         seen_sites.append({s for s in sites})
         return real(model, sites, vectors, positions)
 
-    monkeypatch.setattr(sweep_module, "patch_rows", spy)
+    monkeypatch.setattr(engine_module, "patch_rows", spy)
     config = SweepConfig(max_new_tokens=3, batch_size=7, controls=("unpatched", "corpus_mean"))
     batched = _records(sweep(model, tokenizer, sources, plan, config, means=means))
     assert any(len(sites - {None}) > 1 for sites in seen_sites)  # a batch carried several target layers
     assert len({tuple(r["generated"]) for r in batched.values()}) > 3  # generations differ between cells
-    monkeypatch.setattr(sweep_module, "patch_rows", real)
+    monkeypatch.setattr(engine_module, "patch_rows", real)
     for j, source in enumerate(sources):
         for s, t in config.layer_pairs(4):
             alone_config = SweepConfig(
