@@ -14,10 +14,10 @@ from patchscope.model.hooks import capture, patch
 from patchscope.model.row_patch import patch_rows
 from patchscope.scope import engine as engine_module
 from patchscope.scope.config import PatchscopeConfig
-from patchscope.scope.heatmap import SWEEP_JSON, SWEEP_TABLE, save_sweep
 from patchscope.scope.placeholder import PlaceholderError, find_placeholder, plan_prompt
 from patchscope.scope.prompts import PROMPTS, target_prompt
 from patchscope.scope.sweep import Source, SweepConfig, sweep
+from patchscope.scope.sweep_files import SWEEP_JSON, SWEEP_TABLE, save_sweep
 
 TEXT = "The quick brown fox jumps over the lazy dog near the river bank."
 ENDING = "Syria: Country in the Middle East, x"
