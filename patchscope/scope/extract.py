@@ -88,18 +88,14 @@ def extract(
         >>> ex = extract(model, tokenizer, texts[entry.doc], site="blocks.12.hook_resid_pre", position=entry.position, entry=entry)
     """
     if entry is not None:  # the entry names the neuron unless the caller does
-        neuron, neuron_site = (entry.neuron if neuron is None else neuron), (entry.site if neuron_site is None else neuron_site)
+        neuron = entry.neuron if neuron is None else neuron
+        neuron_site = entry.site if neuron_site is None else neuron_site
     segment, local = _segment_at(tokenizer, text, position, max_length, overflow, entry)
     cache = _run_segment(model, segment.ids, site, neuron_site)
-    vector, token_id = cache[site][0, local], segment.ids[local]
-    activation = (
-        _neuron_value(cache[neuron_site][0, local], neuron, neuron_site)
-        if neuron is not None and neuron_site is not None
-        else None
-    )
-    lo = max(segment.first_counted, local - CONTEXT_TOKENS)  # the context never reaches before the segment's first counted slot
+    token_id = segment.ids[local]
+    lo = max(segment.first_counted, local - CONTEXT_TOKENS)  # the context starts at the segment's first counted slot
     result = Extraction(
-        vector=vector,
+        vector=cache[site][0, local],
         site=site,
         doc=entry.doc if entry else None,
         position=position,
@@ -108,13 +104,13 @@ def extract(
         context=cast(str, tokenizer.decode(list(segment.ids[lo : local + CONTEXT_TOKENS + 1]))),
         neuron_site=neuron_site,
         neuron=neuron,
-        activation=activation,
+        activation=_neuron_value(cache, local, neuron, neuron_site),
         recorded=entry.activation if entry else None,
         segment_ids=list(segment.ids),
         local_position=local,
     )
     if entry is not None:
-        _check_reproduced(result, entry, vector.dtype)
+        _check_reproduced(result, entry, result.vector.dtype)
     return result
 
 
@@ -141,8 +137,11 @@ def _run_segment(model: nn.Module, ids: Sequence[int], site: str, neuron_site: s
     return cache
 
 
-def _neuron_value(values: Tensor, neuron: int, neuron_site: str) -> float:
-    """``values[neuron]`` of one token's ``[d_mlp]`` read, with a clear error when out of range."""
+def _neuron_value(cache: dict[str, Tensor], local: int, neuron: int | None, neuron_site: str | None) -> float | None:
+    """The neuron at index ``local`` of the run, with a clear error when out of range; None without one."""
+    if neuron is None or neuron_site is None:
+        return None
+    values = cache[neuron_site][0, local]  # [d_mlp]
     if not 0 <= neuron < values.shape[-1]:
         raise IndexError(f"neuron {neuron} is out of range: {neuron_site} has neurons 0..{values.shape[-1] - 1}")
     return float(values[neuron])
