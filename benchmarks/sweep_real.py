@@ -132,10 +132,10 @@ def main() -> None:
 
     from patchscope.model.loading import load_model
     from patchscope.scope.config import PatchscopeConfig
-    from patchscope.scope.heatmap import save_sweep
     from patchscope.scope.placeholder import plan_prompt
     from patchscope.scope.prompts import PROMPTS
     from patchscope.scope.sweep import SweepConfig, summary_lines, sweep
+    from patchscope.scope.sweep_files import save_sweep
     from patchscope.util.storage import write_json
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

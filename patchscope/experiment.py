@@ -42,8 +42,8 @@ from patchscope.sae.jumprelu import JumpReLUSAE, check_for_model, check_site, to
 from patchscope.sae.loaders import load_sae, sae_spec_for_site
 from patchscope.scope.config import PatchscopeConfig
 from patchscope.scope.extract import Extraction, extract
-from patchscope.scope.inject import Observation, Row, control_rows, inject
 from patchscope.scope.placeholder import PromptPlan, plan_prompt
+from patchscope.scope.readout import NeuronTarget, read_neurons
 from patchscope.util.lock import output_lock
 from patchscope.util.signals import Interrupted
 from patchscope.util.storage import check_writable, write_json
@@ -363,67 +363,6 @@ def _results_path(out: Path, key: str) -> Path:
     return default if not default.exists() or earlier == key else out / f"results-{key[:10]}.json"
 
 
-def _reactivation(patched: float, controls: dict[str, float]) -> str:
-    if not controls:
-        return "no controls run"
-    beaten = [name for name, value in controls.items() if patched > value]
-    if len(beaten) == len(controls):
-        return f"above every control ({', '.join(controls)})"
-    if not beaten:
-        return "not above any control"
-    return f"above {', '.join(beaten)} only"
-
-
-def _case(target_site: str, neuron_site: str) -> str:
-    """Writing at blocks.L.hook_resid_pre and reading layer L's MLP re-fires the neuron almost by construction."""
-    target, neuron = parse_site(target_site)[0], parse_site(neuron_site)[0]
-    return "same_layer" if target == neuron else ("earlier_target_layer" if target < neuron else "later_target_layer")
-
-
-def _overlap(generated: list[int], context: set[int]) -> float | None:
-    """Share of the distinct generated tokens that also occur in the source token's context."""
-    tokens = set(generated)
-    return len(tokens & context) / len(tokens) if tokens else None
-
-
-def _decode(patched: Observation, controls: dict[str, Observation], context: set[int]) -> dict[str, Any]:
-    random = controls.get("random_same_norm")
-    unpatched = controls.get("unpatched")
-    return {
-        "measure": "share of distinct generated tokens found in the source context (+-5 tokens)",
-        "patched": _overlap(patched.generated_tokens, context),
-        "random_same_norm": _overlap(random.generated_tokens, context) if random else None,
-        "same_as_unpatched": patched.generated_tokens == unpatched.generated_tokens if unpatched else None,
-    }
-
-
-def _verdict(
-    case: str, patched: float, controls: dict[str, float], decode: dict[str, Any], target_site: str, neuron_site: str
-) -> str:
-    """Says which case the run shows; the same-layer reactivation is never offered as evidence."""
-    reactivation = _reactivation(patched, controls)
-    if case == "same_layer":
-        head = (
-            f"same layer: the vector is written at {target_site} and the neuron read in that layer's MLP, so its "
-            f"reactivation, {reactivation}, holds by construction and is not evidence of a decode"
-        )
-    elif case == "earlier_target_layer":
-        head = f"target layer before the neuron's ({target_site} -> {neuron_site}): reactivation {reactivation}"
-        head += ", evidence that the vector carries the trigger" if reactivation.startswith("above every") else ", no evidence"
-    else:
-        head = f"target layer after the neuron's ({target_site} -> {neuron_site}): the neuron cannot see the patch"
-    ours, theirs = decode["patched"], decode["random_same_norm"]
-    if decode["same_as_unpatched"]:
-        tail = "the patched generation equals the unpatched one: no decode"
-    elif ours is None or theirs is None:
-        tail = "decode relatedness not measured (needs generated tokens and the random control)"
-    elif ours > theirs:
-        tail = f"generated tokens overlap the source context more than the random control's ({ours:.2f} vs {theirs:.2f})"
-    else:
-        tail = f"generated tokens overlap the source context no more than the random control's ({ours:.2f} vs {theirs:.2f}): unrelated"
-    return f"{head}; {tail}"
-
-
 def run_experiment(config: ExperimentConfig, *, progress: bool = True) -> ExperimentResult:
     """Profile, pick neurons, extract their vectors, read them with the SAE, patch them into the prompt.
 
@@ -467,63 +406,42 @@ def _run_locked(config: ExperimentConfig, checked: _Checked, timer: _Timer, prog
     mean, mean_note = _corpus_mean(model, tokenizer, config, atlas, timer, progress)
     notes += [mean_note] if mean_note else []
     with timer.phase("patchscope"):
-        rows: list[Row] = []
-        for entry, ex in zip(entries, extractions):
-            rows.append(Row("patched", entry.neuron, ex.vector))
-            if config.patchscope.controls:
-                rows.append(Row("unpatched", entry.neuron, None))
-                rows += control_rows(ex.vector, entry.neuron, mean=mean, seed=config.patchscope.seed)
-        observations = inject(
+        readouts = read_neurons(
             model,
             tokenizer,
-            rows,
             prompt,
+            [
+                NeuronTarget(e.neuron, e.activation, ex.vector, ex.segment_ids, ex.local_position, key=(e.doc, e.position))
+                for e, ex in zip(entries, extractions)
+            ],
             target_site=config.target_site,
-            observe_site=config.neuron_site,
-            max_new_tokens=config.patchscope.max_new_tokens,
-            temperature=config.patchscope.temperature,
-            top_p=config.patchscope.top_p,
-            seed=config.patchscope.seed,
+            neuron_site=config.neuron_site,
+            config=config.patchscope,
+            mean=mean,
         )
 
-    results = []
-    for i, (entry, ex) in enumerate(zip(entries, extractions)):
-        mine = [o for o in observations if o.neuron == entry.neuron]
-        for o in mine:
-            o.ratio = o.at_placeholder / entry.activation if entry.activation else None
-        patched = next(o for o in mine if o.label == "patched")
-        controls = {o.label: o for o in mine if o.label != "patched"}
-        case = _case(config.target_site, config.neuron_site)
-        window = ex.segment_ids[max(0, ex.local_position - 5) : ex.local_position + 6]
-        decode = _decode(patched, controls, set(window))
-        results.append(
-            NeuronResult(
-                neuron=entry.neuron,
-                max_activation=entry.activation,
-                source={
-                    "doc": entry.doc,
-                    "position": entry.position,
-                    "token": ex.token,
-                    "context": ex.context,
-                    "site": config.source_site,
-                    "recomputed_activation": ex.activation,
-                    "vector_norm": float(ex.vector.float().norm()),
-                },
-                sae=sae_results[i],
-                patched=dataclasses.asdict(patched),
-                controls={k: dataclasses.asdict(v) for k, v in controls.items()},
-                verdict=_verdict(
-                    case,
-                    patched.at_placeholder,
-                    {k: v.at_placeholder for k, v in controls.items()},
-                    decode,
-                    config.target_site,
-                    config.neuron_site,
-                ),
-                case=case,
-                decode=decode,
-            )
+    results = [
+        NeuronResult(
+            neuron=entry.neuron,
+            max_activation=entry.activation,
+            source={
+                "doc": entry.doc,
+                "position": entry.position,
+                "token": ex.token,
+                "context": ex.context,
+                "site": config.source_site,
+                "recomputed_activation": ex.activation,
+                "vector_norm": float(ex.vector.float().norm()),
+            },
+            sae=sae_results[i],
+            patched=dataclasses.asdict(readout.patched),
+            controls={k: dataclasses.asdict(v) for k, v in readout.controls.items()},
+            verdict=readout.verdict,
+            case=readout.case.value,
+            decode=dataclasses.asdict(readout.decode),
         )
+        for i, (entry, ex, readout) in enumerate(zip(entries, extractions, readouts))
+    ]
     result = ExperimentResult(
         config=_jsonable(config),
         prompt={

@@ -68,19 +68,24 @@ def test_patched_generation_same_with_and_without_cache(any_model):
 
 
 def test_decode_steps_are_not_patched(gemma):
+    """The site's value is read before and after the patch hook: the prefill is written, decode steps are not."""
     model, tokenizer = gemma
     ids = _ids(tokenizer, "A detailed description of x is that")
-    seen = []
-
-    def spy(value, step):
-        seen.append((step.offset, value.shape[1]))
-
+    before, after = [], []
+    site = "blocks.1.hook_resid_pre"
+    # pre-hooks run in the order installed: `before` sees the value entering the patch, `after` what it leaves
     with (
-        patch(model, "blocks.1.hook_resid_pre", torch.zeros(64), positions=[3]),
-        add_hooks(model, {"blocks.1.hook_resid_pre": spy}),
+        add_hooks(model, {site: lambda value, step: before.append((step.offset, value.clone()))}),
+        patch(model, site, torch.zeros(64), positions=[3]),
+        add_hooks(model, {site: lambda value, step: after.append((step.offset, value.clone()))}),
     ):
         model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
-    assert seen == [(0, ids.shape[1]), (ids.shape[1], 1), (ids.shape[1] + 1, 1)]
+    assert [(offset, value.shape[1]) for offset, value in after] == [(0, ids.shape[1]), (ids.shape[1], 1), (ids.shape[1] + 1, 1)]
+    (_, prefill_in), (_, prefill_out) = before[0], after[0]
+    assert torch.equal(prefill_out[0, 3], torch.zeros(64)) and not torch.equal(prefill_in[0, 3], torch.zeros(64))
+    torch.testing.assert_close(prefill_out[:, [0, 1, 2, 4, 5, 6, 7]], prefill_in[:, [0, 1, 2, 4, 5, 6, 7]], rtol=0, atol=0)
+    for (_, entering), (_, leaving) in zip(before[1:], after[1:]):  # decode steps: left as they came
+        assert torch.equal(entering, leaving)
 
 
 def _counter(model, layer):

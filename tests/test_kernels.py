@@ -294,7 +294,7 @@ def _assert_reduction_matches_reference(reduce) -> None:
 
 def test_fused_pass_and_candidate_selection_match_the_reference():
     """`block_pass` uncompiled, then `select_candidates`: the logic every fused backend shares."""
-    from patchscope.kernels import fused, topk_merge
+    from patchscope.kernels import fused
 
     def reduce(acts, doc, pos, token, counted, k):
         stats = fused.block_stats(acts, counted, "eager")

@@ -33,7 +33,7 @@ MODULE_LAYERS = {"patchscope.atlas.stats": 0}
 
 
 def _layer(module: str) -> int | None:
-    """``patchscope.atlas.run`` -> the layer of ``atlas``; None for the package root."""
+    """``patchscope.atlas.profiling`` -> the layer of ``atlas``; None for the package root."""
     parts = module.split(".")
     if parts[0] != "patchscope" or len(parts) < 2:
         return None

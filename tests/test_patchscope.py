@@ -1,4 +1,5 @@
 import json
+from contextlib import ExitStack
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from patchscope import (
     PlaceholderError,
     ReproductionError,
     Row,
+    capture,
     extract,
     find_placeholder,
     inject,
@@ -17,7 +19,7 @@ from patchscope import (
     plan_prompt,
 )
 from patchscope.atlas.config import ProfileConfig
-from patchscope.atlas.run import profile
+from patchscope.atlas.profiling import profile
 
 LAYER = 2
 SITE = f"blocks.{LAYER}.hook_resid_pre"
@@ -104,31 +106,8 @@ def test_injected_generation_matches_uncached(gemma):
     ids = torch.tensor([plan.input_ids])
     with patch(model, SITE, vector, positions=[plan.position]):
         uncached = model.generate(ids, max_new_tokens=10, do_sample=False, use_cache=False, pad_token_id=0)
-    assert observed.generated_tokens == uncached[0, ids.shape[1] :].tolist()[: len(observed.generated_tokens)]
-
-
-def test_batched_sweep_equals_one_by_one(gemma):
-    model, tokenizer = gemma
-    plan = plan_prompt(tokenizer, PatchscopeConfig())
-    other = plan_prompt(tokenizer, PatchscopeConfig(prompt="Syria: Country in the Middle East, x"))
-    gen = torch.Generator().manual_seed(2)
-    rows = [
-        Row("a", 5, torch.randn(64, generator=gen) * 4),
-        Row("b", 9, torch.randn(64, generator=gen) * 4),
-        Row("c", 5, None),
-        Row("d", 11, torch.randn(64, generator=gen) * 4, prompt=other),
-    ]  # a longer prompt: the others are left-padded
-    batched = inject(model, tokenizer, rows, plan, target_site=SITE, observe_site=NEURON_SITE, max_new_tokens=6)
-    for row, together in zip(rows, batched):
-        (alone,) = inject(model, tokenizer, [row], plan, target_site=SITE, observe_site=NEURON_SITE, max_new_tokens=6)
-        assert together.at_placeholder == pytest.approx(alone.at_placeholder, abs=1e-4)
-        torch.testing.assert_close(
-            torch.tensor(together.prompt_activations), torch.tensor(alone.prompt_activations), rtol=1e-4, atol=1e-4
-        )
-        assert together.generated_tokens == alone.generated_tokens
-        torch.testing.assert_close(
-            torch.tensor(together.generated_activations), torch.tensor(alone.generated_activations), rtol=1e-3, atol=1e-3
-        )
+    expected = uncached[0, ids.shape[1] :].tolist()
+    assert len(expected) > 0 and observed.generated_tokens == expected  # every token and the length, not a prefix
 
 
 def test_extract_reproduces_atlas_and_catches_slice_offsets(gemma, tmp_path):
@@ -149,3 +128,109 @@ def test_extract_reproduces_atlas_and_catches_slice_offsets(gemma, tmp_path):
     entry = atlas.entry(NEURON_SITE, 0)
     with pytest.raises(ReproductionError):  # the original's bug: an index relative to the slice
         extract(model, tokenizer, rows[entry.doc - 3], site=SITE, position=entry.position, entry=entry, max_length=16)
+
+
+# -- the row engine and its controls
+
+
+def test_engine_rows_equal_a_plain_patched_forward_and_generate(gemma):
+    """Rows of different target sites in one batch, against one plain `patch` + forward / generate per row."""
+    from patchscope.scope.engine import Generation, PatchRow, run_rows
+
+    model, tokenizer = gemma
+    plan = plan_prompt(tokenizer, PatchscopeConfig(prompt="Syria: Country in the Middle East, x"))
+    gen = torch.Generator().manual_seed(3)
+    sites = ["blocks.1.hook_resid_pre", None, "blocks.2.hook_resid_pre", "blocks.0.hook_resid_pre"]
+    rows = [PatchRow(torch.randn(64, generator=gen) * 6 if s else None, s, plan, [5, 17]) for s in sites]
+    scored = torch.tensor([4, 9, 30])
+    readouts = run_rows(
+        model, tokenizer, rows, neuron_site=NEURON_SITE, scored=scored, generation=Generation(max_new_tokens=4), batch_size=3
+    )
+    ids = torch.tensor([plan.input_ids])
+    for row, out in zip(rows, readouts):
+        with torch.no_grad(), ExitStack() as stack:
+            if row.site is not None:
+                stack.enter_context(patch(model, row.site, row.vector, positions=[plan.position]))
+            with capture(model, NEURON_SITE) as seen:
+                logits = model(ids).logits[0, plan.position]
+            neurons = seen[NEURON_SITE][0, plan.position, [5, 17]]
+            expected = model.generate(ids, max_new_tokens=4, do_sample=False, use_cache=False, pad_token_id=0)
+        logprobs = logits.log_softmax(-1)
+        assert out.top1 == int(logits.argmax())
+        torch.testing.assert_close(out.logprobs, logprobs[scored], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(out.at_placeholder, neurons, rtol=1e-4, atol=1e-4)
+        assert out.generated == expected[0, ids.shape[1] :].tolist() and len(out.generated) == 4
+
+
+def test_experiment_rows_through_the_engine_equal_one_plain_generate_each(gemma):
+    """`read_neurons` (the experiment's Patchscope phase): each row's read and tokens as a plain patched generate gives them."""
+    from patchscope.scope.readout import NeuronTarget, read_neurons
+
+    model, tokenizer = gemma
+    config = PatchscopeConfig(prompt="Syria: Country in the Middle East, x", max_new_tokens=3)
+    plan = plan_prompt(tokenizer, config)
+    gen = torch.Generator().manual_seed(4)
+    ids = tokenizer(FIXTURE_CORPUS[0]).input_ids
+    targets = [NeuronTarget(n, 2.0, torch.randn(64, generator=gen) * 5, ids, 4, key=(0, 4)) for n in (3, 40)]
+    mean = torch.randn(64, generator=gen)
+    readouts = read_neurons(model, tokenizer, plan, targets, target_site=SITE, neuron_site=NEURON_SITE, config=config, mean=mean)
+    prompt_ids = torch.tensor([plan.input_ids])
+    for target, readout in zip(targets, readouts):
+        assert list(readout.controls) == ["unpatched", "random_same_norm", "corpus_mean"]
+        runs = {"patched": target.vector, "corpus_mean": mean, "unpatched": None}
+        runs["random_same_norm"] = None  # its vector is checked through its norm below
+        for label, observation in [("patched", readout.patched), *readout.controls.items()]:
+            vector = runs[label]
+            if label == "random_same_norm":
+                assert observation.norm == pytest.approx(float(target.vector.norm()), rel=1e-5)
+                continue
+            with torch.no_grad(), capture(model, NEURON_SITE, keep_history=True) as seen:
+                if vector is None:
+                    out = model.generate(prompt_ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+                else:
+                    with patch(model, SITE, vector, positions=[plan.position]):
+                        out = model.generate(prompt_ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+            assert observation.generated_tokens == out[0, prompt_ids.shape[1] :].tolist()
+            expected = float(seen.history[NEURON_SITE][0][0, plan.position, target.neuron])
+            assert observation.at_placeholder == pytest.approx(expected, abs=1e-5)
+            assert observation.ratio == pytest.approx(expected / 2.0, abs=1e-5)
+        assert readout.case.value == "same_layer" and "by construction" in readout.verdict
+
+
+def test_random_control_is_drawn_per_neuron_and_source():
+    from patchscope.scope.controls import derive_seed, random_same_norm
+    from patchscope.scope.inject import control_rows
+
+    vector = torch.randn(64, generator=torch.Generator().manual_seed(5)) * 3
+    a, b = (control_rows(vector, n, mean=None, seed=0, source=(2, 7))[0].vector for n in (1, 2))
+    assert not torch.allclose(a, b)  # each neuron its own direction
+    other_source = control_rows(vector, 1, mean=None, seed=0, source=(2, 8))[0].vector
+    assert not torch.allclose(a, other_source)  # and each source token
+    assert torch.equal(a, control_rows(vector, 1, mean=None, seed=0, source=(2, 7))[0].vector)  # deterministic
+    assert not torch.allclose(a, control_rows(vector, 1, mean=None, seed=1, source=(2, 7))[0].vector)
+    assert float(a.norm()) == pytest.approx(float(vector.norm()), rel=1e-5)
+    assert derive_seed(0, 1, 2, 7) == derive_seed(0, 1, 2, 7) != derive_seed(0, 1, 27)
+    torch.testing.assert_close(random_same_norm(vector, 0, 1, 2, 7), a)
+
+
+def test_random_control_differs_across_neurons_of_one_sweep(gemma):
+    """Two neuron sources on the same token: their random_same_norm rows are not the same run."""
+    from patchscope.scope.sweep import Source, SweepConfig, sweep
+
+    model, tokenizer = gemma
+    ids = tokenizer(FIXTURE_CORPUS[0]).input_ids
+    sources = [Source(ids, 4, "a", NEURON_SITE, 3, 1.0), Source(ids, 4, "b", NEURON_SITE, 40, 1.0)]
+    config = SweepConfig(prompt=PROMPT, source_layers=(2,), target_layers=(1,), controls=("random_same_norm",))
+    table = sweep(model, tokenizer, sources, None, config).table
+    random = [s for c, s in zip(table["condition"], table["surprisal"]) if c == "random_same_norm"]
+    assert len(random) == 2 and random[0] != pytest.approx(random[1])
+
+
+def test_cases_and_conditions_are_one_enum_each():
+    from patchscope.scope.controls import CONTROLS, Case, Condition, case_of
+
+    assert {c.value for c in Condition} == {"patched", *CONTROLS}
+    assert CONTROLS == ("unpatched", "random_same_norm", "corpus_mean")
+    assert [case_of(t, 2) for t in (1, 2, 3)] == [Case.EARLIER_TARGET_LAYER, Case.SAME_LAYER, Case.LATER_TARGET_LAYER]
+    assert {c.value for c in Case} == {"same_layer", "earlier_target_layer", "later_target_layer"}
+    assert Case.SAME_LAYER.description.startswith("same layer") and "not evidence" in Case.SAME_LAYER.description

@@ -189,3 +189,47 @@ def test_result_summary_is_the_text_report(gemma_dir, corpus, tmp_path):
     assert text == format_summary(result) and text.startswith("=== Experiment Results ===")
     assert f"neuron 3: max activation {result.neurons[0].max_activation:.4f}" in text
     assert ExperimentResult.__doc__ and "summary()" in ExperimentResult.__doc__
+
+
+def test_run_verdict_names_the_case_and_never_sells_same_layer_reactivation(gemma, gemma_dir, tmp_path):
+    from patchscope.experiment import format_summary
+
+    data = tmp_path / "c.jsonl"
+    data.write_text("\n".join(json.dumps({"text": t}) for t in FIXTURE_CORPUS))
+
+    def run(target_site, out):
+        config = ExperimentConfig(
+            model=str(gemma_dir),
+            device="cpu",
+            out=str(tmp_path / out),
+            sae="none",
+            neuron=7,
+            source=SourceConfig(dataset=str(data), split=""),
+            profile=ProfileConfig(layer=2, max_length=16),
+            patchscope=PatchscopeConfig(prompt="Syria: Country in the Middle East, x", target_site=target_site, max_new_tokens=4),
+        )
+        return run_experiment(config, progress=False)
+
+    tokenizer = gemma[1]
+    same = run(None, "same")
+    (record,) = same.neurons
+    assert record.case == "same_layer" and "by construction and is not evidence" in record.verdict
+    assert "above every control" not in record.verdict.split("holds by construction")[1]
+    generated, random = record.patched["generated_tokens"], record.controls["random_same_norm"]["generated_tokens"]
+    assert record.decode["same_as_unpatched"] == (generated == record.controls["unpatched"]["generated_tokens"])
+    ids = tokenizer(FIXTURE_CORPUS[record.source["doc"]]).input_ids[:16]
+    position = record.source["position"]
+    context = set(ids[max(0, position - 5) : position + 6])  # the source token and 5 tokens either side
+    assert record.decode["patched"] == pytest.approx(len(set(generated) & context) / len(set(generated)))
+    assert record.decode["random_same_norm"] == pytest.approx(len(set(random) & context) / len(set(random)))
+    assert "decode:" in format_summary(same)
+    earlier = run("blocks.1.hook_resid_pre", "earlier").neurons[0]
+    assert earlier.case == "earlier_target_layer" and "by construction" not in earlier.verdict
+    later = run("blocks.3.hook_resid_pre", "later").neurons[0]
+    assert later.case == "later_target_layer" and "cannot see the patch" in later.verdict
+    stored = json.loads((tmp_path / "later" / "results.json").read_text())["neurons"][0]
+    assert stored["case"] == "later_target_layer" and set(stored["decode"]) >= {
+        "patched",
+        "random_same_norm",
+        "same_as_unpatched",
+    }

@@ -12,17 +12,19 @@ from transformers import PreTrainedTokenizerFast
 from patchscope.cli.main import main
 from patchscope.model.hooks import capture, patch
 from patchscope.model.row_patch import patch_rows
-from patchscope.scope import sweep as sweep_module
+from patchscope.scope import engine as engine_module
 from patchscope.scope.config import PatchscopeConfig
-from patchscope.scope.heatmap import SWEEP_JSON, SWEEP_TABLE, save_sweep
+from patchscope.scope.inject import Row, inject
 from patchscope.scope.placeholder import PlaceholderError, find_placeholder, plan_prompt
 from patchscope.scope.prompts import PROMPTS, target_prompt
 from patchscope.scope.sweep import Source, SweepConfig, sweep
+from patchscope.scope.sweep_files import SWEEP_JSON, SWEEP_TABLE, save_sweep
 
 TEXT = "The quick brown fox jumps over the lazy dog near the river bank."
 ENDING = "Syria: Country in the Middle East, x"
 """A prompt of the fixture corpus that ends in its placeholder: there the tiny models' generations react to the patch."""
 NEURON_SITE = "blocks.2.mlp.hook_post"
+INJECT_SITE = "blocks.2.hook_resid_pre"
 
 
 # -- target prompts and the placeholder rule, per tokenizer family
@@ -275,18 +277,18 @@ def test_batched_sweep_equals_each_cell_alone(gemma, monkeypatch):
     plan = _prompt(tokenizer, "ending")
     means = {s: torch.randn(64, generator=torch.Generator().manual_seed(s)) for s in range(4)}
     seen_sites = []
-    real = sweep_module.patch_rows
+    real = engine_module.patch_rows
 
     def spy(model, sites, vectors, positions):
         seen_sites.append({s for s in sites})
         return real(model, sites, vectors, positions)
 
-    monkeypatch.setattr(sweep_module, "patch_rows", spy)
+    monkeypatch.setattr(engine_module, "patch_rows", spy)
     config = SweepConfig(max_new_tokens=3, batch_size=7, controls=("unpatched", "corpus_mean"))
     batched = _records(sweep(model, tokenizer, sources, plan, config, means=means))
     assert any(len(sites - {None}) > 1 for sites in seen_sites)  # a batch carried several target layers
     assert len({tuple(r["generated"]) for r in batched.values()}) > 3  # generations differ between cells
-    monkeypatch.setattr(sweep_module, "patch_rows", real)
+    monkeypatch.setattr(engine_module, "patch_rows", real)
     for j, source in enumerate(sources):
         for s, t in config.layer_pairs(4):
             alone_config = SweepConfig(
@@ -300,6 +302,30 @@ def test_batched_sweep_equals_each_cell_alone(gemma, monkeypatch):
                 assert (together["activation"] is None) == (single["activation"] is None)
                 if together["activation"] is not None:
                     assert together["activation"] == pytest.approx(single["activation"], abs=1e-4)
+
+
+def test_batched_sweep_equals_one_by_one(gemma):
+    model, tokenizer = gemma
+    plan = plan_prompt(tokenizer, PatchscopeConfig())
+    other = plan_prompt(tokenizer, PatchscopeConfig(prompt="Syria: Country in the Middle East, x"))
+    gen = torch.Generator().manual_seed(2)
+    rows = [
+        Row("a", 5, torch.randn(64, generator=gen) * 4),
+        Row("b", 9, torch.randn(64, generator=gen) * 4),
+        Row("c", 5, None),
+        Row("d", 11, torch.randn(64, generator=gen) * 4, prompt=other),
+    ]  # a longer prompt: the others are left-padded
+    batched = inject(model, tokenizer, rows, plan, target_site=INJECT_SITE, observe_site=NEURON_SITE, max_new_tokens=6)
+    for row, together in zip(rows, batched):
+        (alone,) = inject(model, tokenizer, [row], plan, target_site=INJECT_SITE, observe_site=NEURON_SITE, max_new_tokens=6)
+        assert together.at_placeholder == pytest.approx(alone.at_placeholder, abs=1e-4)
+        torch.testing.assert_close(
+            torch.tensor(together.prompt_activations), torch.tensor(alone.prompt_activations), rtol=1e-4, atol=1e-4
+        )
+        assert together.generated_tokens == alone.generated_tokens
+        torch.testing.assert_close(
+            torch.tensor(together.generated_activations), torch.tensor(alone.generated_activations), rtol=1e-3, atol=1e-3
+        )
 
 
 def test_generation_matches_a_plain_patched_generate(gemma):
@@ -316,7 +342,7 @@ def test_generation_matches_a_plain_patched_generate(gemma):
         with patch(model, "blocks.1.hook_resid_pre", vector, positions=[plan.position]):
             expected = model.generate(ids, max_new_tokens=4, do_sample=False, use_cache=False, pad_token_id=0)[0, ids.shape[1] :]
         unpatched = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)[0, ids.shape[1] :]
-    assert record == expected.tolist()[: len(record)] and expected.tolist() != unpatched.tolist()
+    assert record == expected.tolist() and len(record) == 4 and expected.tolist() != unpatched.tolist()
 
 
 def test_sweep_on_llama_with_a_prompt_ending_in_the_placeholder(llama):
@@ -409,7 +435,7 @@ def test_sweep_command(gemma_dir, tmp_path, capsys):
 
 def test_sweep_command_from_an_atlas_entry(gemma, gemma_dir, tmp_path, capsys):
     from patchscope.atlas.config import ProfileConfig
-    from patchscope.atlas.run import profile
+    from patchscope.atlas.profiling import profile
     from patchscope.atlas.sources import SourceConfig
 
     model, tokenizer = gemma
@@ -447,52 +473,3 @@ def test_sweep_command_from_an_atlas_entry(gemma, gemma_dir, tmp_path, capsys):
     cell = next(c for c in result["cells"] if (c["source_layer"], c["target_layer"]) == (2, 2))
     assert "corpus_mean" in cell["controls"] and cell["reactivation"] is not None
     assert not (out / "precision_at_1.png").exists()
-
-
-# -- honest verdicts in `patchscope run`
-
-
-def test_run_verdict_names_the_case_and_never_sells_same_layer_reactivation(gemma, gemma_dir, tmp_path):
-    from patchscope.atlas.config import ProfileConfig
-    from patchscope.atlas.sources import SourceConfig
-    from patchscope.experiment import ExperimentConfig, format_summary, run_experiment
-
-    data = tmp_path / "c.jsonl"
-    data.write_text("\n".join(json.dumps({"text": t}) for t in FIXTURE_CORPUS))
-
-    def run(target_site, out):
-        config = ExperimentConfig(
-            model=str(gemma_dir),
-            device="cpu",
-            out=str(tmp_path / out),
-            sae="none",
-            neuron=7,
-            source=SourceConfig(dataset=str(data), split=""),
-            profile=ProfileConfig(layer=2, max_length=16),
-            patchscope=PatchscopeConfig(prompt=ENDING, target_site=target_site, max_new_tokens=4),
-        )
-        return run_experiment(config, progress=False)
-
-    tokenizer = gemma[1]
-    same = run(None, "same")
-    (record,) = same.neurons
-    assert record.case == "same_layer" and "by construction and is not evidence" in record.verdict
-    assert "above every control" not in record.verdict.split("holds by construction")[1]
-    generated, random = record.patched["generated_tokens"], record.controls["random_same_norm"]["generated_tokens"]
-    assert record.decode["same_as_unpatched"] == (generated == record.controls["unpatched"]["generated_tokens"])
-    ids = tokenizer(FIXTURE_CORPUS[record.source["doc"]]).input_ids[:16]
-    position = record.source["position"]
-    context = set(ids[max(0, position - 5) : position + 6])  # the source token and 5 tokens either side
-    assert record.decode["patched"] == pytest.approx(len(set(generated) & context) / len(set(generated)))
-    assert record.decode["random_same_norm"] == pytest.approx(len(set(random) & context) / len(set(random)))
-    assert "decode:" in format_summary(same)
-    earlier = run("blocks.1.hook_resid_pre", "earlier").neurons[0]
-    assert earlier.case == "earlier_target_layer" and "by construction" not in earlier.verdict
-    later = run("blocks.3.hook_resid_pre", "later").neurons[0]
-    assert later.case == "later_target_layer" and "cannot see the patch" in later.verdict
-    stored = json.loads((tmp_path / "later" / "results.json").read_text())["neurons"][0]
-    assert stored["case"] == "later_target_layer" and set(stored["decode"]) >= {
-        "patched",
-        "random_same_norm",
-        "same_as_unpatched",
-    }

@@ -238,37 +238,39 @@ def capture(
     """
     names = [names] if isinstance(names, str) else list(names)
     store = Capture()
-
-    def make(name: str) -> HookFn:
-        def record(value: Tensor, step: Step) -> None:
-            kept = value.detach()
-            if positions is not None:
-                offset = step.offset
-                local = _columns_in_window(positions, offset, kept.shape[1])
-                if local is None:
-                    return None
-                if local.shape[0] == 1:
-                    kept = kept[:, local[0].to(kept.device)]
-                else:  # per-row positions: [batch, n_in]
-                    kept = kept.gather(1, local.to(kept.device).unsqueeze(-1).expand(-1, -1, kept.shape[-1]))
-                store.positions[name] = local + offset
-            if to_cpu and kept.device.type != "cpu":
-                kept = kept.to("cpu", non_blocking=True)
-                if value.device.type == "cuda":
-                    event = torch.cuda.Event()
-                    event.record(torch.cuda.current_stream(value.device))
-                    store._pending.append(event)
-            dict.__setitem__(store, name, kept)
-            if keep_history:
-                store._history.setdefault(name, []).append(kept)
-
-        return record
-
     try:
-        with add_hooks(model, {name: make(name) for name in names}):
+        with add_hooks(model, {name: _recorder(store, name, positions, to_cpu, keep_history) for name in names}):
             yield store
     finally:
         store.synchronize()
+
+
+def _recorder(store: Capture, name: str, positions: PositionSpec, to_cpu: bool, keep_history: bool) -> HookFn:
+    """The hook `capture` installs at ``name``: keeps the requested columns of each call in ``store``."""
+
+    def record(value: Tensor, step: Step) -> None:
+        kept = value.detach()
+        if positions is not None:
+            offset = step.offset
+            local = _columns_in_window(positions, offset, kept.shape[1])
+            if local is None:
+                return None
+            if local.shape[0] == 1:
+                kept = kept[:, local[0].to(kept.device)]
+            else:  # per-row positions: [batch, n_in]
+                kept = kept.gather(1, local.to(kept.device).unsqueeze(-1).expand(-1, -1, kept.shape[-1]))
+            store.positions[name] = local + offset
+        if to_cpu and kept.device.type != "cpu":
+            kept = kept.to("cpu", non_blocking=True)
+            if value.device.type == "cuda":
+                event = torch.cuda.Event()
+                event.record(torch.cuda.current_stream(value.device))
+                store._pending.append(event)
+        dict.__setitem__(store, name, kept)
+        if keep_history:
+            store._history.setdefault(name, []).append(kept)
+
+    return record
 
 
 @contextmanager
@@ -304,6 +306,12 @@ def patch(
     """
     if mode not in ("replace", "add"):
         raise ValueError(f"patch mode must be 'replace' or 'add', not {mode!r}")
+    with add_hooks(model, {name: _writer(value, positions, mode, rows)}):
+        yield
+
+
+def _writer(value: Tensor, positions: PositionSpec, mode: Literal["replace", "add"], rows: Tensor | None) -> HookFn:
+    """The hook `patch` installs: writes ``value`` at the absolute ``positions`` this call covers."""
 
     def write(current: Tensor, step: Step) -> Tensor | None:
         batch, seq_len, _ = current.shape
@@ -332,8 +340,7 @@ def patch(
         new[row_index, index[row_index, col_index]] = written
         return new
 
-    with add_hooks(model, {name: write}):
-        yield
+    return write
 
 
 class _Stop:

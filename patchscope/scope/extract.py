@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -10,7 +11,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from patchscope.atlas.atlas import CONTEXT_TOKENS, AtlasEntry
-from patchscope.atlas.batching import Overflow, segment_at
+from patchscope.atlas.batching import Overflow, Segment, segment_at
 from patchscope.model.hooks import capture, stop_after
 from patchscope.model.loading import model_device
 from patchscope.model.sites import site_order
@@ -86,33 +87,15 @@ def extract(
         >>> entry = atlas.entry("blocks.12.mlp.hook_post", neuron)
         >>> ex = extract(model, tokenizer, texts[entry.doc], site="blocks.12.hook_resid_pre", position=entry.position, entry=entry)
     """
-    if entry is not None:
+    if entry is not None:  # the entry names the neuron unless the caller does
         neuron = entry.neuron if neuron is None else neuron
         neuron_site = entry.site if neuron_site is None else neuron_site
-    try:
-        segment, local = segment_at(tokenizer, text, position, max_length, overflow)
-    except IndexError as error:
-        if entry is None:
-            raise
-        raise ReproductionError(
-            f"document {entry.doc} has no position {entry.position}: not the text that was profiled"
-        ) from error
-    ids = torch.tensor([segment.ids], device=model_device(model))
-    names = [site] + ([neuron_site] if neuron_site and neuron_site != site else [])
-    deepest = max(names, key=site_order)
-    with torch.no_grad(), capture(model, names) as cache, stop_after(model, deepest):
-        model(input_ids=ids, use_cache=False)
-    vector = cache[site][0, local]
-    activation = None
-    if neuron is not None and neuron_site is not None:
-        values = cache[neuron_site][0, local]
-        if not 0 <= neuron < values.shape[-1]:
-            raise IndexError(f"neuron {neuron} is out of range: {neuron_site} has neurons 0..{values.shape[-1] - 1}")
-        activation = float(values[neuron])
+    segment, local = _segment_at(tokenizer, text, position, max_length, overflow, entry)
+    cache = _run_segment(model, segment.ids, site, neuron_site)
     token_id = segment.ids[local]
-    lo = max(segment.first_counted, local - CONTEXT_TOKENS)
+    lo = max(segment.first_counted, local - CONTEXT_TOKENS)  # the context starts at the segment's first counted slot
     result = Extraction(
-        vector=vector,
+        vector=cache[site][0, local],
         site=site,
         doc=entry.doc if entry else None,
         position=position,
@@ -121,14 +104,47 @@ def extract(
         context=cast(str, tokenizer.decode(list(segment.ids[lo : local + CONTEXT_TOKENS + 1]))),
         neuron_site=neuron_site,
         neuron=neuron,
-        activation=activation,
+        activation=_neuron_value(cache, local, neuron, neuron_site),
         recorded=entry.activation if entry else None,
         segment_ids=list(segment.ids),
         local_position=local,
     )
     if entry is not None:
-        _check_reproduced(result, entry, vector.dtype)
+        _check_reproduced(result, entry, result.vector.dtype)
     return result
+
+
+def _segment_at(
+    tokenizer: PreTrainedTokenizerBase, text: str, position: int, max_length: int, overflow: Overflow, entry: AtlasEntry | None
+) -> tuple[Segment, int]:
+    """The segment holding ``position`` and the index in it; a missing position of an entry is a `ReproductionError`."""
+    try:
+        return segment_at(tokenizer, text, position, max_length, overflow)
+    except IndexError as error:
+        if entry is None:
+            raise
+        raise ReproductionError(
+            f"document {entry.doc} has no position {entry.position}: not the text that was profiled"
+        ) from error
+
+
+def _run_segment(model: nn.Module, ids: Sequence[int], site: str, neuron_site: str | None) -> dict[str, Tensor]:
+    """``{site: [1, pos, d]}`` for the vector's site and the neuron's, stopping after the deeper one."""
+    names = [site] + ([neuron_site] if neuron_site and neuron_site != site else [])
+    deepest = max(names, key=site_order)
+    with torch.no_grad(), capture(model, names) as cache, stop_after(model, deepest):
+        model(input_ids=torch.tensor([ids], device=model_device(model)), use_cache=False)
+    return cache
+
+
+def _neuron_value(cache: dict[str, Tensor], local: int, neuron: int | None, neuron_site: str | None) -> float | None:
+    """The neuron at index ``local`` of the run, with a clear error when out of range; None without one."""
+    if neuron is None or neuron_site is None:
+        return None
+    values = cache[neuron_site][0, local]  # [d_mlp]
+    if not 0 <= neuron < values.shape[-1]:
+        raise IndexError(f"neuron {neuron} is out of range: {neuron_site} has neurons 0..{values.shape[-1] - 1}")
+    return float(values[neuron])
 
 
 def _check_reproduced(result: Extraction, entry: AtlasEntry, dtype: torch.dtype) -> None:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from transformers import PreTrainedTokenizerBase
 
 from patchscope.atlas.batching import adds_bos
-from patchscope.scope.config import PatchscopeConfig
+
+if TYPE_CHECKING:  # config.py builds on the engine, which plans rows with `PromptPlan`
+    from patchscope.scope.config import PromptSpec
 
 
 class PlaceholderError(ValueError):
@@ -68,15 +70,20 @@ class PromptPlan:
     tokens: list[str] = field(default_factory=list)
 
 
-def plan_prompt(tokenizer: PreTrainedTokenizerBase, config: PatchscopeConfig) -> PromptPlan:
-    """Tokenize the prompt (BOS as the model expects) and fix the patch position; no model needed."""
-    ids = tokenizer(config.prompt).input_ids
-    if config.position is not None:
-        if not 0 <= config.position < len(ids):
-            raise PlaceholderError(f"`position` {config.position} is outside the prompt's {len(ids)} tokens (BOS is 0)")
-        position = config.position
+def plan_prompt(tokenizer: PreTrainedTokenizerBase, config: PromptSpec) -> PromptPlan:
+    """Tokenize the prompt (BOS as the model expects) and fix the patch position; no model needed.
+
+    ``config`` is a `PatchscopeConfig` or a `SweepConfig`: its `PromptSpec.target` gives the text
+    and placeholder (a sweep resolves preset names there).
+    """
+    chosen, explicit = config.target(), config.target_position()
+    ids = tokenizer(chosen.text).input_ids
+    if explicit is not None:
+        if not 0 <= explicit < len(ids):
+            raise PlaceholderError(f"`position` {explicit} is outside the prompt's {len(ids)} tokens (BOS is 0)")
+        position = explicit
     else:
-        position = find_placeholder(tokenizer, config.prompt, config.placeholder)
+        position = find_placeholder(tokenizer, chosen.text, chosen.placeholder)
     if position == 0 and adds_bos(tokenizer):
         raise PlaceholderError("position 0 is BOS; patching it is almost never meant")
     return PromptPlan(ids, position, cast(list[str], tokenizer.convert_ids_to_tokens(ids)))  # a list for a list of ids

@@ -10,24 +10,23 @@ placeholder when ``t <= L``, the neuron's layer; at ``t == L`` that reactivation
 construction (the vector enters the very layer whose MLP is read), so it is flagged, not scored.
 
 Controls, per cell: ``unpatched`` (the same run for every cell), ``random_same_norm`` (one random
-direction per source and source layer, scaled to the vector's norm) and ``corpus_mean`` (the mean
-residual at layer ``s``, when given).
+direction per source token and source layer, scaled to the vector's norm, drawn as
+`patchscope.scope.controls.random_same_norm` says) and ``corpus_mean`` (the mean residual at layer
+``s``, when given).
 
 How it runs, all batched:
 1. `read_sources`: one forward per chunk of source texts captures every source layer at once and
    the source model's next token.
-2. The target prompt before the placeholder is the same in every row, so its KV cache is computed
-   once and repeated over each batch, which then runs only the placeholder and what follows.
-   Rows are sorted by target layer; each row carries its own layer and vector (`patch_rows`).
-3. Optional generation of the first tokens per row: HF ``generate`` with the KV cache, the patch in
-   the prefill only.
+2. Every cell and control becomes a `PatchRow`, sorted by target layer, run by the Patchscope
+   engine (`patchscope.scope.engine.run_rows`): the prompt before the placeholder is run once per
+   batch from a shared KV cache, and each row carries its own layer and vector.
+3. Optional generation of the first tokens per row, by the same engine: HF ``generate`` with the
+   KV cache, the patch in the prefill only.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import inspect
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
@@ -39,14 +38,21 @@ from transformers import PreTrainedTokenizerBase
 
 from patchscope.model.hooks import capture
 from patchscope.model.loading import model_device
-from patchscope.model.row_patch import patch_rows
 from patchscope.model.sites import n_layers, parse_site
-from patchscope.scope.config import PatchscopeConfig
+from patchscope.scope.config import PromptSpec
+from patchscope.scope.controls import (
+    CONTROLS,
+    NO_NEURON,
+    Condition,
+    case_of,
+    check_controls,
+    context_window,
+    random_same_norm,
+    reactivation_ratio,
+)
+from patchscope.scope.engine import Generation, PatchRow, run_rows
 from patchscope.scope.placeholder import PromptPlan, plan_prompt
-from patchscope.scope.prompts import target_prompt
-
-Condition = Literal["patched", "random_same_norm", "corpus_mean", "unpatched"]
-CONTROLS: tuple[str, ...] = ("unpatched", "random_same_norm", "corpus_mean")
+from patchscope.scope.prompts import TargetPrompt, target_prompt
 
 
 def resid_pre(layer: int) -> str:
@@ -54,7 +60,7 @@ def resid_pre(layer: int) -> str:
 
 
 @dataclass(frozen=True)
-class SweepConfig:
+class SweepConfig(PromptSpec):
     """Which layer pairs to sweep, which controls to run, how to batch and generate."""
 
     prompt: str = field(
@@ -86,13 +92,20 @@ class SweepConfig:
     batch_size: int = field(default=128, metadata={"help": "Rows per forward pass."})
     seed: int = field(default=0, metadata={"help": "Seed of the random-vector control."})
 
+    def target(self) -> TargetPrompt:
+        """A preset by name, or the prompt text with its placeholder (`target_prompt`)."""
+        return target_prompt(self.prompt, self.placeholder)
+
+    def generation(self) -> Generation:
+        return Generation(max_new_tokens=self.max_new_tokens, seed=self.seed)  # greedy: the seed changes nothing
+
+    def chosen_controls(self) -> tuple[str, ...]:
+        return self.controls
+
     def validate(self, layers: int | None = None) -> None:
         """Checks that need no model; with ``layers``, also the layer numbers."""
-        unknown = set(self.controls) - set(CONTROLS)
-        if unknown:
-            raise ValueError(f"unknown `controls` {sorted(unknown)}; choose from {', '.join(CONTROLS)}")
-        if self.max_new_tokens < 0:
-            raise ValueError(f"`max_new_tokens` must be 0 or more, got {self.max_new_tokens}")
+        check_controls(self.controls)
+        self.validate_prompt()
         if self.batch_size < 1:
             raise ValueError(f"`batch_size` must be at least 1, got {self.batch_size}")
         if self.pairs not in ("lower", "all", "same"):
@@ -195,33 +208,40 @@ class _Rows:
 
 
 def _build_rows(
-    reading: SourceReading, pairs: list[tuple[int, int]], config: SweepConfig, means: dict[int, Tensor] | None
+    sources: list[Source],
+    reading: SourceReading,
+    pairs: list[tuple[int, int]],
+    config: SweepConfig,
+    means: dict[int, Tensor] | None,
 ) -> _Rows:
-    n_sources, n_read, d_model = reading.vectors.shape
+    n_sources, _, d_model = reading.vectors.shape
     index = {layer: i for i, layer in enumerate(reading.layers)}
     rows = _Rows([], [], [], [], torch.empty(0))
     vectors: list[Tensor] = []
 
-    def add(source: int, s: int, t: int, condition: str, vector: Tensor) -> None:
+    def add(source: int, s: int, t: int, condition: Condition, vector: Tensor) -> None:
         rows.source.append(source)
         rows.source_layer.append(s)
         rows.target_layer.append(t)
-        rows.condition.append(condition)
+        rows.condition.append(condition.value)
         vectors.append(vector)
 
-    generator = torch.Generator().manual_seed(config.seed)
-    directions = torch.randn(n_sources, n_read, d_model, generator=generator)  # one per source and source layer
-    random = directions / directions.norm(dim=-1, keepdim=True) * reading.vectors.norm(dim=-1, keepdim=True)
+    random: dict[tuple[int, int], Tensor] = {}
+    if Condition.RANDOM_SAME_NORM in config.controls:  # one direction per source token and source layer
+        for j, token in enumerate(sources):
+            key = (token.neuron if token.neuron is not None else -1, j, token.position)
+            for layer, i in index.items():
+                random[j, layer] = random_same_norm(reading.vectors[j, i], config.seed, *key, layer)
     for s, t in pairs:
         for source in range(n_sources):
-            add(source, s, t, "patched", reading.vectors[source, index[s]])
-        if "random_same_norm" in config.controls:
+            add(source, s, t, Condition.PATCHED, reading.vectors[source, index[s]])
+        if Condition.RANDOM_SAME_NORM in config.controls:
             for source in range(n_sources):
-                add(source, s, t, "random_same_norm", random[source, index[s]])
-        if "corpus_mean" in config.controls and means is not None and s in means:
-            add(-1, s, t, "corpus_mean", means[s].float().cpu())
-    if "unpatched" in config.controls:
-        add(-1, -1, -1, "unpatched", torch.zeros(d_model))
+                add(source, s, t, Condition.RANDOM_SAME_NORM, random[source, s])
+        if Condition.CORPUS_MEAN in config.controls and means is not None and s in means:
+            add(-1, s, t, Condition.CORPUS_MEAN, means[s].float().cpu())
+    if Condition.UNPATCHED in config.controls:
+        add(-1, -1, -1, Condition.UNPATCHED, torch.zeros(d_model))
     rows.vectors = torch.stack(vectors)
     return rows
 
@@ -236,19 +256,6 @@ class _Outputs:
     generated: list[list[int]] | None
 
 
-def _cache_keyword(model: nn.Module) -> str:
-    """The KV cache argument and output field: ``cache`` in transformers 5.x, ``past_key_values`` in 4.x."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def _expand(cache: Any, batch: int) -> Any:
-    """A copy of a batch-1 KV cache, repeated to ``batch`` rows."""
-    copied = copy.deepcopy(cache)
-    copied.batch_repeat_interleave(batch)
-    return copied
-
-
-@torch.no_grad()
 def _run_rows(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -257,80 +264,36 @@ def _run_rows(
     targets: Tensor,
     *,
     neuron_site: str | None,
-    neurons: Tensor | None,
+    neurons: list[int],
     config: SweepConfig,
 ) -> _Outputs:
-    device = model_device(model)
-    dtype = cast(Any, model).get_input_embeddings().weight.dtype
-    ids = torch.tensor([prompt.input_ids], device=device)  # [1, pos]
-    p = prompt.position
-    keyword = _cache_keyword(model)
-    prefix = getattr(model(input_ids=ids[:, :p], use_cache=True), keyword) if p > 0 else None
-    order = sorted(range(len(rows.condition)), key=lambda i: rows.target_layer[i])  # target-layer groups
-    top1 = torch.empty(len(order), dtype=torch.long)
-    surprisal = torch.empty(len(order), len(targets))
-    read = torch.empty(len(order), len(neurons)) if neurons is not None else None
-    generated: list[list[int]] | None = [[] for _ in order] if config.max_new_tokens > 0 else None
-    for start in range(0, len(order), config.batch_size):
-        chosen = order[start : start + config.batch_size]
-        batch = len(chosen)
-        sites = [resid_pre(rows.target_layer[i]) if rows.target_layer[i] >= 0 else None for i in chosen]
-        vectors = rows.vectors[chosen].to(device, dtype)  # [batch, d_model]
-        positions = torch.full((batch,), p, device=device)
-        suffix = ids[:, p:].expand(batch, -1)
-        mask = torch.ones(batch, ids.shape[1], dtype=torch.long, device=device)
-        with (
-            patch_rows(model, sites, vectors, positions),
-            capture(model, [neuron_site] if neuron_site else [], positions=[p]) as seen,
-        ):
-            logits = model(
-                input_ids=suffix,
-                attention_mask=mask,
-                use_cache=prefix is not None,
-                **{keyword: _expand(prefix, batch) if prefix is not None else None},
-                logits_to_keep=torch.tensor([0], device=device),
-            ).logits[:, 0]  # [batch, vocab]: the prediction at the placeholder
-        logprobs = logits.float().log_softmax(-1)
-        where = torch.tensor(chosen)
-        top1[where] = logprobs.argmax(-1).cpu()
-        surprisal[where] = -logprobs[:, targets.to(logprobs.device)].cpu()
-        if read is not None:
-            # `read` exists only for neuron sources, which bring their site and neurons
-            read[where] = seen[cast(str, neuron_site)][:, 0, cast(Tensor, neurons).to(device)].float().cpu()
-        if generated is not None:
-            tokens = _generate(model, tokenizer, ids.expand(batch, -1), sites, vectors, positions, config.max_new_tokens)
-            for i, row in enumerate(chosen):
-                generated[row] = tokens[i]
-    return _Outputs(top1, surprisal, read, generated)
-
-
-def _generate(
-    model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    ids: Tensor,
-    sites: list[str | None],
-    vectors: Tensor,
-    positions: Tensor,
-    max_new_tokens: int,
-) -> list[list[int]]:
-    """Greedy tokens per row, the patch in the prefill and carried by the KV cache; cut after EOS."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    with patch_rows(model, sites, vectors, positions):
-        output = cast(Any, model).generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=pad,
-            use_cache=True,
+    """Every row through the engine, sorted by target layer so that a batch holds few target sites."""
+    order = sorted(range(len(rows.condition)), key=lambda i: rows.target_layer[i])
+    engine_rows = [
+        PatchRow(
+            rows.vectors[i],
+            resid_pre(rows.target_layer[i]) if rows.target_layer[i] >= 0 else None,
+            prompt,
+            neurons if neuron_site else [],
         )
-    eos = tokenizer.eos_token_id
-    result = []
-    for tokens in output[:, ids.shape[1] :].tolist():
-        if eos in tokens:
-            tokens = tokens[: tokens.index(eos) + 1]
-        result.append(tokens)
-    return result
+        for i in order
+    ]
+    readouts = run_rows(
+        model,
+        tokenizer,
+        engine_rows,
+        neuron_site=neuron_site,
+        scored=targets,
+        generation=config.generation(),
+        batch_size=config.batch_size,
+    )
+    back = [readouts[k] for k in torch.tensor(order, dtype=torch.long).argsort().tolist()]  # to the rows' order
+    return _Outputs(
+        top1=torch.tensor([cast(int, r.top1) for r in back], dtype=torch.long),
+        surprisal=-torch.stack([cast(Tensor, r.logprobs) for r in back]),
+        neurons=torch.stack([cast(Tensor, r.at_placeholder) for r in back]) if neuron_site else None,
+        generated=[cast(list[int], r.generated) for r in back] if config.max_new_tokens > 0 else None,
+    )
 
 
 @dataclass
@@ -419,14 +382,8 @@ def _finite(value: float) -> float | None:
 
 
 def _case(target_layer: int, neuron_layer: int | None) -> str:
-    """What a neuron's reactivation at this target layer can show."""
-    if neuron_layer is None:
-        return "no neuron"
-    if target_layer == neuron_layer:
-        return "same layer: reactivation by construction, not evidence"
-    if target_layer < neuron_layer:
-        return "earlier target layer: reactivation is evidence when above the controls"
-    return "after the neuron: not read"
+    """What a neuron's reactivation at this target layer can show, in words (`Case.description`)."""
+    return NO_NEURON if neuron_layer is None else case_of(target_layer, neuron_layer).description
 
 
 def sweep(
@@ -447,8 +404,47 @@ def sweep(
     layers = n_layers(model)
     config.validate(layers)
     if prompt is None:
-        chosen = target_prompt(config.prompt, config.placeholder)
-        prompt = plan_prompt(tokenizer, PatchscopeConfig(prompt=chosen.text, placeholder=chosen.placeholder))
+        prompt = plan_prompt(tokenizer, config)
+    neuron_site = _check_sources(sources)
+    neuron_layer = parse_site(neuron_site)[0] if neuron_site else None
+    pairs = config.layer_pairs(layers)
+    notes = []
+    if Condition.CORPUS_MEAN in config.controls and (means is None or any(s not in means for s, _ in pairs)):
+        notes.append("corpus_mean control skipped where no mean was given for the source layer")
+    timings: dict[str, float] = {}
+
+    started = time.perf_counter()
+    reading = read_sources(model, sources, sorted({s for s, _ in pairs}), batch_size=min(config.batch_size, 16))
+    timings["read_sources"] = round(time.perf_counter() - started, 3)
+
+    rows = _build_rows(sources, reading, pairs, config, means)
+    neurons = sorted({s.neuron for s in sources if s.neuron is not None})
+    started = time.perf_counter()
+    outputs = _run_rows(
+        model, tokenizer, prompt, rows, reading.predicted, neuron_site=neuron_site, neurons=neurons, config=config
+    )
+    timings["target_runs"] = round(time.perf_counter() - started, 3)
+    timings["rows"] = len(rows.condition)
+
+    table = _table(tokenizer, sources, reading, rows, outputs, pairs, neuron_layer, neurons)
+    return SweepResult(
+        config=config,
+        prompt={
+            "text": tokenizer.decode(prompt.input_ids, skip_special_tokens=True),
+            "tokens": prompt.tokens,
+            "position": prompt.position,
+        },
+        sources=_source_records(tokenizer, sources, reading),
+        pairs=pairs,
+        table=table,
+        neuron_layer=neuron_layer,
+        timings=timings,
+        notes=notes,
+    )
+
+
+def _check_sources(sources: list[Source]) -> str | None:
+    """Refuse sources the sweep cannot run; the one site of the neuron sources, if any."""
     if not sources:
         raise ValueError("no sources to sweep")
     unsited = [s.neuron for s in sources if s.neuron is not None and s.neuron_site is None]
@@ -460,56 +456,29 @@ def sweep(
     for source in sources:
         if not 0 <= source.position < len(source.ids):
             raise IndexError(f"source {source.label!r}: position {source.position} is outside its {len(source.ids)} tokens")
-    neuron_site = next(iter(neuron_sites), None)
-    neuron_layer = parse_site(neuron_site)[0] if neuron_site else None
-    pairs = config.layer_pairs(layers)
-    notes = []
-    if "corpus_mean" in config.controls and (means is None or any(s not in means for s, _ in pairs)):
-        notes.append("corpus_mean control skipped where no mean was given for the source layer")
-    timings: dict[str, float] = {}
+    return next(iter(neuron_sites), None)
 
-    started = time.perf_counter()
-    reading = read_sources(model, sources, sorted({s for s, _ in pairs}), batch_size=min(config.batch_size, 16))
-    timings["read_sources"] = round(time.perf_counter() - started, 3)
 
-    rows = _build_rows(reading, pairs, config, means)
-    unique_neurons = sorted({s.neuron for s in sources if s.neuron is not None})
-    neurons = torch.tensor(unique_neurons) if unique_neurons else None
-    started = time.perf_counter()
-    outputs = _run_rows(
-        model, tokenizer, prompt, rows, reading.predicted, neuron_site=neuron_site, neurons=neurons, config=config
-    )
-    timings["target_runs"] = round(time.perf_counter() - started, 3)
-    timings["rows"] = len(rows.condition)
+def _source_records(tokenizer: PreTrainedTokenizerBase, sources: list[Source], reading: SourceReading) -> list[dict[str, Any]]:
+    return [
+        {
+            "label": s.label,
+            "position": s.position,
+            "token": tokenizer.decode([reading.tokens[i]]),
+            "predicted": int(reading.predicted[i]),
+            "predicted_token": tokenizer.decode([int(reading.predicted[i])]),
+            "context": tokenizer.decode(context_window(s.ids, s.position), skip_special_tokens=True),
+            "neuron_site": s.neuron_site,
+            "neuron": s.neuron,
+            "activation": s.activation,
+        }
+        for i, s in enumerate(sources)
+    ]
 
-    table = _table(tokenizer, sources, reading, rows, outputs, pairs, neuron_layer, unique_neurons)
-    return SweepResult(
-        config=config,
-        prompt={
-            "text": tokenizer.decode(prompt.input_ids, skip_special_tokens=True),
-            "tokens": prompt.tokens,
-            "position": prompt.position,
-        },
-        sources=[
-            {
-                "label": s.label,
-                "position": s.position,
-                "token": tokenizer.decode([reading.tokens[i]]),
-                "predicted": int(reading.predicted[i]),
-                "predicted_token": tokenizer.decode([int(reading.predicted[i])]),
-                "context": tokenizer.decode(s.ids[max(0, s.position - 5) : s.position + 6], skip_special_tokens=True),
-                "neuron_site": s.neuron_site,
-                "neuron": s.neuron,
-                "activation": s.activation,
-            }
-            for i, s in enumerate(sources)
-        ],
-        pairs=pairs,
-        table=table,
-        neuron_layer=neuron_layer,
-        timings=timings,
-        notes=notes,
-    )
+
+_COLUMNS = ["source", "source_layer", "target_layer", "condition", "top1", "top1_token", "hit", "surprisal"]
+_COLUMNS += ["activation", "ratio", "case"]
+_GENERATION_COLUMNS = ["generated", "generated_text", "source_token_in_generation"]
 
 
 def _table(
@@ -527,27 +496,21 @@ def _table(
     Source-independent rows (corpus mean per (s, t), the one unpatched run) are scored against
     every source; the unpatched run repeats in every cell.
     """
-    columns = [
-        "source",
-        "source_layer",
-        "target_layer",
-        "condition",
-        "top1",
-        "top1_token",
-        "hit",
-        "surprisal",
-        "activation",
-        "ratio",
-        "case",
-    ]
-    if outputs.generated is not None:
-        columns += ["generated", "generated_text", "source_token_in_generation"]
+    columns = _COLUMNS + (_GENERATION_COLUMNS if outputs.generated is not None else [])
     table: dict[str, list[Any]] = {name: [] for name in columns}
-    neuron_column = {n: i for i, n in enumerate(unique_neurons)}
-    source_text = [cast(str, tokenizer.decode([t])).strip() for t in reading.tokens]
-    top1 = outputs.top1.tolist()
-    surprisal = outputs.surprisal.tolist()
-    token_text = {k: tokenizer.decode([k]) for k in set(top1)}
+    record = _Recorder(tokenizer, sources, reading, outputs, neuron_layer, unique_neurons, table)
+    find = _row_finder(rows)
+    for s, t in pairs:
+        for condition in dict.fromkeys(rows.condition):
+            for j in range(len(sources)):
+                i = find(j, s, t, condition)
+                if i is not None:
+                    record(i, j, s, t, condition)
+    return table
+
+
+def _row_finder(rows: _Rows):
+    """``find(source, s, t, condition)``: the row that holds that record, or None where none was run."""
     shared = {
         (rows.source_layer[i], rows.target_layer[i], rows.condition[i]): i
         for i in range(len(rows.condition))
@@ -558,46 +521,71 @@ def _table(
         for i in range(len(rows.condition))
         if rows.source[i] >= 0
     }
-    conditions = list(dict.fromkeys(rows.condition))
-    for s, t in pairs:
-        for condition in conditions:
-            for j, source in enumerate(sources):
-                if condition == "unpatched":
-                    i = shared[(-1, -1, "unpatched")]
-                elif (s, t, condition) in shared:
-                    i = shared[(s, t, condition)]
-                elif (j, s, t, condition) in own:
-                    i = own[(j, s, t, condition)]
-                else:
-                    continue
-                activation = ratio = None
-                reads = (
-                    source.neuron is not None
-                    and outputs.neurons is not None
-                    and (condition == "unpatched" or t <= cast(int, neuron_layer))
-                )
-                if reads:
-                    assert outputs.neurons is not None and source.neuron is not None  # checked by `reads`
-                    activation = float(outputs.neurons[i, neuron_column[source.neuron]])
-                    ratio = activation / source.activation if source.activation else None
-                table["source"].append(j)
-                table["source_layer"].append(s)
-                table["target_layer"].append(t)
-                table["condition"].append(condition)
-                table["top1"].append(top1[i])
-                table["top1_token"].append(token_text[top1[i]])
-                table["hit"].append(float(top1[i] == int(reading.predicted[j])))
-                table["surprisal"].append(surprisal[i][j])
-                table["activation"].append(activation)
-                table["ratio"].append(ratio)
-                table["case"].append(_case(t, neuron_layer) if condition != "unpatched" else "unpatched")
-                if outputs.generated is not None:
-                    tokens = outputs.generated[i]
-                    table["generated"].append(tokens)
-                    table["generated_text"].append(tokenizer.decode(tokens, skip_special_tokens=True))
-                    pieces = {cast(str, tokenizer.decode([k])).strip() for k in tokens}
-                    table["source_token_in_generation"].append(float(bool(source_text[j]) and source_text[j] in pieces))
-    return table
+
+    def find(source: int, s: int, t: int, condition: str) -> int | None:
+        if condition == Condition.UNPATCHED:
+            return shared[(-1, -1, condition)]
+        return shared.get((s, t, condition), own.get((source, s, t, condition)))
+
+    return find
+
+
+class _Recorder:
+    """Appends one record of the long table: row ``i`` scored against source ``j`` in cell ``(s, t)``."""
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        sources: list[Source],
+        reading: SourceReading,
+        outputs: _Outputs,
+        neuron_layer: int | None,
+        unique_neurons: list[int],
+        table: dict[str, list[Any]],
+    ) -> None:
+        self.tokenizer, self.sources, self.reading, self.outputs = tokenizer, sources, reading, outputs
+        self.neuron_layer, self.table = neuron_layer, table
+        self.neuron_column = {n: i for i, n in enumerate(unique_neurons)}
+        self.source_text = [cast(str, tokenizer.decode([t])).strip() for t in reading.tokens]
+        self.top1 = outputs.top1.tolist()
+        self.surprisal = outputs.surprisal.tolist()
+        self.token_text = {k: tokenizer.decode([k]) for k in set(self.top1)}
+
+    def __call__(self, i: int, j: int, s: int, t: int, condition: str) -> None:
+        activation, ratio = self._neuron(i, j, t, condition)
+        top1 = self.top1[i]
+        values = {
+            "source": j,
+            "source_layer": s,
+            "target_layer": t,
+            "condition": condition,
+            "top1": top1,
+            "top1_token": self.token_text[top1],
+            "hit": float(top1 == int(self.reading.predicted[j])),
+            "surprisal": self.surprisal[i][j],
+            "activation": activation,
+            "ratio": ratio,
+            "case": _case(t, self.neuron_layer) if condition != Condition.UNPATCHED else Condition.UNPATCHED.value,
+        }
+        if self.outputs.generated is not None:
+            tokens = self.outputs.generated[i]
+            pieces = {cast(str, self.tokenizer.decode([k])).strip() for k in tokens}
+            text = self.source_text[j]
+            values["generated"] = tokens
+            values["generated_text"] = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            values["source_token_in_generation"] = float(bool(text) and text in pieces)
+        for name, value in values.items():
+            self.table[name].append(value)
+
+    def _neuron(self, i: int, j: int, t: int, condition: str) -> tuple[float | None, float | None]:
+        """The source's neuron in row ``i`` and its reactivation ratio; None where it is not read."""
+        source, neurons = self.sources[j], self.outputs.neurons
+        if source.neuron is None or neurons is None:
+            return None, None
+        if condition != Condition.UNPATCHED and t > cast(int, self.neuron_layer):  # a neuron source sets the layer
+            return None, None
+        activation = float(neurons[i, self.neuron_column[source.neuron]])
+        return activation, reactivation_ratio(activation, source.activation)
 
 
 def summary_lines(result: SweepResult) -> list[str]:

@@ -1,4 +1,4 @@
-"""Heatmaps of a sweep over (source layer, target layer), and its files on disk."""
+"""A sweep's files on disk: sweep.json, the long table as sweep.parquet, and PNG heatmaps."""
 
 from __future__ import annotations
 
