@@ -149,3 +149,45 @@ def test_extract_reproduces_atlas_and_catches_slice_offsets(gemma, tmp_path):
     entry = atlas.entry(NEURON_SITE, 0)
     with pytest.raises(ReproductionError):  # the original's bug: an index relative to the slice
         extract(model, tokenizer, rows[entry.doc - 3], site=SITE, position=entry.position, entry=entry, max_length=16)
+
+
+def test_inject_restores_every_generator_and_reseeds_no_gpu(gemma, monkeypatch):
+    from patchscope import Row, inject, plan_prompt
+
+    model, tokenizer = gemma
+    reseeded = []
+    monkeypatch.setattr(
+        torch.cuda, "manual_seed_all", lambda seed: reseeded.append(seed)
+    )  # would change a caller's GPU generator
+    plan = plan_prompt(tokenizer, PatchscopeConfig())
+    rows = [Row("p", 3, torch.randn(64))]
+    torch.manual_seed(123)
+    reseeded.clear()
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    reseeded.clear()
+    first = inject(
+        model,
+        tokenizer,
+        rows,
+        plan,
+        target_site="blocks.1.hook_resid_pre",
+        observe_site=NEURON_SITE,
+        max_new_tokens=4,
+        temperature=1.0,
+        seed=7,
+    )
+    assert torch.equal(torch.rand(3), expected_next)  # the caller's CPU stream goes on as if inject never ran
+    second = inject(
+        model,
+        tokenizer,
+        rows,
+        plan,
+        target_site="blocks.1.hook_resid_pre",
+        observe_site=NEURON_SITE,
+        max_new_tokens=4,
+        temperature=1.0,
+        seed=7,
+    )
+    assert first[0].generated_tokens == second[0].generated_tokens  # the seed decides the sample
+    assert reseeded == []
