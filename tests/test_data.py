@@ -2,9 +2,12 @@ import json
 
 import pandas as pd
 import pytest
+from run_inputs import TEXTS, write_corpus
 
 from patchscope.atlas.sources import DataError, SourceConfig, TextSource, parse_split
+from patchscope.cli.main import main
 
+LAYER = 2
 ROWS = ["alpha text", "", "gamma text", "delta text", "   ", "zeta text"]
 
 
@@ -129,3 +132,39 @@ def test_non_utf8_names_the_file_line_and_fix(tmp_path, kind):
     path.write_bytes("\n".join(rows).encode("latin-1"))
     with pytest.raises(DataError, match=rf"d\.{kind}: line {len(rows)} is not valid UTF-8.*iconv -f latin1 -t utf-8"):
         list(TextSource(SourceConfig(dataset=str(path), split="")))
+
+
+@pytest.mark.parametrize(
+    "dataset, split, column, message",
+    [
+        ("missing.jsonl", "", "text", "no such file"),
+        ("corpus.jsonl", "train[5:2]", "text", "selects no rows"),
+        ("corpus.jsonl", "[500:900]", "text", "no non-empty documents"),
+        ("corpus.jsonl", "", "body", "no column 'body'"),
+    ],
+)
+def test_run_checks_the_data_before_loading_the_model(gemma_dir, tmp_path, monkeypatch, capsys, dataset, split, column, message):
+    write_corpus(tmp_path / "corpus.jsonl", TEXTS)
+    monkeypatch.setattr("patchscope.experiment.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr("patchscope.model.loading.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    out = tmp_path / "out"
+    common = [
+        "--model",
+        str(gemma_dir),
+        "--device",
+        "cpu",
+        "--dataset",
+        str(tmp_path / dataset),
+        "--split",
+        split,
+        "--text-column",
+        column,
+        "--layer",
+        str(LAYER),
+        "--out",
+        str(out),
+    ]
+    assert main(["run", "--sae", "none", *common]) == 2
+    assert message in capsys.readouterr().err and not out.exists()
+    assert main(["profile", *common]) == 2
+    assert message in capsys.readouterr().err and not out.exists()

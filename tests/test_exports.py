@@ -6,13 +6,18 @@ import math
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import run_inputs
 from factories import FIXTURE_CORPUS
+from run_inputs import profile_argv, write_corpus
 
 from patchscope.atlas.atlas import CONTEXT_TOKENS
 from patchscope.atlas.batching import segment_at
 from patchscope.atlas.config import ProfileConfig
 from patchscope.atlas.exports import contexts, decode_all, export_original, export_parquet
 from patchscope.atlas.profiling import profile
+from patchscope.atlas.sources import SourceConfig
+from patchscope.atlas.store import ATLAS_JSON
+from patchscope.cli.main import main
 
 LAYER = 2
 SITE = f"blocks.{LAYER}.mlp.hook_post"
@@ -83,3 +88,46 @@ def test_mapping_equals_the_top_entries(atlas, gemma, tmp_path):
             "context": context,
         }
     assert mapping == expected
+
+
+def test_profile_with_hook_embed_and_export_rebuilds_the_exports(gemma_dir, tmp_path, capsys):
+    data = write_corpus(tmp_path / "c.jsonl", run_inputs.TEXTS)
+    out = tmp_path / "out"
+    argv = profile_argv(gemma_dir, data, out, "--site", "hook_embed", SITE, "--top-k", "2", "--max-length", "16")
+    assert main(argv) == 0, capsys.readouterr().err
+    files = [
+        out / "top_examples_hook_embed.parquet",
+        out / f"top_examples_{SITE}.parquet",
+        out / f"gemma2_neuron_mapping_layer_{LAYER}.json",
+    ]
+    originals = [f.read_bytes() for f in files]
+    for f in files:
+        f.unlink()
+    assert main(["export", str(out), "--format", "mapping"]) == 0
+    assert files[2].read_bytes() == originals[2] and not files[0].exists()
+    assert main(["export", str(out)]) == 0
+    import pandas as pd
+
+    for f, before in zip(files[:2], originals[:2]):
+        assert pd.read_parquet(f).equals(pd.read_parquet(__import__("io").BytesIO(before)))
+    write_corpus(data, run_inputs.TEXTS[::-1])  # the texts behind the atlas are gone
+    assert main(["export", str(out)]) == 2
+    assert "changed" in capsys.readouterr().err
+
+
+def test_export_finishes_an_atlas_whose_run_stopped_before_its_exports(gemma, gemma_dir, tmp_path, capsys):
+    model, tokenizer = gemma
+    data = write_corpus(tmp_path / "c.jsonl", run_inputs.TEXTS)
+    out = tmp_path / "out"
+    profile(
+        model,
+        tokenizer,
+        SourceConfig(dataset=str(data), split=""),
+        ProfileConfig(layer=LAYER, top_k=2, max_length=16),
+        out=out,
+        model_name=str(gemma_dir),
+        progress=False,
+    )
+    (out / ATLAS_JSON).unlink()  # as if killed before the commit marker
+    assert main(["export", str(out)]) == 0
+    assert (out / ATLAS_JSON).exists() and (out / f"gemma2_neuron_mapping_layer_{LAYER}.json").exists()

@@ -158,9 +158,29 @@ def test_no_handles_remain(gemma):
 
 
 def test_stop_forward_does_not_escape(gemma):
+    """`stop_after` and `run_until` end the forward at the site and return to the caller: no StopForward
+    reaches it, no later layer runs, the site holds what the full forward computes there, and no stop stays."""
+    from patchscope import run_until
+
     model, tokenizer = gemma
-    with stop_after(model, "hook_embed"):
-        model(_ids(tokenizer))
+    site, ids = "blocks.1.hook_resid_post", _ids(tokenizer)
+    layers = base_model(model).layers
+    ran = []
+    handles = [layer.register_forward_hook(lambda m, a, o, i=i: ran.append(i)) for i, layer in enumerate(layers)]
+    try:
+        with capture(model, site) as stopped:
+            with stop_after(model, site):
+                model(ids)
+        with capture(model, site) as until:
+            run_until(model, site, input_ids=ids)
+        assert ran == [0, 1, 0, 1]  # both stopped after layer 1, and the caller's code went on
+        full = model(ids, output_hidden_states=True)  # no stop is left behind: every layer runs
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert ran == [0, 1, 0, 1, *range(len(layers))] and full.logits.shape[-1] == model.config.vocab_size
+    torch.testing.assert_close(stopped[site], full.hidden_states[2])  # hidden_states[0] is the embedding
+    torch.testing.assert_close(until[site], full.hidden_states[2])
 
 
 @pytest.mark.parametrize("site, ran", [("hook_embed", 0), ("blocks.1.hook_resid_post", 2), ("blocks.2.mlp.hook_post", 2)])

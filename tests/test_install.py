@@ -83,3 +83,12 @@ def test_without_hf_kernels_the_folder_is_not_importable_as_kernels(tmp_path):
     result = _from_root([sys.executable, "-c", probe])
     assert result.returncode != 0
     assert "ModuleNotFoundError: No module named 'kernels'" in result.stderr
+
+
+def test_every_package_folder_is_installed():
+    """A wheel holds only the packages ``pyproject.toml`` lists: a folder missing there is missing for users."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "patchscope").rglob("__init__.py")}
+    assert folders | {"patchscope.kernels"} == listed

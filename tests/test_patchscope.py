@@ -234,3 +234,45 @@ def test_cases_and_conditions_are_one_enum_each():
     assert [case_of(t, 2) for t in (1, 2, 3)] == [Case.EARLIER_TARGET_LAYER, Case.SAME_LAYER, Case.LATER_TARGET_LAYER]
     assert {c.value for c in Case} == {"same_layer", "earlier_target_layer", "later_target_layer"}
     assert Case.SAME_LAYER.description.startswith("same layer") and "not evidence" in Case.SAME_LAYER.description
+
+
+def test_inject_restores_every_generator_and_reseeds_no_gpu(gemma, monkeypatch):
+    from patchscope import Row, inject, plan_prompt
+
+    model, tokenizer = gemma
+    reseeded = []
+    monkeypatch.setattr(
+        torch.cuda, "manual_seed_all", lambda seed: reseeded.append(seed)
+    )  # would change a caller's GPU generator
+    plan = plan_prompt(tokenizer, PatchscopeConfig())
+    rows = [Row("p", 3, torch.randn(64))]
+    torch.manual_seed(123)
+    reseeded.clear()
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    reseeded.clear()
+    first = inject(
+        model,
+        tokenizer,
+        rows,
+        plan,
+        target_site="blocks.1.hook_resid_pre",
+        observe_site=NEURON_SITE,
+        max_new_tokens=4,
+        temperature=1.0,
+        seed=7,
+    )
+    assert torch.equal(torch.rand(3), expected_next)  # the caller's CPU stream goes on as if inject never ran
+    second = inject(
+        model,
+        tokenizer,
+        rows,
+        plan,
+        target_site="blocks.1.hook_resid_pre",
+        observe_site=NEURON_SITE,
+        max_new_tokens=4,
+        temperature=1.0,
+        seed=7,
+    )
+    assert first[0].generated_tokens == second[0].generated_tokens  # the seed decides the sample
+    assert reseeded == []

@@ -24,6 +24,11 @@ def test_bad_numbers_are_refused(changes, message):
         ProfileConfig(**changes).validate()
 
 
+def test_an_unknown_reduction_is_refused_naming_the_choices():
+    with pytest.raises(ValueError, match=r"`reduction` must be one of auto, one_pass, separate, triton, inductor; got 'fast'"):
+        ProfileConfig(reduction="fast").validate()  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize(
     "argv, flag", [(["--sort-buffer", "0"], "--sort-buffer"), (["--checkpoint-every", "-1"], "--checkpoint-every")]
 )

@@ -1,5 +1,6 @@
 """The batched atlas against a one-document-at-a-time brute force, plus storage and resume."""
 
+import dataclasses
 import json
 from contextlib import contextmanager
 
@@ -365,3 +366,26 @@ def test_finished_or_interrupted_work_is_never_overwritten(gemma, tmp_path):
     with pytest.raises(FileExistsError, match="pass `resume`"):
         profile(model, tokenizer, CORPUS, config, out=tmp_path / "cut", progress=False)
     assert (tmp_path / "cut" / CHECKPOINT).read_bytes() == b"hours of work"
+
+
+@pytest.mark.parametrize("reduction", ["one_pass", "separate", "inductor"])
+def test_every_reduction_gives_the_atlas_auto_gives(gemma, reduction):
+    """`ProfileConfig.reduction` picks the kernels, never the result: the same atlas as ``auto``, tensor by tensor."""
+    model, tokenizer = gemma
+    config = ProfileConfig(layer=LAYER, top_k=3, max_length=16, batch_tokens=64)
+    want = profile(model, tokenizer, CORPUS, config, progress=False).tensors()
+    got = profile(model, tokenizer, CORPUS, dataclasses.replace(config, reduction=reduction), progress=False).tensors()
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_a_reduction_the_device_cannot_run_is_refused(gemma):
+    from patchscope.atlas.engine import Profiler, _resolve_reduction
+
+    model, _ = gemma
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="the `triton` reduction runs on CUDA devices only"):
+            Profiler(model, ProfileConfig(layer=LAYER, reduction="triton"))
+    with pytest.raises(ValueError, match="the `one_pass` reduction runs on the CPU only"):
+        _resolve_reduction(ProfileConfig(reduction="one_pass"), torch.device("cuda"))

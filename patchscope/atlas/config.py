@@ -7,10 +7,14 @@ import os
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import torch
 
 from patchscope.atlas.batching import Overflow
+
+Reduction = Literal["auto", "one_pass", "separate", "triton", "inductor"]
+"""How the profiler reduces each batch to its statistics; every choice gives the same atlas."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,16 @@ class ProfileConfig:
             "Whether it is faster depends on the machine: see benchmarks/RESULTS.md."
         },
     )
+    reduction: Reduction = field(
+        default="auto",
+        metadata={
+            "help": "How each batch is reduced to its statistics; all give the same atlas, at different speeds "
+            "(benchmarks/RESULTS.md). auto: one_pass on the CPU, triton on a CUDA GPU where Triton imports, inductor "
+            "under --compile on a GPU, else separate. one_pass: one CPU pass over the batch (patchscope.kernels.cpu_pass; "
+            "CPU only). separate: the plain-torch kernels, one per statistic. triton: the fused Triton kernel (CUDA only). "
+            "inductor: the fused reduction under torch.compile."
+        },
+    )
     bottom_k: int = field(default=20, metadata={"help": "Most negative examples kept per neuron (0: none)."})
     histogram: bool = field(
         default=True,
@@ -89,6 +103,8 @@ class ProfileConfig:
             raise ValueError(f"`sort_buffer` must be at least 1 document, got {self.sort_buffer}")
         if self.checkpoint_every < 0:
             raise ValueError(f"`checkpoint_every` must be 0 (never) or a number of batches, got {self.checkpoint_every}")
+        if self.reduction not in get_args(Reduction):
+            raise ValueError(f"`reduction` must be one of {', '.join(get_args(Reduction))}; got {self.reduction!r}")
 
     def atlas_bytes(self, widths: Mapping[str, int]) -> int:
         """Bytes of the top-k state for sites of these widths (a float32 value and three int64 indices per slot)."""

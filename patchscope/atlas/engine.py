@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from contextlib import nullcontext
-from typing import cast
+from typing import Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -37,6 +37,25 @@ MERGE_EVERY = 4
 
 def _is_oom(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def _resolve_reduction(config: ProfileConfig, device: torch.device) -> tuple[Literal["eager", "inductor", "triton"], bool]:
+    """`config.reduction` as the `batch_stats` backend, and whether a CPU batch takes the one `cpu_pass`.
+
+    ``auto`` keeps the measured choice: the one pass on the CPU (faster there than the compiled
+    reduction: benchmarks/RESULTS.md, "Reaching the floor"), inductor under --compile off the CPU,
+    else Triton on CUDA where it imports, else the separate eager kernels.
+    """
+    choice = config.reduction
+    if choice == "auto":
+        return resolve_backend("inductor" if config.compile and device.type != "cpu" else "auto", device), True
+    if choice == "one_pass":
+        if device.type != "cpu":
+            raise ValueError(f"the `one_pass` reduction runs on the CPU only; the model is on {device}")
+        return "eager", True
+    if choice == "separate":
+        return "eager", False
+    return resolve_backend(choice, device), True
 
 
 class Profiler:
@@ -66,8 +85,7 @@ class Profiler:
         # --compile: the layers before the first site run compiled, and off the CPU so does the fused reduction
         # (on the CPU `cpu_pass` measured faster than the compiled pass: benchmarks/RESULTS.md, "Reaching the floor")
         self._compiled = CompiledLayers(model, min(ref.layer for ref in refs)) if config.compile else None
-        self._reduction = resolve_backend("inductor" if config.compile and self.device.type != "cpu" else "auto", self.device)
-        self._one_pass = True  # on the CPU; benchmarks turn it off to time the separate kernels
+        self._reduction, self._one_pass = _resolve_reduction(config, self.device)
 
     def _empty_site(self, n: int) -> SiteAtlas:
         config, device = self.config, self.device

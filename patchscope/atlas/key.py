@@ -7,7 +7,7 @@ that mean the same thing can never be told apart in one place and not in another
 - an unset split, ``""``, ``"[0:]"`` and ``"train"`` all read every row of the default split;
 - ``--layer 3`` and ``--site blocks.3.mlp.hook_post`` profile the same site, in any order;
 - a local file or folder is known by its content, so ``data.jsonl`` and ``./data.jsonl`` agree;
-- ``streaming`` and ``checkpoint_every`` change how a run reads and saves, not what it measures.
+- ``streaming``, ``checkpoint_every`` and ``reduction`` change how a run reads, reduces and saves, not what it measures.
 """
 
 from __future__ import annotations
@@ -92,7 +92,9 @@ class RunKey:
     def of(cls, model_name: str, source: SourceConfig | None, config: ProfileConfig, dtype: str, inputs: Inputs) -> RunKey:
         """The key of a run about to happen (``dtype`` as resolved, e.g. ``float32``)."""
         settings = dataclasses.asdict(config)
-        for how in ("checkpoint_every", "layer", "sites"):  # `layer` and `sites` are folded into `site_names`
+        # `layer` and `sites` are folded into `site_names`; the reductions give the same atlas bit for bit
+        # (tests/test_profiler.py), so the one chosen, like how often to checkpoint, is no part of the run
+        for how in ("checkpoint_every", "reduction", "layer", "sites"):
             settings.pop(how)
         settings["sites"] = sorted(config.site_names())
         reading = {

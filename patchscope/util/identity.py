@@ -40,6 +40,11 @@ def sha256_file(path: str | Path) -> str:
     return _HASHED[key]
 
 
+def forget_hashes() -> None:
+    """Forget every file hash this process computed, so the next check reads each file again, as a new process does."""
+    _HASHED.clear()
+
+
 def file_identity(path: str | Path) -> Identity:
     path = Path(path)
     return {"kind": "file", "size": path.stat().st_size, "sha256": sha256_file(path)}
