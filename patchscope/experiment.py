@@ -37,13 +37,15 @@ from patchscope.model.loading import (
 )
 from patchscope.model.sites import parse_site
 from patchscope.report.run_report import write_run_report
-from patchscope.sae.attribution import attribute_neuron
-from patchscope.sae.jumprelu import JumpReLUSAE, check_for_model, check_site, top_features
+from patchscope.sae.attribution import FeatureContribution, attribute_neuron
+from patchscope.sae.jumprelu import FeatureHit, JumpReLUSAE, check_for_model, check_site, top_features
 from patchscope.sae.loaders import load_sae, sae_spec_for_site
 from patchscope.scope.config import PatchscopeConfig
 from patchscope.scope.extract import Extraction, extract
+from patchscope.scope.inject import Observation
 from patchscope.scope.placeholder import PromptPlan, plan_prompt
-from patchscope.scope.readout import NeuronTarget, read_neurons
+from patchscope.scope.readout import NeuronReadout, NeuronTarget, read_neurons
+from patchscope.scope.verdict import DecodeRelatedness
 from patchscope.util.lock import output_lock
 from patchscope.util.signals import Interrupted
 from patchscope.util.storage import check_writable, write_json
@@ -101,18 +103,88 @@ class ExperimentConfig:
 
 
 @dataclass
+class SourceToken:
+    """Where a neuron fired most, and the vector read there."""
+
+    doc: int
+    """Absolute row index of the document."""
+    position: int
+    """Position in the document (BOS = 0)."""
+    token: str
+    context: str
+    """The text around the token (+-5 tokens)."""
+    site: str
+    """Where the vector was read (the source site)."""
+    recomputed_activation: float | None
+    """The neuron at the token when the document is run again: the atlas value, reproduced."""
+    vector_norm: float
+
+
+@dataclass
+class SAEResult:
+    """What the SAE says about the vector, and which of its features drive the neuron."""
+
+    sae: str
+    sae_site: str | None
+    """The site the SAE was trained on (None: not recorded)."""
+    l0: int
+    relative_error: float
+    cosine: float
+    top_features: list[FeatureHit]
+    warnings: list[str]
+    features_driving_neuron: list[FeatureContribution]
+
+
+@dataclass
 class NeuronResult:
+    """One studied neuron: its strongest token, the SAE read-out, the Patchscope run and what it shows."""
+
     neuron: int
     max_activation: float
-    source: dict[str, Any]
-    sae: dict[str, Any] | None
-    patched: dict[str, Any]
-    controls: dict[str, dict[str, Any]]
+    source: SourceToken
+    sae: SAEResult | None
+    patched: Observation
+    controls: dict[str, Observation]
+    """By control name, in the order they ran."""
     verdict: str
-    case: str = ""
+    case: str
     """What the reactivation can show: same_layer (by construction), earlier_target_layer (evidence) or later_target_layer."""
-    decode: dict[str, Any] = field(default_factory=dict)
+    decode: DecodeRelatedness
     """Decode relatedness: the generated tokens' overlap with the source context, patched against the random control."""
+
+
+@dataclass
+class PromptRecord:
+    """The target prompt and where the vector is written."""
+
+    text: str
+    tokens: list[str]
+    position: int
+    token: str
+
+
+@dataclass
+class AtlasRecord:
+    """The atlas a run used: where it is, whether it was reused, and what made it."""
+
+    path: str
+    reused: bool
+    n_tokens: int
+    meta: AtlasMeta
+
+    def to_json(self) -> dict[str, Any]:
+        meta = self.meta
+        return {
+            "path": self.path,
+            "reused": self.reused,
+            "n_tokens": self.n_tokens,
+            "n_documents": meta.n_documents,
+            **dataclasses.asdict(meta.provenance),
+            "fingerprint": meta.fingerprint,
+            "identity": meta.inputs.to_json(),
+            "source": dataclasses.asdict(meta.source) if meta.source else None,
+            "rows_read": list(meta.rows_read) if meta.rows_read else None,
+        }
 
 
 @dataclass
@@ -120,22 +192,22 @@ class ExperimentResult:
     """What `run_experiment` found; ``summary()`` reads it as text, ``to_json()`` is ``results.json``.
 
     Attributes:
-        config: the `ExperimentConfig` as plain data.
+        config: the `ExperimentConfig` of the run.
         prompt: the target prompt, its tokens and the patched position.
         neurons: one `NeuronResult` per studied neuron: its top example, SAE read-out, patched
             activation, controls and verdict.
         timings: seconds per phase (load_model, profile, extract, sae, patchscope).
         versions: library versions of the run.
-        atlas: where the atlas is, whether it was reused, and its size.
+        atlas: where the atlas is, whether it was reused, and what made it.
         notes: remarks on how the run went.
     """
 
-    config: dict[str, Any]
-    prompt: dict[str, Any]
+    config: ExperimentConfig
+    prompt: PromptRecord
     neurons: list[NeuronResult]
     timings: dict[str, float]
     versions: dict[str, str]
-    atlas: dict[str, Any]
+    atlas: AtlasRecord
     notes: list[str] = field(default_factory=list)
     key: str = ""
     """The run's settings as resolved (`_results_key`): a later run with the same key writes the same results file."""
@@ -144,7 +216,18 @@ class ExperimentResult:
     ``results.json`` holds a run with other settings (earlier results are never overwritten)."""
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """``results.json``: plain data, the atlas's record flattened."""
+        return {
+            "config": dataclasses.asdict(self.config),
+            "prompt": dataclasses.asdict(self.prompt),
+            "neurons": [dataclasses.asdict(n) for n in self.neurons],
+            "timings": self.timings,
+            "versions": self.versions,
+            "atlas": self.atlas.to_json(),
+            "notes": self.notes,
+            "key": self.key,
+            "results_file": self.results_file,
+        }
 
     def summary(self) -> str:
         """The readable report: the original's "Experiment Results" block, plus the controls."""
@@ -296,10 +379,10 @@ def _extract_top(model, tokenizer, config: ExperimentConfig, atlas: Atlas) -> tu
 
 def _read_with_sae(
     model, config: ExperimentConfig, sae: JumpReLUSAE, entries: list[AtlasEntry], extractions: list[Extraction]
-) -> list[dict[str, Any] | None]:
+) -> list[SAEResult | None]:
     """Each vector's SAE features, and the features that drive its neuron."""
     sae = sae.to(extractions[0].vector.device)
-    results: list[dict[str, Any] | None] = []
+    results: list[SAEResult | None] = []
     for entry, ex in zip(entries, extractions):
         readout = top_features(sae, ex.vector, config.sae_top_k, position=ex.position)
         attribution = attribute_neuron(
@@ -313,30 +396,20 @@ def _read_with_sae(
             neuron_site=config.neuron_site,
             allow_site_mismatch=config.allow_site_mismatch,
         )
+        features = attribution.features[: config.sae_top_k]
         results.append(
-            {
-                "sae": sae.info.source,
-                "sae_site": sae.info.site,
-                "l0": readout.l0,
-                "relative_error": readout.relative_error,
-                "cosine": readout.cosine,
-                "top_features": [dataclasses.asdict(f) for f in readout.features],
-                "warnings": readout.warnings,
-                "features_driving_neuron": [dataclasses.asdict(f) for f in attribution.features[: config.sae_top_k]],
-            }
+            SAEResult(
+                sae.info.source,
+                sae.info.site,
+                readout.l0,
+                readout.relative_error,
+                readout.cosine,
+                readout.features,
+                readout.warnings,
+                features,
+            )
         )
     return results
-
-
-def _atlas_record(meta: AtlasMeta) -> dict[str, Any]:
-    """The atlas's provenance, as results.json lists it."""
-    return {
-        **dataclasses.asdict(meta.provenance),
-        "fingerprint": meta.fingerprint,
-        "identity": meta.inputs.to_json(),
-        "source": dataclasses.asdict(meta.source) if meta.source else None,
-        "rows_read": list(meta.rows_read) if meta.rows_read else None,
-    }
 
 
 def _results_key(config: ExperimentConfig, folder: Plan) -> str:
@@ -389,7 +462,6 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True) -> Experi
 
 
 def _run_locked(config: ExperimentConfig, checked: _Checked, timer: _Timer, progress: bool) -> ExperimentResult:
-    prompt, sae, out = checked.prompt, checked.sae, checked.out
     notes = [checked.sae_note]
     with timer.phase("load_model"):
         model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
@@ -398,121 +470,120 @@ def _run_locked(config: ExperimentConfig, checked: _Checked, timer: _Timer, prog
     notes.append("atlas reused from `out`" if reused else "atlas profiled in this run")
     with timer.phase("extract"):
         entries, extractions = _extract_top(model, tokenizer, config, atlas)
-    sae_results: list[dict[str, Any] | None] = [None] * len(entries)
-    if sae is not None:
+    sae_results: list[SAEResult | None] = [None] * len(entries)
+    if checked.sae is not None:
         with timer.phase("sae"):
-            sae_results = _read_with_sae(model, config, sae, entries, extractions)
-
+            sae_results = _read_with_sae(model, config, checked.sae, entries, extractions)
     mean, mean_note = _corpus_mean(model, tokenizer, config, atlas, timer, progress)
     notes += [mean_note] if mean_note else []
     with timer.phase("patchscope"):
-        readouts = read_neurons(
-            model,
-            tokenizer,
-            prompt,
-            [
-                NeuronTarget(e.neuron, e.activation, ex.vector, ex.segment_ids, ex.local_position, key=(e.doc, e.position))
-                for e, ex in zip(entries, extractions)
-            ],
-            target_site=config.target_site,
-            neuron_site=config.neuron_site,
-            config=config.patchscope,
-            mean=mean,
-        )
-
-    results = [
-        NeuronResult(
-            neuron=entry.neuron,
-            max_activation=entry.activation,
-            source={
-                "doc": entry.doc,
-                "position": entry.position,
-                "token": ex.token,
-                "context": ex.context,
-                "site": config.source_site,
-                "recomputed_activation": ex.activation,
-                "vector_norm": float(ex.vector.float().norm()),
-            },
-            sae=sae_results[i],
-            patched=dataclasses.asdict(readout.patched),
-            controls={k: dataclasses.asdict(v) for k, v in readout.controls.items()},
-            verdict=readout.verdict,
-            case=readout.case.value,
-            decode=dataclasses.asdict(readout.decode),
-        )
-        for i, (entry, ex, readout) in enumerate(zip(entries, extractions, readouts))
-    ]
+        readouts = _patchscope(model, tokenizer, config, checked.prompt, entries, extractions, mean)
     result = ExperimentResult(
-        config=_jsonable(config),
-        prompt={
-            "text": config.patchscope.prompt,
-            "tokens": prompt.tokens,
-            "position": prompt.position,
-            "token": prompt.tokens[prompt.position],
-        },
-        neurons=results,
+        config=config,
+        prompt=PromptRecord(
+            config.patchscope.prompt,
+            checked.prompt.tokens,
+            checked.prompt.position,
+            checked.prompt.tokens[checked.prompt.position],
+        ),
+        neurons=[_neuron_result(config, *parts) for parts in zip(entries, extractions, sae_results, readouts)],
         timings=timer.phases,
         versions=versions(),
-        atlas={
-            "path": str(out),
-            "reused": reused,
-            "n_tokens": atlas.n_tokens,
-            "n_documents": atlas.meta.n_documents,
-            **_atlas_record(atlas.meta),
-        },
+        atlas=AtlasRecord(str(checked.out), reused, atlas.n_tokens, atlas.meta),
         notes=notes,
         key=_results_key(config, checked.folder),
     )
+    _write_results(result, checked.out, model, tokenizer)
+    return result
+
+
+def _patchscope(
+    model, tokenizer, config: ExperimentConfig, prompt: PromptPlan, entries: list[AtlasEntry], extractions: list[Extraction], mean
+) -> list[NeuronReadout]:
+    """Every neuron's vector written into the prompt, with its controls, in one batched run."""
+    targets = [
+        NeuronTarget(e.neuron, e.activation, ex.vector, ex.segment_ids, ex.local_position, key=(e.doc, e.position))
+        for e, ex in zip(entries, extractions)
+    ]
+    return read_neurons(
+        model,
+        tokenizer,
+        prompt,
+        targets,
+        target_site=config.target_site,
+        neuron_site=config.neuron_site,
+        config=config.patchscope,
+        mean=mean,
+    )
+
+
+def _neuron_result(
+    config: ExperimentConfig, entry: AtlasEntry, ex: Extraction, sae: SAEResult | None, readout: NeuronReadout
+) -> NeuronResult:
+    source = SourceToken(
+        entry.doc, entry.position, ex.token, ex.context, config.source_site, ex.activation, float(ex.vector.float().norm())
+    )
+    return NeuronResult(
+        neuron=entry.neuron,
+        max_activation=entry.activation,
+        source=source,
+        sae=sae,
+        patched=readout.patched,
+        controls=readout.controls,
+        verdict=readout.verdict,
+        case=readout.case.value,
+        decode=readout.decode,
+    )
+
+
+def _write_results(result: ExperimentResult, out: Path, model, tokenizer) -> None:
+    """``results.json`` (or ``results-<key>.json`` beside another run's) and its ``report.html``."""
     path = _results_path(out, result.key)
     result.results_file = str(path)
     if path.name != RESULTS:
         result.notes.append(f"{out / RESULTS} holds a run with other settings; this run's results are in {path.name}")
-    write_json(path, result.to_json())
-    write_run_report(result.to_json(), path.with_name(path.stem.replace("results", "report", 1) + ".html"), model, tokenizer)
-    return result
+    data = result.to_json()
+    write_json(path, data)
+    write_run_report(data, path.with_name(path.stem.replace("results", "report", 1) + ".html"), model, tokenizer)
 
 
-def _jsonable(config: ExperimentConfig) -> dict[str, Any]:
-    return dataclasses.asdict(config)
-
-
-def _rows(rows: list[int] | None) -> str:
+def _rows(rows: tuple[int, int] | None) -> str:
     return f" rows {rows[0]}-{rows[1]}" if rows else ""
 
 
 def format_summary(result: ExperimentResult) -> str:
     """The original's "Experiment Results" block, plus the controls."""
-    cfg = result.config
+    cfg, meta, prompt = result.config, result.atlas.meta, result.prompt
     lines = [
         "=== Experiment Results ===",
-        f"model {cfg['model']}   layer {cfg['profile']['layer']}   data {cfg['source']['dataset']}{_rows(result.atlas.get('rows_read'))}"
-        f"   {result.atlas['n_documents']} documents, {result.atlas['n_tokens']} tokens",
-        f"prompt {result.prompt['text']!r}: vector written at position {result.prompt['position']} ({result.prompt['token']!r})",
+        f"model {cfg.model}   layer {cfg.profile.layer}   data {cfg.source.dataset}{_rows(meta.rows_read)}"
+        f"   {meta.n_documents} documents, {result.atlas.n_tokens} tokens",
+        f"prompt {prompt.text!r}: vector written at position {prompt.position} ({prompt.token!r})",
     ]
     for n in result.neurons:
-        src = n.source
-        lines += [
-            "",
-            f"neuron {n.neuron}: max activation {n.max_activation:.4f} on {src['token']!r} (document {src['doc']}, position {src['position']})",
-            f"  context: {src['context']!r}",
-        ]
-        if n.sae:
-            feats = ", ".join(f"{f['index']} ({f['activation']:.2f})" for f in n.sae["top_features"][:5])
-            lines.append(f"  SAE: L0 {n.sae['l0']}, rel. error {n.sae['relative_error']:.3f}, top features {feats}")
-            if n.sae["features_driving_neuron"]:
-                drivers = ", ".join(f"{f['index']} ({f['contribution']:+.3f})" for f in n.sae["features_driving_neuron"][:5])
-                lines.append(f"  features driving the neuron: {drivers}")
-            lines += [f"  ! {w}" for w in n.sae["warnings"]]
-        p = n.patched
-        ratio = f"{p['ratio']:.3f}" if p["ratio"] is not None else "n/a"
-        lines.append(f"  patched activation at placeholder: {p['at_placeholder']:.4f}   reactivation ratio {ratio}")
-        for name, c in n.controls.items():
-            lines.append(f"    control {name:17s} {c['at_placeholder']:.4f}")
-        verdict, _, decode = n.verdict.partition("; ")
-        lines.append(f"  verdict: {verdict}")
-        lines.append(f"  decode: {decode}")
-        lines.append(f"  generated: {p['generated_text']!r}")
+        lines += ["", *_neuron_lines(n)]
     lines.append("")
     lines.append("timings (s): " + ", ".join(f"{k} {v}" for k, v in result.timings.items()))
     lines += [f"note: {note}" for note in result.notes]
     return "\n".join(lines)
+
+
+def _neuron_lines(n: NeuronResult) -> list[str]:
+    src, p = n.source, n.patched
+    lines = [
+        f"neuron {n.neuron}: max activation {n.max_activation:.4f} on {src.token!r} (document {src.doc}, position {src.position})",
+        f"  context: {src.context!r}",
+    ]
+    if n.sae:
+        feats = ", ".join(f"{f.index} ({f.activation:.2f})" for f in n.sae.top_features[:5])
+        lines.append(f"  SAE: L0 {n.sae.l0}, rel. error {n.sae.relative_error:.3f}, top features {feats}")
+        if n.sae.features_driving_neuron:
+            drivers = ", ".join(f"{f.index} ({f.contribution:+.3f})" for f in n.sae.features_driving_neuron[:5])
+            lines.append(f"  features driving the neuron: {drivers}")
+        lines += [f"  ! {w}" for w in n.sae.warnings]
+    ratio = f"{p.ratio:.3f}" if p.ratio is not None else "n/a"
+    lines.append(f"  patched activation at placeholder: {p.at_placeholder:.4f}   reactivation ratio {ratio}")
+    lines += [f"    control {name:17s} {c.at_placeholder:.4f}" for name, c in n.controls.items()]
+    verdict, _, decode = n.verdict.partition("; ")
+    lines += [f"  verdict: {verdict}", f"  decode: {decode}", f"  generated: {p.generated_text!r}"]
+    return lines

@@ -118,7 +118,7 @@ def test_run_reuses_an_atlas_made_by_profile_and_recomputes_only_the_corpus_mean
     before = (out / ATLAS_TENSORS).read_bytes()
     reused = run_experiment(_config(gemma_dir, corpus, out), progress=False)
     fresh = run_experiment(_config(gemma_dir, corpus, tmp_path / "fresh"), progress=False)
-    assert reused.atlas["reused"] is True and "profile" not in reused.timings and "corpus_mean" in reused.timings
+    assert reused.atlas.reused is True and "profile" not in reused.timings and "corpus_mean" in reused.timings
     assert any("corpus mean was computed in this run" in note for note in reused.notes)
     assert (out / ATLAS_TENSORS).read_bytes() == before
     (mine,), (theirs,) = reused.neurons, fresh.neurons
@@ -126,7 +126,7 @@ def test_run_reuses_an_atlas_made_by_profile_and_recomputes_only_the_corpus_mean
     for label in ("patched", "corpus_mean"):
         ours = mine.patched if label == "patched" else mine.controls[label]
         want = theirs.patched if label == "patched" else theirs.controls[label]
-        assert ours["at_placeholder"] == pytest.approx(want["at_placeholder"], abs=1e-4)
+        assert ours.at_placeholder == pytest.approx(want.at_placeholder, abs=1e-4)
 
 
 def test_run_names_exactly_what_a_reused_atlas_lacks(gemma, gemma_dir, tmp_path, monkeypatch):

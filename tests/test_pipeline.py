@@ -163,19 +163,19 @@ def test_explicit_neuron_and_cross_layer_patch(gemma, gemma_dir, corpus, tmp_pat
     )
     result = run_experiment(config, progress=False)
     (record,) = result.neurons
-    assert record.neuron == 12 and record.controls == {} and len(record.patched["generated_tokens"]) <= 3
+    assert record.neuron == 12 and record.controls == {} and len(record.patched.generated_tokens) <= 3
     # recompute with plain hooks: the source vector from the document, written at layer 1, read at layer 2
     model, tokenizer = gemma
     source_site, neuron_site = f"blocks.{LAYER}.hook_resid_pre", f"blocks.{LAYER}.mlp.hook_post"
-    doc_ids = tokenizer((FIXTURE_CORPUS * 2)[record.source["doc"]], return_tensors="pt").input_ids[:, :16]
+    doc_ids = tokenizer((FIXTURE_CORPUS * 2)[record.source.doc], return_tensors="pt").input_ids[:, :16]
     with capture(model, source_site) as source:
         model(doc_ids)
-    vector = source[source_site][0, record.source["position"]]
+    vector = source[source_site][0, record.source.position]
     prompt_ids = tokenizer(PatchscopeConfig().prompt, return_tensors="pt").input_ids
-    position = result.prompt["position"]
+    position = result.prompt.position
     with patch(model, "blocks.1.hook_resid_pre", vector, positions=[position]), capture(model, neuron_site) as target:
         model(prompt_ids)
-    assert record.patched["at_placeholder"] == pytest.approx(float(target[neuron_site][0, position, 12]), abs=1e-4)
+    assert record.patched.at_placeholder == pytest.approx(float(target[neuron_site][0, position, 12]), abs=1e-4)
 
 
 def test_result_summary_is_the_text_report(gemma_dir, corpus, tmp_path):
@@ -215,13 +215,13 @@ def test_run_verdict_names_the_case_and_never_sells_same_layer_reactivation(gemm
     (record,) = same.neurons
     assert record.case == "same_layer" and "by construction and is not evidence" in record.verdict
     assert "above every control" not in record.verdict.split("holds by construction")[1]
-    generated, random = record.patched["generated_tokens"], record.controls["random_same_norm"]["generated_tokens"]
-    assert record.decode["same_as_unpatched"] == (generated == record.controls["unpatched"]["generated_tokens"])
-    ids = tokenizer(FIXTURE_CORPUS[record.source["doc"]]).input_ids[:16]
-    position = record.source["position"]
+    generated, random = record.patched.generated_tokens, record.controls["random_same_norm"].generated_tokens
+    assert record.decode.same_as_unpatched == (generated == record.controls["unpatched"].generated_tokens)
+    ids = tokenizer(FIXTURE_CORPUS[record.source.doc]).input_ids[:16]
+    position = record.source.position
     context = set(ids[max(0, position - 5) : position + 6])  # the source token and 5 tokens either side
-    assert record.decode["patched"] == pytest.approx(len(set(generated) & context) / len(set(generated)))
-    assert record.decode["random_same_norm"] == pytest.approx(len(set(random) & context) / len(set(random)))
+    assert record.decode.patched == pytest.approx(len(set(generated) & context) / len(set(generated)))
+    assert record.decode.random_same_norm == pytest.approx(len(set(random) & context) / len(set(random)))
     assert "decode:" in format_summary(same)
     earlier = run("blocks.1.hook_resid_pre", "earlier").neurons[0]
     assert earlier.case == "earlier_target_layer" and "by construction" not in earlier.verdict
