@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from patchscope.atlas.config import ProfileConfig
 from patchscope.atlas.engine import Profiler
+from patchscope.atlas.profile_config import ProfileConfig
 from patchscope.kernels.bottomk import bottomk_candidates
 from patchscope.kernels.histogram import batch_histogram
 from patchscope.kernels.quantiles import batch_quantiles

@@ -78,7 +78,7 @@ def stopwatch(owner: object, name: str, spent: list[float]) -> Iterator[None]:
 def measure(args: argparse.Namespace) -> dict:
     from patchscope.atlas import profiling as run_module
     from patchscope.atlas.batching import collate, plan
-    from patchscope.atlas.config import ProfileConfig
+    from patchscope.atlas.profile_config import ProfileConfig
     from patchscope.atlas.sources import SourceConfig, TextSource
     from patchscope.cli.main import main as cli
     from patchscope.model import gguf, loading

@@ -21,8 +21,8 @@ from typing import cast
 
 import torch
 
-from patchscope.atlas.config import ProfileConfig, Reduction
 from patchscope.atlas.engine import Profiler
+from patchscope.atlas.profile_config import ProfileConfig, Reduction
 from patchscope.util.storage import write_json
 
 from .common import Conditions, Timing, build_model, interleaved, random_batches

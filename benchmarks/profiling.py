@@ -11,8 +11,8 @@ from collections.abc import Callable
 import torch
 
 from patchscope.atlas.batching import Segment
-from patchscope.atlas.config import ProfileConfig
 from patchscope.atlas.engine import Profiler
+from patchscope.atlas.profile_config import ProfileConfig
 from patchscope.model.hooks import stop_after
 
 from .common import Timing, clone, config_dir, interleaved, random_batches

@@ -125,7 +125,7 @@ MEMORY_PROBE = textwrap.dedent(
     import torch
     from benchmarks.common import PeakMemory
     from patchscope.model.loading import load_model, load_model_until
-    from patchscope.atlas.config import ProfileConfig
+    from patchscope.atlas.profile_config import ProfileConfig
     from patchscope.atlas.profiling import profile
     torch.set_num_threads(1)
     folder, layer, truncated, texts = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", json.loads(sys.argv[4])

@@ -32,7 +32,7 @@ _EXPORTS: dict[str, str] = {
     "save_atlas": "patchscope.atlas.store",
     "export_original": "patchscope.atlas.exports",
     "export_parquet": "patchscope.atlas.exports",
-    "ProfileConfig": "patchscope.atlas.config",
+    "ProfileConfig": "patchscope.atlas.profile_config",
     "profile": "patchscope.atlas.profiling",
     "SourceConfig": "patchscope.atlas.sources",
     "TextSource": "patchscope.atlas.sources",
@@ -95,8 +95,8 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and editors: the same names, imported eagerly
     from patchscope.atlas.atlas import Atlas, AtlasEntry, AtlasError, AtlasMeta, SiteAtlas
-    from patchscope.atlas.config import ProfileConfig
     from patchscope.atlas.exports import export_original, export_parquet
+    from patchscope.atlas.profile_config import ProfileConfig
     from patchscope.atlas.profiling import profile
     from patchscope.atlas.sources import Document, SourceConfig, TextSource
     from patchscope.atlas.store import load_atlas, save_atlas

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 
 from patchscope.atlas.atlas import Atlas, AtlasEntry, AtlasMeta
-from patchscope.atlas.config import ProfileConfig
 from patchscope.atlas.distributed import World
 from patchscope.atlas.folder import Action, AtlasFolder, Plan, Policy, plan_before_loading
+from patchscope.atlas.profile_config import ProfileConfig
 from patchscope.atlas.profiling import profile
 from patchscope.atlas.sources import SourceConfig, TextSource
 from patchscope.model.loading import (

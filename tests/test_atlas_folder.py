@@ -18,9 +18,9 @@ from run_inputs import TEXTS, profile_argv, write_corpus
 
 from patchscope import PatchscopeConfig
 from patchscope.atlas.atlas import AtlasError
-from patchscope.atlas.config import ProfileConfig
 from patchscope.atlas.folder import CHECKPOINT, Action, AtlasFolder, FolderRefused, Policy
 from patchscope.atlas.key import Inputs, RunKey
+from patchscope.atlas.profile_config import ProfileConfig
 from patchscope.atlas.profiling import profile
 from patchscope.atlas.sources import SourceConfig
 from patchscope.atlas.store import ATLAS_TENSORS

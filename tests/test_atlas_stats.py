@@ -7,8 +7,8 @@ import torch
 from factories import FIXTURE_CORPUS
 
 from patchscope.atlas.atlas import Atlas, AtlasError
-from patchscope.atlas.config import ProfileConfig
 from patchscope.atlas.output_tokens import output_tokens
+from patchscope.atlas.profile_config import ProfileConfig
 from patchscope.atlas.profiling import profile
 from patchscope.atlas.quantile_pass import quantile_examples
 from patchscope.atlas.sources import Document

@@ -163,7 +163,7 @@ def test_sae_command(gemma_dir, tmp_path, capsys):
 
 
 def test_library_messages_name_parameters_and_the_cli_names_flags(tmp_path, capsys):
-    from patchscope.atlas.config import ProfileConfig
+    from patchscope.atlas.profile_config import ProfileConfig
 
     with pytest.raises(ValueError, match="`top_k` must be at least 1"):
         ProfileConfig(top_k=0).validate()
@@ -224,7 +224,7 @@ def test_every_flag_has_one_clean_help_line(command, capsys):
 def test_config_fields_carry_their_help_in_metadata():
     import dataclasses
 
-    from patchscope.atlas.config import ProfileConfig
+    from patchscope.atlas.profile_config import ProfileConfig
     from patchscope.atlas.sources import SourceConfig
     from patchscope.experiment import ExperimentConfig
     from patchscope.scope.config import PatchscopeConfig

@@ -5,7 +5,7 @@ import torch
 from factories import FIXTURE_CORPUS
 
 from patchscope import load_model
-from patchscope.atlas.config import ProfileConfig
+from patchscope.atlas.profile_config import ProfileConfig
 from patchscope.atlas.profiling import profile
 
 TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2}

@@ -69,7 +69,7 @@ def test_first_position_is_excluded_without_bos_too():
 def test_corpus_mean_leaves_first_positions_out_even_when_profiled_with_them(gemma, tmp_path):
     import torch
 
-    from patchscope.atlas.config import ProfileConfig
+    from patchscope.atlas.profile_config import ProfileConfig
     from patchscope.atlas.profiling import profile
 
     model, tokenizer = gemma

@@ -21,8 +21,8 @@ from safetensors import safe_open
 from patchscope import load_model
 from patchscope.atlas import distributed
 from patchscope.atlas.atlas import AtlasError
-from patchscope.atlas.config import ProfileConfig
 from patchscope.atlas.exact import ExactSum
+from patchscope.atlas.profile_config import ProfileConfig
 from patchscope.atlas.profiling import profile
 from patchscope.atlas.sources import Document, SourceConfig
 from patchscope.atlas.store import load_atlas
@@ -146,7 +146,7 @@ import sys, time
 sys.path.insert(0, {tests!r})
 import torch
 from patchscope import load_model
-from patchscope.atlas.config import ProfileConfig
+from patchscope.atlas.profile_config import ProfileConfig
 from patchscope.atlas.profiling import profile
 from patchscope.atlas.sources import SourceConfig
 model, tokenizer = load_model({model!r}, dtype="float32", device="cpu")

@@ -12,8 +12,8 @@ from run_inputs import profile_argv, write_corpus
 
 from patchscope.atlas.atlas import CONTEXT_TOKENS
 from patchscope.atlas.batching import segment_at
-from patchscope.atlas.config import ProfileConfig
 from patchscope.atlas.exports import contexts, decode_all, export_original, export_parquet
+from patchscope.atlas.profile_config import ProfileConfig
 from patchscope.atlas.profiling import profile
 from patchscope.atlas.sources import SourceConfig
 from patchscope.atlas.store import ATLAS_JSON

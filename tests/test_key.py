@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from factories import FIXTURE_CORPUS
 
-from patchscope.atlas.config import ProfileConfig
 from patchscope.atlas.key import Inputs, RunKey, canonical_split
+from patchscope.atlas.profile_config import ProfileConfig
 from patchscope.atlas.sources import SourceConfig
 from patchscope.cli.main import main
 

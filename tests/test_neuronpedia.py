@@ -11,8 +11,8 @@ import pytest
 import torch
 from test_report import TEXTS
 
-from patchscope.atlas.config import ProfileConfig
 from patchscope.atlas.output_tokens import output_tokens
+from patchscope.atlas.profile_config import ProfileConfig
 from patchscope.atlas.profiling import profile
 from patchscope.atlas.store import save_atlas
 from patchscope.kernels.histogram import CENTER

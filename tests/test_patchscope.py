@@ -18,7 +18,7 @@ from patchscope import (
     patch,
     plan_prompt,
 )
-from patchscope.atlas.config import ProfileConfig
+from patchscope.atlas.profile_config import ProfileConfig
 from patchscope.atlas.profiling import profile
 
 LAYER = 2
@@ -135,7 +135,7 @@ def test_extract_reproduces_atlas_and_catches_slice_offsets(gemma, tmp_path):
 
 def test_engine_rows_equal_a_plain_patched_forward_and_generate(gemma):
     """Rows of different target sites in one batch, against one plain `patch` + forward / generate per row."""
-    from patchscope.scope.engine import Generation, PatchRow, run_rows
+    from patchscope.scope.rows import Generation, PatchRow, run_rows
 
     model, tokenizer = gemma
     plan = plan_prompt(tokenizer, PatchscopeConfig(prompt="Syria: Country in the Middle East, x"))

@@ -5,7 +5,7 @@ from factories import FIXTURE_CORPUS
 from sae_files import sae_params, write_npz
 
 from patchscope import PatchscopeConfig, Row, capture, extract, inject, patch, plan_prompt
-from patchscope.atlas.config import ProfileConfig
+from patchscope.atlas.profile_config import ProfileConfig
 from patchscope.atlas.sources import SourceConfig
 from patchscope.atlas.store import load_atlas
 from patchscope.cli.main import main

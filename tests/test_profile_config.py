@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 
-from patchscope.atlas.config import ATLAS_BYTES_PER_SLOT, ProfileConfig
+from patchscope.atlas.profile_config import ATLAS_BYTES_PER_SLOT, ProfileConfig
 from patchscope.atlas.profiling import profile
 from patchscope.atlas.sources import SourceConfig
 from patchscope.cli.main import main
@@ -74,7 +74,7 @@ def test_an_atlas_that_cannot_fit_is_refused_before_allocating(monkeypatch):
     config = ProfileConfig(top_k=100_000)
     widths = {"blocks.0.mlp.hook_post": 9216, "blocks.1.mlp.hook_post": 9216}
     assert config.atlas_bytes(widths) == ATLAS_BYTES_PER_SLOT * 100_000 * 2 * 9216
-    monkeypatch.setattr("patchscope.atlas.config._memory_bytes", lambda device: 16 * 2**30)
+    monkeypatch.setattr("patchscope.atlas.profile_config._memory_bytes", lambda device: 16 * 2**30)
     with pytest.raises(ValueError, match=r"`top_k` 100000 over 18432 neurons needs about 96.1 GiB.*lower `top_k`"):
         config.check_atlas_size(widths, torch.device("cpu"))
     ProfileConfig(top_k=20).check_atlas_size(widths, torch.device("cpu"))

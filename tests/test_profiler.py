@@ -11,9 +11,9 @@ from factories import FIXTURE_CORPUS
 
 from patchscope import load_model
 from patchscope.atlas.atlas import AtlasError
-from patchscope.atlas.config import ProfileConfig
 from patchscope.atlas.exports import export_original, export_parquet
 from patchscope.atlas.folder import CHECKPOINT
+from patchscope.atlas.profile_config import ProfileConfig
 from patchscope.atlas.profiling import profile
 from patchscope.atlas.sources import DataError, SourceConfig
 from patchscope.atlas.store import load_atlas

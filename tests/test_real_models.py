@@ -136,7 +136,7 @@ def test_converted_model_equals_gguf_model(real_model, preset):
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_atlas_matches_brute_force(real_model, docs, preset):
-    from patchscope.atlas.config import ProfileConfig
+    from patchscope.atlas.profile_config import ProfileConfig
     from patchscope.atlas.profiling import profile
     from patchscope.atlas.sources import SourceConfig
 

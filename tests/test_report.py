@@ -11,7 +11,7 @@ from browser import Elements, render
 from factories import FIXTURE_CORPUS
 
 from patchscope.atlas.batching import adds_bos, locate, segments
-from patchscope.atlas.config import ProfileConfig
+from patchscope.atlas.profile_config import ProfileConfig
 from patchscope.atlas.profiling import profile
 from patchscope.atlas.sources import Document, SourceConfig, TextSource
 from patchscope.atlas.store import load_atlas

@@ -9,8 +9,8 @@ import child_runs
 import pytest
 from run_inputs import TEXTS, profile_argv
 
-from patchscope.atlas.config import ProfileConfig
 from patchscope.atlas.folder import CHECKPOINT
+from patchscope.atlas.profile_config import ProfileConfig
 from patchscope.atlas.profiling import profile
 from patchscope.atlas.store import load_atlas
 from patchscope.cli.main import main

@@ -11,7 +11,7 @@ import torch
 from run_inputs import TEXTS
 
 from patchscope.atlas.atlas import Atlas, AtlasError
-from patchscope.atlas.config import ProfileConfig
+from patchscope.atlas.profile_config import ProfileConfig
 from patchscope.atlas.profiling import profile
 from patchscope.atlas.store import ATLAS_JSON, ATLAS_TENSORS, CHECKSUM_KEY, METADATA_KEY, load_atlas
 

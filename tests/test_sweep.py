@@ -12,7 +12,7 @@ from transformers import PreTrainedTokenizerFast
 from patchscope.cli.main import main
 from patchscope.model.hooks import capture, patch
 from patchscope.model.row_patch import patch_rows
-from patchscope.scope import engine as engine_module
+from patchscope.scope import rows as rows_module
 from patchscope.scope.config import PatchscopeConfig
 from patchscope.scope.inject import Row, inject
 from patchscope.scope.placeholder import PlaceholderError, find_placeholder, plan_prompt
@@ -277,18 +277,18 @@ def test_batched_sweep_equals_each_cell_alone(gemma, monkeypatch):
     plan = _prompt(tokenizer, "ending")
     means = {s: torch.randn(64, generator=torch.Generator().manual_seed(s)) for s in range(4)}
     seen_sites = []
-    real = engine_module.patch_rows
+    real = rows_module.patch_rows
 
     def spy(model, sites, vectors, positions):
         seen_sites.append({s for s in sites})
         return real(model, sites, vectors, positions)
 
-    monkeypatch.setattr(engine_module, "patch_rows", spy)
+    monkeypatch.setattr(rows_module, "patch_rows", spy)
     config = SweepConfig(max_new_tokens=3, batch_size=7, controls=("unpatched", "corpus_mean"))
     batched = _records(sweep(model, tokenizer, sources, plan, config, means=means))
     assert any(len(sites - {None}) > 1 for sites in seen_sites)  # a batch carried several target layers
     assert len({tuple(r["generated"]) for r in batched.values()}) > 3  # generations differ between cells
-    monkeypatch.setattr(engine_module, "patch_rows", real)
+    monkeypatch.setattr(rows_module, "patch_rows", real)
     for j, source in enumerate(sources):
         for s, t in config.layer_pairs(4):
             alone_config = SweepConfig(
@@ -434,7 +434,7 @@ def test_sweep_command(gemma_dir, tmp_path, capsys):
 
 
 def test_sweep_command_from_an_atlas_entry(gemma, gemma_dir, tmp_path, capsys):
-    from patchscope.atlas.config import ProfileConfig
+    from patchscope.atlas.profile_config import ProfileConfig
     from patchscope.atlas.profiling import profile
     from patchscope.atlas.sources import SourceConfig
 

@@ -15,9 +15,9 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from patchscope.atlas.batching import Overflow
-from patchscope.atlas.config import ProfileConfig
 from patchscope.atlas.exact import ExactSum
 from patchscope.atlas.key import TEXTS, Inputs, RunKey
+from patchscope.atlas.profile_config import ProfileConfig
 from patchscope.atlas.sources import SourceConfig, TextSource
 from patchscope.atlas.stats import Moments, TopK
 from patchscope.kernels.bottomk import merge_bottomk

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from patchscope.atlas.atlas import SiteAtlas
 from patchscope.atlas.batching import Batch, Segment, collate
 from patchscope.atlas.compiled import CompiledLayers
-from patchscope.atlas.config import ProfileConfig
+from patchscope.atlas.profile_config import ProfileConfig
 from patchscope.atlas.stats import Moments, TokenFields, TopK
 from patchscope.kernels.bottomk import bottomk_candidates, empty_bottomk, merge_bottomk_fast
 from patchscope.kernels.cpu_pass import BatchPieces, Workspace, cpu_pass

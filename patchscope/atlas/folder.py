@@ -28,9 +28,9 @@ from safetensors import safe_open
 
 from patchscope.atlas import distributed
 from patchscope.atlas.atlas import Atlas, AtlasError, AtlasMeta, SiteAtlas
-from patchscope.atlas.config import ProfileConfig
 from patchscope.atlas.exports import write_exports
 from patchscope.atlas.key import Inputs, RunKey
+from patchscope.atlas.profile_config import ProfileConfig
 from patchscope.atlas.sources import TextSource, count_documents
 from patchscope.atlas.store import (
     ATLAS_TENSORS,

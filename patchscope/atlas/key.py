@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from patchscope.atlas.config import ProfileConfig
+from patchscope.atlas.profile_config import ProfileConfig
 from patchscope.atlas.sources import SourceConfig, parse_split
 from patchscope.util.identity import Identity, compare, path_identity
 

@@ -24,13 +24,13 @@ from transformers import PreTrainedTokenizerBase
 from patchscope.atlas import distributed
 from patchscope.atlas.atlas import Atlas, AtlasMeta, Provenance
 from patchscope.atlas.batching import adds_bos, plan
-from patchscope.atlas.config import ProfileConfig
 from patchscope.atlas.corpora import builtin_version
 from patchscope.atlas.engine import Profiler
 from patchscope.atlas.exports import write_exports
 from patchscope.atlas.folder import Action, AtlasFolder, Cursor, Plan, Policy, rank_zero_lock
 from patchscope.atlas.key import Inputs, RunKey
 from patchscope.atlas.prefetch import prefetch
+from patchscope.atlas.profile_config import ProfileConfig
 from patchscope.atlas.quantile_pass import add_quantile_examples
 from patchscope.atlas.sources import Document, SourceConfig, TextSource, count_documents
 from patchscope.atlas.store import save_atlas

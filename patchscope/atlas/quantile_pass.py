@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 
 from patchscope.atlas.atlas import Atlas
 from patchscope.atlas.batching import collate, plan
-from patchscope.atlas.config import ProfileConfig
+from patchscope.atlas.profile_config import ProfileConfig
 from patchscope.atlas.sources import Document
 from patchscope.atlas.stats import TokenFields
 from patchscope.kernels.quantiles import INTERVALS, QuantileExamples, batch_quantiles, merge_quantiles

@@ -10,7 +10,7 @@ from patchscope.cli.common import add_model_flags, check_layers
 
 
 def register(parser: argparse.ArgumentParser) -> None:
-    from patchscope.atlas.config import ProfileConfig
+    from patchscope.atlas.profile_config import ProfileConfig
     from patchscope.atlas.sources import SourceConfig
     from patchscope.cli.args import add_dataclass_arguments
 
@@ -24,9 +24,9 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from patchscope.atlas import distributed
-    from patchscope.atlas.config import ProfileConfig
     from patchscope.atlas.exports import DEFAULT_EXPORTS
     from patchscope.atlas.folder import Policy, plan_before_loading
+    from patchscope.atlas.profile_config import ProfileConfig
     from patchscope.atlas.profiling import profile
     from patchscope.atlas.sources import SourceConfig, TextSource
     from patchscope.cli.args import from_namespace

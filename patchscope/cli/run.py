@@ -6,7 +6,7 @@ import argparse
 
 
 def register(parser: argparse.ArgumentParser) -> None:
-    from patchscope.atlas.config import ProfileConfig
+    from patchscope.atlas.profile_config import ProfileConfig
     from patchscope.atlas.sources import SourceConfig
     from patchscope.cli.args import add_dataclass_arguments
     from patchscope.experiment import ExperimentConfig
@@ -19,7 +19,7 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from patchscope.atlas.config import ProfileConfig
+    from patchscope.atlas.profile_config import ProfileConfig
     from patchscope.atlas.sources import SourceConfig
     from patchscope.cli.args import from_namespace
     from patchscope.experiment import ExperimentConfig, format_summary, run_experiment

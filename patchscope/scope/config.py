@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 from patchscope.model.sites import parse_site
 from patchscope.scope.controls import CONTROLS
-from patchscope.scope.engine import Generation
 from patchscope.scope.prompts import TargetPrompt
+from patchscope.scope.rows import Generation
 
 DEFAULT_PROMPT = "A detailed description of x is that"
 

@@ -10,8 +10,8 @@ from transformers import PreTrainedTokenizerBase
 
 from patchscope.model.sites import resolve
 from patchscope.scope.controls import Condition, random_same_norm
-from patchscope.scope.engine import Generation, PatchRow, RowReadout, run_rows
 from patchscope.scope.placeholder import PromptPlan
+from patchscope.scope.rows import Generation, PatchRow, RowReadout, run_rows
 
 
 @dataclass
@@ -62,7 +62,7 @@ def inject(
 
     Rows with different prompts are left-padded. The patch is applied in the prefill only and is
     carried by the KV cache (`patchscope.model.hooks.patch`); generation stops at EOS per row.
-    The rows run through the one Patchscope engine, `patchscope.scope.engine.run_rows`.
+    The rows run through the one Patchscope engine, `patchscope.scope.rows.run_rows`.
 
     Args:
         model, tokenizer: the target model and its tokenizer.

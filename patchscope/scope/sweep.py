@@ -18,7 +18,7 @@ How it runs, all batched:
 1. `read_sources`: one forward per chunk of source texts captures every source layer at once and
    the source model's next token.
 2. Every cell and control becomes a `PatchRow`, sorted by target layer, run by the Patchscope
-   engine (`patchscope.scope.engine.run_rows`): the prompt before the placeholder is run once per
+   engine (`patchscope.scope.rows.run_rows`): the prompt before the placeholder is run once per
    batch from a shared KV cache, and each row carries its own layer and vector.
 3. Optional generation of the first tokens per row, by the same engine: HF ``generate`` with the
    KV cache, the patch in the prefill only.
@@ -50,9 +50,9 @@ from patchscope.scope.controls import (
     random_same_norm,
     reactivation_ratio,
 )
-from patchscope.scope.engine import Generation, PatchRow, run_rows
 from patchscope.scope.placeholder import PromptPlan, plan_prompt
 from patchscope.scope.prompts import TargetPrompt, target_prompt
+from patchscope.scope.rows import Generation, PatchRow, run_rows
 
 
 def resid_pre(layer: int) -> str:

@@ -17,7 +17,6 @@ from transformers import PreTrainedTokenizerBase
 
 from patchscope.atlas.atlas import Atlas, AtlasEntry
 from patchscope.atlas.batching import Overflow
-from patchscope.atlas.sources import SourceConfig, TextSource
 from patchscope.atlas.store import load_atlas
 from patchscope.model.loading import DTypeName, load_config, load_model, load_tokenizer
 from patchscope.model.sites import parse_site
@@ -110,9 +109,7 @@ def _from_atlas(given: SweepInput) -> SourceText:
     if neuron_site is None:
         raise ValueError(f"the atlas has no mlp.hook_post site ({', '.join(atlas.sites)}); pass `neuron_site`")
     entry = atlas.entry(neuron_site, given.neuron, given.rank)
-    text = TextSource(SourceConfig(dataset=atlas.meta.dataset, split=atlas.meta.split, text_column=atlas.meta.text_column)).fetch(
-        [entry.doc]
-    )[entry.doc]
+    text = atlas.texts([entry.doc])[entry.doc]
     return SourceText(text, entry.position, atlas.meta.max_length, atlas.meta.overflow, neuron_site, entry, atlas)
 
 
