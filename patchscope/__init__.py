@@ -2,13 +2,16 @@
 
 The package is layered; imports only go down:
 
-    util/        storage (atomic writes), versions
+    util/        storage (atomic writes), locks, signals, content identity, versions
     model/       sites (TransformerLens names -> HF modules), hooks (capture / patch / stop), loading
-    atlas/       sources, batching, the fold engine, the atlas and its files, exports, runs
+    atlas/       sources, batching, the run key and the folder's plan, the fold engine, the atlas and
+                 its files, exports, `profile`
     sae/         the JumpReLU module, its loaders, neuron attribution
-    scope/       placeholder, extraction, inject (the Patchscope)
+    scope/       placeholder, extraction, the Patchscope row engine, controls, verdicts, sweeps
     experiment   the whole experiment
     cli/         the ``patchscope`` command
+
+README.md, "Architecture", says which module owns which decision.
 
 Public names are imported lazily, so ``import patchscope`` (and ``patchscope --help``) does not
 pay for torch and transformers until a name is used.
@@ -28,6 +31,8 @@ _EXPORTS: dict[str, str] = {
     "AtlasError": "patchscope.atlas.atlas",
     "AtlasMeta": "patchscope.atlas.atlas",
     "SiteAtlas": "patchscope.atlas.atlas",
+    "AtlasFolder": "patchscope.atlas.folder",
+    "RunKey": "patchscope.atlas.key",
     "load_atlas": "patchscope.atlas.store",
     "save_atlas": "patchscope.atlas.store",
     "export_original": "patchscope.atlas.exports",
@@ -69,6 +74,9 @@ _EXPORTS: dict[str, str] = {
     "PromptPlan": "patchscope.scope.placeholder",
     "find_placeholder": "patchscope.scope.placeholder",
     "plan_prompt": "patchscope.scope.placeholder",
+    "read_neurons": "patchscope.scope.readout",
+    "run_rows": "patchscope.scope.rows",
+    "sweep_token": "patchscope.scope.sweep_token",
     "SweepConfig": "patchscope.scope.sweep",
     "SweepResult": "patchscope.scope.sweep",
     "sweep": "patchscope.scope.sweep",
@@ -96,6 +104,8 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # for type checkers and editors: the same names, imported eagerly
     from patchscope.atlas.atlas import Atlas, AtlasEntry, AtlasError, AtlasMeta, SiteAtlas
     from patchscope.atlas.exports import export_original, export_parquet
+    from patchscope.atlas.folder import AtlasFolder
+    from patchscope.atlas.key import RunKey
     from patchscope.atlas.profile_config import ProfileConfig
     from patchscope.atlas.profiling import profile
     from patchscope.atlas.sources import Document, SourceConfig, TextSource
@@ -111,4 +121,7 @@ if TYPE_CHECKING:  # for type checkers and editors: the same names, imported eag
     from patchscope.scope.extract import Extraction, ReproductionError, extract
     from patchscope.scope.inject import Observation, Row, control_rows, inject
     from patchscope.scope.placeholder import PlaceholderError, PromptPlan, find_placeholder, plan_prompt
+    from patchscope.scope.readout import read_neurons
+    from patchscope.scope.rows import run_rows
     from patchscope.scope.sweep import SweepConfig, SweepResult, sweep
+    from patchscope.scope.sweep_token import sweep_token
