@@ -54,8 +54,13 @@ def test_the_four_repository_root_entry_points_import(gemma_dir, tmp_path):
     read from stdin, with ``''`` on sys.path) all work from the clone, where our ``kernels/`` lies."""
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("one small text\nand a second one\n", encoding="utf-8")
-    which = "import kernels, patchscope.kernels as ours; print('theirs', kernels.__file__, 'ours', ours.__file__)"
-    library = f"import patchscope; {which}; model, _ = patchscope.load_model({str(gemma_dir)!r}); print(type(model).__name__)"
+    which = (
+        "import importlib, patchscope.kernels as ours\n"
+        "try:\n    theirs = importlib.import_module('kernels').__file__\n"
+        "except ModuleNotFoundError:\n    theirs = 'none'\n"
+        "print('theirs', theirs, 'ours', ours.__file__)"
+    )
+    library = f"import patchscope\n{which}\nmodel, _ = patchscope.load_model({str(gemma_dir)!r})\nprint(type(model).__name__)"
     runs = {
         "python -c": _from_root([sys.executable, "-c", library]),
         "notebook": _from_root([sys.executable, "-"], stdin=f"import sys; assert sys.path[0] == ''\n{library}\n"),
@@ -74,6 +79,8 @@ def test_the_four_repository_root_entry_points_import(gemma_dir, tmp_path):
         assert ours == str(ROOT / "kernels" / "__init__.py")
         if _hf_kernels_installed():
             assert theirs != ours and "site-packages" in theirs, line
+        else:  # nothing else is named `kernels`, and our folder does not answer to the name
+            assert theirs == "none", line
         assert runs[name].stdout.strip().endswith("ForCausalLM"), name
     assert "blocks.1.mlp.hook_post" in runs["python -m"].stdout
     assert (tmp_path / "atlas" / "atlas.json").exists()
