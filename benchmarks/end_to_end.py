@@ -120,7 +120,7 @@ def measure(args: argparse.Namespace) -> dict:
         with stopwatch(loading, "load_model_until", load), stopwatch(run_module, "save_atlas", save):
             assert cli(argv) == 0
         cli_seconds = time.perf_counter() - started
-        loop = json.loads((out / "atlas.json").read_text())["extra"]["seconds"]
+        loop = json.loads((out / "atlas.json").read_text())["provenance"]["seconds"]
         shutil.rmtree(out)
         return {"cli": cli_seconds, "load": sum(load), "loop": loop, "save": sum(save)}
 

@@ -305,14 +305,16 @@ def _load_matching_sae(config: ExperimentConfig, d_model: int):
     return sae, f"SAE {sae.info.source} (trained on {sae.info.site})"
 
 
-def _profile_or_reuse(model, tokenizer, config: ExperimentConfig, checked: _Checked, timer: _Timer, progress: bool) -> Atlas:
-    """Carry the folder's plan out (made again under the lock of ``out``, which another run may have changed)."""
+def _profile_or_reuse(
+    model, tokenizer, config: ExperimentConfig, checked: _Checked, timer: _Timer, progress: bool
+) -> tuple[Atlas, Plan]:
+    """Carry the folder's plan out, made again under the lock of ``out`` (another run may have changed it)."""
     plan = _plan_folder(config, checked.out)
     if plan.action is Action.REUSE:
-        return AtlasFolder(checked.out).load()
+        return AtlasFolder(checked.out).load(), plan
     with timer.phase("profile"):
         try:
-            return profile(
+            atlas = profile(
                 model,
                 tokenizer,
                 TextSource(config.source),
@@ -325,6 +327,7 @@ def _profile_or_reuse(model, tokenizer, config: ExperimentConfig, checked: _Chec
         except Interrupted as stop:
             stop.hint = "rerun the same command to continue from it"  # a run resumes from its checkpoint by itself
             raise
+    return atlas, plan
 
 
 def _corpus_mean(
@@ -356,8 +359,10 @@ def _corpus_mean(
     return mean.float(), f"the atlas has no {config.source_site}; its corpus mean was computed in this run"
 
 
-def _extract_top(model, tokenizer, config: ExperimentConfig, atlas: Atlas) -> tuple[list[AtlasEntry], list[Extraction]]:
-    """The studied neurons' top examples, and the source-site vector of each, recomputed from its text."""
+def _extract_top(
+    model, tokenizer, config: ExperimentConfig, atlas: Atlas
+) -> tuple[list[AtlasEntry], list[Extraction], dict[int, str]]:
+    """The studied neurons' top examples, the source-site vector of each recomputed from its text, and the texts."""
     neurons = [config.neuron] if config.neuron is not None else atlas.top_neurons(config.neuron_site, config.top_neurons)
     entries = [atlas.entry(config.neuron_site, n) for n in neurons]
     texts = atlas.texts({e.doc for e in entries})
@@ -374,7 +379,7 @@ def _extract_top(model, tokenizer, config: ExperimentConfig, atlas: Atlas) -> tu
         )
         for e in entries
     ]
-    return entries, extractions
+    return entries, extractions, texts
 
 
 def _read_with_sae(
@@ -419,6 +424,7 @@ def _results_key(config: ExperimentConfig, folder: Plan) -> str:
     }
     payload = {
         "atlas": folder.key.reading_digest,
+        "inputs": folder.key.inputs.to_json(),  # two local models or corpora of the same settings differ here
         "sites": (config.neuron_site, config.source_site, config.target_site),
         "device": str(resolve_device(config.device)),
         "experiment": own,
@@ -465,11 +471,11 @@ def _run_locked(config: ExperimentConfig, checked: _Checked, timer: _Timer, prog
     notes = [checked.sae_note]
     with timer.phase("load_model"):
         model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
-    atlas = _profile_or_reuse(model, tokenizer, config, checked, timer, progress)
-    reused = checked.folder.action is Action.REUSE
+    atlas, plan = _profile_or_reuse(model, tokenizer, config, checked, timer, progress)
+    reused = plan.action is Action.REUSE
     notes.append("atlas reused from `out`" if reused else "atlas profiled in this run")
     with timer.phase("extract"):
-        entries, extractions = _extract_top(model, tokenizer, config, atlas)
+        entries, extractions, texts = _extract_top(model, tokenizer, config, atlas)
     sae_results: list[SAEResult | None] = [None] * len(entries)
     if checked.sae is not None:
         with timer.phase("sae"):
@@ -491,9 +497,9 @@ def _run_locked(config: ExperimentConfig, checked: _Checked, timer: _Timer, prog
         versions=versions(),
         atlas=AtlasRecord(str(checked.out), reused, atlas.n_tokens, atlas.meta),
         notes=notes,
-        key=_results_key(config, checked.folder),
+        key=_results_key(config, plan),
     )
-    _write_results(result, checked.out, model, tokenizer)
+    _write_results(result, checked.out, model, tokenizer, texts)
     return result
 
 
@@ -536,7 +542,7 @@ def _neuron_result(
     )
 
 
-def _write_results(result: ExperimentResult, out: Path, model, tokenizer) -> None:
+def _write_results(result: ExperimentResult, out: Path, model, tokenizer, texts: dict[int, str]) -> None:
     """``results.json`` (or ``results-<key>.json`` beside another run's) and its ``report.html``."""
     path = _results_path(out, result.key)
     result.results_file = str(path)
@@ -544,7 +550,7 @@ def _write_results(result: ExperimentResult, out: Path, model, tokenizer) -> Non
         result.notes.append(f"{out / RESULTS} holds a run with other settings; this run's results are in {path.name}")
     data = result.to_json()
     write_json(path, data)
-    write_run_report(data, path.with_name(path.stem.replace("results", "report", 1) + ".html"), model, tokenizer)
+    write_run_report(data, path.with_name(path.stem.replace("results", "report", 1) + ".html"), model, tokenizer, texts)
 
 
 def _rows(rows: tuple[int, int] | None) -> str:

@@ -308,16 +308,29 @@ def test_planning_reads_no_tensors(gemma, gemma_dir, plain_corpus, tmp_path, mon
     assert AtlasFolder(tmp_path / "done").plan(_key(gemma_dir, plain_corpus), Policy(reuse=True)).action is Action.REUSE
 
 
-def test_only_the_folder_decides():
+def _folder_state_reads(path: Path) -> set[str]:
+    """The names of ours that read or write an atlas folder's state, used in ``path`` (names, attributes, imports)."""
+    deciding = {"is_committed", "commit_atlas", "ATLAS_JSON", "ATLAS_TENSORS", "check_checkpoints", "CHECKPOINT"}
+    tree = ast.parse(path.read_text())
+    names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    names |= {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    names |= {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+    return names & deciding
+
+
+def test_only_the_folder_decides(tmp_path):
     """No module but `atlas/folder.py` (and `atlas/store.py`, which writes the files) reads the folder's state."""
     owners = {ROOT / "patchscope" / "atlas" / "folder.py", ROOT / "patchscope" / "atlas" / "store.py"}
-    deciding = {"is_committed", "commit_atlas", "ATLAS_JSON", "check_checkpoints", "CHECKPOINT"}
-    offenders = []
-    for path in (ROOT / "patchscope").rglob("*.py"):
-        if path in owners:
-            continue
-        names = {n.id for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Name)}
-        names |= {a.name for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.ImportFrom) for a in n.names}
-        offenders += [f"{path.relative_to(ROOT)}: {name}" for name in sorted(names & deciding)]
+    offenders = [
+        f"{path.relative_to(ROOT)}: {name}"
+        for path in sorted((ROOT / "patchscope").rglob("*.py"))
+        if path not in owners
+        for name in sorted(_folder_state_reads(path))
+    ]
     assert offenders == []
+    probe = tmp_path / "probe.py"  # the check can fail: a second decider, by attribute or by import
+    probe.write_text(
+        "from patchscope.atlas import distributed, store\nstore.is_committed(out)\ndistributed.check_checkpoints(out)\n"
+    )
+    assert _folder_state_reads(probe) == {"is_committed", "check_checkpoints"}
     assert CHECKPOINT == "checkpoint.safetensors"

@@ -84,6 +84,7 @@ def test_decode_steps_are_not_patched(gemma):
     (_, prefill_in), (_, prefill_out) = before[0], after[0]
     assert torch.equal(prefill_out[0, 3], torch.zeros(64)) and not torch.equal(prefill_in[0, 3], torch.zeros(64))
     torch.testing.assert_close(prefill_out[:, [0, 1, 2, 4, 5, 6, 7]], prefill_in[:, [0, 1, 2, 4, 5, 6, 7]], rtol=0, atol=0)
+    assert len(before) == len(after) == 3
     for (_, entering), (_, leaving) in zip(before[1:], after[1:]):  # decode steps: left as they came
         assert torch.equal(entering, leaving)
 

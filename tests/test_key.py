@@ -53,7 +53,7 @@ def test_equivalent_settings_share_the_key(tmp_path, monkeypatch):
 def test_real_differences_are_named():
     base = _key(SourceConfig("data.jsonl", split="[0:10]"))
     changed = {
-        "`split` was 'train[0:10]', this run asks for 'train[0:11]'": _key(SourceConfig("data.jsonl", split="[0:11]")),
+        "`split` was '[0:10]', this run asks for '[0:11]'": _key(SourceConfig("data.jsonl", split="[0:11]")),
         "`text_column` was 'text', this run asks for 'body'": _key(
             SourceConfig("data.jsonl", split="[0:10]", text_column="body")
         ),
@@ -102,5 +102,37 @@ def test_run_refuses_an_atlas_of_another_split_and_says_what_changed(gemma_dir, 
     capsys.readouterr()
     assert main(["run", *_flags(gemma_dir, data, out, "[0:5]"), "--sae", "none"]) == 2
     error = capsys.readouterr().err
-    assert "holds an atlas made with other settings or inputs: --split was 'train[0:]', this run asks for 'train[0:5]'" in error
+    assert "holds an atlas made with other settings or inputs: --split was '[0:]', this run asks for '[0:5]'" in error
     assert not (out / "results.json").exists()
+
+
+def test_more_equivalent_spellings():
+    assert canonical_split("[0:5]+[7:10]") == "train[0:5]+train[7:10]"  # a merged atlas's slices
+    local = SourceConfig("data.jsonl", split="validation[0:10]")  # a local file has no split names
+    assert _key(local).fingerprint == _key(SourceConfig("data.jsonl", split="[0:10]")).fingerprint
+    hub = SourceConfig("some/dataset", split="validation[0:10]")
+    assert _key(hub).fingerprint != _key(SourceConfig("some/dataset", split="[0:10]")).fingerprint
+    preset = RunKey.of("gemma-2-2b", SourceConfig("d.jsonl"), ProfileConfig(), "float32", Inputs())
+    hub_id = RunKey.of("google/gemma-2-2b", SourceConfig("d.jsonl"), ProfileConfig(), "float32", Inputs())
+    assert preset.fingerprint == hub_id.fingerprint and hub_id.reuse_changes(preset) == []
+    txt, other_column = SourceConfig("notes.txt"), SourceConfig("notes.txt", text_column="body")  # a .txt has no columns
+    assert _key(txt).fingerprint == _key(other_column).fingerprint
+    assert _key(txt).reuse_changes(_key(SourceConfig("notes.txt", txt_mode="file"))) == [
+        "`txt_mode` was 'file', this run asks for 'lines'"
+    ]
+
+
+def test_an_input_recorded_without_an_identity_is_compared_by_its_name(tmp_path):
+    """Atlases written before content identities (or merged by an older `merge`) recorded none."""
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "a"}\n')
+    source = SourceConfig(str(data))
+    now = RunKey.of(str(tmp_path), source, ProfileConfig(), "float32", Inputs.of(str(tmp_path), source))
+    then = RunKey.of(str(tmp_path), source, ProfileConfig(), "float32", Inputs())
+    assert now.model == "<local>" and then.model != "<local>"
+    assert now.reuse_changes(then) == []
+    elsewhere = RunKey.of("other/model", SourceConfig("x.jsonl"), ProfileConfig(), "float32", Inputs())
+    assert now.reuse_changes(elsewhere) == [
+        f"it was made with the model 'other/model', not {str(tmp_path)!r}",
+        f"it was made with the data 'x.jsonl', not {str(data)!r}",
+    ]

@@ -92,3 +92,56 @@ def test_checksum_is_stored_in_both_metadata_copies(small_atlas):
     with safe_open(str(small_atlas), framework="pt") as handle:
         inside = handle.metadata()[CHECKSUM_KEY]
     assert json.loads((small_atlas.parent / ATLAS_JSON).read_text())["checksum"] == inside and len(inside) == 64
+
+
+def test_an_atlas_written_before_typed_metadata_still_loads(small_atlas, tmp_path):
+    """The layout of earlier versions: flat dataset, split and column, and an ``extra`` dict of provenance."""
+    atlas = load_atlas(small_atlas)
+    identity = {
+        "model": {"kind": "folder", "files": {"config.json": "abc"}},
+        "data": {"kind": "file", "size": 3, "sha256": "d" * 64},
+    }
+    old = {
+        "model": "some/model",
+        "dataset": "corpus.jsonl",
+        "split": "[0:7]",
+        "text_column": "body",
+        "max_length": 16,
+        "top_k": atlas.meta.top_k,
+        "extra": {
+            "batches": 4,
+            "seconds": 1.5,
+            "tokens_this_run": 99,
+            "fingerprint": "f" * 16,
+            "identity": identity,
+            "source": {"dataset": "corpus.jsonl", "split": None, "text_column": "body", "txt_mode": "lines", "streaming": False},
+            "rows_read": [0, 6],
+            "nonfinite_activations": 2,
+        },
+    }
+    folder = _rewrite(tmp_path, atlas, metadata_edit=lambda m: (m.clear(), m.update(old, sites=list(atlas.sites))))
+    meta = load_atlas(folder).meta
+    assert (meta.model, meta.dataset, meta.split, meta.text_column, meta.max_length) == (
+        "some/model",
+        "corpus.jsonl",
+        "",
+        "body",
+        16,
+    )
+    assert meta.inputs.to_json() == identity and meta.fingerprint == "f" * 16 and meta.rows_read == (0, 6)
+    assert (meta.provenance.batches, meta.provenance.seconds, meta.provenance.tokens_this_run) == (4, 1.5, 99)
+    assert meta.provenance.nonfinite_activations == 2
+    without_source = dict(old, extra={})  # the oldest: no recorded source at all
+    folder = _rewrite(
+        tmp_path / "oldest", atlas, metadata_edit=lambda m: (m.clear(), m.update(without_source, sites=list(atlas.sites)))
+    )
+    meta = load_atlas(folder).meta
+    assert meta.source is not None and (meta.dataset, meta.split, meta.text_column) == ("corpus.jsonl", "[0:7]", "body")
+
+
+def test_typed_metadata_round_trips_through_the_files(small_atlas):
+    from patchscope.atlas.atlas import AtlasMeta
+
+    meta = load_atlas(small_atlas).meta
+    assert AtlasMeta.from_json(json.loads(json.dumps(meta.to_json()))) == meta
+    assert json.loads((small_atlas.parent / ATLAS_JSON).read_text())["split"] == meta.split

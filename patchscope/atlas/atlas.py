@@ -18,7 +18,7 @@ from patchscope.atlas.batching import Overflow
 from patchscope.atlas.exact import ExactSum
 from patchscope.atlas.key import TEXTS, Inputs, RunKey
 from patchscope.atlas.profile_config import ProfileConfig
-from patchscope.atlas.sources import SourceConfig, TextSource
+from patchscope.atlas.sources import SourceConfig, TextSource, parse_split
 from patchscope.atlas.stats import Moments, TopK
 from patchscope.kernels.bottomk import merge_bottomk
 from patchscope.kernels.quantiles import QuantileExamples, merge_quantiles
@@ -358,7 +358,15 @@ class Atlas:
         changes = Inputs.of("", source).changes_since(self.meta.inputs, self.meta.model, source.dataset)
         if changes:
             raise AtlasError(f"cannot read the atlas's texts again: {'; '.join(changes)} since the atlas was made")
-        return TextSource(source).fetch(self.documents() if docs is None else docs)
+        wanted = set(self.documents() if docs is None else docs)
+        if "+" not in source.resolved_split:
+            return TextSource(source).fetch(wanted)
+        texts: dict[int, str] = {}  # a merged atlas of slices [a:b]+[c:d]: each document from its slice
+        for part in source.resolved_split.split("+"):
+            _, start, stop = parse_split(part)
+            inside = {d for d in wanted if start <= d and (stop is None or d < stop)}
+            texts.update(TextSource(dataclasses.replace(source, split=part)).fetch(inside) if inside else {})
+        return texts
 
     def documents(self, site: str | None = None) -> set[int]:
         """Every document index that appears among the recorded examples."""

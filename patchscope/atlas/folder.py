@@ -194,6 +194,14 @@ class AtlasFolder:
         self._check_cursor(key, cursor)
         return dict(atlas.sites), cursor
 
+    def verify_saved(self) -> None:
+        """Read the saved atlas whole (checksum, names, shapes, values), so that a damaged one is reported
+        before a model loads, not after."""
+        try:
+            load_atlas_with_metadata(self.tensors)
+        except AtlasError as error:
+            raise AtlasError(f"{error}. Delete {self.tensors} to profile again") from error
+
     def drop_checkpoint(self) -> None:
         self.checkpoint.unlink(missing_ok=True)
 
@@ -268,7 +276,11 @@ def plan_before_loading(
     source.check()
     config = config.capped_for(count_documents(source), warn=False)  # as `profile` will run it
     key = RunKey.of(model_name, source.config, config, dtype, Inputs.of(model_name, source.config))
-    return AtlasFolder(out, world).plan(key, policy)
+    folder = AtlasFolder(out, world)
+    plan = folder.plan(key, policy)
+    if plan.action in (Action.REUSE, Action.FINISH):
+        folder.verify_saved()
+    return plan
 
 
 def rebuild_exports(path: str | Path, formats: tuple[str, ...]) -> list[Path]:

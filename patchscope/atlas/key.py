@@ -16,11 +16,13 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from torch import nn
 
 from patchscope.atlas.profile_config import ProfileConfig
-from patchscope.atlas.sources import SourceConfig, parse_split
+from patchscope.atlas.sources import SourceConfig, is_local, parse_split
+from patchscope.model.loading import preset_for
 from patchscope.util.identity import Identity, compare, path_identity
 
 TEXTS = "<texts>"
@@ -57,10 +59,16 @@ class Inputs:
         return cls(raw.get("model"), raw.get("data")) if isinstance(raw, dict) else cls()
 
 
-def canonical_split(split: str) -> str:
-    """One spelling per selection of rows: ``""``, ``"[0:]"`` and ``"train"`` all read ``train[0:]``."""
+def canonical_split(split: str, *, named: bool = True) -> str:
+    """One spelling per selection of rows: ``""``, ``"[0:]"`` and ``"train"`` all read ``train[0:]``.
+
+    ``named=False`` for a local file, which has no split names (``validation[0:10]`` reads its first
+    10 rows too). The slices of a merged atlas (``[0:5]+[7:10]``) are canonical one by one.
+    """
+    if "+" in split:
+        return "+".join(canonical_split(part, named=named) for part in split.split("+"))
     name, start, stop = parse_split(split)
-    return f"{name}[{start}:{'' if stop is None else stop}]"
+    return f"{name if named else ''}[{start}:{'' if stop is None else stop}]"
 
 
 def _local(identity: Identity | None) -> bool:
@@ -103,8 +111,9 @@ class RunKey:
             "exclude_bos": config.exclude_bos,
             "dtype": dtype,
         }
+        preset = preset_for(model_name)  # a preset and its hub id are one model
         return cls(
-            model="<local>" if _local(inputs.model) else model_name,
+            model="<local>" if _local(inputs.model) else (preset.hub_id if preset else model_name),
             source=_source(source, inputs),
             reading=tuple(reading.items()),
             statistics=tuple(sorted((k, v) for k, v in settings.items() if k not in reading)),
@@ -122,23 +131,41 @@ class RunKey:
         """A digest of what the recorded examples depend on: model, data and reading, not how the state was kept."""
         return _digest({"model": self.model, "source": self.source, "reading": self.reading})
 
-    def reuse_changes(self, recorded: RunKey, but: tuple[str, ...] = ()) -> list[str]:
-        """Why an atlas recorded under ``recorded`` cannot serve this run (empty: it can), in words;
+    def differences(self, recorded: RunKey, but: tuple[str, ...] = ()) -> list[tuple[str, object, object]]:
+        """``(what, recorded, wanted)`` for each setting or input name in which the two reads differ;
         source fields named in ``but`` may differ (the slices of `merge_atlases`)."""
-        problems = self.inputs.changes_since(recorded.inputs, *self.names)
-        if self.model != recorded.model:
-            problems.append(f"it was made with the model {recorded.names[0]!r}, not {self.names[0]!r}")
+        found: list[tuple[str, object, object]] = []
+        sides = {
+            "model": (self.model, recorded.model, recorded.inputs.model),
+            "data": (_get(self.source, "dataset"), _get(recorded.source, "dataset"), recorded.inputs.data),
+        }
+        for index, (what, (mine, theirs, identity)) in enumerate(sides.items()):
+            # a local input is known by its content; one recorded without an identity (an older atlas) by its name
+            same_name = identity is None and self.names[index] == recorded.names[index]
+            if mine != theirs and not same_name:
+                found.append((what, recorded.names[index], self.names[index]))
         old, new = dict(recorded.source), dict(self.source)
-        if old.get("dataset") != new.get("dataset"):
-            problems.append(f"it was made with the data {recorded.names[1]!r}, not {self.names[1]!r}")
-        for name in ("split", "text_column", "txt_mode"):
-            if name not in but and name in old and name in new and old[name] != new[name]:
-                problems.append(f"`{name}` was {old[name]!r}, this run asks for {new[name]!r}")
-        mine = dict(self.reading)
-        problems += [
-            f"`{name}` was {was!r}, this run asks for {mine[name]!r}" for name, was in recorded.reading if mine[name] != was
+        found += [
+            (f"`{n}`", old[n], new[n])
+            for n in ("split", "text_column", "txt_mode")
+            if n not in but and n in old and n in new and old[n] != new[n]
         ]
+        reading = dict(self.reading)
+        return found + [(f"`{name}`", was, reading[name]) for name, was in recorded.reading if reading[name] != was]
+
+    def reuse_changes(self, recorded: RunKey, but: tuple[str, ...] = ()) -> list[str]:
+        """Why an atlas recorded under ``recorded`` cannot serve this run (empty: it can), in words."""
+        problems = self.inputs.changes_since(recorded.inputs, *self.names)
+        for what, old, new in self.differences(recorded, but):
+            if what in ("model", "data"):
+                problems.append(f"it was made with the {what} {old!r}, not {new!r}")
+            else:
+                problems.append(f"{what} was {old!r}, this run asks for {new!r}")
         return problems
+
+
+def _get(pairs: tuple[tuple[str, str], ...], name: str) -> str | None:
+    return dict(pairs).get(name)
 
 
 def _digest(payload: object) -> str:
@@ -148,9 +175,13 @@ def _digest(payload: object) -> str:
 def _source(source: SourceConfig | None, inputs: Inputs) -> tuple[tuple[str, str], ...]:
     if source is None:
         return (("dataset", TEXTS),)
-    return (
+    local = is_local(source.dataset)
+    fields = [
         ("dataset", "<local>" if _local(inputs.data) else source.dataset),
-        ("split", canonical_split(source.resolved_split)),
-        ("text_column", source.text_column),
-        ("txt_mode", source.txt_mode),
-    )
+        ("split", canonical_split(source.resolved_split, named=not local)),
+    ]
+    if Path(source.dataset).suffix.lower() == ".txt":  # a text file has no columns, and only it has a txt mode
+        fields.append(("txt_mode", source.txt_mode))
+    else:
+        fields.append(("text_column", source.text_column))
+    return tuple(fields)

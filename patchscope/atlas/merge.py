@@ -23,9 +23,11 @@ def merge_atlases(atlases: list[Atlas], names: list[str] | None = None) -> Atlas
     first = atlases[0]
     for atlas, name in zip(atlases[1:], names[1:]):
         # the same run key but for the slice (`RunKey.reuse_changes`), and the same top-k
-        problems = first.meta.key().reuse_changes(atlas.meta.key(), but=("split",))
+        key, theirs = first.meta.key(), atlas.meta.key()
+        problems = key.inputs.changes_since(theirs.inputs, *key.names)
+        problems += [f"{what} {old!r} there, {new!r} in {names[0]}" for what, old, new in key.differences(theirs, but=("split",))]
         if atlas.meta.top_k != first.meta.top_k:
-            problems.append(f"it keeps top_k={atlas.meta.top_k}, {names[0]} top_k={first.meta.top_k}")
+            problems.append(f"top_k={atlas.meta.top_k} there, top_k={first.meta.top_k} in {names[0]}")
         if problems:
             raise AtlasError(f"{name} differs from {names[0]}: {'; '.join(problems)}. Only atlases of the same settings merge")
         if list(atlas.sites) != list(first.sites):

@@ -9,6 +9,7 @@ Built from the ``results.json`` dictionary; the model only replays the trigger c
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from patchscope.atlas.batching import segment_at
-from patchscope.atlas.sources import SourceConfig, TextSource
+from patchscope.atlas.sources import SourceConfig
 from patchscope.model.hooks import capture, stop_after
 from patchscope.model.loading import model_device
 from patchscope.report.html import bar_chart, esc, number, page, tokens_html
@@ -26,12 +27,14 @@ from patchscope.util.storage import atomic_write
 BEFORE, AFTER = 24, 8
 
 
-def write_run_report(results: dict[str, Any], path: str | Path, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> Path:
-    """Write the page for ``results`` (the ``results.json`` dictionary) to ``path``."""
+def write_run_report(
+    results: dict[str, Any], path: str | Path, model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Mapping[int, str]
+) -> Path:
+    """Write the page for ``results`` (the ``results.json`` dictionary) to ``path``; ``texts`` holds the
+    studied documents (`Atlas.texts`)."""
     config = results["config"]
     site = f"blocks.{config['profile']['layer']}.mlp.hook_post"
     source = SourceConfig(**config["source"])
-    texts = TextSource(source).fetch({n["source"]["doc"] for n in results["neurons"]})
     sections = [_neuron_section(n, results, site, texts, model, tokenizer) for n in results["neurons"]]
     timings = ", ".join(f"{k} {v} s" for k, v in results["timings"].items())
     notes = "".join(f"<li>{esc(note)}</li>" for note in results.get("notes", []))

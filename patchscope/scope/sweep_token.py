@@ -93,7 +93,7 @@ def sweep_token(
     # 2. the model, the source vector (re-checked against the atlas entry), the sweep
     model, tokenizer = load_model(model_name, dtype=dtype, device=device)
     source = _extract_source(model, tokenizer, given, source_text)
-    result = sweep(model, tokenizer, [source], prompt, config, means=_resid_means(source_text.atlas))
+    result = sweep(model, tokenizer, [source], prompt, config, means=_resid_means(source_text.atlas, model, tokenizer))
     result.prompt.update(
         name=config.prompt if config.prompt != chosen.text else "custom", origin=chosen.origin, placeholder=chosen.placeholder
     )
@@ -155,8 +155,12 @@ def _extract_source(model: nn.Module, tokenizer: PreTrainedTokenizerBase, given:
     )
 
 
-def _resid_means(atlas: Atlas | None) -> dict[int, Tensor] | None:
-    """The atlas's corpus means of ``blocks.s.hook_resid_pre``, by layer s (the corpus_mean control)."""
+def _resid_means(atlas: Atlas | None, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> dict[int, Tensor] | None:
+    """The atlas's corpus means of ``blocks.s.hook_resid_pre``, by layer s, first slots left out (the corpus_mean control)."""
     if atlas is None:
         return None
-    return {int(site.split(".")[1]): stats.mean for site, stats in atlas.sites.items() if site.endswith("hook_resid_pre")}
+    return {
+        int(site.split(".")[1]): atlas.mean_without_first_slots(site, model, tokenizer)
+        for site in atlas.sites
+        if site.endswith("hook_resid_pre")
+    }
