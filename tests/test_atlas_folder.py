@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import shutil
-import signal
 from pathlib import Path
 
 import pytest
-from run_inputs import TEXTS, profile_argv, write_corpus
+from run_inputs import TEXTS, ctrl_c_at_batch, profile_argv, write_corpus
 
 from patchscope import PatchscopeConfig
 from patchscope.atlas.atlas import AtlasError
@@ -76,25 +74,14 @@ def test_a_replaced_model_folder_is_not_reused(gemma_dir, tmp_path):
 
 
 def test_resume_refuses_data_that_changed_since_the_checkpoint(gemma, tmp_path, monkeypatch):
-    from patchscope.atlas.engine import Profiler
 
     model, tokenizer = gemma
     data = tmp_path / "corpus.txt"
     data.write_text("\n".join(TEXTS * 2))
     source = SourceConfig(dataset=str(data), split="")
     config = ProfileConfig(layer=LAYER, top_k=2, max_length=16, batch_tokens=48, checkpoint_every=1)
-    fold, calls = Profiler.fold, []
-
-    def fold_then_stop(self, rows, pad_id):
-        calls.append(1)
-        if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-        fold(self, rows, pad_id)
-
-    monkeypatch.setattr(Profiler, "fold", fold_then_stop)
-    with pytest.raises(Interrupted):
+    with ctrl_c_at_batch(2), pytest.raises(Interrupted):
         profile(model, tokenizer, source, config, out=tmp_path / "o", progress=False)
-    monkeypatch.setattr(Profiler, "fold", fold)
     data.write_text("\n".join(t.upper() for t in TEXTS * 2))  # same size, other texts
     with pytest.raises(
         AtlasError, match=r"made from other inputs: the data .*corpus.txt changed.*Resuming would mix old and new data"
@@ -163,24 +150,13 @@ def test_a_run_with_other_patchscope_settings_keeps_the_earlier_results(gemma_di
 
 
 def test_run_refuses_to_resume_a_checkpoint_of_other_data_before_loading(gemma_dir, tmp_path, monkeypatch):
-    from patchscope.atlas.engine import Profiler
 
     corpus = write_corpus(tmp_path / "corpus.jsonl", TEXTS * 3)
     config = _config(
         gemma_dir, corpus, tmp_path / "o", profile=ProfileConfig(layer=LAYER, max_length=16, batch_tokens=48, checkpoint_every=1)
     )
-    fold, calls = Profiler.fold, []
-
-    def fold_then_stop(self, rows, pad_id):
-        calls.append(1)
-        if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-        fold(self, rows, pad_id)
-
-    monkeypatch.setattr(Profiler, "fold", fold_then_stop)
-    with pytest.raises(Interrupted, match="rerun the same command to continue from it"):
+    with ctrl_c_at_batch(2), pytest.raises(Interrupted, match="rerun the same command to continue from it"):
         run_experiment(config, progress=False)
-    monkeypatch.setattr(Profiler, "fold", fold)
     write_corpus(corpus, TEXTS[::-1] * 3)
     monkeypatch.setattr("patchscope.experiment.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     with pytest.raises(AtlasError, match="made from other inputs: the data .*corpus.jsonl changed"):
@@ -229,29 +205,12 @@ def _profile(gemma, gemma_dir, source, out, **kwargs):
     return profile(model, tokenizer, source, PLAN_CONFIG, out=out, model_name=str(gemma_dir), progress=False, **kwargs)
 
 
-def _interrupted(gemma, gemma_dir, source, out, monkeypatch) -> None:
-    """Leave ``out`` as a SIGINT after the second batch leaves it: a checkpoint, no atlas."""
-    from patchscope.atlas.engine import Profiler
-
-    fold, calls = Profiler.fold, []
-
-    def fold_then_stop(self, rows, pad_id):
-        calls.append(1)
-        if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-        fold(self, rows, pad_id)
-
-    monkeypatch.setattr(Profiler, "fold", fold_then_stop)
-    with pytest.raises(Interrupted):
-        _profile(gemma, gemma_dir, source, out)
-    monkeypatch.setattr(Profiler, "fold", fold)
-
-
-def test_each_state_of_a_folder_gets_its_plan(gemma, gemma_dir, plain_corpus, tmp_path, monkeypatch):
+def test_each_state_of_a_folder_gets_its_plan(gemma, gemma_dir, plain_corpus, tmp_path):
     key = _key(gemma_dir, plain_corpus)
     assert AtlasFolder(tmp_path / "new").plan(key).action is Action.FRESH
 
-    _interrupted(gemma, gemma_dir, plain_corpus, tmp_path / "cut", monkeypatch)
+    with ctrl_c_at_batch(2), pytest.raises(Interrupted):  # leaves a checkpoint and no atlas
+        _profile(gemma, gemma_dir, plain_corpus, tmp_path / "cut")
     with pytest.raises(FolderRefused, match="pass `resume` to continue it"):
         AtlasFolder(tmp_path / "cut").plan(key)
     resumed = AtlasFolder(tmp_path / "cut").plan(key, Policy(resume=True))

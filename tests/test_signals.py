@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import signal
 
 import child_runs
 import pytest
-from run_inputs import TEXTS, profile_argv
+from run_inputs import TEXTS, ctrl_c_at_batch, profile_argv
 
 from patchscope.atlas.folder import CHECKPOINT
 from patchscope.atlas.profile_config import ProfileConfig
@@ -56,21 +55,10 @@ def test_a_signal_saves_a_checkpoint_and_prints_one_line(gemma_dir, tmp_path, si
     assert load_atlas(out).meta.provenance.resumed_after_batches == 3
 
 
-def test_library_profile_raises_interrupted_after_checkpointing(gemma, tmp_path, monkeypatch):
-    from patchscope.atlas.engine import Profiler
-
+def test_library_profile_raises_interrupted_after_checkpointing(gemma, tmp_path):
     model, tokenizer = gemma
-    fold, calls = Profiler.fold, []
-
-    def fold_then_ctrl_c(self, rows, pad_id):
-        calls.append(1)
-        if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-        fold(self, rows, pad_id)
-
-    monkeypatch.setattr(Profiler, "fold", fold_then_ctrl_c)
     config = ProfileConfig(layer=LAYER, top_k=2, max_length=16, batch_tokens=48, checkpoint_every=0)
-    with pytest.raises(Interrupted) as stopped:
+    with ctrl_c_at_batch(2), pytest.raises(Interrupted) as stopped:
         profile(model, tokenizer, TEXTS * 2, config, out=tmp_path / "o", progress=False)
     assert stopped.value.checkpoint == tmp_path / "o" / CHECKPOINT and stopped.value.checkpoint.exists()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
