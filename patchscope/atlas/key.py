@@ -87,7 +87,7 @@ class RunKey:
     model: str
     """The model's hub id or preset, or ``<local>`` for a file or folder known by its content."""
     source: tuple[tuple[str, str], ...]
-    """The data: dataset (``<local>`` when known by content), canonical split, text column, txt mode."""
+    """The data: dataset (``<local>`` when known by content), canonical split, and the text column (a .txt file: its txt mode)."""
     reading: tuple[tuple[str, object], ...]
     """Truncation and dtype: max_length, overflow, exclude_bos, dtype."""
     statistics: tuple[tuple[str, object], ...] = ()
