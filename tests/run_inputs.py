@@ -1,10 +1,12 @@
-"""Inputs for a test run of patchscope: a corpus file, a ``patchscope profile`` command line, a Ctrl-C."""
+"""Inputs for a test run of patchscope: a corpus file, a ``patchscope profile`` command line, a Ctrl-C, torchrun."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,6 +16,7 @@ from factories import FIXTURE_CORPUS
 from patchscope.atlas.engine import Profiler
 
 TEXTS = [t for t in FIXTURE_CORPUS if t]
+ROOT = Path(__file__).parent.parent
 
 
 def write_corpus(path: Path, texts: list[str]) -> Path:
@@ -55,3 +58,23 @@ def ctrl_c_at_batch(n: int = 2) -> Iterator[None]:
         yield
     finally:
         Profiler.fold = fold  # type: ignore[method-assign]
+
+
+def env(**extra: str) -> dict[str, str]:
+    """A child process's environment: this checkout first on the path, one thread per process."""
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **extra}
+
+
+def torchrun(args: list[str], nproc: int = 2, **extra: str) -> subprocess.CompletedProcess:
+    """``patchscope ARGS`` under torchrun with ``nproc`` gloo processes on this machine."""
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "patchscope",
+        *args,
+    ]
+    return subprocess.run(command, capture_output=True, text=True, env=env(**extra), timeout=300)

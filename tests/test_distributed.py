@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from factories import FIXTURE_CORPUS
+from run_inputs import env, torchrun
 from safetensors import safe_open
 
 from patchscope import load_model
@@ -65,24 +66,6 @@ def assert_identical(ours, expected) -> None:
         expected.meta.skipped_empty,
         expected.meta.split,
     )
-
-
-def env(**extra: str) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **extra}
-
-
-def torchrun(args: list[str], nproc: int = 2, **extra: str) -> subprocess.CompletedProcess:
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        "-m",
-        "patchscope",
-        *args,
-    ]
-    return subprocess.run(command, capture_output=True, text=True, env=env(**extra), timeout=300)
 
 
 # -- sharding and exact sums (no processes)
