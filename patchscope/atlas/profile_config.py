@@ -107,21 +107,34 @@ class ProfileConfig:
             raise ValueError(f"`reduction` must be one of {', '.join(get_args(Reduction))}; got {self.reduction!r}")
 
     def atlas_bytes(self, widths: Mapping[str, int]) -> int:
-        """Bytes of the top-k state for sites of these widths (a float32 value and three int64 indices per slot)."""
-        return ATLAS_BYTES_PER_SLOT * self.top_k * sum(widths.values())
+        """Bytes of the running state for sites of these widths: top-k and bottom-k slots (a float32
+        value and three int64 indices each) and the histogram's int64 counts."""
+        slots = ATLAS_BYTES_PER_SLOT * (self.top_k + self.bottom_k)
+        bins = HISTOGRAM_BYTES_PER_NEURON if self.histogram else 0
+        return (slots + bins) * sum(widths.values())
+
+    def workspace_bytes(self, widths: Mapping[str, int], device: torch.device | str = "cpu") -> int:
+        """Bytes of the CPU pass's reused buffers: two float32 and two int16 copies of the largest
+        batch's activations (`kernels.cpu_pass.Workspace`), 12 bytes an entry; none off the CPU."""
+        if torch.device(device).type != "cpu" or self.reduction == "separate" or not widths:
+            return 0
+        return WORKSPACE_BYTES_PER_ENTRY * self.batch_tokens * max(widths.values())
 
     def check_atlas_size(self, widths: Mapping[str, int], device: torch.device | str = "cpu") -> None:
-        """Refuse, before allocating, a top-k state that cannot fit in the device's memory.
+        """Refuse, before allocating, a state that cannot fit in the device's memory.
 
-        The running state and the merge of new candidates into it are held at once: about twice
-        `atlas_bytes`.
+        The running state and the merge of new candidates into it are held at once (about twice
+        `atlas_bytes`), beside the CPU pass's workspace (`workspace_bytes`).
         """
-        needed = 2 * self.atlas_bytes(widths)
+        state, workspace = 2 * self.atlas_bytes(widths), self.workspace_bytes(widths, device)
+        needed = state + workspace
         available = _memory_bytes(torch.device(device))
         if available is not None and needed > available // 2:
             raise ValueError(
-                f"`top_k` {self.top_k} over {sum(widths.values())} neurons needs about {needed / 2**30:.1f} GiB, more "
-                f"than half of the {available / 2**30:.1f} GiB of {torch.device(device).type} memory; lower `top_k`"
+                f"the atlas state for {sum(widths.values())} neurons (`top_k` {self.top_k}, `bottom_k` {self.bottom_k}) "
+                f"needs about {state / 2**30:.1f} GiB and the batch workspace {workspace / 2**30:.1f} GiB, more than half "
+                f"of the {available / 2**30:.1f} GiB of {torch.device(device).type} memory; lower `top_k`/`bottom_k` "
+                "or `batch_tokens`"
             )
 
     def capped_for(self, n_documents: int | None, *, warn: bool = True) -> ProfileConfig:
@@ -145,6 +158,8 @@ class ProfileConfig:
 
 
 ATLAS_BYTES_PER_SLOT = 4 + 3 * 8
+HISTOGRAM_BYTES_PER_NEURON = 8 * 163  # kernels.histogram.N_BINS int64 counts (tests/test_profile_config.py checks the count)
+WORKSPACE_BYTES_PER_ENTRY = 4 + 4 + 2 + 2  # float32 values and scratch, int16 magnitude and sign
 
 
 def _memory_bytes(device: torch.device) -> int | None:
