@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
 import torch
-from transformers import Gemma2Config, Gemma2ForCausalLM
+from transformers import Gemma2Config, Gemma2ForCausalLM, PreTrainedTokenizerFast
 
 SHAPES: dict[str, dict[str, int]] = {
     "tiny": dict(
@@ -91,7 +91,12 @@ class Conditions:
 
 
 def build_model(shape: str, *, layers: int | None, dtype: torch.dtype, device: str, seed: int = 0) -> Gemma2ForCausalLM:
-    """A Gemma-2 of the named shape with seeded random weights (eager attention, as the project loads it)."""
+    """A Gemma-2 of the named shape with seeded random weights (eager attention, as the project loads it).
+
+    The weights are created on ``device`` in ``dtype``: at the gemma-2-2b shape, building in float32
+    on the CPU and casting costs minutes of a short GPU window. The same seed gives other values on
+    another device or dtype; no benchmark compares weights across them.
+    """
     settings: dict[str, Any] = dict(SHAPES[shape])
     if layers is not None:
         settings["num_hidden_layers"] = layers
@@ -99,9 +104,36 @@ def build_model(shape: str, *, layers: int | None, dtype: torch.dtype, device: s
         **settings, max_position_embeddings=4096, attn_implementation="eager", pad_token_id=0, bos_token_id=2, eos_token_id=1
     )
     torch.manual_seed(seed)
-    model = Gemma2ForCausalLM(config)
-    # PreTrainedModel.to is wrapped by functools.wraps, whose stub does not bind `self`
-    return cast(Gemma2ForCausalLM, cast(torch.nn.Module, model).to(device=device, dtype=dtype).eval().requires_grad_(False))
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = Gemma2ForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return cast(Gemma2ForCausalLM, model.eval().requires_grad_(False))
+
+
+def word_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """A real fast tokenizer for the random models: ``"w17 w4"`` -> ``[2, 17, 4]`` (id 2 is BOS, 0 pad, 1 EOS, 3 unknown).
+
+    Whole library calls (`patchscope.profile` on texts) then pay for tokenization as a user does,
+    and `word_texts` turns the benchmark's token batches back into texts with exactly those ids.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, **{f"w{i}": i for i in range(4, vocab_size)}}
+    inner = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    inner.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    inner.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=inner, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def word_texts(batches: list[torch.Tensor]) -> list[str]:
+    """One text per row of the batches (BOS dropped: the tokenizer adds it); ids below 4 become ``w4``."""
+    return [" ".join(f"w{max(int(i), 4)}" for i in row[1:].tolist()) for ids in batches for row in ids]
 
 
 def config_dir(model: torch.nn.Module) -> str:
@@ -226,7 +258,7 @@ def random_batches(n_batches: int, batch: int, seq_len: int, vocab: int, device:
     generator = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n_batches):
-        ids = torch.randint(3, vocab, (batch, seq_len), generator=generator)
+        ids = torch.randint(4, vocab, (batch, seq_len), generator=generator)  # 0-3: pad, EOS, BOS, unknown
         ids[:, 0] = 2
         out.append(ids.to(device))
     return out

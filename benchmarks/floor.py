@@ -23,9 +23,10 @@ import torch
 
 from patchscope.atlas.engine import Profiler
 from patchscope.atlas.profile_config import ProfileConfig, Reduction
+from patchscope.atlas.profiling import profile
 from patchscope.util.storage import write_json
 
-from .common import Conditions, Timing, build_model, interleaved, random_batches
+from .common import Conditions, Timing, build_model, interleaved, random_batches, word_texts, word_tokenizer
 from .profiling import _segments, bare_stop_at_site, bare_truncated
 from .sections import write_section
 
@@ -47,6 +48,27 @@ def profiler_run(
     def run() -> None:
         for rows in planned:
             profiler.fold(rows, pad_id=0)
+
+    return run
+
+
+def whole_call(model, batches, layer: int, *, extras: bool = True) -> Callable[[], None]:
+    """What a user pays: ``patchscope.profile(model, tokenizer, texts, config)`` on texts that tokenize to
+    exactly ``batches`` (tokenization, batch planning, state set-up, every fold, the final merges and the
+    atlas on the CPU), with the batch budget that reproduces the same batches."""
+    batch, seq_len = batches[0].shape
+    tokenizer, texts = word_tokenizer(model.config.vocab_size), word_texts(batches)
+    config = ProfileConfig(
+        layer=layer,
+        max_length=seq_len,
+        batch_tokens=batch * seq_len,
+        checkpoint_every=0,
+        bottom_k=20 if extras else 0,
+        histogram=extras,
+    )
+
+    def run() -> None:
+        profile(model, tokenizer, texts, config, progress=False)
 
     return run
 
@@ -121,6 +143,8 @@ def variants(
         "profiler, defaults, separate kernels (the path before cpu_pass)": profiler_run(
             model, batches, layer, reduction="separate"
         ),
+        "whole call: patchscope.profile(texts), defaults": whole_call(model, batches, layer),
+        "whole call: patchscope.profile(texts), top-k and moments only": whole_call(model, batches, layer, extras=False),
     }
     if device.startswith("cuda"):
         table["profiler, Triton fused reduction"] = profiler_run(model, batches, layer, reduction="triton")

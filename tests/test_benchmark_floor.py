@@ -40,5 +40,6 @@ def test_floor_benchmark_runs_and_renders(tmp_path):
     (section,) = json.loads(data.read_text()).values()
     assert section["rows"]["floor: bare forward, decoder cut after the layer"]["vs_floor"] == 1.0
     assert all(row["tokens_per_s"] > 0 for row in section["rows"].values())
+    assert "whole call: patchscope.profile(texts), defaults" in section["rows"]  # what a user pays, beside the steady state
     assert "| profiler, defaults (top-k, moments, bottom-k, histogram) |" in result.stdout and "_Conditions: CPU" in result.stdout
     assert "<!-- floor:begin -->" in (tmp_path / "RESULTS.md").read_text()

@@ -51,3 +51,32 @@ def test_driver_writes_results(tmp_path):
     for heading in ("Profiling throughput", "Hook cost", "JumpReLU SAE encode", "Patchscope generation", "Growing the dataset"):
         assert heading in text
     assert "_Conditions: CPU" in text
+
+
+GPU_MACHINE = """
+import runpy, sys
+# what the GPU machine lacks: the check must run without them
+for name in ("datasets", "gguf", "transformer_lens", "nnsight"):
+    sys.modules[name] = None
+sys.argv = ["python -m benchmarks.gpu", "--dry-run", "--out", sys.argv[1]]
+runpy.run_module("benchmarks.gpu", run_name="__main__")
+"""
+
+
+def test_gpu_check_dry_run_covers_every_section_without_the_missing_wheels(tmp_path):
+    """`python -m benchmarks.gpu --dry-run`: the GPU check's code paths on the CPU at a tiny shape, with
+    `datasets`, `gguf`, TransformerLens and nnsight unimportable, as on the GPU machine."""
+    result = subprocess.run(
+        [sys.executable, "-c", GPU_MACHINE, str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu.json").read_text())
+    rows = report["rows"]
+    sections = {row["section"] for row in rows}
+    assert sections == {"hook parity", "triton pass", "profile parity", "cached patch", "speed", "whole model"}
+    assert not [row for row in rows if row["ok"] is False], [row for row in rows if row["ok"] is False]
+    assert sum(row["ok"] is True for row in rows) >= 12  # the correctness rows ran and passed
+    names = [row["name"] for row in rows]
+    assert any("whole call" in n for n in names) and any("projected time for 10M tokens" in n for n in names)
+    assert any(row["note"] == "skipped: transformer_lens is not installed" for row in rows)
+    assert "| hook parity |" in (tmp_path / "gpu.md").read_text()
