@@ -68,17 +68,21 @@ def merge_topk_fast(first: TopK, *rest: TopK) -> TopK:
     """
     parts = (first, *rest)
     k = first.k
-    joined = {name: torch.cat([getattr(p, name) for p in parts]).T.contiguous() for name in ("values", "doc", "pos", "token")}
-    values = joined["values"]  # [n, rows]
+    fields = ("values", "doc", "pos", "token")
+    rows = {name: torch.cat([getattr(p, name) for p in parts]) for name in fields}  # [rows, n]
+    values = rows["values"].T.contiguous()  # [n, rows]
     keep = min(k + TIE_MARGIN, values.shape[1])
     if keep < values.shape[1]:
         values, index = values.topk(keep, dim=1, sorted=False)  # [n, keep]
-        joined = {name: tensor.gather(1, index) for name, tensor in joined.items()}
-        joined["values"] = values
+        # only the values go neuron-major in full; the other fields are read at the kept rows alone
+        joined = {name: rows[name].gather(0, index.T).T.contiguous() for name in fields[1:]}
+    else:
+        joined = {name: rows[name].T.contiguous() for name in fields[1:]}
+    joined["values"] = values
     by_key = order_key(joined["doc"], joined["pos"]).argsort(dim=1, stable=True)  # [n, keep]
     by_value = values.gather(1, by_key).argsort(dim=1, descending=True, stable=True)
     order = by_key.gather(1, by_value)[:, :k]  # [n, k]
-    merged = TopK(*(joined[name].gather(1, order).T.contiguous() for name in ("values", "doc", "pos", "token")))
+    merged = TopK(*(joined[name].gather(1, order).T.contiguous() for name in fields))
     if merged.k < k:  # fewer rows than k in all: pad with empty slots
         merged = exact_columns(
             TopK.empty(k, merged.values.shape[1], merged.values.device), torch.arange(merged.values.shape[1]), merged
