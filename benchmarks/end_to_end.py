@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
 import statistics
@@ -151,11 +152,16 @@ def measure(args: argparse.Namespace) -> dict:
         "host": lambda: {"host": run_host(corpus)},
     }
     order, shuffler = list(timed), random.Random(0)
+    rounds = []
     for _ in range(args.runs):
         shuffler.shuffle(order)
+        this = {"load_average_1min": os.getloadavg()[0]}
         for name in order:
             for stage, seconds in timed[name]().items():
                 stages[stage].append(seconds)
+                this[stage] = seconds
+        this["profile_vs_floor"] = this["floor"] / (this["cli"] - this["load"])
+        rounds.append(this)
     shutil.rmtree(work)
     median = {name: statistics.median(values) for name, values in stages.items()}
     profile_cli = median["cli"] - median["load"]
@@ -169,6 +175,7 @@ def measure(args: argparse.Namespace) -> dict:
         "seconds": {name: dict(median=median[name], min=min(v), max=max(v)) for name, v in stages.items()},
         "tokens": real_tokens,
         "profile_vs_floor": median["floor"] / profile_cli,
+        "rounds": rounds,  # each round's stages, its ratio, and the machine's load average as it began
         "breakdown": {
             "model loading (excluded from the ratio)": median["load"],
             "reading + tokenizing + batching (timed apart; overlaps the forward in the CLI)": median["host"],
@@ -209,8 +216,23 @@ def render(results: dict) -> str:
         for name, seconds in r["breakdown"].items():
             share = "" if name.startswith("model loading") or "timed apart" in name else f"{100 * seconds / total:.1f}%"
             lines.append(f"| {name} | {seconds:.2f} | {share} |")
-        lines.append("")
+        lines += ["", *_rounds(r.get("rounds", [])), ""]
     return "\n".join(lines)
+
+
+def _rounds(rounds: list[dict]) -> list[str]:
+    """Each round on its own: its ratio, the profiling loop against the floor, and the load it ran under."""
+    if not rounds:
+        return []
+    lines = [
+        "| round | vs floor | CLI minus loading, s | loop, s | floor, s | load average as it began |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for number, r in enumerate(rounds, start=1):
+        lines.append(
+            f"| {number} | {r['profile_vs_floor']:.3f} | {r['cli'] - r['load']:.2f} | {r['loop']:.2f} | {r['floor']:.2f} | {r['load_average_1min']:.2f} |"
+        )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
