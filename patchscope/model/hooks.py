@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from patchscope.model.sites import SiteRef, base_model, resolve
+from patchscope.model.sites import SiteError, SiteRef, base_model, resolve
 
 
 class HookFn(Protocol):
@@ -87,17 +87,43 @@ def _join(tensor: Tensor, rest: Any) -> Any:
 _STOPS: weakref.WeakKeyDictionary[nn.Module, list[Any]] = weakref.WeakKeyDictionary()
 
 
+def _first_input(args: tuple, kwargs: dict) -> str | None:
+    """Where a module's first input is: None for ``args[0]``, else its keyword (``hidden_states`` in HF layers)."""
+    if args:
+        return None
+    if "hidden_states" in kwargs:
+        return "hidden_states"
+    return next(key for key, value in kwargs.items() if isinstance(value, Tensor))
+
+
+def _on_part(fn: HookFn, part: slice | None) -> HookFn:
+    """``fn`` on a slice of the last dimension (a site inside a fused tensor); a replacement is written back."""
+    if part is None:
+        return fn
+
+    def on_part(value: Tensor, step: Step) -> Tensor | None:
+        new = fn(value[..., part], step)
+        if new is None:
+            return None
+        whole = value.clone()
+        whole[..., part] = new
+        return whole
+
+    return on_part
+
+
 def _register(ref: SiteRef, fn: HookFn, tracker: _CallTracker) -> RemovableHandle:
+    fn = _on_part(fn, ref.part)
     if ref.point == "input":
 
         def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> Any:
-            from_kwargs = not args
-            value = kwargs["hidden_states"] if from_kwargs else args[0]
+            key = _first_input(args, kwargs)
+            value = args[0] if key is None else kwargs[key]
             new = fn(value, Step(ref.name, tracker))
             if new is None:
                 return None
-            if from_kwargs:
-                return args, {**kwargs, "hidden_states": new}
+            if key is not None:
+                return args, {**kwargs, key: new}
             return (new, *args[1:]), kwargs
 
         handle = ref.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
@@ -105,6 +131,8 @@ def _register(ref: SiteRef, fn: HookFn, tracker: _CallTracker) -> RemovableHandl
 
         def hook(module: nn.Module, args: tuple, output: Any) -> Any:
             value, rest = _split(output)
+            if not isinstance(value, Tensor):
+                raise SiteError(f"site {ref.name!r}: its module returns a {type(value).__name__}, not a tensor")
             new = fn(value, Step(ref.name, tracker))
             return None if new is None else _join(new, rest)
 
@@ -114,6 +142,14 @@ def _register(ref: SiteRef, fn: HookFn, tracker: _CallTracker) -> RemovableHandl
     return handle
 
 
+def _call_site(model: nn.Module) -> nn.Module:
+    """Where the tracker reads each call's cache: the decoder stack, or the model when no layer list is known."""
+    try:
+        return base_model(model)
+    except SiteError:
+        return model
+
+
 @contextmanager
 def add_hooks(model: nn.Module, fns: Mapping[str, HookFn]) -> Iterator[None]:
     """Install ``{site: fn}`` for the duration of the block."""
@@ -121,7 +157,7 @@ def add_hooks(model: nn.Module, fns: Mapping[str, HookFn]) -> Iterator[None]:
     tracker = _CallTracker()
     handles: list[RemovableHandle] = []
     try:
-        handles.append(base_model(model).register_forward_pre_hook(tracker, with_kwargs=True))
+        handles.append(_call_site(model).register_forward_pre_hook(tracker, with_kwargs=True))
         for name, fn in fns.items():
             handles.append(_register(refs[name], fn, tracker))
         yield

@@ -13,7 +13,6 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from patchscope.model import gguf
-from patchscope.model.sites import SUPPORTED_FAMILIES
 
 DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
 DeviceName = Literal["auto", "cpu", "cuda"]
@@ -222,12 +221,10 @@ def load_model(
         config = AutoConfig.from_pretrained(source, **common)
     except Exception as error:  # noqa: BLE001 - every failure gets the same explanation
         raise _explain(source, error) from error
-    if config.model_type not in SUPPORTED_FAMILIES:
-        raise ModelLoadError(
-            f"{source!r} is a {config.model_type!r} model; patchscope's hook sites support "
-            f"{', '.join(sorted(SUPPORTED_FAMILIES))}"
-        )
-    if attn_implementation is None and config.model_type.startswith("gemma"):
+    # Families outside the site table load too: their sites come from structural discovery or raw
+    # module paths (patchscope.model.sites), which need the module tree, so they are checked after loading.
+    family = config.get_text_config().model_type
+    if attn_implementation is None and family.startswith("gemma"):
         attn_implementation = "eager"
     try:
         model = AutoModelForCausalLM.from_pretrained(
