@@ -58,11 +58,11 @@ def _gated_mlp(mlp: Any) -> Table:
     return {"mlp.hook_pre": Where(mlp.gate_proj, "output"), "mlp.hook_post": Where(mlp.down_proj, "input")}
 
 
-def pre_norm(block: Any, config: Any) -> Table:
+def pre_norm(block: Any, config: Any, mlp: Table | None = None) -> Table:
     return {
         "hook_attn_out": Where(block.self_attn, "output"),
         "hook_resid_mid": Where(block.post_attention_layernorm, "input"),
-        **_gated_mlp(block.mlp),
+        **(_gated_mlp(block.mlp) if mlp is None else mlp),
         "hook_mlp_out": Where(block.mlp, "output"),
     }
 
@@ -88,9 +88,8 @@ def olmo2(block: Any, config: Any) -> Table:
 
 def phi3(block: Any, config: Any) -> Table:
     """One fused ``gate_up_proj`` whose first half is the gate: ``down_proj(up * act(gate))``."""
-    table = pre_norm(block, config)
-    table["mlp.hook_pre"] = Where(block.mlp.gate_up_proj, "output", slice(0, config.intermediate_size))
-    return table
+    gate = Where(block.mlp.gate_up_proj, "output", slice(0, config.intermediate_size))
+    return pre_norm(block, config, {"mlp.hook_pre": gate, "mlp.hook_post": Where(block.mlp.down_proj, "input")})
 
 
 PARALLEL = (
