@@ -256,11 +256,14 @@ def load_model_until(name_or_path: str, layer: int, **kwargs) -> tuple[PreTraine
 
     Layers above ``layer`` are never built (their weights are skipped while loading), and the LM head
     is dropped after loading, so neither costs memory unless the head shares the embedding matrix
-    (Gemma does). Activations up to ``layer`` are unchanged: a decoder layer only sees the layers
+    (Gemma does). A multimodal checkpoint (Gemma 3's ``Gemma3ForConditionalGeneration``) loads whole.
+    Activations up to ``layer`` are unchanged: a decoder layer only sees the layers
     before it. The model can no longer produce logits; generation (``patchscope run``) needs
     `load_model`.
     """
     config = load_config(name_or_path, trust_remote_code=kwargs.get("trust_remote_code", False), token=kwargs.get("token"))
+    if config.get_text_config() is not config:  # a multimodal checkpoint: its layer count sits in text_config
+        return load_model(name_or_path, **kwargs)
     total = config.num_hidden_layers
     if not 0 <= layer < total:
         raise ValueError(f"layer {layer} is out of range: {name_or_path} has layers 0..{total - 1}")
