@@ -108,12 +108,21 @@ _EXPORTS: dict[str, str] = {
     "ExactSum": "patchscope.atlas.exact",
     "QuantileExamples": "patchscope.kernels.quantiles",
     "TargetPrompt": "patchscope.scope.prompts",
+    "PromptSpec": "patchscope.scope.config",
     "NeuronAttribution": "patchscope.sae.attribution",
     "NeuronTarget": "patchscope.scope.readout",
     "NeuronReadout": "patchscope.scope.readout",
     "Source": "patchscope.scope.sweep",
     "SweepInput": "patchscope.scope.sweep_token",
     "SweepOutcome": "patchscope.scope.sweep_token",
+    "Action": "patchscope.atlas.folder",
+    "Case": "patchscope.scope.controls",
+    "DecodeRelatedness": "patchscope.scope.verdict",
+    "FeatureContribution": "patchscope.sae.attribution",
+    "FeatureHit": "patchscope.sae.jumprelu",
+    "RankShare": "patchscope.atlas.atlas",
+    "SAEResult": "patchscope.experiment",
+    "SourceToken": "patchscope.experiment",
     "ExperimentConfig": "patchscope.experiment",
     "ExperimentResult": "patchscope.experiment",
     "run_experiment": "patchscope.experiment",
@@ -136,18 +145,27 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and editors: the same names, imported eagerly
-    from patchscope.atlas.atlas import Atlas, AtlasEntry, AtlasError, AtlasMeta, Provenance, SiteAtlas
+    from patchscope.atlas.atlas import Atlas, AtlasEntry, AtlasError, AtlasMeta, Provenance, RankShare, SiteAtlas
     from patchscope.atlas.distributed import World
     from patchscope.atlas.exact import ExactSum
     from patchscope.atlas.exports import export_original, export_parquet
-    from patchscope.atlas.folder import AtlasFolder, Cursor, Plan, Policy
+    from patchscope.atlas.folder import Action, AtlasFolder, Cursor, Plan, Policy
     from patchscope.atlas.key import Inputs, RunKey
     from patchscope.atlas.profile_config import ProfileConfig
     from patchscope.atlas.profiling import profile
     from patchscope.atlas.sources import Document, SourceConfig, TextSource
     from patchscope.atlas.stats import Moments, TopK
     from patchscope.atlas.store import load_atlas, save_atlas
-    from patchscope.experiment import AtlasRecord, ExperimentConfig, ExperimentResult, NeuronResult, PromptRecord, run_experiment
+    from patchscope.experiment import (
+        AtlasRecord,
+        ExperimentConfig,
+        ExperimentResult,
+        NeuronResult,
+        PromptRecord,
+        SAEResult,
+        SourceToken,
+        run_experiment,
+    )
     from patchscope.kernels.quantiles import QuantileExamples
     from patchscope.model.families import Where
     from patchscope.model.hooks import (
@@ -167,10 +185,11 @@ if TYPE_CHECKING:  # for type checkers and editors: the same names, imported eag
     )
     from patchscope.model.loading import PRESETS, load_model
     from patchscope.model.sites import Layout, SiteError, SiteRef, layout, list_sites, refused_sites, resolve
-    from patchscope.sae.attribution import NeuronAttribution, attribute_neuron
-    from patchscope.sae.jumprelu import JumpReLUSAE, SAEError, SAEInfo, SAEReadout, top_features
+    from patchscope.sae.attribution import FeatureContribution, NeuronAttribution, attribute_neuron
+    from patchscope.sae.jumprelu import FeatureHit, JumpReLUSAE, SAEError, SAEInfo, SAEReadout, top_features
     from patchscope.sae.loaders import load_sae
-    from patchscope.scope.config import PatchscopeConfig
+    from patchscope.scope.config import PatchscopeConfig, PromptSpec
+    from patchscope.scope.controls import Case
     from patchscope.scope.extract import Extraction, ReproductionError, extract
     from patchscope.scope.inject import Observation, Row, control_rows, inject
     from patchscope.scope.placeholder import PlaceholderError, PromptPlan, find_placeholder, plan_prompt
@@ -179,3 +198,4 @@ if TYPE_CHECKING:  # for type checkers and editors: the same names, imported eag
     from patchscope.scope.rows import Generation, PatchRow, RowReadout, run_rows
     from patchscope.scope.sweep import Source, SweepConfig, SweepResult, sweep
     from patchscope.scope.sweep_token import SweepInput, SweepOutcome, sweep_token
+    from patchscope.scope.verdict import DecodeRelatedness
