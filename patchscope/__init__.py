@@ -28,6 +28,7 @@ from patchscope._version import __version__
 _EXPORTS: dict[str, str] = {
     "Atlas": "patchscope.atlas.atlas",
     "AtlasEntry": "patchscope.atlas.atlas",
+    "AtlasNeuron": "patchscope.atlas.atlas",
     "AtlasError": "patchscope.atlas.atlas",
     "AtlasMeta": "patchscope.atlas.atlas",
     "SiteAtlas": "patchscope.atlas.atlas",
@@ -131,6 +132,17 @@ _EXPORTS: dict[str, str] = {
 __all__ = ["__version__", *sorted(_EXPORTS)]
 
 
+def _notebook_views() -> None:
+    """Under IPython (a notebook), register the HTML views of atlas neurons, entries and sweep results."""
+    import sys
+
+    if "IPython" in sys.modules:
+        importlib.import_module("patchscope.report.notebook")
+
+
+_notebook_views()
+
+
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
@@ -145,7 +157,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and editors: the same names, imported eagerly
-    from patchscope.atlas.atlas import Atlas, AtlasEntry, AtlasError, AtlasMeta, Provenance, RankShare, SiteAtlas
+    from patchscope.atlas.atlas import Atlas, AtlasEntry, AtlasError, AtlasMeta, AtlasNeuron, Provenance, RankShare, SiteAtlas
     from patchscope.atlas.distributed import World
     from patchscope.atlas.exact import ExactSum
     from patchscope.atlas.exports import export_original, export_parquet
