@@ -491,6 +491,17 @@ def run_with_cache(
     (the final norm, the head) needs the whole pass, which then returns its logits. Runs under the
     caller's grad mode: wrap it in ``torch.no_grad()`` or ``torch.inference_mode()`` to save memory.
 
+    Args:
+        model: a HF causal LM.
+        inputs: token ids ``[batch, pos]``, or the model call's keyword arguments (a ``BatchEncoding``).
+        names: one site or several: named (``blocks.3.hook_resid_post``) or raw (``model.norm:output``).
+        stop: end the pass after the deepest site (no logits); False runs the whole model.
+        positions: absolute positions to keep, as for `capture`.
+        to_cpu: copy each recorded tensor to the CPU.
+
+    Returns:
+        ``(logits, cache)``: the logits (None when the pass stopped early) and a `Capture` ``{site: tensor}``.
+
     Example:
         >>> _, cache = run_with_cache(model, input_ids, ["blocks.3.hook_resid_post", "blocks.5.mlp.hook_post"])
         >>> cache["blocks.5.mlp.hook_post"].shape  # [batch, pos, d_mlp]; layers 6.. never ran

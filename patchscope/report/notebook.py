@@ -78,7 +78,8 @@ def _heatmap(result: SweepResult, metric: str, condition: str) -> str:
         + "</tr>"
         for i, s in enumerate(result.source_layers)
     )
-    return f"<h3>{esc(metric)} ({esc(condition)})</h3><table class=heatmap data-metric='{esc(metric)}' data-condition='{esc(condition)}'><tr><th></th>{head}</tr>{body}</table>"
+    table = f"<table class=heatmap data-metric='{esc(metric)}' data-condition='{esc(condition)}'>"
+    return f"<h3>{esc(metric)} ({esc(condition)})</h3>{table}<tr><th></th>{head}</tr>{body}</table>"
 
 
 def sweep_html(result: SweepResult) -> str:
