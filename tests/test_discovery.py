@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -138,3 +139,19 @@ def test_a_fresh_family_outside_the_table_profiles_in_a_subprocess(tmp_path):
         handle.remove()
     torch.testing.assert_close(atlas["model.layers.1.self_attn.o_proj:input"].top.values[0], best, rtol=1e-5, atol=1e-5)
     assert json.loads((out / "atlas.json").read_text())
+
+
+def test_patchscope_sites_names_the_discovery_rule_and_the_refusals(discovered, tmp_path, capsys):
+    from patchscope.cli.main import main
+
+    model, tokenizer = discovered
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    assert main(["sites", "--model", str(tmp_path), "--device", "cpu", "--dtype", "float32", "--modules"]) == 0
+    out = capsys.readouterr().out
+    assert "sites placed by structural discovery: decoder layers at model.layers" in out
+    assert re.search(r"^blocks\.1\.mlp\.hook_post +input +of model\.layers\.1\.mlp\.c_proj$", out, re.MULTILINE)
+    assert (
+        "not available: blocks.0.hook_attn_out, blocks.1.hook_attn_out, blocks.2.hook_attn_out: discovery does not place" in out
+    )
+    assert "model.layers.1.self_attn.o_proj" in out  # --modules lists the paths for raw sites
