@@ -54,7 +54,7 @@ def corpus_means(model, tokenizer, texts: list[str], layers: list[int], *, max_t
     """Mean residual at blocks.s.hook_resid_pre per layer, over the paragraphs' first tokens (position 0 left out)."""
     import torch
 
-    from patchscope.model.hooks import capture, stop_after
+    from patchscope import run_with_cache
 
     sites = [f"blocks.{s}.hook_resid_pre" for s in layers]
     totals = {s: torch.zeros(model.config.hidden_size, dtype=torch.float64) for s in layers}
@@ -63,8 +63,8 @@ def corpus_means(model, tokenizer, texts: list[str], layers: list[int], *, max_t
         encoded = [tokenizer(t).input_ids[:max_tokens] for t in texts[start : start + batch]]
         width = min(len(ids) for ids in encoded)  # a rectangle without padding
         ids = torch.tensor([e[:width] for e in encoded])
-        with torch.no_grad(), capture(model, sites) as cache, stop_after(model, sites[-1]):
-            model(input_ids=ids)
+        with torch.no_grad():
+            _, cache = run_with_cache(model, ids, sites)
         for s, site in zip(layers, sites):
             totals[s] += cache[site][:, 1:].double().sum(dim=(0, 1)).cpu()
         count += ids.shape[0] * (width - 1)

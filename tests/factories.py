@@ -142,3 +142,15 @@ def tiny_gemma3(directory: Path, seed: int = 2, **overrides) -> Path:
     _seeded(model, seed, scale=0.15)
     model.save_pretrained(directory)
     return directory
+
+
+def tiny_from_config(directory: Path, make_config, seed: int = 3, scale: float = 0.15) -> Path:
+    """Any causal-LM family: ``make_config(vocab_size)`` -> config; built, seeded, saved with the tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = train_tokenizer(directory)
+    config = make_config(len(tokenizer))
+    model = AutoModelForCausalLM.from_config(config)
+    _seeded(model, seed, scale)
+    model.save_pretrained(directory)
+    return directory

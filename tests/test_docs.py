@@ -5,13 +5,15 @@ import pytest
 from patchscope.atlas.atlas import Atlas
 from patchscope.atlas.profiling import profile
 from patchscope.experiment import run_experiment
-from patchscope.model.hooks import capture, patch, stop_after
+from patchscope.model.hooks import capture, patch, run_with_cache, stop_after
 from patchscope.sae.loaders import load_sae
 from patchscope.scope.extract import extract
 from patchscope.scope.inject import inject
 
 
-@pytest.mark.parametrize("function", [capture, patch, stop_after, profile, extract, inject, run_experiment, load_sae])
+@pytest.mark.parametrize(
+    "function", [capture, patch, stop_after, run_with_cache, profile, extract, inject, run_experiment, load_sae]
+)
 def test_public_functions_have_args_returns_and_an_example(function):
     doc = function.__doc__ or ""
     assert "Args:" in doc and "Example:" in doc and ">>>" in doc

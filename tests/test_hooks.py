@@ -310,3 +310,63 @@ def test_capture_to_cpu_on_cuda_matches_a_blocking_copy(gemma):
         assert value.device.type == "cpu" and torch.equal(value, slow["blocks.1.mlp.hook_post"].cpu())
     finally:
         model.cpu()
+
+
+def test_stop_after_says_what_it_cut(gemma):
+    """The explicit contract: `Cut` counts the stopped passes and says whether the block itself was ended."""
+    model, tokenizer = gemma
+    ran_after = []
+    with stop_after(model, "blocks.1.hook_resid_post") as cut:
+        model(_ids(tokenizer))
+        ran_after.append(1)  # skipped: the stop ends the block here
+    assert (cut.site, cut.passes, cut.block_ended, ran_after) == ("blocks.1.hook_resid_post", 1, True, [])
+    with stop_after(model, "blocks.1.hook_resid_post") as untouched:
+        pass  # no forward pass: nothing cut
+    assert (untouched.passes, untouched.block_ended) == (0, False)
+
+
+def test_an_inner_stop_does_not_swallow_an_outer_stop(gemma):
+    """Nested stops: the earlier site's signal belongs to its own block, the inner one re-raises it."""
+    model, tokenizer = gemma
+    with stop_after(model, "blocks.0.hook_resid_post") as outer:
+        with stop_after(model, "blocks.2.hook_resid_post") as inner:
+            model(_ids(tokenizer))
+    assert (outer.passes, outer.block_ended, inner.passes, inner.block_ended) == (1, True, 0, False)
+
+
+def test_run_with_cache_stops_after_the_deepest_site(gemma):
+    from patchscope import run_with_cache
+
+    model, tokenizer = gemma
+    ids = _ids(tokenizer)
+    names = ["blocks.2.mlp.hook_post", "blocks.0.hook_resid_post", "blocks.1.hook_attn_out"]
+    head_calls = []
+    later, handle = _counter(model, 3)
+    head = model.lm_head.register_forward_hook(lambda *a: head_calls.append(1))
+    try:
+        with torch.no_grad():
+            logits, cache = run_with_cache(model, ids, names)
+    finally:
+        handle.remove()
+        head.remove()
+    assert logits is None and head_calls == [] and later == []
+    with torch.no_grad(), capture(model, names) as full:
+        reference = model(ids).logits
+    for name in names:
+        torch.testing.assert_close(cache[name], full[name], rtol=0, atol=0)
+    with torch.no_grad():
+        logits, whole = run_with_cache(model, tokenizer(TEXT, return_tensors="pt"), names, stop=False)
+    torch.testing.assert_close(logits, reference, rtol=0, atol=0)
+    torch.testing.assert_close(whole["blocks.2.mlp.hook_post"], full["blocks.2.mlp.hook_post"], rtol=0, atol=0)
+
+
+def test_run_with_cache_keeps_the_position_contract(gemma):
+    from patchscope import run_with_cache
+
+    model, tokenizer = gemma
+    ids = _ids(tokenizer)
+    with torch.no_grad():
+        _, every = run_with_cache(model, ids, "blocks.1.hook_resid_post")
+        _, some = run_with_cache(model, ids, "blocks.1.hook_resid_post", positions=[2, 5])
+    torch.testing.assert_close(some["blocks.1.hook_resid_post"], every["blocks.1.hook_resid_post"][:, [2, 5]])
+    assert some.positions["blocks.1.hook_resid_post"].tolist() == [[2, 5]]

@@ -28,12 +28,20 @@ def test_bad_site_names_list_what_is_valid(gemma, bad, fragment):
         resolve(gemma[0], bad)
 
 
-def test_unsupported_architecture_is_named():
-    from transformers import GPT2Config, GPT2LMHeadModel
+def test_a_model_without_a_layer_list_is_refused_naming_the_lists_found():
+    from types import SimpleNamespace
 
-    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
-    with pytest.raises(SiteError, match="gpt2.*supported"):
-        list_sites(model)
+    class Toy(torch.nn.Module):
+        config = SimpleNamespace(model_type="toy", num_hidden_layers=2)
+
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(3))
+
+    with pytest.raises(
+        SiteError, match=r"'toy' \(Toy\) is not in the family table and no module list of 2 layers.*blocks \(3 x Linear\)"
+    ):
+        list_sites(Toy())
 
 
 def test_resid_pre_equals_hidden_states(any_model):

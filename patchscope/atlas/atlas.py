@@ -23,6 +23,7 @@ from patchscope.atlas.stats import Moments, TopK
 from patchscope.kernels.bottomk import merge_bottomk
 from patchscope.kernels.quantiles import QuantileExamples, merge_quantiles
 from patchscope.kernels.topk_merge import merge_topk
+from patchscope.util.display import html_view
 
 CONTEXT_TOKENS = 5
 
@@ -241,6 +242,27 @@ class AtlasEntry:
     position: int
     token: int
 
+    _repr_html_ = html_view  # a card in Jupyter (patchscope.report.notebook)
+
+
+@dataclass(frozen=True)
+class AtlasNeuron:
+    """One neuron of an atlas: its statistics and recorded examples (``atlas.neuron(site, n)``)."""
+
+    site: str
+    neuron: int
+    max: float
+    mean: float
+    fire_rate: float
+    """Fraction of counted tokens with an activation above 0."""
+    n_tokens: int
+    entries: tuple[AtlasEntry, ...]
+    """Its filled top-k examples, best first."""
+    model: str
+    """The model the atlas was profiled on."""
+
+    _repr_html_ = html_view  # a card in Jupyter (patchscope.report.notebook)
+
 
 @dataclass
 class Atlas:
@@ -304,6 +326,24 @@ class Atlas:
             doc,
             int(stats.top.pos[rank, neuron]),
             int(stats.top.token[rank, neuron]),
+        )
+
+    def neuron(self, site: str, neuron: int) -> AtlasNeuron:
+        """Neuron ``neuron`` of ``site``: maximum, mean, firing rate and its examples (shows as HTML in Jupyter)."""
+        stats = self[site]
+        if not 0 <= neuron < stats.n_neurons:
+            raise IndexError(f"neuron {neuron} is out of range: {site} has neurons 0..{stats.n_neurons - 1}")
+        ranks = [r for r in range(stats.top.k) if int(stats.top.doc[r, neuron]) >= 0]
+        tokens = int(stats.moments.n_tokens)
+        return AtlasNeuron(
+            site,
+            neuron,
+            float(stats.max[neuron]),
+            float(stats.mean[neuron]),
+            int(stats.moments.fire_count[neuron]) / max(tokens, 1),
+            tokens,
+            tuple(self.entry(site, neuron, r) for r in ranks),
+            self.meta.model,
         )
 
     def entries(self, site: str, ranks: int | None = None) -> list[AtlasEntry]:

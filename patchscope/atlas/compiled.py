@@ -18,14 +18,14 @@ from typing import cast
 import torch
 from torch import nn
 
-from patchscope.model.sites import base_model
+from patchscope.model.sites import decoder_layers
 
 
 class CompiledLayers:
     """Compiled wrappers of the first ``count`` decoder layers, swapped in only during a forward."""
 
     def __init__(self, model: nn.Module, count: int) -> None:
-        self.layers = cast(nn.ModuleList, base_model(model).layers)
+        self.layers = decoder_layers(model)
         # dynamic=None: the first batch shape compiles a static graph, the next one a dynamic graph
         # that serves every later (batch, pos); compiled code is shared by layers of one class.
         # torch.compile of a module returns an OptimizedModule, itself an nn.Module

@@ -29,7 +29,7 @@ from patchscope.kernels.histogram import batch_histogram, empty_histogram
 from patchscope.kernels.topk_merge_fast import merge_topk_fast
 from patchscope.model.hooks import add_hooks, stop_after
 from patchscope.model.loading import model_device
-from patchscope.model.sites import check_layer, resolve, site_width
+from patchscope.model.sites import check_layer, resolve, site_width, stop_site
 
 log = logging.getLogger(__name__)
 MERGE_EVERY = 4
@@ -69,7 +69,7 @@ class Profiler:
         if not config.sites:
             check_layer(model, config.layer)
         refs = [resolve(model, site) for site in self.sites]  # fails on any bad site, before work
-        self.deepest = max(refs, key=lambda ref: ref.order).name
+        self.deepest = stop_site(model, self.sites)  # None: a raw site after the layers needs the whole pass
         self.device = model_device(model)
         config.check_atlas_size({site: site_width(model, site) for site in self.sites}, self.device)
         self.state = {site: self._empty_site(site_width(model, site)) for site in self.sites}
@@ -155,7 +155,7 @@ class Profiler:
             torch.inference_mode(),
             compiled,
             add_hooks(self.model, {s: self._on_site_device(self._site_hook(s)) for s in self.sites}),
-            stop_after(self.model, self.deepest),
+            stop_after(self.model, self.deepest) if self.deepest else nullcontext(),
         ):
             self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
 

@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 
 from patchscope.atlas.batching import adds_bos, segments
 from patchscope.atlas.sources import TextSource
-from patchscope.model.hooks import capture, run_until
+from patchscope.model.hooks import run_with_cache
 
 if TYPE_CHECKING:
     from patchscope.atlas.atlas import Atlas
@@ -41,8 +41,8 @@ def mean_without_first_slots(atlas: Atlas, site: str, model: nn.Module, tokenize
     )
     embeddings = cast(nn.Embedding, cast(Any, model).get_input_embeddings())
     ids = torch.tensor(list(firsts), device=embeddings.weight.device).unsqueeze(1)  # [tokens, 1]
-    with torch.no_grad(), capture(model, site) as cache:
-        run_until(model, site, input_ids=ids)
+    with torch.no_grad():
+        _, cache = run_with_cache(model, ids, site)
     first_slots = cache[site][:, 0].float().cpu()  # [tokens, d_model]
     counts = torch.tensor(list(firsts.values()), dtype=torch.float32)
     total = stats.moments.total.float() - counts @ first_slots

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
+from contextlib import nullcontext
 
 import torch
 from torch import Tensor, nn
@@ -23,7 +24,7 @@ from patchscope.atlas.stats import TokenFields
 from patchscope.kernels.quantiles import INTERVALS, QuantileExamples, batch_quantiles, merge_quantiles
 from patchscope.model.hooks import add_hooks, stop_after
 from patchscope.model.loading import model_device
-from patchscope.model.sites import resolve
+from patchscope.model.sites import stop_site
 
 __all__ = ["INTERVALS", "add_quantile_examples", "quantile_examples"]
 
@@ -36,7 +37,7 @@ def quantile_examples(
         raise ValueError(f"`quantile_examples` must be at least 1 for the quantile pass, got {config.quantile_examples}")
     device = model_device(model)
     sites = list(atlas.sites)
-    deepest = max((resolve(model, site) for site in sites), key=lambda ref: ref.order).name
+    deepest = stop_site(model, sites)
     upper = {site: atlas[site].max.float().clamp(min=0).to(device) for site in sites}  # [n]
     state = {site: QuantileExamples.empty(upper[site], config.quantile_examples) for site in sites}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -66,7 +67,7 @@ def quantile_examples(
         for rows in batches:
             batch = collate(rows, pad_id).to(device)
             current[:] = [batch.fields()]
-            with stop_after(model, deepest):
+            with stop_after(model, deepest) if deepest else nullcontext():
                 model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
     return {site: picks.to("cpu") for site, picks in state.items()}
 

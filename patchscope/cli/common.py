@@ -17,7 +17,7 @@ def check_layers(model_name: str, layers: list[int]) -> None:
     """Layer numbers against the model's config, before its weights load."""
     from patchscope.model.loading import load_config
 
-    count = load_config(model_name).num_hidden_layers
+    count = load_config(model_name).get_text_config().num_hidden_layers
     for layer in layers:
         if not 0 <= layer < count:
             raise ValueError(f"layer {layer} is out of range: {model_name} has layers 0..{count - 1}")

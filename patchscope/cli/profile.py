@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from patchscope.atlas.sources import SourceConfig, TextSource
     from patchscope.cli.args import from_namespace
     from patchscope.model.loading import load_model, load_model_until, resolve_device, resolve_dtype
-    from patchscope.model.sites import parse_site
+    from patchscope.model.sites import is_raw, parse_site
     from patchscope.util.storage import check_writable
 
     if args.nproc > 1 and distributed.detect().size == 1:
@@ -50,7 +50,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(
             "`device_map` spreads one model over this node's GPUs: run one process per node (torchrun --nproc-per-node 1)"
         )
-    if args.truncated_load:  # profiling never needs the layers after the deepest site, nor the LM head
+    # profiling never needs the layers after the deepest site, nor the LM head; a raw site outside the
+    # decoder layers (the final norm, the head) needs the whole model
+    outside = any(is_raw(site) and parse_site(site)[0] < 0 for site in config.site_names())
+    if args.truncated_load and not outside:
         model, tokenizer = load_model_until(
             args.model, max(layers, default=0), dtype=args.dtype, device=device, device_map=args.device_map
         )

@@ -21,7 +21,7 @@ def register(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from patchscope.model.hooks import capture, stop_after
+    from patchscope.model.hooks import run_with_cache
     from patchscope.model.loading import load_config, load_model
     from patchscope.sae.attribution import attribute_neuron
     from patchscope.sae.jumprelu import check_site, top_features
@@ -36,8 +36,8 @@ def run(args: argparse.Namespace) -> int:
     ids = tokenizer(args.text, return_tensors="pt").input_ids.to(model.device)
     if not 0 <= args.position < ids.shape[1]:
         raise IndexError(f"--position {args.position} is outside the text's {ids.shape[1]} tokens (BOS is 0)")
-    with torch.no_grad(), capture(model, site) as cache, stop_after(model, site):
-        model(input_ids=ids)
+    with torch.no_grad():
+        _, cache = run_with_cache(model, ids, site)
     vector = cache[site][0, args.position]
     sae = sae.to(vector.device)
     token = tokenizer.decode([int(ids[0, args.position])])

@@ -7,14 +7,17 @@ Every install is a context manager that removes its handles in ``finally``. They
     cache["blocks.4.mlp.hook_post"]  # [batch, pos, d_mlp]; layers 5.. never ran
 
 A stop raises `StopForward` inside the model; `stop_after` swallows it when the block exits, so
-put the model call last in the block.
+the statements after the model call inside the block do not run (its `Cut` says so). `run_with_cache`
+does capture and stop in one call:
+
+    _, cache = run_with_cache(model, input_ids, "blocks.4.mlp.hook_post")
 """
 
 from __future__ import annotations
 
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, cast
 
@@ -22,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from patchscope.model.sites import SiteRef, base_model, resolve
+from patchscope.model.sites import SiteError, SiteRef, base_model, resolve, stop_site
 
 
 class HookFn(Protocol):
@@ -87,17 +90,43 @@ def _join(tensor: Tensor, rest: Any) -> Any:
 _STOPS: weakref.WeakKeyDictionary[nn.Module, list[Any]] = weakref.WeakKeyDictionary()
 
 
+def _first_input(args: tuple, kwargs: dict) -> str | None:
+    """Where a module's first input is: None for ``args[0]``, else its keyword (``hidden_states`` in HF layers)."""
+    if args:
+        return None
+    if "hidden_states" in kwargs:
+        return "hidden_states"
+    return next(key for key, value in kwargs.items() if isinstance(value, Tensor))
+
+
+def _on_part(fn: HookFn, part: slice | None) -> HookFn:
+    """``fn`` on a slice of the last dimension (a site inside a fused tensor); a replacement is written back."""
+    if part is None:
+        return fn
+
+    def on_part(value: Tensor, step: Step) -> Tensor | None:
+        new = fn(value[..., part], step)
+        if new is None:
+            return None
+        whole = value.clone()
+        whole[..., part] = new
+        return whole
+
+    return on_part
+
+
 def _register(ref: SiteRef, fn: HookFn, tracker: _CallTracker) -> RemovableHandle:
+    fn = _on_part(fn, ref.part)
     if ref.point == "input":
 
         def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> Any:
-            from_kwargs = not args
-            value = kwargs["hidden_states"] if from_kwargs else args[0]
+            key = _first_input(args, kwargs)
+            value = args[0] if key is None else kwargs[key]
             new = fn(value, Step(ref.name, tracker))
             if new is None:
                 return None
-            if from_kwargs:
-                return args, {**kwargs, "hidden_states": new}
+            if key is not None:
+                return args, {**kwargs, key: new}
             return (new, *args[1:]), kwargs
 
         handle = ref.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
@@ -105,6 +134,8 @@ def _register(ref: SiteRef, fn: HookFn, tracker: _CallTracker) -> RemovableHandl
 
         def hook(module: nn.Module, args: tuple, output: Any) -> Any:
             value, rest = _split(output)
+            if not isinstance(value, Tensor):
+                raise SiteError(f"site {ref.name!r}: its module returns a {type(value).__name__}, not a tensor")
             new = fn(value, Step(ref.name, tracker))
             return None if new is None else _join(new, rest)
 
@@ -114,6 +145,14 @@ def _register(ref: SiteRef, fn: HookFn, tracker: _CallTracker) -> RemovableHandl
     return handle
 
 
+def _call_site(model: nn.Module) -> nn.Module:
+    """Where the tracker reads each call's cache: the decoder stack, or the model when no layer list is known."""
+    try:
+        return base_model(model)
+    except SiteError:
+        return model
+
+
 @contextmanager
 def add_hooks(model: nn.Module, fns: Mapping[str, HookFn]) -> Iterator[None]:
     """Install ``{site: fn}`` for the duration of the block."""
@@ -121,7 +160,7 @@ def add_hooks(model: nn.Module, fns: Mapping[str, HookFn]) -> Iterator[None]:
     tracker = _CallTracker()
     handles: list[RemovableHandle] = []
     try:
-        handles.append(base_model(model).register_forward_pre_hook(tracker, with_kwargs=True))
+        handles.append(_call_site(model).register_forward_pre_hook(tracker, with_kwargs=True))
         for name, fn in fns.items():
             handles.append(_register(refs[name], fn, tracker))
         yield
@@ -348,6 +387,7 @@ class _Stop:
 
     def __init__(self, ref: SiteRef) -> None:
         self.ref = ref
+        self.cut: Cut | None = None
         self.handle: RemovableHandle | None = None
         self.install()
 
@@ -367,34 +407,59 @@ class _Stop:
             self.handle = None
 
     def _raise_pre(self, module: nn.Module, args: tuple) -> None:
-        raise StopForward(self.ref.name)
+        self._stop()
 
     def _raise_post(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self._stop()
+
+    def _stop(self) -> None:
+        if self.cut is not None:
+            self.cut.passes += 1
         raise StopForward(self.ref.name)
+
+
+@dataclass
+class Cut:
+    """What `stop_after` cut, readable after its block: the contract of an early stop made visible."""
+
+    site: str
+    """The site after which forward passes stopped."""
+    passes: int = 0
+    """Forward passes that reached the site and stopped there (their later layers and LM head never ran)."""
+    block_ended: bool = False
+    """True when the stop also ended the ``with`` block: statements after the model call inside it did not run."""
 
 
 @contextmanager
-def stop_after(model: nn.Module, name: str) -> Iterator[None]:
-    """Context manager that ends every forward pass inside it right after site ``name``.
+def stop_after(model: nn.Module, name: str) -> Iterator[Cut]:
+    """Context manager that ends every forward pass inside it right after site ``name``; yields a `Cut`.
 
-    Later layers and the LM head never run, and the model call returns no output: the statements
-    after it inside the block are skipped and execution continues after the block. Hooks at the same
-    site, installed before or after this one, still run first. Use it together with `capture`.
+    Later layers and the LM head never run, and the model call returns no output: it raises
+    `StopForward`, which ends the block, so **the statements after the model call inside the block
+    do not run**; execution continues after the block, and ``cut.block_ended`` records that it
+    happened. Put the model call last in the block, or use `run_with_cache`, which does it for you.
+    Hooks at the same site, installed before or after this one, still run first.
 
     Args:
-        model: a HF causal LM of a supported family.
+        model: a HF causal LM.
         name: the last site to compute.
 
     Example:
-        >>> with capture(model, "blocks.2.mlp.hook_post") as cache, stop_after(model, "blocks.2.mlp.hook_post"):
+        >>> with capture(model, "blocks.2.mlp.hook_post") as cache, stop_after(model, "blocks.2.mlp.hook_post") as cut:
         ...     model(input_ids)
         >>> cache["blocks.2.mlp.hook_post"]  # [batch, pos, d_mlp]
+        >>> cut.passes, cut.block_ended  # (1, True)
     """
     stop = _Stop(resolve(model, name))
+    cut = Cut(name)
+    stop.cut = cut
     _STOPS.setdefault(stop.ref.module, []).append(stop)
     try:
-        with suppress(StopForward):  # the stop's own signal ends the block normally
-            yield
+        yield cut
+    except StopForward as signal:
+        if signal.args != (name,):  # another stop's signal (an outer stop_after) is not ours to swallow
+            raise
+        cut.block_ended = True
     finally:
         stop.remove()
         _STOPS[stop.ref.module].remove(stop)
@@ -404,3 +469,51 @@ def run_until(model: nn.Module, name: str, **inputs: Any) -> None:
     """Run ``model(**inputs)`` and stop right after ``name``; use inside `capture` to read sites."""
     with stop_after(model, name):
         model(**inputs)
+
+
+ModelInputs = Tensor | Mapping[str, Any]
+"""Token ids ``[batch, pos]``, or the keyword arguments of the model call (a tokenizer's ``BatchEncoding``)."""
+
+
+def run_with_cache(
+    model: nn.Module,
+    inputs: ModelInputs,
+    names: str | Sequence[str],
+    *,
+    stop: bool = True,
+    positions: PositionSpec = None,
+    to_cpu: bool = False,
+) -> tuple[Tensor | None, Capture]:
+    """One forward pass that records ``names``: returns ``(logits or None, cache)``.
+
+    With ``stop`` the pass ends right after the deepest of the sites (`stop_site` decides, also for raw
+    sites), the LM head never runs, and the logits are None. A raw site outside the decoder layers
+    (the final norm, the head) needs the whole pass, which then returns its logits. Runs under the
+    caller's grad mode: wrap it in ``torch.no_grad()`` or ``torch.inference_mode()`` to save memory.
+
+    Args:
+        model: a HF causal LM.
+        inputs: token ids ``[batch, pos]``, or the model call's keyword arguments (a ``BatchEncoding``).
+        names: one site or several: named (``blocks.3.hook_resid_post``) or raw (``model.norm:output``).
+        stop: end the pass after the deepest site (no logits); False runs the whole model.
+        positions: absolute positions to keep, as for `capture`.
+        to_cpu: copy each recorded tensor to the CPU.
+
+    Returns:
+        ``(logits, cache)``: the logits (None when the pass stopped early) and a `Capture` ``{site: tensor}``.
+
+    Example:
+        >>> _, cache = run_with_cache(model, input_ids, ["blocks.3.hook_resid_post", "blocks.5.mlp.hook_post"])
+        >>> cache["blocks.5.mlp.hook_post"].shape  # [batch, pos, d_mlp]; layers 6.. never ran
+    """
+    names = [names] if isinstance(names, str) else list(names)
+    kwargs = {"input_ids": inputs} if isinstance(inputs, Tensor) else dict(inputs)
+    last = stop_site(model, names) if stop else None
+    with capture(model, names, positions=positions, to_cpu=to_cpu) as cache:
+        if last is None:
+            return getattr(model(**kwargs), "logits", None), cache
+        with stop_after(model, last) as cut:
+            model(**kwargs)
+    if cut.passes != 1:
+        raise RuntimeError(f"the forward pass never reached {last}: the model did not run the layer that holds it")
+    return None, cache

@@ -13,7 +13,6 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from patchscope.model import gguf
-from patchscope.model.sites import SUPPORTED_FAMILIES
 
 DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
 DeviceName = Literal["auto", "cpu", "cuda"]
@@ -222,12 +221,10 @@ def load_model(
         config = AutoConfig.from_pretrained(source, **common)
     except Exception as error:  # noqa: BLE001 - every failure gets the same explanation
         raise _explain(source, error) from error
-    if config.model_type not in SUPPORTED_FAMILIES:
-        raise ModelLoadError(
-            f"{source!r} is a {config.model_type!r} model; patchscope's hook sites support "
-            f"{', '.join(sorted(SUPPORTED_FAMILIES))}"
-        )
-    if attn_implementation is None and config.model_type.startswith("gemma"):
+    # Families outside the site table load too: their sites come from structural discovery or raw
+    # module paths (patchscope.model.sites), which need the module tree, so they are checked after loading.
+    family = config.get_text_config().model_type
+    if attn_implementation is None and family.startswith("gemma"):
         attn_implementation = "eager"
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -259,11 +256,14 @@ def load_model_until(name_or_path: str, layer: int, **kwargs) -> tuple[PreTraine
 
     Layers above ``layer`` are never built (their weights are skipped while loading), and the LM head
     is dropped after loading, so neither costs memory unless the head shares the embedding matrix
-    (Gemma does). Activations up to ``layer`` are unchanged: a decoder layer only sees the layers
+    (Gemma does). A multimodal checkpoint (Gemma 3's ``Gemma3ForConditionalGeneration``) loads whole.
+    Activations up to ``layer`` are unchanged: a decoder layer only sees the layers
     before it. The model can no longer produce logits; generation (``patchscope run``) needs
     `load_model`.
     """
     config = load_config(name_or_path, trust_remote_code=kwargs.get("trust_remote_code", False), token=kwargs.get("token"))
+    if config.get_text_config() is not config:  # a multimodal checkpoint: its layer count sits in text_config
+        return load_model(name_or_path, **kwargs)
     total = config.num_hidden_layers
     if not 0 <= layer < total:
         raise ValueError(f"layer {layer} is out of range: {name_or_path} has layers 0..{total - 1}")

@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 from patchscope.atlas.atlas import Atlas
 from patchscope.atlas.batching import Segment, adds_bos, collate, locate, segments
 from patchscope.atlas.sources import Document
-from patchscope.model.hooks import capture, stop_after
+from patchscope.model.hooks import run_with_cache
 from patchscope.model.loading import model_device
 
 BATCH_ROWS = 8
@@ -77,8 +77,9 @@ def replay_contexts(
     for start in range(0, len(needed), BATCH_ROWS):
         rows = needed[start : start + BATCH_ROWS]
         batch = collate(rows, pad_id).to(device)
-        with torch.inference_mode(), capture(model, site) as seen, stop_after(model, site):
-            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        with torch.inference_mode():
+            inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "use_cache": False}
+            _, seen = run_with_cache(model, inputs, site)
         acts = seen[site]  # [rows, pos, n]
         for row, segment in enumerate(rows):
             for example in by_segment[segment]:

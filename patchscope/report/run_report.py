@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerBase
 
 from patchscope.atlas.batching import segment_at
 from patchscope.atlas.sources import SourceConfig
-from patchscope.model.hooks import capture, stop_after
+from patchscope.model.hooks import run_with_cache
 from patchscope.model.loading import model_device
 from patchscope.report.html import bar_chart, esc, number, page, tokens_html
 from patchscope.util.storage import atomic_write
@@ -52,8 +52,10 @@ def _trigger(result, config, site, texts, model, tokenizer) -> str:
     src = result["source"]
     profile = config["profile"]
     segment, local = segment_at(tokenizer, texts[src["doc"]], src["position"], profile["max_length"], profile["overflow"])
-    with torch.inference_mode(), capture(model, site) as seen, stop_after(model, site):
-        model(input_ids=torch.tensor([segment.ids], device=model_device(model)), use_cache=False)
+    with torch.inference_mode():
+        _, seen = run_with_cache(
+            model, {"input_ids": torch.tensor([segment.ids], device=model_device(model)), "use_cache": False}, site
+        )
     lo, hi = max(segment.first_counted, local - BEFORE), min(len(segment.ids), local + AFTER + 1)
     values = seen[site][0, lo:hi, result["neuron"]].float().tolist()
     tokens = tokenizer.batch_decode([[i] for i in segment.ids[lo:hi]])

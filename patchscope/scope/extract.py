@@ -12,9 +12,8 @@ from transformers import PreTrainedTokenizerBase
 
 from patchscope.atlas.atlas import CONTEXT_TOKENS, AtlasEntry
 from patchscope.atlas.batching import Overflow, Segment, segment_at
-from patchscope.model.hooks import capture, stop_after
+from patchscope.model.hooks import run_with_cache
 from patchscope.model.loading import model_device
-from patchscope.model.sites import site_order
 
 
 class ReproductionError(RuntimeError):
@@ -131,9 +130,10 @@ def _segment_at(
 def _run_segment(model: nn.Module, ids: Sequence[int], site: str, neuron_site: str | None) -> dict[str, Tensor]:
     """``{site: [1, pos, d]}`` for the vector's site and the neuron's, stopping after the deeper one."""
     names = [site] + ([neuron_site] if neuron_site and neuron_site != site else [])
-    deepest = max(names, key=site_order)
-    with torch.no_grad(), capture(model, names) as cache, stop_after(model, deepest):
-        model(input_ids=torch.tensor([ids], device=model_device(model)), use_cache=False)
+    with torch.no_grad():
+        _, cache = run_with_cache(
+            model, {"input_ids": torch.tensor([ids], device=model_device(model)), "use_cache": False}, names
+        )
     return cache
 
 

@@ -53,6 +53,7 @@ from patchscope.scope.controls import (
 from patchscope.scope.placeholder import PromptPlan, plan_prompt
 from patchscope.scope.prompts import TargetPrompt, target_prompt
 from patchscope.scope.rows import Generation, PatchRow, run_rows
+from patchscope.util.display import html_view
 
 
 def resid_pre(layer: int) -> str:
@@ -310,6 +311,8 @@ class SweepResult:
     neuron_layer: int | None = None
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+
+    _repr_html_ = html_view  # heatmaps in Jupyter (patchscope.report.notebook)
 
     @property
     def source_layers(self) -> list[int]:
