@@ -96,6 +96,9 @@ class AtlasMeta:
     """What the model and data were when profiled (content hashes or hub commits)."""
     rows_read: tuple[int, int] | None = None
     """First and last row index read from the source."""
+    paused_at_tokens: int | None = None
+    """Counted tokens after which a `max_tokens` budget paused the run (None: it read all its data). The
+    folder keeps the checkpoint beside it, and a resumed run continues from there."""
     provenance: Provenance = field(default_factory=Provenance)
 
     @property

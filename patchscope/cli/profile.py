@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from patchscope.cli.common import add_model_flags, check_layers
+from patchscope.cli.common import add_model_flags, check_layers, layer_count
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -40,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     source = TextSource(from_namespace(SourceConfig, args))
     config = from_namespace(ProfileConfig, args)
     config.validate()
+    config = config.for_model(layer_count(args.model))  # --layers, expanded and checked before the weights load
     layers = [layer for layer, _ in map(parse_site, config.site_names()) if layer >= 0]
     check_layers(args.model, layers)
     out = check_writable(args.out)

@@ -1,0 +1,137 @@
+"""A whole model in one pass: `--layers`, the one-pass atlas against single-layer ones, `--max-tokens`."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import get_args
+
+import pytest
+import torch
+from run_inputs import TEXTS, profile_argv, write_corpus
+
+from patchscope.atlas.folder import CHECKPOINT, FolderRefused
+from patchscope.atlas.layer_selection import LayerSelectionError, SiteKind, parse_layers
+from patchscope.atlas.profile_config import ProfileConfig
+from patchscope.atlas.profiling import profile
+from patchscope.atlas.store import load_atlas
+from patchscope.cli.main import main
+from patchscope.model.sites import SITE_SUFFIXES, n_layers
+
+CORPUS = TEXTS + [t.upper() for t in TEXTS][:6] + [" ".join(TEXTS[:6])]
+
+
+@pytest.mark.parametrize(
+    "text, count, layers",
+    [("all", 4, (0, 1, 2, 3)), ("1-3", None, (1, 2, 3)), ("0,2", None, (0, 2)), ("3,0-1, 1", 4, (0, 1, 3)), ("2", 4, (2,))],
+)
+def test_layer_selections_expand_ascending_without_repeats(text, count, layers):
+    assert parse_layers(text, count) == layers
+
+
+@pytest.mark.parametrize(
+    "text, count, message",
+    [
+        ("all", None, "needs the model's layer count"),
+        ("3-1", None, "runs backwards; write 1-3"),
+        ("1;2", None, "cannot be read"),
+        ("", None, "cannot be read"),
+        ("0-4", 4, "layer 4 is out of range, the model has layers 0..3"),
+    ],
+)
+def test_bad_layer_selections_are_refused(text, count, message):
+    with pytest.raises(LayerSelectionError, match=message):
+        parse_layers(text, count)
+
+
+def test_site_kinds_are_the_per_block_sites():
+    assert get_args(SiteKind) == SITE_SUFFIXES
+
+
+def test_layers_and_explicit_sites_are_one_run_key():
+    from patchscope.atlas.key import Inputs, RunKey
+
+    by_layers = ProfileConfig(layers="all", site_kind="hook_resid_post").for_model(3)
+    by_sites = ProfileConfig(sites=tuple(f"blocks.{layer}.hook_resid_post" for layer in (2, 0, 1)))
+    keys = [RunKey.of("m", None, config, "float32", Inputs()) for config in (by_layers, by_sites)]
+    assert keys[0].fingerprint == keys[1].fingerprint
+    assert ProfileConfig(layers="0-1", sites=("blocks.3.hook_resid_pre",)).site_names() == (
+        "blocks.0.mlp.hook_post",
+        "blocks.1.mlp.hook_post",
+        "blocks.3.hook_resid_pre",
+    )
+
+
+@pytest.mark.parametrize("site_kind", ["mlp.hook_post", "hook_resid_post"])
+def test_whole_model_atlas_equals_the_single_layer_atlases_bit_for_bit(any_model, site_kind):
+    """One pass over every layer against one run per layer (each stopping after its own layer), on the
+    tiny Gemma-2 and the tiny Llama: every tensor equal, not close."""
+    model, tokenizer = any_model
+    base = ProfileConfig(top_k=4, bottom_k=3, max_length=24, batch_tokens=96, site_kind=site_kind)
+    whole = profile(model, tokenizer, CORPUS, dataclasses.replace(base, layers="all"), progress=False)
+    count = n_layers(model)
+    assert list(whole.sites) == [f"blocks.{layer}.{site_kind}" for layer in range(count)]
+    for layer in range(count):
+        single = profile(model, tokenizer, CORPUS, dataclasses.replace(base, layers=str(layer)), progress=False)
+        site = f"blocks.{layer}.{site_kind}"
+        tensors = single.tensors()
+        assert tensors, site
+        for name, tensor in tensors.items():
+            assert torch.equal(whole.tensors()[name], tensor), name
+    assert whole.n_tokens == single.n_tokens
+
+
+def test_max_tokens_then_a_larger_budget_with_resume_equals_one_run(gemma, tmp_path):
+    model, tokenizer = gemma
+    config = ProfileConfig(layers="0-2", top_k=3, max_length=16, batch_tokens=48, sort_buffer=4, checkpoint_every=0)
+    one_run = profile(model, tokenizer, CORPUS, config, progress=False)
+    out = tmp_path / "budget"
+    first = profile(model, tokenizer, CORPUS, dataclasses.replace(config, max_tokens=40), out=out, progress=False)
+    assert first.meta.paused_at_tokens is not None and 40 <= first.meta.paused_at_tokens < one_run.n_tokens
+    assert first.n_tokens == first.meta.paused_at_tokens
+    assert (out / CHECKPOINT).exists() and (out / "atlas.json").exists()
+    assert load_atlas(out).meta.paused_at_tokens == first.meta.paused_at_tokens
+    with pytest.raises(FolderRefused, match="paused at its `max_tokens` budget"):
+        profile(model, tokenizer, CORPUS, config, out=out, progress=False)
+    second = profile(model, tokenizer, CORPUS, dataclasses.replace(config, max_tokens=90), out=out, resume=True, progress=False)
+    assert second.meta.paused_at_tokens is not None and second.meta.paused_at_tokens >= 90
+    assert second.meta.provenance.resumed_after_batches > 0
+    last = profile(model, tokenizer, CORPUS, config, out=out, resume=True, progress=False)
+    assert last.meta.paused_at_tokens is None and not (out / CHECKPOINT).exists()
+    for name, tensor in one_run.tensors().items():
+        assert torch.equal(last.tensors()[name], tensor), name
+    assert load_atlas(out).n_tokens == one_run.n_tokens == last.n_tokens
+    assert last.meta.n_documents == one_run.meta.n_documents
+
+
+def test_cli_layers_profile_every_layer_once(gemma_dir, tmp_path, capsys):
+    data = write_corpus(tmp_path / "corpus.jsonl", CORPUS)
+    out = tmp_path / "all"
+    argv = profile_argv(gemma_dir, data, out, "--layers", "all", "--top-k", "3", "--max-length", "16")
+    assert main(argv) == 0, capsys.readouterr().err
+    atlas = load_atlas(out)
+    assert list(atlas.sites) == [f"blocks.{layer}.mlp.hook_post" for layer in range(4)]
+    for layer in range(4):
+        assert (out / f"gemma2_neuron_mapping_layer_{layer}.json").exists()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (("--layers", "2-9"), "--layers 2-9: layer 4 is out of range, the model has layers 0..3"),
+        (("--layers", "x"), "--layers 'x' cannot be read"),
+        (("--max-tokens", "0"), "--max-tokens must be at least 1"),
+        (("--layers", "all", "--site-kind", "hook_z"), "invalid choice: 'hook_z'"),
+    ],
+)
+def test_cli_bad_layers_fail_before_the_model_loads(gemma_dir, tmp_path, capsys, monkeypatch, flags, message):
+    import patchscope.model.loading as loading
+
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    monkeypatch.setattr(loading, "load_model_until", lambda *a, **k: pytest.fail("the model loaded"))
+    data = write_corpus(tmp_path / "corpus.jsonl", CORPUS)
+    try:
+        code = main(profile_argv(gemma_dir, data, tmp_path / "out", *flags))
+    except SystemExit as stopped:  # argparse's own refusals (a bad choice)
+        code = stopped.code
+    assert code == 2
+    assert message in capsys.readouterr().err
