@@ -112,6 +112,35 @@ def test_cli_layers_profile_every_layer_once(gemma_dir, tmp_path, capsys):
     assert list(atlas.sites) == [f"blocks.{layer}.mlp.hook_post" for layer in range(4)]
     for layer in range(4):
         assert (out / f"gemma2_neuron_mapping_layer_{layer}.json").exists()
+    # the Parquet files of every layer read as one table, filtered on the layer column
+    import pyarrow.compute as pc
+    import pyarrow.dataset as ds
+
+    table = ds.dataset(sorted(out.glob("top_examples_*.parquet")), format="parquet").to_table()
+    assert sorted(set(table["layer"].to_pylist())) == [0, 1, 2, 3]
+    middle = table.filter(pc.field("layer") >= 1).filter(pc.field("layer") <= 2)
+    assert set(middle["site"].to_pylist()) == {"blocks.1.mlp.hook_post", "blocks.2.mlp.hook_post"}
+    best = table.sort_by([("activation", "descending")]).slice(0, 1).to_pylist()[0]
+    top = atlas.top_neurons_across(1)[0]
+    assert (best["site"], best["neuron"], best["rank"]) == (top.site, top.neuron, 0)
+    assert best["activation"] == pytest.approx(float(atlas[top.site].top.values[0, top.neuron]))
+
+
+def test_top_neurons_across_sites_against_a_brute_force(gemma):
+    model, tokenizer = gemma
+    atlas = profile(model, tokenizer, CORPUS, ProfileConfig(layers="all", top_k=2, max_length=16), progress=False)
+    every = sorted(
+        (
+            (float(atlas[site].max[n]), -i, -n, site, n)
+            for i, site in enumerate(atlas.sites)
+            for n in range(atlas[site].n_neurons)
+        ),
+        reverse=True,
+    )
+    assert [(t.site, t.neuron) for t in atlas.top_neurons_across(7)] == [(site, n) for *_, site, n in every[:7]]
+    two = atlas.top_neurons_across(3, sites=["blocks.3.mlp.hook_post", "blocks.1.mlp.hook_post"])
+    assert {t.site for t in two} <= {"blocks.3.mlp.hook_post", "blocks.1.mlp.hook_post"}
+    assert [t.max for t in two] == sorted((t.max for t in two), reverse=True)
 
 
 @pytest.mark.parametrize(

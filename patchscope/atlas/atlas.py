@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -232,6 +232,14 @@ def _merge_optional(what: str, first, second, merge):
     return merge(first, second)
 
 
+class SiteNeuron(NamedTuple):
+    """A neuron named by its site, with its maximum (`Atlas.top_neurons_across`)."""
+
+    site: str
+    neuron: int
+    max: float
+
+
 @dataclass(frozen=True)
 class AtlasEntry:
     """One recorded example: neuron ``neuron`` reached ``activation`` at (doc, position)."""
@@ -326,6 +334,19 @@ class Atlas:
         maxima = self[site].max
         order = torch.sort(maxima, descending=True, stable=True).indices
         return order[:n].tolist()
+
+    def top_neurons_across(self, n: int = 1, sites: Iterable[str] | None = None) -> list[SiteNeuron]:
+        """The ``n`` neurons with the largest maxima over several sites (default: every site), best first.
+
+        Ties: the site that comes first in ``sites`` (the atlas's order), then the lower index, as `top_neurons`.
+        Maxima of sites of different kinds (an MLP neuron, a residual dimension) are compared as they are.
+        """
+        names = list(self.sites) if sites is None else list(sites)
+        maxima = torch.cat([self[site].max.float() for site in names])  # [sum of n_neurons]
+        owner = torch.cat([torch.full((self[site].n_neurons,), i) for i, site in enumerate(names)])
+        index = torch.cat([torch.arange(self[site].n_neurons) for site in names])
+        order = torch.sort(maxima, descending=True, stable=True).indices[:n]
+        return [SiteNeuron(names[int(owner[i])], int(index[i]), float(maxima[i])) for i in order]
 
     def nonfinite_total(self) -> int:
         return int(sum(int(stats.moments.nonfinite.sum()) for stats in self.sites.values()))

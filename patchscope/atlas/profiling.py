@@ -11,7 +11,7 @@ import logging
 import sys
 import time
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -227,7 +227,7 @@ def _fold_all(run: _Run, folder: AtlasFolder | None, restored: Cursor, progress:
     finally:
         stop.restore()
         bar.close()
-        cast(Iterator, batches).close()  # stops the tokenizing thread when the budget ends the loop early
+        cast(Generator, batches).close()  # stops the tokenizing thread when the budget ends the loop early
     run.profiler.flush()
     if loop.paused and folder is not None:
         _checkpoint(run, folder, loop)
