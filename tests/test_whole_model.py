@@ -107,7 +107,8 @@ def test_cli_layers_profile_every_layer_once(gemma_dir, tmp_path, capsys):
     data = write_corpus(tmp_path / "corpus.jsonl", CORPUS)
     out = tmp_path / "all"
     argv = profile_argv(gemma_dir, data, out, "--layers", "all", "--top-k", "3", "--max-length", "16")
-    assert main(argv) == 0, capsys.readouterr().err
+    assert main(argv) == 0
+    assert "atlas state:" in capsys.readouterr().err  # said before the model loads
     atlas = load_atlas(out)
     assert list(atlas.sites) == [f"blocks.{layer}.mlp.hook_post" for layer in range(4)]
     for layer in range(4):
@@ -164,3 +165,18 @@ def test_cli_bad_layers_fail_before_the_model_loads(gemma_dir, tmp_path, capsys,
         code = stopped.code
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("changes", [{}, {"bottom_k": 0, "histogram": False}, {"top_k": 7}])
+def test_the_footprint_said_before_starting_is_the_state_the_atlas_holds(gemma, changes):
+    from patchscope.atlas.footprint import footprint, widths_from_config
+
+    model, tokenizer = gemma
+    config = ProfileConfig(layers="0,2", sites=("blocks.1.hook_resid_post",), max_length=16, **changes).for_model(4)
+    atlas = profile(model, tokenizer, CORPUS, config, progress=False)
+    said = footprint(config, widths_from_config(config.site_names(), model.config.hidden_size, model.config.intermediate_size))
+    for site in config.site_names():
+        held = sum(t.numel() * t.element_size() for name, t in atlas.tensors().items() if name.startswith(site + "/"))
+        assert said.per_site[site] == held, site
+    assert said.workspace == config.batch_tokens * (2 * 128 + 64) * 4
+    assert "atlas state:" in said.describe() and "x 3 sites" in said.describe()
