@@ -55,7 +55,7 @@ def synthetic_atlas(n_sites: int, width: int, top_k: int = 20, seed: int = 0) ->
 
 def open_once(url: str) -> tuple[float, float]:
     """``(ready ms, process s)`` of one headless Chromium load."""
-    chromium = next(found for n in ("chromium", "chromium-browser", "google-chrome") if (found := shutil.which(n)))
+    chromium = next(path for n in ("chromium", "chromium-browser", "google-chrome") if (path := shutil.which(n)))
     started = time.perf_counter()
     done = subprocess.run([chromium, *FLAGS, "--dump-dom", url], capture_output=True, text=True, timeout=300)
     seconds = time.perf_counter() - started
