@@ -180,3 +180,17 @@ def test_the_footprint_said_before_starting_is_the_state_the_atlas_holds(gemma, 
         assert said.per_site[site] == held, site
     assert said.workspace == config.batch_tokens * (2 * 128 + 64) * 4
     assert "atlas state:" in said.describe() and "x 3 sites" in said.describe()
+
+
+def test_run_layers_profiles_every_layer_in_its_one_pass_and_studies_layer(gemma_dir, tmp_path, capsys):
+    import json
+
+    data = write_corpus(tmp_path / "corpus.jsonl", CORPUS)
+    out = tmp_path / "run"
+    argv = ["run", "--model", str(gemma_dir), "--device", "cpu", "--dataset", str(data), "--split", "", "--layers", "all"]
+    argv += ["--layer", "2", "--max-length", "16", "--top-k", "3", "--sae", "none", "--max-new-tokens", "2", "--out", str(out)]
+    assert main(argv) == 0, capsys.readouterr().err
+    atlas = load_atlas(out)
+    assert set(atlas.sites) == {f"blocks.{layer}.mlp.hook_post" for layer in range(4)} | {"blocks.2.hook_resid_pre"}
+    results = json.loads((out / "results.json").read_text())
+    assert [n["neuron"] for n in results["neurons"]] == atlas.top_neurons("blocks.2.mlp.hook_post", 1)
