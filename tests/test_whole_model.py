@@ -178,7 +178,7 @@ def test_the_footprint_said_before_starting_is_the_state_the_atlas_holds(gemma, 
     for site in config.site_names():
         held = sum(t.numel() * t.element_size() for name, t in atlas.tensors().items() if name.startswith(site + "/"))
         assert said.per_site[site] == held, site
-    assert said.workspace == config.batch_tokens * (2 * 128 + 64) * 4
+    assert said.workspace == config.batch_tokens * 128 * 4  # the widest site's, reduced site by site
     assert "atlas state:" in said.describe() and "x 3 sites" in said.describe()
 
 

@@ -8,8 +8,10 @@ Per neuron the running state holds (`patchscope.atlas.stats`, `patchscope.atlas.
     moments      fire count, total, total of squares, non-finite count   4 x 8 bytes
     exact sums   (len(SHIFTS) + 1) x 2 float64 limbs
 
-and per site one int64 token count. The workspace is one batch's activations at every site
-(``batch_tokens`` x width, in the model's dtype), captured before they are reduced.
+and per site one int64 token count. The workspace is one batch's activations at the widest site
+(``batch_tokens`` x width, in the model's dtype): each site's are reduced inside its hook
+(`patchscope.atlas.engine.Profiler`), so they are not all held at once. The model's own forward
+temporaries come on top.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ class Footprint:
         each = _mib(sizes[0]) if len(sizes) == 1 else f"{_mib(sizes[0])}-{_mib(sizes[-1])}"
         return (
             f"atlas state: {each} per site x {len(self.per_site)} site{'s' if len(self.per_site) != 1 else ''} = "
-            f"{_mib(self.state)}; workspace: {_mib(self.workspace)} of activations per batch"
+            f"{_mib(self.state)}; workspace: {_mib(self.workspace)} of one site's activations per batch"
         )
 
 
@@ -54,7 +56,7 @@ def footprint(config: ProfileConfig, widths: Mapping[str, int], dtype_bytes: int
     per = neuron_bytes(config)
     return Footprint(
         per_site={site: per * width + 8 for site, width in widths.items()},
-        workspace=config.batch_tokens * sum(widths.values()) * dtype_bytes,
+        workspace=config.batch_tokens * max(widths.values(), default=0) * dtype_bytes,
     )
 
 
