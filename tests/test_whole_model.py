@@ -194,3 +194,20 @@ def test_run_layers_profiles_every_layer_in_its_one_pass_and_studies_layer(gemma
     assert set(atlas.sites) == {f"blocks.{layer}.mlp.hook_post" for layer in range(4)} | {"blocks.2.hook_resid_pre"}
     results = json.loads((out / "results.json").read_text())
     assert [n["neuron"] for n in results["neurons"]] == atlas.top_neurons("blocks.2.mlp.hook_post", 1)
+
+
+def test_the_progress_bar_counts_what_is_known_and_estimates_from_the_first_batches():
+    from patchscope.atlas.progress import Progress
+
+    budget = Progress("p", n_documents=None, max_tokens=1000, tokens_done=200, enabled=False)
+    assert budget.by_tokens and budget.bar.total == 1000 and budget.bar.n == 200
+    budget.update(100, 2, 0)
+    assert budget.tokens_done == 300 and "the 1,000-token budget takes about" in budget.estimate(100.0)  # 7 s left
+    assert "about 7 s more" in budget.estimate(100.0)
+    corpus = Progress("p", n_documents=10, max_tokens=None, enabled=False)
+    assert not corpus.by_tokens and corpus.bar.total == 10
+    corpus.update(50, 2, 2)
+    assert "the 10 documents take about 2 s more" in corpus.estimate(100.0)  # 8 documents x 25 tokens at 100/s
+    stream = Progress("p", n_documents=None, max_tokens=None, enabled=False)
+    stream.update(50, 2, 7)
+    assert stream.bar.total is None and stream.estimate(100.0) == "first 1 batches: 100 tokens/s"
