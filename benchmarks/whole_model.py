@@ -65,12 +65,12 @@ def measure(args: argparse.Namespace) -> dict:
     batches = [collate(rows, pad_id) for rows in planned]
     tokens = sum(int(b.attention_mask.sum()) for b in batches)
 
-    def one_pass() -> None:
-        profile(model, tokenizer, texts, ProfileConfig(layers="all"), progress=False)
+    def one_pass():
+        return profile(model, tokenizer, texts, ProfileConfig(layers="all"), progress=False)
 
     per_layer: list[list[float]] = [[] for _ in range(n_layers)]
 
-    def single_layers() -> None:
+    def single_layers() -> None:  # [18] per-layer times are kept too
         for layer in range(n_layers):
             started = time.perf_counter()
             profile(model, tokenizer, texts, ProfileConfig(layers=str(layer)), progress=False)
@@ -85,7 +85,7 @@ def measure(args: argparse.Namespace) -> dict:
     profile(model, tokenizer, warm, ProfileConfig(layers="all"), progress=False)
     profile(model, tokenizer, warm, ProfileConfig(layers="0"), progress=False)
     floor()
-    peers: dict[str, Callable[[], None]] = {"one pass": one_pass, "18 single-layer runs": single_layers, "floor": floor}
+    peers: dict[str, Callable[[], object]] = {"one pass": one_pass, "18 single-layer runs": single_layers, "floor": floor}
     seconds: dict[str, list[float]] = {name: [] for name in peers}
     order, shuffler = list(peers), random.Random(0)
     for _ in range(args.runs):
@@ -94,8 +94,10 @@ def measure(args: argparse.Namespace) -> dict:
             started = time.perf_counter()
             peers[name]()
             seconds[name].append(time.perf_counter() - started)
+            print(f"{name}: {seconds[name][-1]:.1f} s", flush=True)  # as it goes: a long run killed late keeps its figures
     with PeakMemory("cpu") as peak:
-        one_pass()
+        atlas = one_pass()
+    atlas_bytes = sum(t.numel() * t.element_size() for t in atlas.tensors().values())
     median = {name: statistics.median(values) for name, values in seconds.items()}
     return {
         "conditions": (
@@ -111,7 +113,7 @@ def measure(args: argparse.Namespace) -> dict:
         "singles_over_one_pass": median["18 single-layer runs"] / median["one pass"],
         "floor_over_one_pass": median["floor"] / median["one pass"],
         "peak_rss_mib_one_pass": round(peak.peak_bytes / 2**20, 1),
-        "atlas_mib": round(sum(t.numel() * t.element_size() for t in _one_atlas(model, tokenizer, warm)) / 2**20, 1),
+        "atlas_mib": round(atlas_bytes / 2**20, 1),
     }
 
 
@@ -119,13 +121,6 @@ def _doc(index: int, text: str):
     from patchscope.atlas.sources import Document
 
     return Document(index, text)
-
-
-def _one_atlas(model, tokenizer, texts) -> list[torch.Tensor]:
-    from patchscope import profile
-    from patchscope.atlas.profile_config import ProfileConfig
-
-    return list(profile(model, tokenizer, texts, ProfileConfig(layers="all"), progress=False).tensors().values())
 
 
 def render(results: dict) -> str:
