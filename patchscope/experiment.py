@@ -462,6 +462,10 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True) -> Experi
     """
     timer = _Timer()
     with timer.phase("prepare"):  # checks every input; includes a GGUF model's one-time conversion
+        if config.profile.layers:  # `layers` are profiled in the same pass; the Patchscope studies `layer` (docs/whole-model.md)
+            config.profile.validate()
+            n_layers = load_config(config.model).num_hidden_layers
+            config = dataclasses.replace(config, profile=config.profile.for_model(n_layers))
         checked = _preflight(config)
     with output_lock(checked.out):
         return _run_locked(config, checked, timer, progress)

@@ -57,8 +57,11 @@ def test_decode_all_equals_decode_one_by_one(gemma, clean_up, monkeypatch):
 def test_parquet_rows_equal_the_entries(atlas, gemma, tmp_path):
     _, tokenizer = gemma
     table = pq.read_table(export_parquet(atlas, tmp_path / "top.parquet", SITE, TEXTS, tokenizer))
+    layer = int(SITE.split(".")[1])
     expected = [
         {
+            "site": SITE,
+            "layer": layer,
             "neuron": e.neuron,
             "rank": e.rank,
             "activation": e.activation,
@@ -71,7 +74,8 @@ def test_parquet_rows_equal_the_entries(atlas, gemma, tmp_path):
         for e in atlas.entries(SITE)
         for token, context in [reference_strings(atlas, e, tokenizer)]
     ]
-    assert table.equals(pa.Table.from_pylist(expected))  # values, order and column types (int64, double, string)
+    schema = pa.Table.from_pylist(expected).schema.set(1, pa.field("layer", pa.int16()))
+    assert table.equals(pa.Table.from_pylist(expected, schema))  # values, order and column types (int16, int64, double, string)
 
 
 def test_mapping_equals_the_top_entries(atlas, gemma, tmp_path):

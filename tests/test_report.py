@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -181,3 +182,87 @@ def test_bad_report_input_fails_before_the_model_loads(site, monkeypatch, capsys
     assert "out of range" in capsys.readouterr().err
     assert main(["report", str(root / "nowhere"), "--out", str(root / "x")]) == 2
     assert "patchscope profile" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def layers_site(gemma, gemma_dir, tmp_path_factory):
+    """A whole-model atlas (every layer's MLP neurons, and the residual stream after layers 1 and 2) and its dashboard."""
+    root = tmp_path_factory.mktemp("layers-report")
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    model, tokenizer = gemma
+    config = ProfileConfig(layers="all", sites=("blocks.1.hook_resid_post", "blocks.2.hook_resid_post"), top_k=3, max_length=20)
+    source = TextSource(SourceConfig(dataset=str(corpus), split=""))
+    profile(model, tokenizer, source, config, out=root / "atlas", model_name=str(gemma_dir), progress=False)
+    argv = ["report", str(root / "atlas"), "--out", str(root / "site"), "--neurons", "5", "9", "--examples", "2"]
+    assert main(argv + ["--dtype", "float32", "--device", "cpu"]) == 0
+    return root, load_atlas(root / "atlas")
+
+
+def test_index_across_layers_shows_the_chosen_layer_with_the_atlas_values_and_top_tokens(layers_site, gemma):
+    from patchscope.atlas.exports import place_strings
+
+    root, atlas = layers_site
+    _, tokenizer = gemma
+    index = (root / "site" / "index.html").as_uri()
+    options = [a["value"] for a, _ in Elements((root / "site" / "index.html").read_text()).having("option")]
+    assert options == list(atlas.sites) and len(options) == 6
+    texts = atlas.texts()
+    for site in ("blocks.0.mlp.hook_post", "blocks.3.mlp.hook_post"):
+        dom, requests = render(f"{index}#site={site}&sort=max&desc=1", root)
+        assert requests == []
+        stats = atlas[site]
+        shown = [a for a, path in Elements(dom).having("tr") if "data-n" in a]
+        assert [int(a["data-n"]) for a in shown] == torch.sort(stats.max, descending=True, stable=True).indices.tolist()
+        assert all(float(a["data-max"]) == float(stats.max[int(a["data-n"])]) for a in shown)
+        strings = place_strings(atlas, [(int(stats.top.doc[0, n]), int(stats.top.pos[0, n])) for n in range(4)], texts, tokenizer)
+        cells = _row_cells(dom)
+        for n in range(4):
+            assert cells[n][-2:] == [strings[n][0], strings[n][1]], (site, n)
+        outside_templates = re.sub(r"<template.*?</template>", "", dom, flags=re.S)
+        assert outside_templates.count("<circle") == stats.n_neurons  # only the shown site's plot is built
+    assert 'data-ready-ms="' in dom
+
+
+def _row_cells(dom: str) -> dict[int, list[str]]:
+    """Each built row's cell texts, by neuron."""
+    from html.parser import HTMLParser
+
+    class Cells(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.rows: dict[int, list[str]] = {}
+            self.current: list[str] | None = None
+
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            if tag == "tr" and "data-n" in attrs:
+                self.current = self.rows.setdefault(int(attrs["data-n"]), [])
+            elif tag == "td" and self.current is not None:
+                self.current.append("")
+
+        def handle_endtag(self, tag):
+            if tag == "tr":
+                self.current = None
+
+        def handle_data(self, data):
+            if self.current:
+                self.current[-1] += data
+
+    parser = Cells()
+    parser.feed(dom)
+    return parser.rows
+
+
+def test_neuron_pages_at_two_layers_render_and_say_where_neighbours_mean_something(layers_site):
+    root, atlas = layers_site
+    for site in ("blocks.1.mlp.hook_post", "blocks.2.mlp.hook_post"):
+        dom, requests = render((root / "site" / f"neurons/{site}-5.html").as_uri(), root)
+        assert requests == []
+        found = {a["data-stat"]: float(a["data-v"]) for a, _ in Elements(dom).having("b") if "data-stat" in a}
+        assert found["max"] == float(atlas[site].max[5]) and found["mean"] == float(atlas[site].mean[5])
+        assert "MLP neurons have no identity across layers" in dom and 'class="neighbour"' not in dom
+    dom, _ = render((root / "site" / "neurons/blocks.1.hook_resid_post-9.html").as_uri(), root)
+    links = [a["href"] for a, _ in Elements(dom).having("a") if a.get("class") == "neighbour"]
+    assert links == ["../neurons/blocks.2.hook_resid_post-9.html"]
+    assert (root / "site" / "neurons/blocks.2.hook_resid_post-9.html").exists()

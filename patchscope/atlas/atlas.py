@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -97,6 +97,9 @@ class AtlasMeta:
     """What the model and data were when profiled (content hashes or hub commits)."""
     rows_read: tuple[int, int] | None = None
     """First and last row index read from the source."""
+    paused_at_tokens: int | None = None
+    """Counted tokens after which a `max_tokens` budget paused the run (None: it read all its data). The
+    folder keeps the checkpoint beside it, and a resumed run continues from there."""
     provenance: Provenance = field(default_factory=Provenance)
 
     @property
@@ -228,6 +231,14 @@ def _merge_optional(what: str, first, second, merge):
     if first is None or second is None:
         raise AtlasError(f"cannot merge an atlas that has {what} with one that has none; profile both with the same options")
     return merge(first, second)
+
+
+class SiteNeuron(NamedTuple):
+    """A neuron named by its site, with its maximum (`Atlas.top_neurons_across`)."""
+
+    site: str
+    neuron: int
+    max: float
 
 
 @dataclass(frozen=True)
@@ -363,6 +374,19 @@ class Atlas:
         maxima = self[site].max
         order = torch.sort(maxima, descending=True, stable=True).indices
         return order[:n].tolist()
+
+    def top_neurons_across(self, n: int = 1, sites: Iterable[str] | None = None) -> list[SiteNeuron]:
+        """The ``n`` neurons with the largest maxima over several sites (default: every site), best first.
+
+        Ties: the site that comes first in ``sites`` (the atlas's order), then the lower index, as `top_neurons`.
+        Maxima of sites of different kinds (an MLP neuron, a residual dimension) are compared as they are.
+        """
+        names = list(self.sites) if sites is None else list(sites)
+        maxima = torch.cat([self[site].max.float() for site in names])  # [sum of n_neurons]
+        owner = torch.cat([torch.full((self[site].n_neurons,), i) for i, site in enumerate(names)])
+        index = torch.cat([torch.arange(self[site].n_neurons) for site in names])
+        order = torch.sort(maxima, descending=True, stable=True).indices[:n]
+        return [SiteNeuron(names[int(owner[i])], int(index[i]), float(maxima[i])) for i in order]
 
     def nonfinite_total(self) -> int:
         return int(sum(int(stats.moments.nonfinite.sum()) for stats in self.sites.values()))

@@ -88,7 +88,12 @@ def export_original(
 def export_parquet(
     atlas: Atlas, path: str | Path, site: str, texts: Mapping[int, str], tokenizer: PreTrainedTokenizerBase
 ) -> Path:
-    """Every top-k example as a table: neuron, rank, activation, doc, position, token, context."""
+    """Every top-k example as a table: site, layer, neuron, rank, activation, doc, position, token, context.
+
+    The ``site`` and ``layer`` columns make the files of several sites one table: duckdb's
+    ``SELECT * FROM 'top_examples_*.parquet' WHERE layer BETWEEN 3 AND 9`` reads across layers, as does
+    ``pyarrow.dataset.dataset(sorted(folder.glob('top_examples_*.parquet')))`` (``layer`` is -1 for ``hook_embed``).
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -97,8 +102,11 @@ def export_parquet(
     neuron, rank = filled.nonzero(as_tuple=True)
     doc, position, token = (part.T[filled].long() for part in (top.doc, top.pos, top.token))
     strings = place_strings(atlas, list(zip(doc.tolist(), position.tolist())), texts, tokenizer)
+    layer, _ = parse_site(site)
     table = pa.table(
         {
+            "site": pa.array([site] * len(neuron), pa.string()),
+            "layer": pa.array([layer] * len(neuron), pa.int16()),
             "neuron": neuron.numpy(),
             "rank": rank.numpy(),
             "activation": top.values.T[filled].double().numpy(),

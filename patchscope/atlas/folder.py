@@ -6,6 +6,7 @@ new run may do with each (every caller, `profile`, ``patchscope run``, ``export`
     state of the folder                         plan            when the run's `RunKey` ...
     empty, or no atlas files                    FRESH
     checkpoint*.safetensors                     RESUME          has the checkpoint's fingerprint and inputs
+    atlas + atlas.json + checkpoint             RESUME          as above: a run paused by its `max_tokens` budget
     atlas.safetensors without atlas.json        FINISH          has the atlas's fingerprint and inputs
     atlas.safetensors + atlas.json              REUSE           reads the same (`RunKey.reuse_changes`)
 
@@ -33,6 +34,7 @@ from patchscope.atlas.key import Inputs, RunKey
 from patchscope.atlas.profile_config import ProfileConfig
 from patchscope.atlas.sources import TextSource, count_documents
 from patchscope.atlas.store import (
+    ATLAS_JSON,
     ATLAS_TENSORS,
     commit_atlas,
     is_committed,
@@ -84,11 +86,14 @@ class Cursor:
     documents_done: int
     fingerprint: str
     inputs: Inputs
+    tokens_done: int = 0
+    """Counted tokens folded so far (what a `max_tokens` budget counts)."""
 
     def to_metadata(self) -> dict[str, str]:
         return {
             "batches_done": str(self.batches_done),
             "documents_done": str(self.documents_done),
+            "tokens_done": str(self.tokens_done),
             "fingerprint": self.fingerprint,
             "identity": json.dumps(self.inputs.to_json()),
         }
@@ -100,6 +105,7 @@ class Cursor:
             int(metadata.get("documents_done", 0)),
             metadata.get("fingerprint", ""),
             Inputs.from_json(json.loads(metadata.get("identity", "null"))),
+            int(metadata.get("tokens_done", 0)),
         )
 
 
@@ -136,6 +142,8 @@ class AtlasFolder:
     def plan(self, key: RunKey, policy: Policy = Policy()) -> Plan:
         """Decide, from the files' metadata alone, what a run of ``key`` may do here; refuse the rest."""
         self._wait_for_no_live_run()
+        if self.finished and self.checkpoint.exists():
+            return self._plan_paused(key, policy)
         if self.finished:
             return self._plan_reuse(key, policy)
         if self.unfinished:
@@ -228,6 +236,21 @@ class AtlasFolder:
                 f"(it has {', '.join(held)}); profile {'them' if many else 'it'} into another `out`"
             )
         return Plan(Action.REUSE, key, missing_sites=tuple(missing))
+
+    def _plan_paused(self, key: RunKey, policy: Policy) -> Plan:
+        """An atlas saved when a `max_tokens` budget ran out, with the checkpoint to continue it."""
+        if not policy.resume:
+            raise FolderRefused(
+                f"{self.path} holds an atlas paused at its `max_tokens` budget: pass `resume` (with a larger `max_tokens`, "
+                "or none) to continue it, load it as it is with load_atlas, or pick another `out`"
+            )
+        cursor = self._read_cursor()
+        self._check_cursor(key, cursor)
+        return Plan(Action.RESUME, key, cursor)
+
+    def reopen(self) -> None:
+        """Before a paused atlas is continued: it is no longer finished (the checkpoint now leads)."""
+        (self.path / ATLAS_JSON).unlink(missing_ok=True)
 
     def _check_same_run(self, key: RunKey, meta: AtlasMeta, what: str) -> None:
         changes = key.inputs.changes_since(meta.inputs, *key.names)

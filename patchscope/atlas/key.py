@@ -102,7 +102,9 @@ class RunKey:
         settings = dataclasses.asdict(config)
         # `layer` and `sites` are folded into `site_names`; the reductions give the same atlas bit for bit
         # (tests/test_profiler.py), so the one chosen, like how often to checkpoint, is no part of the run
-        for how in ("checkpoint_every", "reduction", "layer", "sites"):
+        # `layers` and `site_kind` too (`ProfileConfig.for_model` expands them); `max_tokens` says where a run pauses,
+        # and a larger budget continues it
+        for how in ("checkpoint_every", "reduction", "layer", "sites", "layers", "site_kind", "max_tokens"):
             settings.pop(how)
         settings["sites"] = sorted(config.site_names())
         reading = {

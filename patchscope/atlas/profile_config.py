@@ -12,6 +12,7 @@ from typing import Literal, get_args
 import torch
 
 from patchscope.atlas.batching import Overflow
+from patchscope.atlas.layer_selection import SiteKind, check_spelling, layer_sites, needs_count, parse_layers
 
 Reduction = Literal["auto", "one_pass", "separate", "triton", "inductor"]
 """How the profiler reduces each batch to its statistics; every choice gives the same atlas."""
@@ -29,6 +30,21 @@ class ProfileConfig:
         metadata={
             "help": "Explicit sites to profile instead of --layer; any number, any layers.",
             "flags": ("--site", "--sites"),
+        },
+    )
+    layers: str = field(
+        default="",
+        metadata={
+            "help": "Several layers in one forward pass, instead of --layer: all, a range 3-9, or a list 0,6,12 (each layer's "
+            "--site-kind site; the pass stops after the deepest). Added to any --site given. See docs/whole-model.md."
+        },
+    )
+    site_kind: SiteKind = field(default="mlp.hook_post", metadata={"help": "The per-block site that --layers profiles."})
+    max_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "Stop after this many counted tokens (at the end of the batch that reaches it), with a checkpoint: "
+            "--resume, with a larger budget or none, continues to the atlas of one uninterrupted run."
         },
     )
     top_k: int = field(default=20, metadata={"help": "Examples kept per neuron."})
@@ -86,9 +102,28 @@ class ProfileConfig:
     )
 
     def site_names(self) -> tuple[str, ...]:
+        """The sites profiled: those of `layers` then `sites`, else the MLP neurons of `layer`."""
+        if self.layers:
+            return tuple(dict.fromkeys((*layer_sites(parse_layers(self.layers), self.site_kind), *self.sites)))
         return self.sites or (f"blocks.{self.layer}.mlp.hook_post",)
 
+    def for_model(self, n_layers: int) -> ProfileConfig:
+        """This config with `layers` expanded into `sites` for a model of ``n_layers`` blocks, checked against it
+        (``--layers all`` and ``--site`` spellings of the same sites then make the same run)."""
+        if not self.layers:
+            return self
+        sites = layer_sites(parse_layers(self.layers, n_layers), self.site_kind)
+        return dataclasses.replace(self, layers="", sites=tuple(dict.fromkeys((*sites, *self.sites))))
+
+    @property
+    def needs_layer_count(self) -> bool:
+        return needs_count(self.layers)
+
     def validate(self) -> None:
+        if self.layers:
+            check_spelling(self.layers)
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"`max_tokens` must be at least 1 (or unset: no budget), got {self.max_tokens}")
         if self.top_k < 1:
             raise ValueError(f"`top_k` must be at least 1, got {self.top_k}")
         if self.max_length < 2:

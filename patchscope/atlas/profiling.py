@@ -11,14 +11,13 @@ import logging
 import sys
 import time
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from patchscope.atlas import distributed
@@ -31,9 +30,11 @@ from patchscope.atlas.folder import Action, AtlasFolder, Cursor, Plan, Policy, r
 from patchscope.atlas.key import Inputs, RunKey
 from patchscope.atlas.prefetch import prefetch
 from patchscope.atlas.profile_config import ProfileConfig
+from patchscope.atlas.progress import Progress
 from patchscope.atlas.quantile_pass import add_quantile_examples
 from patchscope.atlas.sources import Document, SourceConfig, TextSource, count_documents
 from patchscope.atlas.store import save_atlas
+from patchscope.model.sites import n_layers
 from patchscope.util.signals import Interrupted, InterruptFlag
 from patchscope.util.storage import check_writable, remove_stale_temp_files
 from patchscope.util.versions import versions
@@ -85,7 +86,7 @@ def profile(
         >>> atlas = profile(model, tokenizer, ["first text", "second text"], ProfileConfig(layer=6))
         >>> atlas.top_neurons("blocks.6.mlp.hook_post", 5)
     """
-    config = config.capped_for(count_documents(source))
+    config = config.for_model(n_layers(model)).capped_for(count_documents(source))
     if out is None and resume:
         raise ValueError("`resume` needs the output directory (`out`) that holds the checkpoint")
     run = _prepare(model, tokenizer, source, config, model_name)
@@ -149,6 +150,7 @@ def _profile_into(run: _Run, folder: AtlasFolder | None, plan: Plan, progress: b
     cursor = Cursor(0, 0, run.key.fingerprint, run.key.inputs)
     if folder is not None and plan.action is Action.RESUME:
         run.profiler.state, cursor = folder.read_checkpoint(run.key, run.profiler.device)
+        folder.reopen()  # a run paused by its `max_tokens` budget continues: its saved atlas is no longer the end
         log.info("resuming after %d batches (%d documents)", cursor.batches_done, cursor.documents_done)
         if progress:
             print(f"resuming after {cursor.batches_done} batches ({cursor.documents_done} documents)", file=sys.stderr)
@@ -156,7 +158,13 @@ def _profile_into(run: _Run, folder: AtlasFolder | None, plan: Plan, progress: b
     atlas = _conclude(run, folder, loop)
     if folder is not None and run.world.is_main:
         save_atlas(atlas, folder.path, before_commit=before_commit)
-    distributed.finish(run.world, folder.checkpoint if folder is not None else None)
+    if loop.paused and progress:
+        print(
+            f"paused at the `max_tokens` budget after {loop.tokens_done} counted tokens ({loop.batches} batches)"
+            + (": resume with a larger budget, or none, to continue" if folder is not None else ""),
+            file=sys.stderr,
+        )
+    distributed.finish(run.world, folder.checkpoint if folder is not None and not loop.paused else None)
     return atlas
 
 
@@ -171,19 +179,29 @@ class _Loop:
     padded: int = 0
     seconds: float = 0.0
     n_documents: int = 0
+    tokens_done: int = 0
+    """Counted tokens folded, restored ones included (what `max_tokens` counts)."""
+    paused: bool = False
+    """The `max_tokens` budget ran out before the data did."""
 
 
 def _fold_all(run: _Run, folder: AtlasFolder | None, restored: Cursor, progress: bool) -> _Loop:
     """Fold every batch of this rank's share, skipping those a checkpoint already holds."""
-    config, loop = run.config, _Loop(restored, restored.batches_done, restored.documents_done)
+    config = run.config
+    loop = _Loop(restored, restored.batches_done, restored.documents_done, tokens_done=restored.tokens_done)
     count = _Counter(distributed.shard(run.documents, config.sort_buffer, run.world))  # this rank's blocks
     batches = prefetch(  # tokenized in a background thread, overlapping the forward
         plan(count, run.tokenizer, max_length=config.max_length, overflow=config.overflow, exclude_bos=config.exclude_bos,
              batch_tokens=config.batch_tokens, sort_buffer=config.sort_buffer)
     )  # fmt: skip
     pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
-    bar = tqdm(
-        desc=f"profiling {', '.join(run.profiler.sites)}", unit="tok", unit_scale=True, disable=not progress, dynamic_ncols=True
+    bar = Progress(
+        _bar_title(run.profiler.sites),
+        n_documents=count_documents(run.text_source or run.documents) if run.world.size == 1 else None,
+        max_tokens=config.max_tokens,
+        tokens_done=restored.tokens_done,
+        documents_done=restored.documents_done,
+        enabled=progress,
     )
     started, stop = time.perf_counter(), InterruptFlag()
     try:
@@ -191,12 +209,16 @@ def _fold_all(run: _Run, folder: AtlasFolder | None, restored: Cursor, progress:
         for index, rows in enumerate(batches, start=1):
             if index <= restored.batches_done:
                 continue
+            if config.max_tokens is not None and loop.tokens_done >= config.max_tokens:
+                loop.paused = True  # the budget is spent, the data is not: checkpoint where this batch would start
+                break
             run.profiler.fold(rows, pad_id)
             real = sum(len(r.ids) for r in rows)
             loop.batches, loop.tokens, loop.padded = index, loop.tokens + real, loop.padded + len(rows) * len(rows[0].ids)
-            loop.documents += sum(1 for r in rows if r.offset == 0)  # each document has one segment at offset 0
-            bar.update(real)
-            bar.set_postfix(docs=count.n, refresh=False)
+            begun = sum(1 for r in rows if r.offset == 0)  # each document has one segment at offset 0
+            counted = sum(len(r.ids) - r.first_counted for r in rows)
+            loop.documents, loop.tokens_done = loop.documents + begun, loop.tokens_done + counted
+            bar.update(counted, begun, count.n)
             if folder is not None and ((config.checkpoint_every and index % config.checkpoint_every == 0) or stop):
                 _checkpoint(run, folder, loop)
             if stop:
@@ -205,16 +227,19 @@ def _fold_all(run: _Run, folder: AtlasFolder | None, restored: Cursor, progress:
     finally:
         stop.restore()
         bar.close()
+        cast(Generator, batches).close()  # stops the tokenizing thread when the budget ends the loop early
     run.profiler.flush()
+    if loop.paused and folder is not None:
+        _checkpoint(run, folder, loop)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    loop.seconds, loop.n_documents = time.perf_counter() - started, count.n
+    loop.seconds, loop.n_documents = time.perf_counter() - started, loop.documents if loop.paused else count.n
     return loop
 
 
 def _checkpoint(run: _Run, folder: AtlasFolder, loop: _Loop) -> None:
     run.profiler.flush()
-    cursor = Cursor(loop.batches, loop.documents, run.key.fingerprint, run.key.inputs)
+    cursor = Cursor(loop.batches, loop.documents, run.key.fingerprint, run.key.inputs, loop.tokens_done)
     folder.write_checkpoint(run.profiler.state, run.config.top_k, cursor)
 
 
@@ -258,6 +283,7 @@ def _meta(run: _Run, loop: _Loop) -> AtlasMeta:
         fingerprint=run.key.fingerprint,
         inputs=run.key.inputs,
         rows_read=text_source.rows_read if text_source else None,
+        paused_at_tokens=loop.tokens_done if loop.paused else None,
         provenance=Provenance(
             batches=loop.batches,
             resumed_after_batches=loop.restored.batches_done,
@@ -279,7 +305,13 @@ def _before_commit(atlas: Atlas, folder: AtlasFolder | None, run: _Run, exports:
         else:
             texts = {d.index: d.text for d in run.documents}
         write_exports(atlas, folder.path, texts, run.tokenizer, exports)
-    folder.drop_checkpoint()
+    if atlas.meta.paused_at_tokens is None:  # a paused atlas keeps the checkpoint that continues it
+        folder.drop_checkpoint()
+
+
+def _bar_title(sites: tuple[str, ...]) -> str:
+    shown = ", ".join(sites) if len(sites) <= 3 else f"{len(sites)} sites ({sites[0]} .. {sites[-1]})"
+    return f"profiling {shown}"
 
 
 class _Counter:

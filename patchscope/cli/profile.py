@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from patchscope.cli.common import add_model_flags, check_layers
+from patchscope.cli.common import add_model_flags, check_layers, layer_count
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -40,10 +40,14 @@ def run(args: argparse.Namespace) -> int:
     source = TextSource(from_namespace(SourceConfig, args))
     config = from_namespace(ProfileConfig, args)
     config.validate()
+    config = config.for_model(layer_count(args.model))  # --layers, expanded and checked before the weights load
     layers = [layer for layer, _ in map(parse_site, config.site_names()) if layer >= 0]
     check_layers(args.model, layers)
     out = check_writable(args.out)
-    dtype = str(resolve_dtype(args.dtype, resolve_device(args.device))).removeprefix("torch.")
+    resolved = resolve_dtype(args.dtype, resolve_device(args.device))
+    dtype = str(resolved).removeprefix("torch.")
+    if world.is_main:
+        print(say_footprint(args.model, config, resolved.itemsize), file=sys.stderr)
     plan_before_loading(out, world, args.model, source, config, dtype, Policy(resume=args.resume))
     device = distributed.rank_device(args.device, world)  # cuda:LOCAL_RANK under torchrun
     if args.device_map and world.size > 1 and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
@@ -75,6 +79,16 @@ def run(args: argparse.Namespace) -> int:
     print(summarize_atlas(atlas))
     print(f"wrote {out}/atlas.safetensors, atlas.json, the neuron mapping and top_examples_*.parquet")
     return 0
+
+
+def say_footprint(model_name: str, config, dtype_bytes: int) -> str:
+    """The atlas state and workspace of this run, from the model's config alone (`patchscope.atlas.footprint`)."""
+    from patchscope.atlas.footprint import footprint, widths_from_config
+    from patchscope.model.loading import load_config
+
+    model_config = load_config(model_name)
+    widths = widths_from_config(config.site_names(), model_config.hidden_size, model_config.intermediate_size)
+    return footprint(config, widths, dtype_bytes).describe()
 
 
 def add_scale_flags(parser: argparse.ArgumentParser) -> None:

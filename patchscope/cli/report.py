@@ -20,7 +20,7 @@ def register(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from patchscope.atlas.store import load_atlas
     from patchscope.cli.args import from_namespace
-    from patchscope.report.dashboard import DashboardConfig, chosen_neurons, shown_examples, write_dashboard
+    from patchscope.report.dashboard import DashboardConfig, chosen_neurons, shown_examples, top_documents, write_dashboard
     from patchscope.report.inputs import atlas_model
     from patchscope.util.storage import check_writable
 
@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     docs = {
         e.doc for site, ns in chosen.items() for n in ns for g in shown_examples(atlas, site, n, config).values() for _, e in g
     }
-    texts = atlas.texts(docs)
+    texts = atlas.texts(docs | top_documents(atlas))  # the index quotes every neuron's top token
     model, tokenizer = atlas_model(atlas, args.model, args.dtype, args.device)
     index = write_dashboard(atlas, out, model=model, tokenizer=tokenizer, texts=texts, config=config)
     print(f"wrote {index} and {sum(len(ns) for ns in chosen.values())} neuron pages; open it in a browser (works offline)")

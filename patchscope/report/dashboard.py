@@ -11,6 +11,7 @@ that in a headless browser).
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,10 +22,12 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from patchscope.atlas.atlas import Atlas
+from patchscope.atlas.exports import place_strings
 from patchscope.atlas.output_tokens import OutputTokens, output_tokens
 from patchscope.kernels.histogram import bin_ranges
 from patchscope.kernels.quantiles import INTERVALS
-from patchscope.report.html import esc, histogram_chart, number, page, scatter_chart, tokens_html
+from patchscope.model.sites import parse_site
+from patchscope.report.html import bar_chart, esc, histogram_chart, number, page, scatter_chart, tokens_html
 from patchscope.report.replay import Context, Example, replay_contexts
 from patchscope.util.storage import atomic_write
 
@@ -115,19 +118,42 @@ def write_dashboard(
         contexts = replay_contexts(model, tokenizer, atlas, site, wanted, texts, before=config.before, after=config.after)
         view = output_tokens(model, site, neurons, config.output_k)
         for n in neurons:
-            html_text = neuron_page(atlas, site, n, groups[n], contexts, view, tokenizer)
+            html_text = neuron_page(atlas, site, n, groups[n], contexts, view, tokenizer, neighbour_note(site, n, chosen))
 
             def write_page(tmp: Path, text: str = html_text) -> int:
                 return Path(tmp).write_text(text, encoding="utf-8")
 
             atomic_write(out / neuron_file(site, n), write_page)
     index = out / INDEX
-    html_text = index_page(atlas, chosen)
+    html_text = index_page(atlas, chosen, top_strings(atlas, texts, tokenizer))
     atomic_write(index, lambda tmp: Path(tmp).write_text(html_text, encoding="utf-8"))
     return index
 
 
 # -- the neuron page
+
+
+def neighbour_note(site: str, n: int, chosen: Mapping[str, list[int]]) -> str:
+    """Links to index ``n`` at the same site of the layers before and after, only where that is one unit.
+
+    A residual-stream site (``hook_resid_*``, and ``hook_attn_out`` / ``hook_mlp_out``, which are written into
+    it) has one basis at every layer, so dimension ``n`` is the same coordinate before and after a block. An
+    MLP neuron is a row of one layer's weights: neuron ``n`` of the next layer is unrelated, so no link is given.
+    """
+    layer, suffix = parse_site(site)
+    if suffix.startswith("mlp."):
+        return (
+            f"<p class=muted>No links to neuron {n} of layers {layer - 1} or {layer + 1}: MLP neurons have no identity "
+            "across layers (each layer's neurons are its own weights' rows), so the same index means nothing there.</p>"
+        )
+    links = []
+    for other in (layer - 1, layer + 1):
+        name = f"blocks.{other}.{suffix}"
+        if n in chosen.get(name, []):
+            links.append(f"<a class=neighbour href='../{esc(neuron_file(name, n))}'>{esc(name)} · {n}</a>")
+    if not links:
+        return f"<p class=muted>The same residual-stream dimension {n} has no page at the neighbouring layers.</p>"
+    return "<p>The same residual-stream dimension at the neighbouring layers: " + " · ".join(links) + "</p>"
 
 
 def _stats_line(atlas: Atlas, site: str, n: int) -> str:
@@ -183,7 +209,7 @@ def _output_tokens_html(view: OutputTokens | None, n: int, tokenizer: PreTrained
     )
 
 
-def neuron_page(atlas: Atlas, site: str, n: int, groups, contexts, view, tokenizer) -> str:
+def neuron_page(atlas: Atlas, site: str, n: int, groups, contexts, view, tokenizer, neighbours: str = "") -> str:
     stats = atlas[site]
     scale = max(abs(float(stats.max[n])), abs(float(stats.min[n])) if stats.min is not None else 0.0) or 1.0
     body = [f"<section><h2>Statistics</h2>{_stats_line(atlas, site, n)}</section>"]
@@ -210,6 +236,7 @@ def neuron_page(atlas: Atlas, site: str, n: int, groups, contexts, view, tokeniz
     body.append(
         f"<section id=output-tokens><h2>Output tokens (from the weights)</h2>{_output_tokens_html(view, n, tokenizer)}</section>"
     )
+    body.append(f"<section id=neighbours><h2>Other layers</h2>{neighbours}</section>")
     subtitle = (
         f"<a href='../{INDEX}'>&larr; all neurons</a> · {esc(atlas.meta.model)} · {esc(atlas.meta.dataset)} "
         f"{esc(atlas.meta.split)} · {atlas.n_tokens} tokens · hover a token for its activation"
@@ -218,7 +245,7 @@ def neuron_page(atlas: Atlas, site: str, n: int, groups, contexts, view, tokeniz
     return page(f"{site} · neuron {n}", subtitle, "".join(body))
 
 
-# -- the index page
+# -- the index page: a layer selector; each site's table and plot are built from embedded data when shown
 
 INDEX_SCRIPT = r"""
 function rows(table){return Array.from(table.tBodies[0].rows);}
@@ -248,68 +275,164 @@ function filterTable(table){
   });
   box.querySelector('.count').textContent = shown + ' shown';
 }
-document.querySelectorAll('table.neurons').forEach(table => {
-  Array.from(table.tHead.rows[0].cells).forEach(cell => cell.addEventListener('click', () => {
+function fmt(v, digits){
+  if (v === null || isNaN(v)) return 'n/a';
+  if (v !== 0 && (Math.abs(v) >= 1e5 || Math.abs(v) < Math.pow(10, -digits))) return v.toPrecision(digits);
+  return v.toFixed(digits);
+}
+function escHtml(s){return String(s).replace(/[&<>"']/g, c => ({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;',"'":'&#39;'})[c]);}
+function build(section){
+  if (section.dataset.built) return;
+  const data = JSON.parse(section.querySelector('script.rows').textContent);
+  const html = data.rows.map(r => {
+    const [n, page, token, context] = [r[0], r[1], r[2], r[3]], values = r.slice(4).map(v => v === null ? NaN : v);
+    const label = page ? '<a href="' + escHtml(page) + '">' + n + '</a>' : String(n);
+    const cells = values.map(v => '<td data-v="' + String(v) + '">' + fmt(v, 4) + '</td>').join('');
+    return '<tr data-n=' + n + ' data-max="' + String(values[0]) + '" data-density="' + String(values[2]) + '">'
+      + '<td class=l data-v=' + n + '>' + label + '</td>' + cells
+      + '<td class="l ctx tok">' + escHtml(token) + '</td><td class="l ctx">' + escHtml(context) + '</td></tr>';
+  }).join('');
+  const table = section.querySelector('table.neurons');
+  table.tBodies[0].innerHTML = html;
+  const plot = section.querySelector('template.plot');
+  if (plot) section.querySelector('.plot-here').appendChild(plot.content.cloneNode(true));
+  Array.from(table.tHead.rows[0].cells).forEach(cell => { if (cell.dataset.key) cell.addEventListener('click', () => {
     sortTable(table, cell.dataset.key, !cell.classList.contains('sorted-desc'));
-  }));
-  table.closest('section').querySelectorAll('input').forEach(i => i.addEventListener('input', () => filterTable(table)));
+  }); });
+  section.querySelectorAll('input').forEach(i => i.addEventListener('input', () => filterTable(table)));
+  section.dataset.built = '1';
+}
+function show(site){
+  const sections = Array.from(document.querySelectorAll('section.site'));
+  const wanted = sections.find(s => s.dataset.site === site) || sections[0];
+  sections.forEach(s => { s.hidden = s !== wanted; });
+  if (!wanted) return;
+  build(wanted);
+  document.getElementById('site-select').value = wanted.dataset.site;
+}
+document.getElementById('site-select').addEventListener('change', e => {
+  const p = new URLSearchParams(location.hash.slice(1)); p.set('site', e.target.value); location.hash = p.toString();
 });
 function fromHash(){
   const p = new URLSearchParams(location.hash.slice(1));
-  document.querySelectorAll('table.neurons').forEach(table => {
+  show(p.get('site'));
+  document.querySelectorAll('section.site:not([hidden]) table.neurons').forEach(table => {
     if (p.get('sort')) sortTable(table, p.get('sort'), p.get('desc') === '1');
     if (p.get('click')) table.querySelector('th[data-key="' + p.get('click') + '"]').click();
     if (p.get('q') !== null) { table.closest('section').querySelector('.search').value = p.get('q'); filterTable(table); }
   });
+  document.body.dataset.readyMs = String(Math.round(performance.now()));
 }
 window.addEventListener('hashchange', fromHash);
 fromHash();
 """
 
 
-def index_page(atlas: Atlas, chosen: Mapping[str, list[int]]) -> str:
-    sections = []
-    for site, stats in atlas.sites.items():
-        columns = {
-            "max": stats.max.tolist(),
-            "min": stats.min.tolist() if stats.min is not None else [math.nan] * stats.n_neurons,
-            "density": stats.fire_rate.tolist(),
-            "mean": stats.mean.tolist(),
-            "std": stats.std.tolist(),
-        }
-        pages = set(chosen.get(site, []))
-        body = []
-        for n in range(stats.n_neurons):
-            label = f"<a href='{esc(neuron_file(site, n))}'>{n}</a>" if n in pages else str(n)
-            cells = "".join(f"<td data-v='{columns[c][n]!r}'>{number(columns[c][n], 4)}</td>" for c in COLUMNS)
-            body.append(
-                f"<tr data-n={n} data-max='{columns['max'][n]!r}' data-density='{columns['density'][n]!r}'><td class=l data-v={n}>{label}</td>{cells}</tr>"
-            )
-        head = "<th class=l data-key=neuron>neuron</th>" + "".join(f"<th data-key={c}>{c}</th>" for c in COLUMNS)
-        points = [
-            (
-                columns["density"][n],
-                columns["max"][n],
-                f"neuron {n}: max {number(columns['max'][n])}, density {number(columns['density'][n], 4)}",
-                neuron_file(site, n) if n in pages else None,
-            )
-            for n in range(stats.n_neurons)
+def _site_label(site: str) -> str:
+    layer, suffix = parse_site(site)
+    return f"layer {layer} · {suffix}" if layer >= 0 else site
+
+
+def _site_section(site: str, atlas: Atlas, pages: list[int], strings: Sequence[tuple[str, str]] | None) -> str:
+    stats = atlas[site]
+    columns = {
+        "max": stats.max.tolist(),
+        "min": stats.min.tolist() if stats.min is not None else [math.nan] * stats.n_neurons,
+        "density": stats.fire_rate.tolist(),
+        "mean": stats.mean.tolist(),
+        "std": stats.std.tolist(),
+    }
+    linked = set(pages)
+    data = [
+        [
+            n,
+            neuron_file(site, n) if n in linked else None,
+            *(strings[n] if strings is not None else ("", "")),
+            *(None if math.isnan(columns[c][n]) else columns[c][n] for c in COLUMNS),
         ]
-        plot = scatter_chart(points, x_label="density (share of tokens > 0)", y_label="max activation")
-        linked = ", ".join(f"<a href='{esc(neuron_file(site, n))}'>{n}</a>" for n in chosen.get(site, []))
-        sections.append(
-            f"<section data-site='{esc(site)}'><h2>{esc(site)} · {stats.n_neurons} neurons</h2>"
-            f"<div class=cols><div>{plot}</div><div style='max-width:520px'><h3>Neuron pages</h3><p>{linked}</p>"
-            "<p class=muted>Orange dots have a page. Click a column header to sort; the URL hash "
-            "<code>#sort=max&amp;desc=1</code> does the same.</p></div></div>"
-            "<div class=controls><label>neuron <input class=search type=search placeholder='e.g. 1234' size=8></label>"
-            "<label>max &ge; <input class=min-max type=number step=any size=6></label>"
-            "<label>density &ge; <input class=min-density type=number step=any size=6></label><span class='count muted'></span></div>"
-            f"<div class=scroll><table class=neurons><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div></section>"
+        for n in range(stats.n_neurons)
+    ]
+    head = "<th class=l data-key=neuron>neuron</th>" + "".join(f"<th data-key={c}>{c}</th>" for c in COLUMNS)
+    head += "<th class=l title='the token of its top example'>top token</th><th class=l>context</th>"
+    points = [
+        (
+            columns["density"][n],
+            columns["max"][n],
+            f"neuron {n}: max {number(columns['max'][n])}, density {number(columns['density'][n], 4)}",
+            neuron_file(site, n) if n in linked else None,
         )
+        for n in range(stats.n_neurons)
+    ]
+    plot = scatter_chart(points, x_label="density (share of tokens > 0)", y_label="max activation")
+    links = ", ".join(f"<a href='{esc(neuron_file(site, n))}'>{n}</a>" for n in pages)
+    payload = json.dumps({"rows": data}, allow_nan=False).replace("</", "<\\/")
+    return (
+        f"<section class=site data-site='{esc(site)}' hidden><h2>{esc(site)} · {stats.n_neurons} neurons</h2>"
+        f"<div class=cols><div class=plot-here><template class=plot>{plot}</template></div>"
+        f"<div style='max-width:520px'><h3>Neuron pages</h3><p>{links}</p>"
+        "<p class=muted>Orange dots have a page. Click a column header to sort; the URL hash "
+        "<code>#sort=max&amp;desc=1</code> does the same, and <code>#site=...</code> picks the layer. Every neuron's top "
+        "token and context are in the table; all its top examples are in the atlas folder's Parquet files.</p></div></div>"
+        "<div class=controls><label>neuron <input class=search type=search placeholder='e.g. 1234' size=8></label>"
+        "<label>max &ge; <input class=min-max type=number step=any size=6></label>"
+        "<label>density &ge; <input class=min-density type=number step=any size=6></label><span class='count muted'></span></div>"
+        f"<div class=scroll><table class=neurons><thead><tr>{head}</tr></thead><tbody></tbody></table></div>"
+        f"<script type=application/json class=rows>{payload}</script></section>"
+    )
+
+
+def _layers_overview(atlas: Atlas) -> str:
+    """One plot with a layer axis per statistic: each site's median and largest max, and its median density."""
+    labels = [_site_label(site) for site in atlas.sites]
+    largest = [float(atlas[site].max.max()) for site in atlas.sites]
+    median = [float(atlas[site].max.float().median()) for site in atlas.sites]
+    density = [float(atlas[site].fire_rate.float().median()) for site in atlas.sites]
+    return (
+        "<section id=layers><h2>Across layers</h2><div class=cols>"
+        f"<div><h3>largest max</h3>{bar_chart(labels, largest, width=420)}</div>"
+        f"<div><h3>median max</h3>{bar_chart(labels, median, width=420)}</div>"
+        f"<div><h3>median density (share of tokens &gt; 0)</h3>{bar_chart(labels, density, width=420)}</div>"
+        "</div></section>"
+    )
+
+
+def index_page(
+    atlas: Atlas, chosen: Mapping[str, list[int]], strings: Mapping[str, Sequence[tuple[str, str]]] | None = None
+) -> str:
+    """The index; ``strings`` gives each site's ``(top token, context)`` per neuron (`top_strings`)."""
+    options = "".join(f"<option value='{esc(site)}'>{esc(_site_label(site))}</option>" for site in atlas.sites)
+    selector = (
+        f"<section id=choose><label>site <select id=site-select>{options}</select></label> "
+        f"<span class=muted>{len(atlas.sites)} site{'s' if len(atlas.sites) != 1 else ''}, "
+        f"{sum(s.n_neurons for s in atlas.sites.values())} neurons in all</span></section>"
+    )
+    sections = [
+        _site_section(site, atlas, chosen.get(site, []), strings.get(site) if strings is not None else None)
+        for site in atlas.sites
+    ]
+    overview = _layers_overview(atlas) if len(atlas.sites) > 1 else ""
     meta = atlas.meta
     subtitle = (
         f"{esc(meta.model)} · {esc(meta.dataset)} {esc(meta.split)} · {meta.n_documents} documents, {atlas.n_tokens} tokens · "
         f"max length {meta.max_length} · {esc(meta.dtype)}" + (" · BOS excluded" if meta.exclude_bos else "")
     )
-    return page("Neuron atlas", subtitle, "".join(sections), INDEX_SCRIPT)
+    return page("Neuron atlas", subtitle, selector + overview + "".join(sections), INDEX_SCRIPT)
+
+
+def top_strings(atlas: Atlas, texts: Mapping[int, str], tokenizer: PreTrainedTokenizerBase) -> dict[str, list[tuple[str, str]]]:
+    """Per site, each neuron's top token and its +-5-token context (blank for a neuron that never fired)."""
+    out = {}
+    for site, stats in atlas.sites.items():
+        docs, positions = stats.top.doc[0].tolist(), stats.top.pos[0].tolist()
+        filled = [n for n in range(stats.n_neurons) if docs[n] >= 0 and docs[n] in texts]  # texts: `top_documents`
+        strings = place_strings(atlas, [(docs[n], positions[n]) for n in filled], texts, tokenizer)
+        row = [("", "")] * stats.n_neurons
+        for n, pair in zip(filled, strings):
+            row[n] = pair
+        out[site] = row
+    return out
+
+
+def top_documents(atlas: Atlas) -> set[int]:
+    """The documents of every neuron's top example (what `top_strings` reads)."""
+    return {int(d) for stats in atlas.sites.values() for d in stats.top.doc[0].tolist() if d >= 0}
