@@ -25,6 +25,7 @@ from patchscope.atlas.output_tokens import OutputTokens, output_tokens
 from patchscope.kernels.histogram import bin_ranges
 from patchscope.kernels.quantiles import INTERVALS
 from patchscope.report.html import esc, histogram_chart, number, page, scatter_chart, tokens_html
+from patchscope.report.neuronpedia_links import neuron_url
 from patchscope.report.replay import Context, Example, replay_contexts
 from patchscope.util.storage import atomic_write
 
@@ -210,10 +211,11 @@ def neuron_page(atlas: Atlas, site: str, n: int, groups, contexts, view, tokeniz
     body.append(
         f"<section id=output-tokens><h2>Output tokens (from the weights)</h2>{_output_tokens_html(view, n, tokenizer)}</section>"
     )
+    url = neuron_url(atlas.meta.model, site, n)
     subtitle = (
         f"<a href='../{INDEX}'>&larr; all neurons</a> · {esc(atlas.meta.model)} · {esc(atlas.meta.dataset)} "
         f"{esc(atlas.meta.split)} · {atlas.n_tokens} tokens · hover a token for its activation"
-        " · no Neuronpedia link: its pages we can link with certainty are Gemma Scope SAE features, not raw MLP neurons"
+        + (f" · <a href='{esc(url)}'>Neuronpedia</a>" if url else " · no Neuronpedia page known for this neuron")
     )
     return page(f"{site} · neuron {n}", subtitle, "".join(body))
 
