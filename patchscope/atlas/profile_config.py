@@ -110,18 +110,21 @@ class ProfileConfig:
         """Bytes of the top-k state for sites of these widths (a float32 value and three int64 indices per slot)."""
         return ATLAS_BYTES_PER_SLOT * self.top_k * sum(widths.values())
 
-    def check_atlas_size(self, widths: Mapping[str, int], device: torch.device | str = "cpu") -> None:
+    def check_atlas_size(self, widths: Mapping[str, int], device: torch.device | str = "cpu", *, block_bytes: int = 0) -> None:
         """Refuse, before allocating, a top-k state that cannot fit in the device's memory.
 
         The running state and the merge of new candidates into it are held at once: about twice
-        `atlas_bytes`.
+        `atlas_bytes`. ``block_bytes``: the largest encoded SAE chunk a batch makes
+        (`patchscope.atlas.feature_site.FeatureSite.block_bytes`), held, with as much again for its
+        reduction, on top of that.
         """
-        needed = 2 * self.atlas_bytes(widths)
+        needed = 2 * self.atlas_bytes(widths) + 2 * block_bytes
         available = _memory_bytes(torch.device(device))
         if available is not None and needed > available // 2:
+            blocks = f" and {2 * block_bytes / 2**30:.2f} GiB of encoded SAE chunks" if block_bytes else ""
             raise ValueError(
-                f"`top_k` {self.top_k} over {sum(widths.values())} neurons needs about {needed / 2**30:.1f} GiB, more "
-                f"than half of the {available / 2**30:.1f} GiB of {torch.device(device).type} memory; lower `top_k`"
+                f"`top_k` {self.top_k} over {sum(widths.values())} neurons{blocks} needs about {needed / 2**30:.1f} GiB, "
+                f"more than half of the {available / 2**30:.1f} GiB of {torch.device(device).type} memory; lower `top_k`"
             )
 
     def capped_for(self, n_documents: int | None, *, warn: bool = True) -> ProfileConfig:
