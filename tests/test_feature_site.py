@@ -117,3 +117,22 @@ def test_unreadable_and_mismatched_saes_are_refused(tmp_path):
     resid = load_sae(write_gemma_scope_2(tmp_path / "resid_post/layer_1_width_16k_l0_big", sae_params(), "model.layers.1.output"))
     with pytest.raises(SAEError, match="trained on blocks.1.hook_resid_post"):
         feature_site(resid, site="blocks.1.hook_resid_pre")
+
+
+def test_profile_and_report_with_sae_write_feature_pages(gemma_dir, tmp_path, capsys):
+    from patchscope.cli.main import main
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(CORPUS))
+    folder = write_gemma_scope_2(tmp_path / "resid_post/layer_1_width_16k_l0_medium", _tied_params(), "model.layers.1.output")
+    common = ["--model", str(gemma_dir)]
+    assert main(["profile", *common, "--dataset", str(corpus), "--site", NEURONS, "--max-length", "12",
+                 "--top-k", "4", "--sae", str(folder), "--out", str(tmp_path / "atlas")]) == 0  # fmt: skip
+    name = f"{READS}@sae-16k"
+    assert name in load_atlas(tmp_path / "atlas").sites
+    assert main(["report", str(tmp_path / "atlas"), "--out", str(tmp_path / "bare"), "--top", "2"]) == 2  # "pass that SAE"
+    assert "pass that SAE (--sae)" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "atlas"), "--out", str(tmp_path / "site"), "--top", "2", "--sae", str(folder)]) == 0
+    pages = sorted(p.name for p in (tmp_path / "site" / "neurons").glob(f"{name}-*.html"))
+    assert len(pages) == 2
+    assert "Top activations" in (tmp_path / "site" / "neurons" / pages[0]).read_text()

@@ -21,11 +21,12 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from patchscope.atlas.atlas import Atlas
+from patchscope.atlas.feature_site import FeatureSite
 from patchscope.atlas.output_tokens import OutputTokens, output_tokens
 from patchscope.kernels.histogram import bin_ranges
 from patchscope.kernels.quantiles import INTERVALS
 from patchscope.report.html import esc, histogram_chart, number, page, scatter_chart, tokens_html
-from patchscope.report.neuronpedia_links import neuron_url
+from patchscope.report.neuronpedia_links import feature_of, page_url
 from patchscope.report.replay import Context, Example, replay_contexts
 from patchscope.util.storage import atomic_write
 
@@ -105,18 +106,25 @@ def write_dashboard(
     tokenizer: PreTrainedTokenizerBase,
     texts: Mapping[int, str],
     config: DashboardConfig = DashboardConfig(),
+    features: Sequence[FeatureSite] = (),
 ) -> Path:
-    """Write ``index.html`` and the neuron pages into ``out``; returns the index path."""
+    """Write ``index.html`` and the neuron pages into ``out``; returns the index path.
+
+    ``features``: the SAEs of the atlas's feature sites (`patchscope.sae.features.feature_site`), to replay them.
+    """
     config.validate()
     out = Path(out)
     chosen = chosen_neurons(atlas, config)
     for site, neurons in chosen.items():
         groups = {n: shown_examples(atlas, site, n, config) for n in neurons}
         wanted = [example for per in groups.values() for group in per.values() for _, example in group]
-        contexts = replay_contexts(model, tokenizer, atlas, site, wanted, texts, before=config.before, after=config.after)
-        view = output_tokens(model, site, neurons, config.output_k)
+        sae = feature_of(site, features)
+        contexts = replay_contexts(model, tokenizer, atlas, site, wanted, texts, before=config.before, after=config.after,
+                                   encode=sae.encode if sae else None)  # fmt: skip
+        view = None if sae else output_tokens(model, site, neurons, config.output_k)
         for n in neurons:
-            html_text = neuron_page(atlas, site, n, groups[n], contexts, view, tokenizer)
+            url = page_url(atlas.meta.model, site, n, features)
+            html_text = neuron_page(atlas, site, n, groups[n], contexts, view, tokenizer, url=url)
 
             def write_page(tmp: Path, text: str = html_text) -> int:
                 return Path(tmp).write_text(text, encoding="utf-8")
@@ -184,7 +192,7 @@ def _output_tokens_html(view: OutputTokens | None, n: int, tokenizer: PreTrained
     )
 
 
-def neuron_page(atlas: Atlas, site: str, n: int, groups, contexts, view, tokenizer) -> str:
+def neuron_page(atlas: Atlas, site: str, n: int, groups, contexts, view, tokenizer, *, url: str | None = None) -> str:
     stats = atlas[site]
     scale = max(abs(float(stats.max[n])), abs(float(stats.min[n])) if stats.min is not None else 0.0) or 1.0
     body = [f"<section><h2>Statistics</h2>{_stats_line(atlas, site, n)}</section>"]
@@ -211,11 +219,10 @@ def neuron_page(atlas: Atlas, site: str, n: int, groups, contexts, view, tokeniz
     body.append(
         f"<section id=output-tokens><h2>Output tokens (from the weights)</h2>{_output_tokens_html(view, n, tokenizer)}</section>"
     )
-    url = neuron_url(atlas.meta.model, site, n)
     subtitle = (
         f"<a href='../{INDEX}'>&larr; all neurons</a> · {esc(atlas.meta.model)} · {esc(atlas.meta.dataset)} "
         f"{esc(atlas.meta.split)} · {atlas.n_tokens} tokens · hover a token for its activation"
-        + (f" · <a href='{esc(url)}'>Neuronpedia</a>" if url else " · no Neuronpedia page known for this neuron")
+        + (f" · <a href='{esc(url)}'>Neuronpedia</a>" if url else " · no Neuronpedia page known for this one")
     )
     return page(f"{site} · neuron {n}", subtitle, "".join(body))
 

@@ -11,7 +11,9 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
+from patchscope.atlas.feature_site import FeatureSite, is_feature_site
 from patchscope.model.loading import preset_for
 
 NEURONPEDIA = "https://www.neuronpedia.org"
@@ -33,3 +35,22 @@ def neuron_url(model: str, site: str, index: int) -> str | None:
 def feature_url(source: str | None, index: int) -> str | None:
     """The Neuronpedia page of SAE feature ``index`` of ``source`` (``{model}/{source id}``), if it has one."""
     return f"{NEURONPEDIA}/{source}/{index}" if source else None
+
+
+def page_url(model: str, site: str, index: int, features: Sequence[FeatureSite] = ()) -> str | None:
+    """The Neuronpedia page of a neuron or, at an SAE feature site, of that feature; None if unknown.
+
+    Raises ValueError for a feature site whose SAE is not among ``features``: its values cannot be replayed.
+    """
+    feature = feature_of(site, features)
+    return feature_url(feature.neuronpedia, index) if feature else neuron_url(model, site, index)
+
+
+def feature_of(site: str, features: Sequence[FeatureSite]) -> FeatureSite | None:
+    """The SAE behind a feature site (None for a neuron site)."""
+    if not is_feature_site(site):
+        return None
+    found = next((f for f in features if f.name == site), None)
+    if found is None:
+        raise ValueError(f"{site} holds SAE features: pass that SAE (--sae) so that its examples can be replayed")
+    return found

@@ -40,3 +40,20 @@ def _digest(sae: JumpReLUSAE) -> str:
         tensor: torch.Tensor = getattr(sae, name)
         digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def load_feature_sites(specs: list[str], *, d_model: int, device: str | torch.device = "cpu") -> list[FeatureSite]:
+    """``--sae SPEC`` (repeatable): each SAE loaded (`patchscope.sae.loaders.load_sae`) onto ``device`` as a feature site.
+
+    Two SAEs of one width at one site are told apart by their position on the command line.
+    """
+    from patchscope.sae.loaders import load_sae
+
+    sites: list[FeatureSite] = []
+    for spec in specs:
+        sae = load_sae(spec, d_model=d_model, device=device)
+        site = feature_site(sae)
+        if any(s.name == site.name for s in sites):
+            site = feature_site(sae, label=f"{site.label}-{len(sites)}")
+        sites.append(site)
+    return sites
