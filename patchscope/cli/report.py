@@ -35,9 +35,11 @@ def run(args: argparse.Namespace) -> int:
     }
     texts = atlas.texts(docs)
     model, tokenizer = atlas_model(atlas, args.model, args.dtype, args.device)
+    from typing import Any, cast
+
     from patchscope.sae.features import load_feature_sites
 
-    features = load_feature_sites(args.sae, d_model=int(model.config.hidden_size), device=next(model.parameters()).device)
+    features = load_feature_sites(args.sae, d_model=cast(Any, model.config).hidden_size, device=next(model.parameters()).device)
     index = write_dashboard(atlas, out, model=model, tokenizer=tokenizer, texts=texts, config=config, features=features)
     print(f"wrote {index} and {sum(len(ns) for ns in chosen.values())} neuron pages; open it in a browser (works offline)")
     return 0
