@@ -82,6 +82,8 @@ def profile(
         resume: continue from the checkpoint in ``out``.
         model_name: recorded in the atlas metadata (default: the model's ``name_or_path``).
         progress: show a progress bar.
+        exports: export formats written beside the atlas.
+        features: SAE feature sites profiled in the same forward pass (`FeatureSite`).
 
     Returns:
         The `Atlas`: per site, the top-k examples of every neuron and its moments.

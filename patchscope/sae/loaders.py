@@ -337,10 +337,11 @@ def _gemma_scope_2_from_hub(repo_id: str, path: str, *, offline: bool, unreachab
         try:
             local.append(Path(hf_hub_download(repo_id, f"{folder}/{name}", local_files_only=offline)))
         except Exception as error:  # noqa: BLE001 - many hub error types, one explanation
-            why = "the hub cannot be reached and it is not in the local cache" if unreachable else type(error).__name__
+            why = "the hub cannot be reached" if unreachable else ("offline" if offline else type(error).__name__)
+            why += ", and it is not in the local cache" if offline else ""
             raise SAEError(
                 f"could not fetch {repo_id}/{folder}/{name} ({why}); go online (`hf auth login` if needed), or download "
-                f"{folder}/ ({gemma_scope_2.CONFIG} and {gemma_scope_2.PARAMS}) and pass that folder"
+                f"{folder}/ ({gemma_scope_2.CONFIG} and {gemma_scope_2.PARAMS}) and pass that folder as --sae PATH"
             ) from error
     if local[0].parent != local[1].parent:
         raise SAEError(f"{repo_id}/{folder}: config.json and params.safetensors came from different snapshots; fetch again")
