@@ -61,9 +61,6 @@ def profile(
     every N batches, and ``resume=True`` continues from it, giving the same atlas as an
     uninterrupted run.
 
-    ``features``: SAE features profiled as sites of their own in the same forward pass
-    (`patchscope.atlas.feature_site.FeatureSite`; `patchscope.sae.features.feature_site` builds one).
-
     ``exports`` names formats of `patchscope.atlas.exports.EXPORTS` to write
     beside the atlas before it is committed (``atlas.json`` comes last).
 
@@ -83,7 +80,7 @@ def profile(
         model_name: recorded in the atlas metadata (default: the model's ``name_or_path``).
         progress: show a progress bar.
         exports: export formats written beside the atlas.
-        features: SAE feature sites profiled in the same forward pass (`FeatureSite`).
+        features: SAE features profiled as sites of their own in the same pass (`patchscope.sae.features.feature_site`).
 
     Returns:
         The `Atlas`: per site, the top-k examples of every neuron and its moments.
