@@ -307,7 +307,7 @@ def _load_matching_sae(config: ExperimentConfig, d_model: int):
         except SAEError as error:
             if not str(error).startswith("could not fetch"):
                 raise
-            return None, f"SAE read-out skipped: the default SAE for {config.source_site} is {spec}; {error}"
+            return None, f"SAE read-out skipped: {error}; once downloaded, pass `sae` to read the vector"
     else:
         sae = load_sae(spec)
     check_for_model(sae, d_model)

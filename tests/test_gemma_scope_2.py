@@ -127,7 +127,7 @@ def test_hub_spec_reads_both_files_through_hf_hub_download(tmp_path, monkeypatch
     assert sae.info.source == f"{REPO}/resid_post/layer_9_width_16k_l0_medium"
     assert sae.feature_url(3) == "https://www.neuronpedia.org/gemma-3-270m/9-gemmascope-2-res-16k/3"
     other = f"{REPO}/resid_post_all/layer_3_width_16k_l0_small"
-    with pytest.raises(SAEError, match=f"could not fetch {other}/config.json.*pass that folder"):
+    with pytest.raises(SAEError, match=f"could not fetch {other}/config.json.*or download"):
         load_sae(other, offline=True)
 
 

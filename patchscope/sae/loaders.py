@@ -341,7 +341,7 @@ def _gemma_scope_2_from_hub(repo_id: str, path: str, *, offline: bool, unreachab
             why += ", and it is not in the local cache" if offline else ""
             raise SAEError(
                 f"could not fetch {repo_id}/{folder}/{name} ({why}); go online (`hf auth login` if needed), or download "
-                f"{folder}/ ({gemma_scope_2.CONFIG} and {gemma_scope_2.PARAMS}) and pass that folder as --sae PATH"
+                f"{folder}/ ({gemma_scope_2.CONFIG} and {gemma_scope_2.PARAMS})"
             ) from error
     if local[0].parent != local[1].parent:
         raise SAEError(f"{repo_id}/{folder}: config.json and params.safetensors came from different snapshots; fetch again")
