@@ -38,7 +38,7 @@ from patchscope.model.loading import (
 from patchscope.model.sites import parse_site
 from patchscope.report.run_report import write_run_report
 from patchscope.sae.attribution import FeatureContribution, attribute_neuron
-from patchscope.sae.jumprelu import FeatureHit, JumpReLUSAE, check_for_model, check_site, top_features
+from patchscope.sae.jumprelu import FeatureHit, JumpReLUSAE, SAEError, check_for_model, check_site, top_features
 from patchscope.sae.loaders import load_sae, sae_spec_for_site
 from patchscope.scope.config import PatchscopeConfig
 from patchscope.scope.extract import Extraction, extract
@@ -298,8 +298,18 @@ def _load_matching_sae(config: ExperimentConfig, d_model: int):
         preset = preset_for(config.model)
         if preset is None or preset.sae_repo is None:
             return None, f"SAE read-out skipped: no default SAE for {config.model}; pass `sae` to read the vector"
-        spec = sae_spec_for_site(config.model, config.source_site)
-    sae = load_sae(spec)
+        try:  # the default SAE is a convenience: where there is none, or offline, say what it would read
+            spec = sae_spec_for_site(config.model, config.source_site)
+        except SAEError as error:
+            return None, f"SAE read-out skipped: {error}"
+        try:
+            sae = load_sae(spec)
+        except SAEError as error:
+            if not str(error).startswith("could not fetch"):
+                raise
+            return None, f"SAE read-out skipped: {error}; once downloaded, pass `sae` to read the vector"
+    else:
+        sae = load_sae(spec)
     check_for_model(sae, d_model)
     check_site(sae, config.source_site, allow_site_mismatch=config.allow_site_mismatch)
     return sae, f"SAE {sae.info.source} (trained on {sae.info.site})"

@@ -65,3 +65,47 @@ def write_hub_cache(cache: Path, repo_id: str, path: str, params: dict[str, np.n
     (repo / "refs").mkdir(parents=True, exist_ok=True)
     (repo / "refs" / "main").write_text(commit)
     return write_npz(repo / "snapshots" / commit / path / "params.npz", params)
+
+
+GEMMA_SCOPE_2_RENAME = {"W_enc": "w_enc", "W_dec": "w_dec", "b_enc": "b_enc", "b_dec": "b_dec", "threshold": "threshold"}
+
+
+def write_gemma_scope_2(
+    folder: Path,
+    params: dict[str, np.ndarray],
+    hook_in: str,
+    hook_out: str | None = None,
+    *,
+    architecture: str = "jump_relu",
+    skip: np.ndarray | None = None,
+    model_name: str = "google/gemma-3-270m-pt",
+) -> Path:
+    """A Gemma Scope 2 folder as published: lower-case tensors in params.safetensors, config.json with hook points.
+
+    ``folder`` should be named like ``resid_post/layer_5_width_16k_l0_medium``.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {GEMMA_SCOPE_2_RENAME[k]: v for k, v in params.items()}
+    if skip is not None:
+        tensors["affine_skip_connection"] = skip
+    save_file(tensors, str(folder / "params.safetensors"))
+    config = {
+        "architecture": architecture,
+        "model_name": model_name,
+        "hf_hook_point_in": hook_in,
+        "hf_hook_point_out": hook_out or hook_in,
+        "width": int(params["W_enc"].shape[1]),
+        "l0": 20,
+        "affine_connection": skip is not None,
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def write_hub_snapshot(cache: Path, repo_id: str) -> Path:
+    """An empty snapshot of ``repo_id`` in a HF hub cache laid out as hf_hub_download leaves it."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    commit = "89abcdef0123456789abcdef0123456789abcdef"
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    return repo / "snapshots" / commit

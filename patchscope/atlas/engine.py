@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from typing import Literal, cast
 
@@ -20,6 +21,7 @@ from torch import Tensor, nn
 from patchscope.atlas.atlas import SiteAtlas
 from patchscope.atlas.batching import Batch, Segment, collate
 from patchscope.atlas.compiled import CompiledLayers
+from patchscope.atlas.feature_site import FeatureSite, check_features, reads_of
 from patchscope.atlas.profile_config import ProfileConfig
 from patchscope.atlas.stats import Moments, TokenFields, TopK
 from patchscope.kernels.bottomk import bottomk_candidates, empty_bottomk, merge_bottomk_fast
@@ -61,18 +63,24 @@ def _resolve_reduction(config: ProfileConfig, device: torch.device) -> tuple[Lit
 class Profiler:
     """Holds the running state; `run` folds batches into it."""
 
-    def __init__(self, model: nn.Module, config: ProfileConfig) -> None:
+    def __init__(self, model: nn.Module, config: ProfileConfig, features: Sequence[FeatureSite] = ()) -> None:
         config.validate()
         self.model = model
         self.config = config
-        self.sites = config.site_names()
+        self.features = {feature.name: feature for feature in features}  # SAE features: atlas/feature_site.py
+        self.neuron_sites = config.site_names()
+        self.sites = (*self.neuron_sites, *self.features)
         if not config.sites:
             check_layer(model, config.layer)
-        refs = [resolve(model, site) for site in self.sites]  # fails on any bad site, before work
-        self.deepest = stop_site(model, self.sites)  # None: a raw site after the layers needs the whole pass
+        refs = [resolve(model, reads_of(site)) for site in self.sites]  # fails on any bad site, before work
+        # None: a raw site after the layers needs the whole pass
+        self.deepest = stop_site(model, [reads_of(site) for site in self.sites])
         self.device = model_device(model)
-        config.check_atlas_size({site: site_width(model, site) for site in self.sites}, self.device)
-        self.state = {site: self._empty_site(site_width(model, site)) for site in self.sites}
+        check_features(features, {f.reads: site_width(model, f.reads) for f in features})
+        widths = {site: site_width(model, site) for site in self.neuron_sites} | {f.name: f.d_sae for f in features}
+        block = max((f.block_bytes(config.batch_tokens) for f in features), default=0)
+        config.check_atlas_size(widths, self.device, block_bytes=block)
+        self.state = {site: self._empty_site(width) for site, width in widths.items()}
         self.splits = 0  # each OOM doubles how many pieces a planned batch is cut into
         self._fields: TokenFields | None = None  # the batch being folded, set by `_forward`
         self._pending: dict[str, list[BatchPieces]] = {}  # this batch's pieces, per site
@@ -102,6 +110,40 @@ class Profiler:
             self._pending.setdefault(site, []).append(self._reduce(site, acts))
 
         return reduce
+
+    def _feature_hook(self, feature: FeatureSite):
+        """Encode the site's activations a chunk of tokens at a time; reduce each chunk like a neuron site."""
+
+        def reduce(value: Tensor, step) -> None:
+            x = value.reshape(-1, value.shape[-1])  # [tokens, d_in]
+            fields = cast(TokenFields, self._fields)
+            try:
+                for start in range(0, x.shape[0], feature.chunk_tokens):
+                    rows = slice(start, start + feature.chunk_tokens)
+                    self._fields = fields[rows]
+                    acts = feature.encode(x[rows])  # [chunk, d_sae] float32
+                    self._pending.setdefault(feature.name, []).append(self._reduce(feature.name, acts))
+            finally:
+                self._fields = fields
+
+        return reduce
+
+    def _hooks(self) -> dict[str, Callable]:
+        """One hook per hooked site: its neurons' reduction, then each SAE reading it."""
+        by_site: dict[str, list[Callable]] = {}
+        for site in self.neuron_sites:
+            by_site.setdefault(site, []).append(self._on_site_device(self._site_hook(site)))
+        for feature in self.features.values():
+            by_site.setdefault(feature.reads, []).append(self._feature_hook(feature))
+
+        def chain(hooks: list[Callable]) -> Callable:
+            def run_all(value: Tensor, step) -> None:
+                for hook in hooks:
+                    hook(value, step)
+
+            return hooks[0] if len(hooks) == 1 else run_all
+
+        return {site: chain(hooks) for site, hooks in by_site.items()}
 
     def _reduce(self, site: str, acts: Tensor) -> BatchPieces:
         """Every statistic of one batch at one site: one CPU pass, or the separate kernels elsewhere."""
@@ -154,7 +196,7 @@ class Profiler:
         with (
             torch.inference_mode(),
             compiled,
-            add_hooks(self.model, {s: self._on_site_device(self._site_hook(s)) for s in self.sites}),
+            add_hooks(self.model, self._hooks()),
             stop_after(self.model, self.deepest) if self.deepest else nullcontext(),
         ):
             self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)

@@ -10,6 +10,7 @@ from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from patchscope.atlas.atlas import CONTEXT_TOKENS, Atlas, AtlasEntry
 from patchscope.atlas.batching import Segment, adds_bos, document_segments, locate
+from patchscope.atlas.feature_site import is_feature_site
 from patchscope.model.sites import parse_site
 from patchscope.util.storage import atomic_write, write_json
 
@@ -131,6 +132,8 @@ Exporter = Callable[[Atlas, Path, Mapping[int, str], PreTrainedTokenizerBase], l
 
 def mapping_path(directory: Path, site: str) -> Path | None:
     """Where the original's mapping file for ``site`` goes; None for sites that are not MLP neurons."""
+    if is_feature_site(site):
+        return None
     layer, suffix = parse_site(site)
     return directory / f"gemma2_neuron_mapping_layer_{layer}.json" if suffix == "mlp.hook_post" else None
 

@@ -155,21 +155,24 @@ class ProfileConfig:
             return 0
         return WORKSPACE_BYTES_PER_ENTRY * self.batch_tokens * max(widths.values())
 
-    def check_atlas_size(self, widths: Mapping[str, int], device: torch.device | str = "cpu") -> None:
+    def check_atlas_size(self, widths: Mapping[str, int], device: torch.device | str = "cpu", *, block_bytes: int = 0) -> None:
         """Refuse, before allocating, a state that cannot fit in the device's memory.
 
         The running state and the merge of new candidates into it are held at once (about twice
-        `atlas_bytes`), beside the CPU pass's workspace (`workspace_bytes`).
+        `atlas_bytes`), beside the CPU pass's workspace (`workspace_bytes`). ``block_bytes``: the
+        largest encoded SAE chunk a batch makes (`patchscope.atlas.feature_site.FeatureSite.block_bytes`),
+        held, with as much again for its reduction, on top of that.
         """
-        state, workspace = 2 * self.atlas_bytes(widths), self.workspace_bytes(widths, device)
+        state, workspace = 2 * self.atlas_bytes(widths), self.workspace_bytes(widths, device) + 2 * block_bytes
         needed = state + workspace
         available = _memory_bytes(torch.device(device))
         if available is not None and needed > available // 2:
+            blocks = f" (with {2 * block_bytes / 2**30:.2f} GiB of encoded SAE chunks)" if block_bytes else ""
             raise ValueError(
                 f"the atlas state for {sum(widths.values())} neurons (`top_k` {self.top_k}, `bottom_k` {self.bottom_k}) "
-                f"needs about {state / 2**30:.1f} GiB and the batch workspace {workspace / 2**30:.1f} GiB, more than half "
-                f"of the {available / 2**30:.1f} GiB of {torch.device(device).type} memory; lower `top_k`/`bottom_k` "
-                "or `batch_tokens`"
+                f"needs about {state / 2**30:.1f} GiB and the batch workspace{blocks} {workspace / 2**30:.1f} GiB, more "
+                f"than half of the {available / 2**30:.1f} GiB of {torch.device(device).type} memory; lower "
+                "`top_k`/`bottom_k` or `batch_tokens`"
             )
 
     def capped_for(self, n_documents: int | None, *, warn: bool = True) -> ProfileConfig:

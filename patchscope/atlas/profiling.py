@@ -11,7 +11,7 @@ import logging
 import sys
 import time
 import warnings
-from collections.abc import Generator, Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -26,6 +26,7 @@ from patchscope.atlas.batching import adds_bos, plan
 from patchscope.atlas.corpora import builtin_version
 from patchscope.atlas.engine import Profiler
 from patchscope.atlas.exports import write_exports
+from patchscope.atlas.feature_site import FeatureSite, check_feature_run, key_with_features
 from patchscope.atlas.folder import Action, AtlasFolder, Cursor, Plan, Policy, rank_zero_lock
 from patchscope.atlas.key import Inputs, RunKey
 from patchscope.atlas.prefetch import prefetch
@@ -53,6 +54,7 @@ def profile(
     model_name: str | None = None,
     progress: bool = True,
     exports: tuple[str, ...] = (),
+    features: Sequence[FeatureSite] = (),
 ) -> Atlas:
     """Profile every neuron of the configured sites over ``source`` and return the atlas (on the CPU).
 
@@ -78,6 +80,8 @@ def profile(
         resume: continue from the checkpoint in ``out``.
         model_name: recorded in the atlas metadata (default: the model's ``name_or_path``).
         progress: show a progress bar.
+        exports: export formats written beside the atlas.
+        features: SAE features profiled as sites of their own in the same pass (`patchscope.sae.features.feature_site`).
 
     Returns:
         The `Atlas`: per site, the top-k examples of every neuron and its moments.
@@ -89,7 +93,7 @@ def profile(
     config = config.for_model(n_layers(model)).capped_for(count_documents(source))
     if out is None and resume:
         raise ValueError("`resume` needs the output directory (`out`) that holds the checkpoint")
-    run = _prepare(model, tokenizer, source, config, model_name)
+    run = _prepare(model, tokenizer, source, config, model_name, features)
     if out is None:
         return _profile_into(run, None, Plan(Action.FRESH, run.key), progress, exports)
     out = check_writable(out)
@@ -114,13 +118,15 @@ class _Run:
     world: distributed.World
 
 
-def _prepare(model, tokenizer, source, config: ProfileConfig, model_name: str | None) -> _Run:
-    profiler = Profiler(model, config)
+def _prepare(model, tokenizer, source, config: ProfileConfig, model_name: str | None, features=()) -> _Run:
+    check_feature_run(features, config)
+    profiler = Profiler(model, config, features)
     documents, text_source = _documents(source)
     source_config = text_source.config if text_source else None
     model_name = model_name or str(getattr(model.config, "_name_or_path", ""))
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     key = RunKey.of(model_name, source_config, config, dtype, Inputs.of(model_name, source_config, model))
+    key = key_with_features(key, features)
     world = distributed.join(profiler.device)  # torchrun's world; one process without it
     if config.quantile_examples and world.size > 1:
         raise ValueError(

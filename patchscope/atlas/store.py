@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 from patchscope.atlas.atlas import Atlas, AtlasError, AtlasMeta, SiteAtlas
 from patchscope.atlas.exact import ExactSum
+from patchscope.atlas.feature_site import reads_of
 from patchscope.atlas.stats import Moments, TopK
 from patchscope.kernels.quantiles import QuantileExamples
 from patchscope.model.sites import SiteError, parse_site
@@ -150,7 +151,7 @@ def load_atlas_with_metadata(path: str | Path, device: torch.device | str = "cpu
     stats = {}
     for site in sites:
         try:
-            parse_site(site)
+            parse_site(reads_of(site))  # an SAE feature site is named after the site it reads
         except SiteError as error:
             raise AtlasError(f"{file}: {error}") from error
         top = TopK(*(_tensor(file, tensors, site, f.name) for f in dataclasses.fields(TopK)))

@@ -19,7 +19,14 @@ def register(parser: argparse.ArgumentParser) -> None:
     add_dataclass_arguments(parser, ProfileConfig)
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    parser.add_argument("--sae", action="append", default=[], metavar="SPEC", help=SAE_HELP)
     add_scale_flags(parser)
+
+
+SAE_HELP = (
+    "also profile this SAE's features, as a site of their own in the same forward pass (repeatable): a Gemma Scope "
+    "params.npz, a Gemma Scope 2 folder, a SAELens folder or REPO_ID/PATH (docs/gemma-scope-2.md)"
+)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,11 +70,15 @@ def run(args: argparse.Namespace) -> int:
         )
     else:
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=device, device_map=args.device_map)
+    from patchscope.sae.features import load_feature_sites
+
+    features = load_feature_sites(args.sae, d_model=model.config.hidden_size, device=next(model.parameters()).device)
     atlas = profile(
         model,
         tokenizer,
         source,
         config,
+        features=features,
         out=out,
         resume=args.resume,
         model_name=args.model,

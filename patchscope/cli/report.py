@@ -14,6 +14,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="model to replay the examples with (default: the one the atlas names)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--sae", action="append", default=[], metavar="SPEC", help="the SAE of a feature site, to replay it")
     add_dataclass_arguments(parser, DashboardConfig)
 
 
@@ -34,6 +35,11 @@ def run(args: argparse.Namespace) -> int:
     }
     texts = atlas.texts(docs | top_documents(atlas))  # the index quotes every neuron's top token
     model, tokenizer = atlas_model(atlas, args.model, args.dtype, args.device)
-    index = write_dashboard(atlas, out, model=model, tokenizer=tokenizer, texts=texts, config=config)
+    from typing import Any, cast
+
+    from patchscope.sae.features import load_feature_sites
+
+    features = load_feature_sites(args.sae, d_model=cast(Any, model.config).hidden_size, device=next(model.parameters()).device)
+    index = write_dashboard(atlas, out, model=model, tokenizer=tokenizer, texts=texts, config=config, features=features)
     print(f"wrote {index} and {sum(len(ns) for ns in chosen.values())} neuron pages; open it in a browser (works offline)")
     return 0

@@ -27,7 +27,7 @@ class ModelPreset:
     hub_id: str
     """HuggingFace hub id of the model."""
     sae_repo: str | None
-    """Hub repo of its Gemma Scope residual-stream SAEs (None: no SAE preset)."""
+    """Hub repo of its Gemma Scope (or Gemma Scope 2) residual-stream SAEs (None: no SAE preset)."""
     neuronpedia_id: str
     """Model id in Neuronpedia feature URLs."""
     gguf: Callable[[], Path] | None = None
@@ -37,7 +37,7 @@ class ModelPreset:
 PRESETS: dict[str, ModelPreset] = {
     "gemma-2-2b": ModelPreset("google/gemma-2-2b", "google/gemma-scope-2b-pt-res", "gemma-2-2b"),
     "gemma-2-9b": ModelPreset("google/gemma-2-9b", "google/gemma-scope-9b-pt-res", "gemma-2-9b"),
-    "gemma-3-270m": ModelPreset("google/gemma-3-270m", None, "gemma-3-270m", gguf.gemma3_270m),
+    "gemma-3-270m": ModelPreset("google/gemma-3-270m", "google/gemma-scope-2-270m-pt", "gemma-3-270m", gguf.gemma3_270m),
     "smollm2-135m": ModelPreset("HuggingFaceTB/SmolLM2-135M-Instruct", None, "smollm2-135m", gguf.smollm2_135m),
 }
 DEFAULT_MODEL = "google/gemma-2-2b"

@@ -23,11 +23,13 @@ from transformers import PreTrainedTokenizerBase
 
 from patchscope.atlas.atlas import Atlas
 from patchscope.atlas.exports import place_strings
+from patchscope.atlas.feature_site import FeatureSite
 from patchscope.atlas.output_tokens import OutputTokens, output_tokens
 from patchscope.kernels.histogram import bin_ranges
 from patchscope.kernels.quantiles import INTERVALS
 from patchscope.model.sites import parse_site
 from patchscope.report.html import bar_chart, esc, histogram_chart, number, page, scatter_chart, tokens_html
+from patchscope.report.neuronpedia_links import feature_of, page_url
 from patchscope.report.replay import Context, Example, replay_contexts
 from patchscope.util.storage import atomic_write
 
@@ -107,18 +109,26 @@ def write_dashboard(
     tokenizer: PreTrainedTokenizerBase,
     texts: Mapping[int, str],
     config: DashboardConfig = DashboardConfig(),
+    features: Sequence[FeatureSite] = (),
 ) -> Path:
-    """Write ``index.html`` and the neuron pages into ``out``; returns the index path."""
+    """Write ``index.html`` and the neuron pages into ``out``; returns the index path.
+
+    ``features``: the SAEs of the atlas's feature sites (`patchscope.sae.features.feature_site`), to replay them.
+    """
     config.validate()
     out = Path(out)
     chosen = chosen_neurons(atlas, config)
     for site, neurons in chosen.items():
         groups = {n: shown_examples(atlas, site, n, config) for n in neurons}
         wanted = [example for per in groups.values() for group in per.values() for _, example in group]
-        contexts = replay_contexts(model, tokenizer, atlas, site, wanted, texts, before=config.before, after=config.after)
-        view = output_tokens(model, site, neurons, config.output_k)
+        sae = feature_of(site, features)
+        contexts = replay_contexts(model, tokenizer, atlas, site, wanted, texts, before=config.before, after=config.after,
+                                   encode=sae.encode if sae else None)  # fmt: skip
+        view = None if sae else output_tokens(model, site, neurons, config.output_k)
         for n in neurons:
-            html_text = neuron_page(atlas, site, n, groups[n], contexts, view, tokenizer, neighbour_note(site, n, chosen))
+            url = page_url(atlas.meta.model, site, n, features)
+            note = neighbour_note(site, n, chosen)
+            html_text = neuron_page(atlas, site, n, groups[n], contexts, view, tokenizer, note, url=url)
 
             def write_page(tmp: Path, text: str = html_text) -> int:
                 return Path(tmp).write_text(text, encoding="utf-8")
@@ -209,7 +219,9 @@ def _output_tokens_html(view: OutputTokens | None, n: int, tokenizer: PreTrained
     )
 
 
-def neuron_page(atlas: Atlas, site: str, n: int, groups, contexts, view, tokenizer, neighbours: str = "") -> str:
+def neuron_page(
+    atlas: Atlas, site: str, n: int, groups, contexts, view, tokenizer, neighbours: str = "", *, url: str | None = None
+) -> str:
     stats = atlas[site]
     scale = max(abs(float(stats.max[n])), abs(float(stats.min[n])) if stats.min is not None else 0.0) or 1.0
     body = [f"<section><h2>Statistics</h2>{_stats_line(atlas, site, n)}</section>"]
@@ -240,7 +252,7 @@ def neuron_page(atlas: Atlas, site: str, n: int, groups, contexts, view, tokeniz
     subtitle = (
         f"<a href='../{INDEX}'>&larr; all neurons</a> · {esc(atlas.meta.model)} · {esc(atlas.meta.dataset)} "
         f"{esc(atlas.meta.split)} · {atlas.n_tokens} tokens · hover a token for its activation"
-        " · no Neuronpedia link: its pages we can link with certainty are Gemma Scope SAE features, not raw MLP neurons"
+        + (f" · <a href='{esc(url)}'>Neuronpedia</a>" if url else " · no Neuronpedia page known for this one")
     )
     return page(f"{site} · neuron {n}", subtitle, "".join(body))
 

@@ -8,15 +8,16 @@ window of the shown neurons.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from patchscope.atlas.atlas import Atlas
 from patchscope.atlas.batching import Segment, adds_bos, collate, locate, segments
+from patchscope.atlas.feature_site import reads_of
 from patchscope.atlas.sources import Document
 from patchscope.model.hooks import run_with_cache
 from patchscope.model.loading import model_device
@@ -53,8 +54,13 @@ def replay_contexts(
     *,
     before: int = 24,
     after: int = 8,
+    encode: Callable[[Tensor], Tensor] | None = None,
 ) -> dict[Example, Context]:
-    """The context window (``before`` tokens, the token, ``after`` tokens, within its segment) of every example."""
+    """The context window (``before`` tokens, the token, ``after`` tokens, within its segment) of every example.
+
+    For an SAE feature site, ``encode`` maps the activations at the site it reads to the features.
+    """
+    reads = reads_of(site)
     examples = list(dict.fromkeys(examples))
     parts: dict[int, list[Segment]] = {}
     where: dict[Example, tuple[Segment, int]] = {}
@@ -79,8 +85,8 @@ def replay_contexts(
         batch = collate(rows, pad_id).to(device)
         with torch.inference_mode():
             inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "use_cache": False}
-            _, seen = run_with_cache(model, inputs, site)
-        acts = seen[site]  # [rows, pos, n]
+            _, seen = run_with_cache(model, inputs, reads)
+        acts = seen[reads] if encode is None else encode(seen[reads])  # [rows, pos, n]
         for row, segment in enumerate(rows):
             for example in by_segment[segment]:
                 local = where[example][1]

@@ -40,7 +40,13 @@ class SAEInfo:
     source: str = ""
     """File or hub location it was loaded from."""
     neuronpedia: str | None = None
-    """Neuronpedia prefix ``{model}/{layer}-gemmascope-res-{width}``, if the SAE is on Neuronpedia."""
+    """Neuronpedia prefix ``{model}/{source}``, e.g. ``gemma-2-2b/11-gemmascope-res-16k``, if the SAE is on Neuronpedia."""
+    hook_point: str | None = None
+    """The HF hook point the file declares (Gemma Scope 2's ``hf_hook_point_in``), e.g. ``model.layers.5.output``."""
+    site_out: str | None = None
+    """For a transcoder: the site it predicts (e.g. ``blocks.5.hook_mlp_out``)."""
+    unreadable: str = ""
+    """Why patchscope cannot capture `site` (empty when it can), e.g. an ``attn_out`` SAE reading o_proj's input."""
 
 
 class JumpReLUSAE(nn.Module):
@@ -140,6 +146,11 @@ def same_tensor(a: str, b: str) -> bool:
 def check_site(sae: JumpReLUSAE, site: str, *, allow_site_mismatch: bool = False) -> None:
     """Refuse (or, with ``allow_site_mismatch``, loudly allow) reading a vector from another site."""
     trained = sae.info.site
+    if sae.info.unreadable:
+        raise SAEError(
+            f"{sae.info.source}: {sae.info.unreadable}. patchscope has no such site, so it cannot read this SAE "
+            "at any of its sites; use a resid_post or mlp_out SAE"
+        )
     if trained is None or same_tensor(trained, site):
         return
     message = f"the SAE was trained on {trained}, but the vector comes from {site}"

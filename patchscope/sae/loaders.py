@@ -4,8 +4,12 @@ Formats, all behind `load_sae(spec)`:
 - a Gemma Scope ``params.npz`` (keys ``W_enc`` ... or lower-case ``w_enc`` ...), or a folder holding one;
 - a safetensors file with the same tensors;
 - a SAELens folder: ``sae_weights.safetensors`` + ``cfg.json`` with ``architecture: jumprelu``;
+- a Gemma Scope 2 folder: ``params.safetensors`` + ``config.json`` (`patchscope.sae.gemma_scope_2`), or that
+  ``params.safetensors`` itself; the site comes from ``hf_hook_point_in``, transcoders load as
+  `JumpReLUTranscoder`;
 - a hub location ``REPO_ID/PATH``, e.g. ``google/gemma-scope-2b-pt-res/layer_11/width_16k/average_l0_80``,
-  where the last part may be ``canonical`` (the average L0 closest to 100).
+  where the last part may be ``canonical`` (the average L0 closest to 100), or
+  ``google/gemma-scope-2-270m-pt/resid_post/layer_5_width_16k_l0_medium``.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from patchscope.sae import gemma_scope_2
+from patchscope.sae.gemma_scope_2 import JumpReLUTranscoder
 from patchscope.sae.jumprelu import JumpReLUSAE, SAEError, SAEInfo, check_for_model, sae_layer_for_site
 
 log = logging.getLogger(__name__)
@@ -241,6 +247,32 @@ def load_saelens_dir(directory: str | Path, *, d_model: int | None = None) -> Ju
     return sae
 
 
+def load_gemma_scope_2_dir(directory: str | Path, *, d_model: int | None = None, repo: str | None = None,
+                           source: str | None = None) -> JumpReLUSAE:  # fmt: skip
+    """A Gemma Scope 2 folder: ``config.json`` (architecture ``jump_relu``, hook points) + ``params.safetensors``.
+
+    An SAE whose config names an output hook point other than its input (a transcoder) loads as a
+    `JumpReLUTranscoder`, with ``affine_skip_connection [d_in, d_out]`` as its skip (orientation as
+    Gemma Scope 2 applies it, ``x @ affine_skip_connection``; SAELens stores its transpose as ``W_skip``).
+    """
+    directory = Path(directory)
+    config = gemma_scope_2.read_config(directory)
+    info = gemma_scope_2.info_for(directory, config, repo=repo, source=source)
+    tensors = _read_safetensors(directory / gemma_scope_2.PARAMS, d_model)
+    sae = sae_from_tensors(tensors, info)
+    skip = next((t for name, t in tensors.items() if name.lower() == "affine_skip_connection"), None)
+    if info.site_out is None:
+        if skip is not None:
+            raise SAEError(f"{directory}: holds affine_skip_connection but its config names no hf_hook_point_out")
+        return sae
+    if skip is not None and tuple(skip.shape) != (sae.d_model, sae.W_dec.shape[1]):
+        raise SAEError(
+            f"{directory}: affine_skip_connection has shape {tuple(skip.shape)}, expected {(sae.d_model, sae.W_dec.shape[1])}"
+        )
+    parts = {k: getattr(sae, k) for k in KEYS}
+    return JumpReLUTranscoder(**parts, info=info, W_skip=None if skip is None else skip.float())
+
+
 # -- hub
 
 
@@ -277,6 +309,8 @@ def load_from_hub(repo_id: str, path: str, *, offline: bool = False, d_model: in
     unreachable = not offline and not offline_mode() and not hub_reachable()
     offline = offline or unreachable or offline_mode()
 
+    if gemma_scope_2.is_folder_path(path):
+        return _gemma_scope_2_from_hub(repo_id, path, offline=offline, unreachable=unreachable, d_model=d_model)
     path = path.strip("/").removesuffix("/params.npz")
     match = GEMMA_SCOPE_PATH.fullmatch(path)
     if match and match["canonical"]:
@@ -291,6 +325,27 @@ def load_from_hub(repo_id: str, path: str, *, offline: bool = False, d_model: in
             "(`hf auth login` if needed), or pass a local params.npz"
         ) from error
     return load_npz(local, dataclasses.replace(info_from_path(path, repo=repo_id), source=f"{repo_id}/{path}"), d_model=d_model)
+
+
+def _gemma_scope_2_from_hub(repo_id: str, path: str, *, offline: bool, unreachable: bool, d_model: int | None) -> JumpReLUSAE:
+    """Fetch a Gemma Scope 2 folder's two files with ``hf_hub_download`` (the cache only when offline)."""
+    from huggingface_hub import hf_hub_download
+
+    folder = path.strip("/").removesuffix(f"/{gemma_scope_2.PARAMS}").removesuffix(f"/{gemma_scope_2.CONFIG}")
+    local = []
+    for name in (gemma_scope_2.CONFIG, gemma_scope_2.PARAMS):
+        try:
+            local.append(Path(hf_hub_download(repo_id, f"{folder}/{name}", local_files_only=offline)))
+        except Exception as error:  # noqa: BLE001 - many hub error types, one explanation
+            why = "the hub cannot be reached" if unreachable else ("offline" if offline else type(error).__name__)
+            why += ", and it is not in the local cache" if offline else ""
+            raise SAEError(
+                f"could not fetch {repo_id}/{folder}/{name} ({why}); go online (`hf auth login` if needed), or download "
+                f"{folder}/ ({gemma_scope_2.CONFIG} and {gemma_scope_2.PARAMS})"
+            ) from error
+    if local[0].parent != local[1].parent:
+        raise SAEError(f"{repo_id}/{folder}: config.json and params.safetensors came from different snapshots; fetch again")
+    return load_gemma_scope_2_dir(local[0].parent, d_model=d_model, repo=repo_id, source=f"{repo_id}/{folder}")
 
 
 def load_sae(
@@ -320,11 +375,14 @@ def load_sae(
     if path.is_dir():
         if (path / "cfg.json").exists() and (path / "sae_weights.safetensors").exists():
             sae = load_saelens_dir(path, d_model=d_model)
+        elif (path / gemma_scope_2.CONFIG).exists() and (path / gemma_scope_2.PARAMS).exists():
+            sae = load_gemma_scope_2_dir(path, d_model=d_model)
         elif (path / "params.npz").exists():
             sae = load_npz(path / "params.npz", d_model=d_model)
         else:
             raise SAEError(
-                f"{path}: neither a SAELens folder (cfg.json + sae_weights.safetensors) nor a Gemma Scope folder (params.npz)"
+                f"{path}: neither a SAELens folder (cfg.json + sae_weights.safetensors), a Gemma Scope 2 folder "
+                "(config.json + params.safetensors) nor a Gemma Scope folder (params.npz)"
             )
     elif path.suffix == ".npz":
         if not path.is_file():
@@ -333,7 +391,11 @@ def load_sae(
     elif path.suffix == ".safetensors":
         if not path.is_file():
             raise SAEError(f"no such SAE file: {path}")
-        sae = load_safetensors_file(path, d_model=d_model)
+        # a Gemma Scope 2 params.safetensors beside its config.json
+        if path.name == gemma_scope_2.PARAMS and (path.parent / gemma_scope_2.CONFIG).is_file():
+            sae = load_gemma_scope_2_dir(path.parent, d_model=d_model)
+        else:
+            sae = load_safetensors_file(path, d_model=d_model)
     else:
         parts = text.strip("/").split("/")
         if len(parts) < 3:
@@ -356,11 +418,15 @@ def gemma_scope_spec(repo_id: str, layer: int, width: str = "16k", l0: str | int
 def sae_spec_for_site(model: str, site: str, width: str = "16k", l0: str | int = "canonical") -> str:
     """The Gemma Scope residual SAE that reads ``site`` of a preset model, by the site rule.
 
-    ``sae_spec_for_site("google/gemma-2-2b", "blocks.12.hook_resid_pre")`` is the layer-11 SAE.
+    ``sae_spec_for_site("google/gemma-2-2b", "blocks.12.hook_resid_pre")`` is the layer-11 SAE;
+    ``sae_spec_for_site("gemma-3-270m", "blocks.6.hook_resid_pre")`` is Gemma Scope 2's layer-5
+    ``resid_post`` SAE (`patchscope.sae.gemma_scope_2.spec_for_layer` chooses width and L0 there).
     """
     from patchscope.model.loading import preset_for
 
     preset = preset_for(model)
     if preset is None or preset.sae_repo is None:
         raise SAEError(f"no Gemma Scope SAEs are known for {model!r}; pass an SAE spec explicitly")
+    if preset.sae_repo in gemma_scope_2.REPOS.values():
+        return gemma_scope_2.spec_for_layer(preset.sae_repo, sae_layer_for_site(site), width)
     return gemma_scope_spec(preset.sae_repo, sae_layer_for_site(site), width, l0)

@@ -1,0 +1,138 @@
+"""SAE features as a profiled site (patchscope/atlas/feature_site.py, sae/features.py) against a brute force."""
+
+import numpy as np
+import pytest
+import torch
+from factories import FIXTURE_CORPUS
+from sae_files import numpy_jumprelu, sae_params, write_gemma_scope_2
+
+from patchscope.atlas.profile_config import ProfileConfig
+from patchscope.atlas.profiling import profile
+from patchscope.atlas.store import load_atlas
+from patchscope.sae.features import feature_site
+from patchscope.sae.jumprelu import SAEError
+from patchscope.sae.loaders import load_sae
+
+LAYER = 1
+READS = f"blocks.{LAYER}.hook_resid_post"
+NEURONS = f"blocks.{LAYER}.mlp.hook_post"
+CORPUS = [t for t in FIXTURE_CORPUS if t] + [t.upper() for t in FIXTURE_CORPUS if t][:4]
+K = 6
+
+
+def _tied_params():
+    """A small SAE in which feature 0 is 1.0 at every token and feature 1 is 0.0 everywhere: exact ties."""
+    params = sae_params(seed=13, d_model=64, d_sae=40)
+    params["threshold"][:] = 0.05
+    params["W_enc"][:, :2] = 0.0
+    params["b_enc"][0], params["b_enc"][1] = 1.0, -1.0
+    return params
+
+
+def _brute_force(model, tokenizer, params, max_length):
+    """Every counted token, one document alone, the whole model: (feature acts, doc, pos, token)."""
+    rows, store = [], {}
+    handle = model.model.layers[LAYER].register_forward_hook(lambda m, a, out: store.__setitem__("x", out))
+    try:
+        for doc, text in enumerate(CORPUS):
+            ids = tokenizer(text).input_ids[:max_length]
+            model(torch.tensor([ids]))
+            out = store["x"][0] if isinstance(store["x"], tuple) else store["x"]
+            acts, _ = numpy_jumprelu(params, out[0].detach().numpy())  # [pos, d_sae], float64
+            rows += [(acts[j], doc, j, ids[j]) for j in range(1, len(ids))]  # BOS excluded
+    finally:
+        handle.remove()
+    return rows
+
+
+@pytest.fixture(scope="module")
+def profiled(gemma, tmp_path_factory):
+    model, tokenizer = gemma
+    params = _tied_params()
+    folder = write_gemma_scope_2(tmp_path_factory.mktemp("gs2") / "resid_post/layer_1_width_16k_l0_medium", params,
+                                 f"model.layers.{LAYER}.output")  # fmt: skip
+    sae = load_sae(folder)
+    feature = feature_site(sae, label="tiny")
+    small = type(feature)(**{**feature.__dict__, "encode_bytes": 4 * feature.d_sae * 7})  # 7 tokens a chunk
+    assert small.chunk_tokens == 7
+    config = ProfileConfig(sites=(NEURONS,), top_k=K, bottom_k=3, max_length=12, batch_tokens=48)
+    out = tmp_path_factory.mktemp("atlas")
+    atlas = profile(model, tokenizer, CORPUS, config, features=[small], out=out, progress=False)
+    alone = profile(model, tokenizer, CORPUS, config, progress=False)
+    return atlas, alone, _brute_force(model, tokenizer, params, 12), small, out
+
+
+def test_feature_atlas_matches_numpy_brute_force_ties_included(profiled):
+    atlas, _, rows, feature, _ = profiled
+    stats = atlas[feature.name]
+    assert stats.top.values.shape == (K, feature.d_sae)
+    for f in range(feature.d_sae):
+        ranked = sorted(((r[0][f], r[1], r[2], r[3]) for r in rows), key=lambda c: (-c[0], c[1], c[2]))
+        np.testing.assert_allclose(stats.top.values[:, f].numpy(), [c[0] for c in ranked[:K]], rtol=1e-5, atol=1e-5)
+        for rank in range(K):
+            tie = any(abs(ranked[rank][0] - ranked[j][0]) < 1e-5 for j in (rank - 1, rank + 1) if 0 <= j < len(ranked))
+            exact = ranked[rank][0] in (0.0, 1.0)  # the constant features: exact ties, broken by document then position
+            if exact or not tie:
+                got = (int(stats.top.doc[rank, f]), int(stats.top.pos[rank, f]), int(stats.top.token[rank, f]))
+                assert got == ranked[rank][1:], (f, rank)
+        column = np.array([r[0][f] for r in rows])
+        assert int(stats.moments.fire_count[f]) == int((column > 0).sum())
+        np.testing.assert_allclose(float(stats.moments.total[f]), column.sum(), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(float(stats.moments.total_sq[f]), (column**2).sum(), rtol=1e-4, atol=1e-4)
+    assert int(stats.moments.n_tokens) == len(rows)
+    assert stats.top.values[:, 0].tolist() == [1.0] * K and stats.top.values[:, 1].tolist() == [0.0] * K
+    assert stats.histogram is not None and int(stats.histogram[0].sum()) == len(rows)
+
+
+def test_neurons_are_unchanged_by_profiling_features_beside_them(profiled):
+    atlas, alone, *_ = profiled
+    for part in ("values", "doc", "pos", "token"):
+        assert torch.equal(getattr(atlas[NEURONS].top, part), getattr(alone[NEURONS].top, part))
+    assert torch.equal(atlas[NEURONS].moments.total, alone[NEURONS].moments.total)
+
+
+def test_a_saved_feature_atlas_loads_again(profiled):
+    atlas, _, _, feature, out = profiled
+    loaded = load_atlas(out)
+    assert set(loaded.sites) == {NEURONS, feature.name}
+    assert torch.equal(loaded[feature.name].top.values, atlas[feature.name].top.values)
+
+
+def test_the_16k_block_is_chunked_and_counted_in_the_size_check():
+    from patchscope.atlas.feature_site import FeatureSite
+
+    feature = FeatureSite(READS, "16k", d_in=640, d_sae=16384, encode=lambda x: x)
+    assert feature.chunk_tokens == 1024  # 4,096 tokens x 16,384 features would be 256 MiB at once
+    assert feature.block_bytes(4096) == 64 * 2**20
+    config = ProfileConfig(top_k=20)
+    with pytest.raises(ValueError, match="GiB of encoded SAE chunks"):
+        config.check_atlas_size({feature.name: 16384}, block_bytes=2**62)
+
+
+def test_unreadable_and_mismatched_saes_are_refused(tmp_path):
+    attn = load_sae(write_gemma_scope_2(tmp_path / "attn_out/layer_1_width_16k_l0_big", sae_params(),
+                                        "model.layers.1.self_attn.o_proj.input"))  # fmt: skip
+    with pytest.raises(SAEError, match="hook_z"):
+        feature_site(attn)
+    resid = load_sae(write_gemma_scope_2(tmp_path / "resid_post/layer_1_width_16k_l0_big", sae_params(), "model.layers.1.output"))
+    with pytest.raises(SAEError, match="trained on blocks.1.hook_resid_post"):
+        feature_site(resid, site="blocks.1.hook_resid_pre")
+
+
+def test_profile_and_report_with_sae_write_feature_pages(gemma_dir, tmp_path, capsys):
+    from patchscope.cli.main import main
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(CORPUS))
+    folder = write_gemma_scope_2(tmp_path / "resid_post/layer_1_width_16k_l0_medium", _tied_params(), "model.layers.1.output")
+    common = ["--model", str(gemma_dir)]
+    assert main(["profile", *common, "--dataset", str(corpus), "--site", NEURONS, "--max-length", "12",
+                 "--top-k", "4", "--sae", str(folder), "--out", str(tmp_path / "atlas")]) == 0  # fmt: skip
+    name = f"{READS}@sae-16k"
+    assert name in load_atlas(tmp_path / "atlas").sites
+    assert main(["report", str(tmp_path / "atlas"), "--out", str(tmp_path / "bare"), "--top", "2"]) == 2  # "pass that SAE"
+    assert "pass that SAE (--sae)" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "atlas"), "--out", str(tmp_path / "site"), "--top", "2", "--sae", str(folder)]) == 0
+    pages = sorted(p.name for p in (tmp_path / "site" / "neurons").glob(f"{name}-*.html"))
+    assert len(pages) == 2
+    assert "Top activations" in (tmp_path / "site" / "neurons" / pages[0]).read_text()
