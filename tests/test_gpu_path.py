@@ -94,7 +94,7 @@ def test_the_separate_kernels_do_read_back(meta_model):
     """The check above can fail: the eager kernels' tie fallback reads the flagged neurons on the host."""
     model, tokenizer = meta_model
     profiler = _profiler(model, reduction="eager")
-    with pytest.raises((RuntimeError, NotImplementedError)):
+    with pytest.raises((RuntimeError, NotImplementedError), match="nonzero"):
         profiler.fold(_batches(tokenizer, 64)[0], tokenizer.pad_token_id)
 
 
@@ -152,3 +152,21 @@ def test_the_triton_launch_runs_under_the_tensors_device():
     launch = launch_device(torch.device("cuda:1"))
     assert isinstance(launch, torch.cuda.device) and launch.idx == 1  # entered only at the launch, on CUDA
     assert isinstance(launch_device(torch.device("cpu")), nullcontext)
+
+
+def test_the_quantile_pass_picks_on_the_sites_device(meta_model, monkeypatch):
+    """A site on another device than the inputs (a device_map): bounds and picks follow the activations."""
+    from types import SimpleNamespace
+
+    from patchscope.atlas import quantile_pass
+
+    model, tokenizer = meta_model
+    monkeypatch.setattr(quantile_pass, "model_device", lambda model: torch.device("cpu"))  # the inputs' device
+    site = SITES[0]
+    atlas = type("Atlas", (), {"sites": {site: None}, "__getitem__": lambda self, name: SimpleNamespace(max=torch.ones(128))})()
+    documents = [Document(i, t) for i, t in enumerate(t for t in FIXTURE_CORPUS if t)]
+    config = ProfileConfig(sites=[site], max_length=16, batch_tokens=64, quantile_examples=2)
+    with DeviceCounter() as counter, pytest.raises(NotImplementedError, match="meta tensor"):  # the copy to the host:
+        quantile_pass.quantile_examples(model, tokenizer, documents, atlas, config)  # meta holds no data
+    assert set(counter.mixed) == {"aten.embedding.default"}  # only where the fake put the ids on the CPU
+    assert counter.ops["aten.cumsum.default"] > 0  # the picks ran
