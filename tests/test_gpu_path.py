@@ -170,3 +170,14 @@ def test_the_quantile_pass_picks_on_the_sites_device(meta_model, monkeypatch):
         quantile_pass.quantile_examples(model, tokenizer, documents, atlas, config)  # meta holds no data
     assert set(counter.mixed) == {"aten.embedding.default"}  # only where the fake put the ids on the CPU
     assert counter.ops["aten.cumsum.default"] > 0  # the picks ran
+
+
+def test_a_patch_at_positions_decides_on_the_host(meta_model):
+    """`patch` with positions (the Patchscope's write, every generation step): no device read per call."""
+    from patchscope.model.hooks import patch
+
+    model, _ = meta_model
+    ids = torch.zeros(2, 6, dtype=torch.long, device="meta")
+    with DeviceCounter() as counter, patch(model, "blocks.1.hook_resid_pre", torch.ones(64, device="meta"), positions=[3]):
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)  # without a mask HF reads one
+    assert counter.host_reads == [] and counter.ops["aten.index_put_.default"] == 1
