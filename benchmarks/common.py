@@ -99,7 +99,11 @@ def build_model(shape: str, *, layers: int | None, dtype: torch.dtype, device: s
         **settings, max_position_embeddings=4096, attn_implementation="eager", pad_token_id=0, bos_token_id=2, eos_token_id=1
     )
     torch.manual_seed(seed)
-    model = Gemma2ForCausalLM(config)
+    if device != "cpu":  # built where it runs, in its dtype: no minutes of fp32 CPU init in a short GPU window
+        with torch.device(device):
+            built = Gemma2ForCausalLM._from_config(config, dtype=dtype)
+        return cast(Gemma2ForCausalLM, cast(torch.nn.Module, built).eval().requires_grad_(False))
+    model = Gemma2ForCausalLM(config)  # the CPU keeps its fp32 init then cast: the recorded CPU weights
     # PreTrainedModel.to is wrapped by functools.wraps, whose stub does not bind `self`
     return cast(Gemma2ForCausalLM, cast(torch.nn.Module, model).to(device=device, dtype=dtype).eval().requires_grad_(False))
 

@@ -35,7 +35,6 @@ from torch import Tensor
 from patchscope.atlas.stats import Moments, TokenFields, TopK
 
 from .bottomk import negated
-
 from .topk_merge import batch_topk as reference_batch_topk
 from .topk_merge import order_key
 from .topk_merge_fast import BLOCK_ROWS, TIE_MARGIN, exact_columns, overflowing_ties
@@ -147,7 +146,15 @@ def block_stats(
 
 
 def exact_candidates(
-    acts: Tensor, block_top: Tensor, low: Tensor, doc: Tensor, pos: Tensor, token: Tensor, counted: Tensor, k: int, sign: float = 1.0
+    acts: Tensor,
+    block_top: Tensor,
+    low: Tensor,
+    doc: Tensor,
+    pos: Tensor,
+    token: Tensor,
+    counted: Tensor,
+    k: int,
+    sign: float = 1.0,
 ) -> TopK:
     """The exact top-k of one batch ``[tokens, n]`` of ``sign * acts``, rows unordered, by the ranking rule.
 

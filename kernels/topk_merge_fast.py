@@ -84,7 +84,9 @@ def merge_topk_fast(first: TopK, *rest: TopK) -> TopK:
     merged = TopK(*(joined[name].gather(1, order).T.contiguous() for name in ("values", "doc", "pos", "token")))
     if merged.k < k:  # fewer rows than k in all: pad with empty slots
         merged = exact_columns(
-            TopK.empty(k, merged.values.shape[1], merged.values.device), torch.arange(merged.values.shape[1], device=merged.values.device), merged
+            TopK.empty(k, merged.values.shape[1], merged.values.device),
+            torch.arange(merged.values.shape[1], device=merged.values.device),
+            merged,
         )
     if keep < sum(p.k for p in parts):
         columns = overflowing_ties(values.T, k).nonzero().squeeze(1)

@@ -51,3 +51,16 @@ def test_driver_writes_results(tmp_path):
     for heading in ("Profiling throughput", "Hook cost", "JumpReLU SAE encode", "Patchscope generation", "Growing the dataset"):
         assert heading in text
     assert "_Conditions: CPU" in text
+
+
+def test_the_gpu_paths_rows_name_what_they_skip(monkeypatch):
+    """`benchmarks.gpu_paths.measure` where CUDA is absent: one row saying so, not a crash."""
+    import torch
+
+    from benchmarks import gpu_paths
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu_paths.measure("cuda", torch.bfloat16, dry_run=True) == [
+        dict(kind="all", device="cuda", note="skipped: CUDA is not available here")
+    ]
+    assert "needs CUDA" in gpu_paths._skip("triton", "cpu") and gpu_paths._skip("separate", "cpu") == ""

@@ -61,7 +61,9 @@ def meta_model(gemma_dir):
 def kernel_on_meta(monkeypatch):
     """The Triton pass, replaced by its plain-torch twin (same outputs, runs on ``meta``)."""
     real = fused.block_stats
-    monkeypatch.setattr(fused, "block_stats", lambda acts, counted, low, backend="eager", **kw: real(acts, counted, low, "eager", **kw))
+    monkeypatch.setattr(
+        fused, "block_stats", lambda acts, counted, low, backend="eager", **kw: real(acts, counted, low, "eager", **kw)
+    )
 
 
 def _profiler(model, reduction: str = "triton", **changes) -> Profiler:
@@ -139,7 +141,9 @@ def test_the_merge_indexes_on_the_states_device():
 
     part = TopK.empty(2, 5, "meta")
     with DeviceCounter() as counter:
-        merged = merge_topk_fast(dataclasses.replace(part, values=part.values[:1], doc=part.doc[:1], pos=part.pos[:1], token=part.token[:1]))
+        merged = merge_topk_fast(
+            dataclasses.replace(part, values=part.values[:1], doc=part.doc[:1], pos=part.pos[:1], token=part.token[:1])
+        )
     assert merged.k == 1 and counter.mixed == [] and counter.host_reads == []
 
 

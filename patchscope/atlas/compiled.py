@@ -20,7 +20,6 @@ from torch import nn
 
 from patchscope.model.sites import base_model
 
-
 _LAST_DTYPE: list[torch.dtype] = []  # the dtype of the layers compiled last in this process
 
 
