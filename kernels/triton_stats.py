@@ -90,17 +90,23 @@ def _block_stats_kernel(
         tl.store(block_top_ptr + block * n + cols, tl.max(_keys(x, usable, low), axis=0), mask=col_ok & block_ok)
         if BOTTOM:
             tl.store(block_bottom_ptr + block * n + cols, tl.max(_keys(-x, usable, low), axis=0), mask=col_ok & block_ok)
-        if HISTOGRAM:  # the bits of |x| -> bin, as `histogram.bin_index`
-            bits = x.to(tl.int32, bitcast=True)
-            key = (bits & 0x7FFFFFFF) >> MANTISSA_SHIFT  # exponent and the top 2 mantissa bits of |x|
-            magnitude = tl.minimum(tl.maximum(key - (LOW_KEY - 1), 0), LOG_BINS + 1)  # 0: near zero; 81: overflow
-            sign = bits >> 31  # 0 or -1 (arithmetic shift)
-            index = ((magnitude ^ sign) - sign + CENTER).to(tl.int64)  # CENTER -/+ magnitude
-            tl.atomic_add(hist_ptr + index * n + cols[None, :], tl.full([BLOCK_ROWS, BLOCK_N], 1, tl.int32), mask=usable)
+        if HISTOGRAM:
+            _count_bins(hist_ptr, x, usable, cols, n, BLOCK_ROWS, BLOCK_N)
     tl.store(total_ptr + pid_t * n + cols, total, mask=col_ok)
     tl.store(total_sq_ptr + pid_t * n + cols, total_sq, mask=col_ok)
     tl.store(fire_ptr + pid_t * n + cols, fire, mask=col_ok)
     tl.store(nonfinite_ptr + pid_t * n + cols, nonfinite, mask=col_ok)
+
+
+@triton.jit
+def _count_bins(hist_ptr, x, usable, cols, n, BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Add each usable entry to its bin of ``hist [N_BINS, n]``, read from the bits of |x| as `histogram.bin_index`."""
+    bits = x.to(tl.int32, bitcast=True)
+    key = (bits & 0x7FFFFFFF) >> MANTISSA_SHIFT  # exponent and the top 2 mantissa bits of |x|
+    magnitude = tl.minimum(tl.maximum(key - (LOW_KEY - 1), 0), LOG_BINS + 1)  # 0: near zero; 81: overflow
+    sign = bits >> 31  # 0 or -1 (arithmetic shift)
+    index = ((magnitude ^ sign) - sign + CENTER).to(tl.int64)  # CENTER -/+ magnitude
+    tl.atomic_add(hist_ptr + index * n + cols[None, :], tl.full([BLOCK_ROWS, BLOCK_N], 1, tl.int32), mask=usable)
 
 
 @triton.jit
