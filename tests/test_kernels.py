@@ -350,8 +350,28 @@ assert fused.resolve_backend("auto", torch.device("cpu")) == "eager"  # Triton i
 import test_kernels
 test_kernels._assert_reduction_matches_reference(lambda *a: fused.batch_stats(*a, backend="triton"))
 test_kernels._assert_pieces_match_reference("triton")
+test_kernels._assert_offsets_past_two_to_the_31_are_read()
 print("triton kernel matches the reference")
 """
+
+
+def _assert_offsets_past_two_to_the_31_are_read() -> None:
+    """A row whose offset passes 2**31 elements (a batch over ~233k tokens at d_mlp 9,216) is read where it is.
+
+    The storage is reserved, not touched (about 0.3 GB resident): only 3 rows of 128 are written. With
+    int32 offsets the interpreter's read wraps around and the process dies (measured: SIGSEGV).
+    """
+    from patchscope.atlas.stats import TokenFields
+    from patchscope.kernels import fused, topk_merge
+
+    stride = 2**30 + 128  # row 2 starts at element 2**31 + 256
+    acts = torch.empty(2 * stride + 128, dtype=torch.float16).as_strided((3, 128), (stride, 1))
+    acts.copy_(torch.randn(3, 128).half())
+    doc, pos, counted = torch.arange(3), torch.zeros(3, dtype=torch.long), torch.ones(3, dtype=torch.bool)
+    pieces = fused.fused_pieces(acts, TokenFields(doc, pos, doc, counted), 2, 0, False, "triton")
+    top = topk_merge.merge_topk(TopK.empty(2, 128), pieces.top)
+    want = topk_merge.batch_topk(acts, doc, pos, doc, counted, 2)
+    assert torch.equal(top.values, want.values) and torch.equal(top.doc, want.doc)
 
 
 def test_triton_kernel_matches_the_reference_under_the_interpreter():
