@@ -93,9 +93,9 @@ class Conditions:
 def build_model(shape: str, *, layers: int | None, dtype: torch.dtype, device: str, seed: int = 0) -> Gemma2ForCausalLM:
     """A Gemma-2 of the named shape with seeded random weights (eager attention, as the project loads it).
 
-    The weights are created on ``device`` in ``dtype``: at the gemma-2-2b shape, building in float32
-    on the CPU and casting costs minutes of a short GPU window. The same seed gives other values on
-    another device or dtype; no benchmark compares weights across them.
+    Off the CPU the weights are created on ``device`` in ``dtype``: at the gemma-2-2b shape, building in
+    float32 on the CPU and casting costs minutes of a short GPU window (the same seed then gives other
+    values; no benchmark compares weights across devices).
     """
     settings: dict[str, Any] = dict(SHAPES[shape])
     if layers is not None:
@@ -104,14 +104,13 @@ def build_model(shape: str, *, layers: int | None, dtype: torch.dtype, device: s
         **settings, max_position_embeddings=4096, attn_implementation="eager", pad_token_id=0, bos_token_id=2, eos_token_id=1
     )
     torch.manual_seed(seed)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
+    if device != "cpu":  # built where it runs, in its dtype: no minutes of fp32 CPU init in a short GPU window
         with torch.device(device):
-            model = Gemma2ForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
-    return cast(Gemma2ForCausalLM, model.eval().requires_grad_(False))
+            built = Gemma2ForCausalLM._from_config(config, dtype=dtype)
+        return cast(Gemma2ForCausalLM, cast(torch.nn.Module, built).eval().requires_grad_(False))
+    model = Gemma2ForCausalLM(config)  # the CPU keeps its fp32 init then cast: the recorded CPU weights
+    # PreTrainedModel.to is wrapped by functools.wraps, whose stub does not bind `self`
+    return cast(Gemma2ForCausalLM, cast(torch.nn.Module, model).to(device=device, dtype=dtype).eval().requires_grad_(False))
 
 
 def word_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:

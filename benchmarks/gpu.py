@@ -69,6 +69,7 @@ def sections(plan: Plan) -> list[tuple[str, Callable[[Plan], list[Row]]]]:
         ("cached patch", gpu_checks.cached_patch),
         ("speed", gpu_speed.single_site),
         ("whole model", gpu_speed.whole_model),
+        ("gpu paths", gpu_speed.gpu_paths),
     ]
     return out
 

@@ -124,3 +124,17 @@ def whole_model(plan: Plan) -> list[Row]:
         rows.append(Row("whole model", f"{label}: peak memory", torch.cuda.max_memory_allocated() / 2**30, "GiB"))
     _free(model)
     return rows
+
+
+def gpu_paths(plan: Plan) -> list[Row]:
+    """The GPU path's own figures (`benchmarks.gpu_paths`): per-site reduction time against one layer's
+    forward, host reads and aten ops per fold, the whole-model pass and the compile count."""
+    from .gpu_paths import measure
+
+    rows = []
+    for found in measure(plan.device, plan.dtypes[0], plan.dry_run):
+        fields = {key: value for key, value in found.items() if key != "note"}
+        rows.append(
+            Row("gpu paths", ", ".join(f"{key} {value}" for key, value in fields.items()), note=str(found.get("note", "")))
+        )
+    return rows

@@ -11,7 +11,8 @@ for a ``[1024, 2048]`` fp32 batch (see ``benchmarks/RESULTS.md`` for the end-to-
   instead of 20 ms);
 - on the CPU, where reading a flag costs no device sync, a batch whose counted column sums are all
   finite (the usual case) skips every inf/nan cleaning pass. On a GPU the only value read back is
-  whether any neuron needs the exact tie fallback below.
+  whether any neuron needs the exact tie fallback below (the default GPU path, `fused.fused_pieces`,
+  needs no fallback and reads nothing back).
 
 Exact ties stay exact: a neuron whose k-th best candidate equals its worst one may have more tied
 rows than candidates, so which of them were kept is arbitrary; those neurons alone are recomputed
@@ -71,7 +72,9 @@ def merge_topk_fast(first: TopK, *rest: TopK) -> TopK:
     fields = ("values", "doc", "pos", "token")
     rows = {name: torch.cat([getattr(p, name) for p in parts]) for name in fields}  # [rows, n]
     values = rows["values"].T.contiguous()  # [n, rows]
-    keep = min(k + TIE_MARGIN, values.shape[1])
+    # Off the CPU every row goes to the exact sort: a GPU sorts [n, rows] at once, and the pre-selection's
+    # tie fallback would read the flagged neurons back to the host (a sync per merge).
+    keep = min(k + TIE_MARGIN, values.shape[1]) if values.device.type == "cpu" else values.shape[1]
     if keep < values.shape[1]:
         values, index = values.topk(keep, dim=1, sorted=False)  # [n, keep]
         # only the values go neuron-major in full; the other fields are read at the kept rows alone
@@ -85,7 +88,9 @@ def merge_topk_fast(first: TopK, *rest: TopK) -> TopK:
     merged = TopK(*(joined[name].gather(1, order).T.contiguous() for name in fields))
     if merged.k < k:  # fewer rows than k in all: pad with empty slots
         merged = exact_columns(
-            TopK.empty(k, merged.values.shape[1], merged.values.device), torch.arange(merged.values.shape[1]), merged
+            TopK.empty(k, merged.values.shape[1], merged.values.device),
+            torch.arange(merged.values.shape[1], device=merged.values.device),
+            merged,
         )
     if keep < sum(p.k for p in parts):
         columns = overflowing_ties(values.T, k).nonzero().squeeze(1)

@@ -73,10 +73,23 @@ def test_gpu_check_dry_run_covers_every_section_without_the_missing_wheels(tmp_p
     report = json.loads((tmp_path / "gpu.json").read_text())
     rows = report["rows"]
     sections = {row["section"] for row in rows}
-    assert sections == {"hook parity", "triton pass", "profile parity", "cached patch", "speed", "whole model"}
+    assert sections == {"hook parity", "triton pass", "profile parity", "cached patch", "speed", "whole model", "gpu paths"}
     assert not [row for row in rows if row["ok"] is False], [row for row in rows if row["ok"] is False]
     assert sum(row["ok"] is True for row in rows) >= 12  # the correctness rows ran and passed
     names = [row["name"] for row in rows]
     assert any("whole call" in n for n in names) and any("projected time for 10M tokens" in n for n in names)
     assert any(row["note"] == "skipped: transformer_lens is not installed" for row in rows)
     assert "| hook parity |" in (tmp_path / "gpu.md").read_text()
+
+
+def test_the_gpu_paths_rows_name_what_they_skip(monkeypatch):
+    """`benchmarks.gpu_paths.measure` where CUDA is absent: one row saying so, not a crash."""
+    import torch
+
+    from benchmarks import gpu_paths
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu_paths.measure("cuda", torch.bfloat16, dry_run=True) == [
+        dict(kind="all", device="cuda", note="skipped: CUDA is not available here")
+    ]
+    assert "needs CUDA" in gpu_paths._skip("triton", "cpu") and gpu_paths._skip("separate", "cpu") == ""

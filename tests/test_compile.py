@@ -5,6 +5,7 @@ import torch
 from factories import FIXTURE_CORPUS
 
 from patchscope import load_model
+from patchscope.atlas.compiled import compiles
 from patchscope.atlas.profile_config import ProfileConfig
 from patchscope.atlas.profiling import profile
 
@@ -23,6 +24,9 @@ def test_compiled_atlas_agrees_with_eager(gemma_dir, dtype):
     torch._dynamo.utils.counters.clear()
     compiled = profile(model, tokenizer, TEXTS, ProfileConfig(**{**config.__dict__, "compile": True}), progress=False)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # something really was compiled
+    # one dynamic graph per attention variant (sliding, full) and one per variant for 1-row batches, at most:
+    # far below Dynamo's recompile limit (8 per code object), past which it would silently run eager
+    assert compiles() <= 4, torch._dynamo.utils.counters["frames"]
 
     tol = TOLERANCE[dtype]
     site = "blocks.2.mlp.hook_post"

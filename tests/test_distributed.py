@@ -296,3 +296,33 @@ def test_device_map_profile_matches(gemma_dir, corpus_file):
         profile(mapped, tokenizer, source, ProfileConfig(**CONFIG), progress=False),
         profile(plain, tokenizer, source, ProfileConfig(**CONFIG), progress=False),
     )
+
+
+# -- each rank on its own GPU (no GPU needed: the decisions are checked with CUDA faked)
+
+
+def test_every_rank_takes_its_own_gpu(monkeypatch):
+    chosen: list[int] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    world = distributed.World(rank=3, size=4, local_rank=1)
+    assert [distributed.rank_device(d, world) for d in ("auto", "cuda", "cuda:1")] == ["cuda:1"] * 3
+    assert chosen == [1, 1, 1]
+    assert distributed.rank_device("cuda:0", distributed.World()) == "cuda:0"  # one process: as asked
+    with pytest.raises(distributed.DistributedError, match=r"--device cuda:0 on every one of 4 ranks.*pass --device cuda"):
+        distributed.rank_device("cuda:0", world)
+
+
+def test_the_control_group_is_created_when_joining(monkeypatch):
+    """Under NCCL the gloo group of the barrier exists before any rank can reach the meeting."""
+    calls: list[str] = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend, **kw: calls.append(f"init {backend}"))
+    monkeypatch.setattr(distributed.dist, "get_backend", lambda *a: "nccl")
+    monkeypatch.setattr(distributed.dist, "new_group", lambda backend, **kw: calls.append(f"group {backend}") or "group")
+    monkeypatch.setattr(distributed, "_joined", {})
+    distributed.join(torch.device("cuda:0"))
+    assert calls == ["init nccl", "group gloo"]
+    assert distributed._control_group() == "group" and calls == ["init nccl", "group gloo"]  # not created again

@@ -293,16 +293,47 @@ def _assert_reduction_matches_reference(reduce) -> None:
 
 
 def test_fused_pass_and_candidate_selection_match_the_reference():
-    """`block_pass` uncompiled, then `select_candidates`: the logic every fused backend shares."""
+    """`block_pass` uncompiled, then `exact_candidates`: the logic every fused backend shares."""
     from patchscope.kernels import fused
 
-    def reduce(acts, doc, pos, token, counted, k):
-        stats = fused.block_stats(acts, counted, "eager")
-        moments = Moments(stats.fire_count, stats.total.double(), stats.total_sq.double(), stats.nonfinite, counted.sum())
-        return fused.select_candidates(acts, stats.block_max, doc, pos, token, counted, k), moments
-
-    _assert_reduction_matches_reference(reduce)
     _assert_reduction_matches_reference(lambda *a: fused.batch_stats(*a, backend="eager"))
+    _assert_pieces_match_reference("eager")
+
+
+def _pieces_cases():
+    """The reduction cases, and more: fp16, a strided (transposed) batch, signed zeros tied with zeros."""
+    yield from _reduction_cases()
+    gen = torch.Generator().manual_seed(3)
+    acts = (torch.randn(517, 70, generator=gen) * 4).round().to(torch.float16)
+    acts[::7, 3] = float("-inf")
+    acts[1::5, 4] = float("nan")
+    acts[:, 6] = torch.where(torch.arange(517) % 2 == 0, 0.0, -0.0).to(torch.float16)  # 0.0 and -0.0 tie
+    doc, pos = torch.arange(517).flip(0) // 9, torch.arange(517) % 9  # documents in falling order
+    counted = torch.rand(517, generator=gen) > 0.1
+    yield acts, doc, pos, torch.arange(517), counted, 20
+    strided = torch.randn(70, 300, generator=gen).round().T  # [300, 70], stride (1, 300)
+    yield strided, torch.arange(300) // 4, torch.arange(300) % 4, torch.arange(300), torch.ones(300, dtype=torch.bool), 5
+
+
+def _assert_pieces_match_reference(backend: str) -> None:
+    """`fused.fused_pieces` (top-k, bottom-k, moments, histogram) against every plain reference."""
+    from patchscope.atlas.stats import TokenFields
+    from patchscope.kernels import bottomk, fused, histogram, topk_merge
+
+    for acts, doc, pos, token, counted, k in _pieces_cases():
+        pieces = fused.fused_pieces(acts, TokenFields(doc, pos, token, counted), k, k, True, backend)
+        top = topk_merge.merge_topk(TopK.empty(k, acts.shape[1]), pieces.top)
+        bottom = bottomk.merge_bottomk(bottomk.empty_bottomk(k, acts.shape[1]), pieces.bottom)
+        want_top = topk_merge.batch_topk(acts, doc, pos, token, counted, k)
+        want_bottom = bottomk.batch_bottomk(acts, doc, pos, token, counted, k)
+        for name in ("values", "doc", "pos", "token"):
+            assert torch.equal(getattr(top, name), getattr(want_top, name)), (acts.shape, acts.dtype, name)
+            assert torch.equal(getattr(bottom, name), getattr(want_bottom, name)), (acts.shape, acts.dtype, name)
+        assert torch.equal(pieces.histogram, histogram.batch_histogram_reference(acts, counted)), (acts.shape, acts.dtype)
+        want = topk_merge.batch_moments(acts, counted)
+        for name in ("fire_count", "nonfinite", "n_tokens"):
+            assert torch.equal(getattr(pieces.moments, name), getattr(want, name)), (acts.shape, name)
+        torch.testing.assert_close(pieces.moments.total, want.total, rtol=1e-5, atol=1e-4)
 
 
 def test_inductor_fused_pass_matches_the_reference():
@@ -318,8 +349,29 @@ from patchscope.kernels import fused
 assert fused.resolve_backend("auto", torch.device("cpu")) == "eager"  # Triton is dispatched on CUDA only
 import test_kernels
 test_kernels._assert_reduction_matches_reference(lambda *a: fused.batch_stats(*a, backend="triton"))
+test_kernels._assert_pieces_match_reference("triton")
+test_kernels._assert_offsets_past_two_to_the_31_are_read()
 print("triton kernel matches the reference")
 """
+
+
+def _assert_offsets_past_two_to_the_31_are_read() -> None:
+    """A row whose offset passes 2**31 elements (a batch over ~233k tokens at d_mlp 9,216) is read where it is.
+
+    The storage is reserved, not touched (about 0.3 GB resident): only 3 rows of 128 are written. With
+    int32 offsets the interpreter's read wraps around and the process dies (measured: SIGSEGV).
+    """
+    from patchscope.atlas.stats import TokenFields
+    from patchscope.kernels import fused, topk_merge
+
+    stride = 2**30 + 128  # row 2 starts at element 2**31 + 256
+    acts = torch.empty(2 * stride + 128, dtype=torch.float16).as_strided((3, 128), (stride, 1))
+    acts.copy_(torch.randn(3, 128).half())
+    doc, pos, counted = torch.arange(3), torch.zeros(3, dtype=torch.long), torch.ones(3, dtype=torch.bool)
+    pieces = fused.fused_pieces(acts, TokenFields(doc, pos, doc, counted), 2, 0, False, "triton")
+    top = topk_merge.merge_topk(TopK.empty(2, 128), pieces.top)
+    want = topk_merge.batch_topk(acts, doc, pos, doc, counted, 2)
+    assert torch.equal(top.values, want.values) and torch.equal(top.doc, want.doc)
 
 
 def test_triton_kernel_matches_the_reference_under_the_interpreter():

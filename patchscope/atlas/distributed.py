@@ -80,8 +80,19 @@ def detect() -> World:
 
 
 def rank_device(device: str, world: World) -> str:
-    """``auto``/``cuda`` become this rank's GPU (``cuda:LOCAL_RANK``) in a multi-rank CUDA run."""
-    if world.size > 1 and device in ("auto", "cuda") and torch.cuda.is_available():
+    """``auto``/``cuda`` become this rank's GPU (``cuda:LOCAL_RANK``) in a multi-rank CUDA run.
+
+    An explicit ``cuda:N`` is kept only where it names this rank's GPU: the same ``cuda:0`` on every
+    rank puts them all on one GPU, which NCCL refuses at its first collective ("Duplicate GPU detected").
+    """
+    if world.size == 1:
+        return device
+    if device.startswith("cuda:") and device != f"cuda:{world.local_rank}":
+        raise DistributedError(
+            f"--device {device} on every one of {world.size} ranks would put them all on one GPU: pass "
+            f"--device cuda, and each rank takes cuda:LOCAL_RANK (this one cuda:{world.local_rank})"
+        )
+    if device in ("auto", "cuda", f"cuda:{world.local_rank}") and torch.cuda.is_available():
         torch.cuda.set_device(world.local_rank)
         return f"cuda:{world.local_rank}"
     return device
@@ -101,6 +112,9 @@ def join(device: torch.device) -> World:
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=timeout(), device_id=device if device.type == "cuda" else None)
         _joined["default"] = backend
+        # The control group now, on every rank alike: created at the meeting, the early ranks would wait
+        # in `new_group`, outside the monitored barrier that names a rank that never arrives.
+        _control_group()
         log.info("rank %d of %d joined the %s process group", world.rank, world.size, backend)
     return world
 

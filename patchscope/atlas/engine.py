@@ -26,7 +26,7 @@ from patchscope.atlas.profile_config import ProfileConfig
 from patchscope.atlas.stats import Moments, TokenFields, TopK
 from patchscope.kernels.bottomk import bottomk_candidates, empty_bottomk, merge_bottomk_fast
 from patchscope.kernels.cpu_pass import BatchPieces, Workspace, cpu_pass
-from patchscope.kernels.fused import batch_stats, resolve_backend
+from patchscope.kernels.fused import batch_stats, fused_pieces, resolve_backend
 from patchscope.kernels.histogram import batch_histogram, empty_histogram
 from patchscope.kernels.topk_merge_fast import merge_topk_fast
 from patchscope.model.hooks import add_hooks, stop_after
@@ -146,7 +146,7 @@ class Profiler:
         return {site: chain(hooks) for site, hooks in by_site.items()}
 
     def _reduce(self, site: str, acts: Tensor) -> BatchPieces:
-        """Every statistic of one batch at one site: one CPU pass, or the separate kernels elsewhere."""
+        """Every statistic of one batch at one site: one CPU pass, one fused pass (Triton, inductor), or the separate kernels."""
         fields, config = cast(TokenFields, self._fields), self.config
         doc, pos, token, counted = fields.doc, fields.pos, fields.token, fields.counted
         if acts.device.type == "cpu" and self.device.type == "cpu" and self._reduction == "eager" and self._one_pass:
@@ -163,9 +163,11 @@ class Profiler:
             )
             if pieces is not None:
                 return pieces
-        if self._reduction == "eager" and acts.dtype != torch.float32 and self._scratch.numel() < acts.numel():
+        if self._reduction != "eager":  # one fused pass for every statistic: no float copy, no host sync
+            return fused_pieces(acts, fields, config.top_k, config.bottom_k, config.histogram, self._reduction)
+        if acts.dtype != torch.float32 and self._scratch.numel() < acts.numel():
             self._scratch = torch.empty(acts.numel(), dtype=torch.float32, device=acts.device)
-        top, moments = batch_stats(acts, doc, pos, token, counted, config.top_k, backend=self._reduction, scratch=self._scratch)
+        top, moments = batch_stats(acts, doc, pos, token, counted, config.top_k, backend="eager", scratch=self._scratch)
         values = acts if acts.dtype == torch.float32 else acts.float()  # [tokens, n]
         bottom = bottomk_candidates(values, doc, pos, token, counted, config.bottom_k) if config.bottom_k else None
         counts = batch_histogram(values, counted) if config.histogram else None  # [n, N_BINS]

@@ -46,7 +46,10 @@ def quantile_examples(
     def hook(site: str):
         def pick(value: Tensor, step) -> None:
             acts = value.reshape(-1, value.shape[-1])  # [tokens, n]
-            fields = current[-1]
+            if upper[site].device != acts.device:  # under a device_map the site may live on another GPU
+                upper[site] = upper[site].to(acts.device)  # one tensor for state and batch: the merge's check reads nothing
+                state[site] = dataclasses.replace(state[site].to(acts.device), upper=upper[site])
+            fields = current[-1].to(acts.device)  # [tokens] each; a no-op on the same device
             found = batch_quantiles(
                 acts, fields.doc, fields.pos, fields.token, fields.counted, upper[site], config.quantile_examples
             )

@@ -361,22 +361,24 @@ def _writer(value: Tensor, positions: PositionSpec, mode: Literal["replace", "ad
             if rows is not None:
                 new = torch.where(rows.to(current.device).view(-1, 1, 1), new, current)
             return new
-        index = cast(Tensor, _position_index(positions, batch, current.device))  # [batch|1, n]; positions is set
+        # Which positions this call covers is decided on the CPU: on a GPU, reading it back would sync per call
+        index = cast(Tensor, _position_index(positions, batch, torch.device("cpu")))  # [batch|1, n]; positions is set
         index = index.expand(batch, -1) - step.offset
         inside = (index >= 0) & (index < seq_len)  # [batch, n]
         if rows is not None:
-            inside &= rows.to(current.device).view(-1, 1)
+            inside &= rows.to("cpu").view(-1, 1)
         if not bool(inside.any()):
             return None
         if patch_value.dim() < 3:  # [d] or [n, d]: the same for every row
             patch_value = patch_value.view(1, -1, current.shape[-1])
         patch_value = torch.broadcast_to(patch_value, (batch, index.shape[1], current.shape[-1]))
         row_index, col_index = inside.nonzero(as_tuple=True)
+        row_index, col_index, target = (i.to(current.device) for i in (row_index, col_index, index[row_index, col_index]))
         new = current.clone()
         written = patch_value[row_index, col_index]
         if mode == "add":
-            written = written + current[row_index, index[row_index, col_index]]
-        new[row_index, index[row_index, col_index]] = written
+            written = written + current[row_index, target]
+        new[row_index, target] = written
         return new
 
     return write
