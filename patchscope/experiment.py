@@ -150,7 +150,7 @@ class NeuronResult:
     case: str
     """What the reactivation can show: same_layer (by construction), earlier_target_layer (evidence) or later_target_layer."""
     decode: DecodeRelatedness
-    """Decode relatedness: the generated tokens' overlap with the source context, patched against the random control."""
+    """Whether the generation carries the source token's string, against the controls' (`patchscope.scope.verdict`)."""
 
 
 @dataclass
@@ -569,6 +569,8 @@ def format_summary(result: ExperimentResult) -> str:
     for n in result.neurons:
         lines += ["", *_neuron_lines(n)]
     lines.append("")
+    if result.neurons:
+        lines.append(f"decode: {result.neurons[0].decode.measure_text}")
     lines.append("timings (s): " + ", ".join(f"{k} {v}" for k, v in result.timings.items()))
     lines += [f"note: {note}" for note in result.notes]
     return "\n".join(lines)

@@ -219,9 +219,18 @@ def test_run_verdict_names_the_case_and_never_sells_same_layer_reactivation(gemm
     assert record.decode.same_as_unpatched == (generated == record.controls["unpatched"].generated_tokens)
     ids = tokenizer(FIXTURE_CORPUS[record.source.doc]).input_ids[:16]
     position = record.source.position
-    context = set(ids[max(0, position - 5) : position + 6])  # the source token and 5 tokens either side
-    assert record.decode.patched == pytest.approx(len(set(generated) & context) / len(set(generated)))
-    assert record.decode.random_same_norm == pytest.approx(len(set(random) & context) / len(set(random)))
+    # the source token and 5 tokens either side, compared as stripped strings
+    context = {tokenizer.decode([i]).strip() for i in ids[max(0, position - 5) : position + 6]} - {""}
+
+    def share(tokens):
+        strings = {tokenizer.decode([i]).strip() for i in tokens} - {""}
+        return len(strings & context) / len(strings)
+
+    assert record.decode.patched == pytest.approx(share(generated))
+    assert record.decode.random_same_norm == pytest.approx(share(random))
+    source = tokenizer.decode([ids[position]]).strip()
+    text = tokenizer.decode(generated, skip_special_tokens=True)
+    assert record.decode.found_in["patched"] == (source in text) and record.decode.source_token == source
     assert "decode:" in format_summary(same)
     earlier = run("blocks.1.hook_resid_pre", "earlier").neurons[0]
     assert earlier.case == "earlier_target_layer" and "by construction" not in earlier.verdict
@@ -232,4 +241,6 @@ def test_run_verdict_names_the_case_and_never_sells_same_layer_reactivation(gemm
         "patched",
         "random_same_norm",
         "same_as_unpatched",
+        "measure",
+        "decoded",
     }
