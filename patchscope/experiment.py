@@ -214,12 +214,15 @@ class ExperimentResult:
     results_file: str = ""
     """Where this result was written: ``results.json``, or ``results-<settings>.json`` when
     ``results.json`` holds a run with other settings (earlier results are never overwritten)."""
+    report_file: str = ""
+    """Its page: ``report.html`` (or ``report-<settings>.html``) beside the results file."""
 
     def to_json(self) -> dict[str, Any]:
         """``results.json``: plain data, the atlas's record flattened."""
         return {
             "config": dataclasses.asdict(self.config),
             "prompt": dataclasses.asdict(self.prompt),
+            "sites": {"source": self.config.source_site, "target": self.config.target_site, "neuron": self.config.neuron_site},
             "neurons": [dataclasses.asdict(n) for n in self.neurons],
             "timings": self.timings,
             "versions": self.versions,
@@ -227,6 +230,7 @@ class ExperimentResult:
             "notes": self.notes,
             "key": self.key,
             "results_file": self.results_file,
+            "report_file": self.report_file,
         }
 
     def summary(self) -> str:
@@ -548,9 +552,10 @@ def _write_results(result: ExperimentResult, out: Path, model, tokenizer, texts:
     result.results_file = str(path)
     if path.name != RESULTS:
         result.notes.append(f"{out / RESULTS} holds a run with other settings; this run's results are in {path.name}")
+    result.report_file = str(path.with_name(path.stem.replace("results", "report", 1) + ".html"))
     data = result.to_json()
     write_json(path, data)
-    write_run_report(data, path.with_name(path.stem.replace("results", "report", 1) + ".html"), model, tokenizer, texts)
+    write_run_report(data, result.report_file, model, tokenizer, texts)
 
 
 def _rows(rows: tuple[int, int] | None) -> str:

@@ -127,6 +127,22 @@ def headline(decode: DecodeRelatedness) -> Headline:
     return "decoded" if decode.decoded else "not decoded"
 
 
+def case_explanation(case: Case, target_site: str, neuron_site: str) -> str:
+    """What the reactivation can show in this case, in one sentence: the run report's explanation, given once."""
+    if case is Case.SAME_LAYER:
+        return (
+            f"The vector is written at {target_site} and the neuron read in that layer's MLP ({neuron_site}), so the "
+            "neuron fires again almost by construction: its reactivation is not evidence of a decode. The evidence is "
+            "the generated text."
+        )
+    if case is Case.EARLIER_TARGET_LAYER:
+        return (
+            f"The vector is written at {target_site}, before the neuron's layer ({neuron_site}): a reactivation above "
+            "every control is evidence that the vector carries what triggers the neuron."
+        )
+    return f"The vector is written at {target_site}, after the neuron's layer ({neuron_site}): the neuron cannot see the patch."
+
+
 def verdict(
     case: Case, patched: float, controls: dict[str, float], decode: DecodeRelatedness, target_site: str, neuron_site: str
 ) -> str:
