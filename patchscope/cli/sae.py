@@ -21,8 +21,8 @@ def register(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from patchscope.model.hooks import capture, stop_after
     from patchscope.cli.common import check_layers
+    from patchscope.model.hooks import capture, stop_after
     from patchscope.model.loading import load_config, load_model, load_tokenizer
     from patchscope.model.sites import parse_site
     from patchscope.sae.attribution import attribute_neuron
