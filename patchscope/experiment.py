@@ -41,11 +41,12 @@ from patchscope.sae.attribution import FeatureContribution, attribute_neuron
 from patchscope.sae.jumprelu import FeatureHit, JumpReLUSAE, check_for_model, check_site, top_features
 from patchscope.sae.loaders import load_sae, sae_spec_for_site
 from patchscope.scope.config import PatchscopeConfig
+from patchscope.scope.controls import Case
 from patchscope.scope.extract import Extraction, extract
 from patchscope.scope.inject import Observation
 from patchscope.scope.placeholder import PromptPlan, plan_prompt
 from patchscope.scope.readout import NeuronReadout, NeuronTarget, read_neurons
-from patchscope.scope.verdict import DecodeRelatedness
+from patchscope.scope.verdict import DecodeRelatedness, case_explanation, reactivation_text
 from patchscope.util.lock import output_lock
 from patchscope.util.signals import Interrupted
 from patchscope.util.storage import check_writable, write_json
@@ -571,6 +572,8 @@ def format_summary(result: ExperimentResult) -> str:
         f"   {meta.n_documents} documents, {result.atlas.n_tokens} tokens",
         f"prompt {prompt.text!r}: vector written at position {prompt.position} ({prompt.token!r})",
     ]
+    for case in dict.fromkeys(Case(n.case) for n in result.neurons):  # said once, not per neuron
+        lines.append(f"{case.description}: {case_explanation(case, cfg.target_site, cfg.neuron_site)}")
     for n in result.neurons:
         lines += ["", *_neuron_lines(n)]
     lines.append("")
@@ -597,6 +600,11 @@ def _neuron_lines(n: NeuronResult) -> list[str]:
     ratio = f"{p.ratio:.3f}" if p.ratio is not None else "n/a"
     lines.append(f"  patched activation at placeholder: {p.at_placeholder:.4f}   reactivation ratio {ratio}")
     lines += [f"    control {name:17s} {c.at_placeholder:.4f}" for name, c in n.controls.items()]
-    verdict, _, decode = n.verdict.partition("; ")
-    lines += [f"  verdict: {verdict}", f"  decode: {decode}", f"  generated: {p.generated_text!r}"]
+    reactivation = reactivation_text(p.at_placeholder, {name: c.at_placeholder for name, c in n.controls.items()})
+    decode = n.verdict.partition("; ")[2]
+    lines += [
+        f"  verdict: {Case(n.case).description}; {reactivation}",
+        f"  decode: {decode}",
+        f"  generated: {p.generated_text!r}",
+    ]
     return lines

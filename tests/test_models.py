@@ -46,7 +46,7 @@ def test_gated_model_message(monkeypatch):
     def refuse(*args, **kwargs):  # what transformers raises for a gated repo without a token
         raise OSError("You are trying to access a gated repo. 401 Client Error. Access to model google/gemma-2-2b is restricted.")
 
-    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):  # the README's own commands set the first
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):  # a user's shell may set them (offline runs do)
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr("patchscope.model.loading.AutoConfig.from_pretrained", refuse)
     monkeypatch.setattr("patchscope.model.loading.hub_reachable", lambda endpoint: True)

@@ -231,7 +231,9 @@ def test_run_verdict_names_the_case_and_never_sells_same_layer_reactivation(gemm
     source = tokenizer.decode([ids[position]]).strip()
     text = tokenizer.decode(generated, skip_special_tokens=True)
     assert record.decode.found_in["patched"] == (source in text) and record.decode.source_token == source
-    assert "decode:" in format_summary(same)
+    text = format_summary(same)
+    assert "  decode: " in text and text.count("almost by construction") == 1  # explained once, above the neurons
+    assert "  verdict: same layer: reactivation by construction, not evidence; " in text
     earlier = run("blocks.1.hook_resid_pre", "earlier").neurons[0]
     assert earlier.case == "earlier_target_layer" and "by construction" not in earlier.verdict
     later = run("blocks.3.hook_resid_pre", "later").neurons[0]

@@ -71,7 +71,7 @@ def test_a_word_start_token_decodes_mid_word(tokenizer):
 def test_a_token_every_generation_holds_is_no_decode(tokenizer):
     decode = _read(tokenizer, "getattr", " -> getattr", unpatched=" getattr -> ?")
     assert decode.decoded is False and decode.found_in["unpatched"]
-    assert "also in unpatched" in decode_verdict(decode)
+    assert decode_verdict(decode).endswith("but also in the unpatched generation")
     missing = _read(tokenizer, "getattr", " -> 1135 -> 1")
     assert missing.decoded is False and "does not contain" in decode_verdict(missing)
 

@@ -105,15 +105,15 @@ def bar_chart(
     log_scale: bool = False,
 ) -> str:
     """Horizontal bars around a zero line; an optional dashed reference value (e.g. the neuron's maximum).
-    ``log_scale`` draws lengths on the `symlog` scale, so a control of -300 does not squash a bar of 20."""
+    ``log_scale`` draws lengths on the `symlog` scale, so a control of -300 does not squash a bar of 20;
+    say so beside the chart (`SYMLOG_NOTE`)."""
     row, left, pad = 24, 170, 60
     f = symlog if log_scale else float
     extent = [0.0, *(f(v) for v in values)] + ([f(reference[1])] if reference else [])
     low, high = min(extent), max(extent)
     span = (high - low) or 1.0
     x = lambda v: left + pad + (f(v) - low) / span * (width - left - 2 * pad)  # noqa: E731  (room for value labels)
-    base = row * len(values) + 30
-    height = base + (16 if log_scale else 0)
+    height = row * len(values) + 30
     parts = [f"<svg width={width} height={height} role=img>"]
     for i, (label, value) in enumerate(zip(labels, values)):
         y = 6 + i * row
@@ -125,14 +125,12 @@ def bar_chart(
             f"<title>{esc(label)}: {number(value, 4)}</title></rect>"
             f"<text x={x1 + 4 if value >= 0 else x0 - 4:.1f} y={y + 14} text-anchor={'start' if value >= 0 else 'end'}>{number(value)}</text>"
         )
-    parts.append(f"<line x1={x(0):.1f} x2={x(0):.1f} y1=0 y2={base - 20} stroke='#333'/>")
+    parts.append(f"<line x1={x(0):.1f} x2={x(0):.1f} y1=0 y2={height - 20} stroke='#333'/>")
     if reference:
         parts.append(
-            f"<line x1={x(reference[1]):.1f} x2={x(reference[1]):.1f} y1=0 y2={base - 20} stroke='#a33' stroke-dasharray='4 3'/>"
-            f"<text x={x(reference[1]):.1f} y={base - 6} text-anchor=middle fill='#a33'>{esc(reference[0])} {number(reference[1])}</text>"
+            f"<line x1={x(reference[1]):.1f} x2={x(reference[1]):.1f} y1=0 y2={height - 20} stroke='#a33' stroke-dasharray='4 3'/>"
+            f"<text x={x(reference[1]):.1f} y={height - 6} text-anchor=middle fill='#a33'>{esc(reference[0])} {number(reference[1])}</text>"
         )
-    if log_scale:
-        parts.append(f"<text class=scale x={left} y={height - 2}>{esc(SYMLOG_NOTE)}</text>")
     parts.append("</svg>")
     return "".join(parts)
 

@@ -28,6 +28,7 @@ from patchscope.model.loading import model_device
 from patchscope.report.html import SYMLOG_NOTE, bar_chart, esc, number, page, shade, tokens_html
 from patchscope.scope.controls import Case
 from patchscope.scope.verdict import DECODE_MEASURE_TEXT, case_explanation
+from patchscope.util.errors import as_flags
 from patchscope.util.storage import atomic_write
 
 BEFORE, AFTER = 24, 8
@@ -123,7 +124,8 @@ def _legend() -> str:
 def _sae_absent(results: dict[str, Any]) -> str:
     if any(n.get("sae") for n in results["neurons"]):
         return ""
-    why = next((note for note in results.get("notes", []) if "SAE" in note), "no SAE was used in this run")
+    note = next((note for note in results.get("notes", []) if "SAE" in note), "no SAE was used in this run")
+    why = as_flags(note, {"--sae"})  # the page is read beside the command line
     return (
         f"<section id=sae-absent><h2>SAE</h2><p class=muted>No SAE read-out on this page: {esc(why)}. To add one, pass "
         "<code>--sae PATH</code> (a Gemma Scope <code>params.npz</code> or <code>.safetensors</code>, or a SAELens folder) "

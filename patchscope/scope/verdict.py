@@ -177,4 +177,5 @@ def decode_verdict(decode: DecodeRelatedness) -> str:
     if not decode.found_in.get(Condition.PATCHED.value):
         return f"not decoded: the patched generation does not contain the source token {token}"
     also = [k for k, v in decode.found_in.items() if v and k != Condition.PATCHED.value]
-    return f"not decoded: the source token {token} is in the patched generation, but also in {', '.join(also)}'s"
+    plural = "s" if len(also) > 1 else ""
+    return f"not decoded: the source token {token} is in the patched generation, but also in the {', '.join(also)} generation{plural}"
