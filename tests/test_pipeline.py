@@ -193,6 +193,7 @@ def test_result_summary_is_the_text_report(gemma_dir, corpus, tmp_path):
 
 def test_run_verdict_names_the_case_and_never_sells_same_layer_reactivation(gemma, gemma_dir, tmp_path):
     from patchscope.experiment import format_summary
+    from patchscope.scope.verdict import occurs_in  # tested on hand-made cases in tests/test_verdict.py
 
     data = tmp_path / "c.jsonl"
     data.write_text("\n".join(json.dumps({"text": t}) for t in FIXTURE_CORPUS))
@@ -230,7 +231,7 @@ def test_run_verdict_names_the_case_and_never_sells_same_layer_reactivation(gemm
     assert record.decode.random_same_norm == pytest.approx(share(random))
     source = tokenizer.decode([ids[position]]).strip()
     text = tokenizer.decode(generated, skip_special_tokens=True)
-    assert record.decode.found_in["patched"] == (source in text) and record.decode.source_token == source
+    assert record.decode.found_in["patched"] == occurs_in(source, text) and record.decode.source_token == source
     text = format_summary(same)
     assert "  decode: " in text and text.count("almost by construction") == 1  # explained once, above the neurons
     assert "  verdict: same layer: reactivation by construction, not evidence; " in text

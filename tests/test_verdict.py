@@ -8,7 +8,7 @@ from importlib.metadata import PackageNotFoundError, distribution
 import pytest
 
 from patchscope.scope.inject import Observation
-from patchscope.scope.verdict import DECODE_MEASURE, decode_relatedness, decode_verdict, headline, token_string
+from patchscope.scope.verdict import DECODE_MEASURE, decode_relatedness, decode_verdict, headline, occurs_in, token_string
 
 
 def _installed(name: str) -> bool:
@@ -69,6 +69,12 @@ def test_a_word_start_token_decodes_mid_word(tokenizer):
     assert token_string(tokenizer, tokenizer.convert_tokens_to_ids(word_start)) == "names"
     assert _read(tokenizer, word_start, " -> names").decoded is True
     assert _read(tokenizer, word_start, " -> Names").decoded is False  # case is kept
+
+
+def test_a_string_inside_a_longer_word_is_not_found():
+    assert occurs_in("getattr", " -> getattr\n") and occurs_in("getattr", '"__getattr__"')  # `_` bounds a word
+    assert not occurs_in("a", " cat -> cat") and not occurs_in("the", "there") and not occurs_in("0", "1035")
+    assert occurs_in('"', 'hello" -> hello') and occurs_in("ically", " -> ically\n") and not occurs_in("", "x")
 
 
 def test_a_token_every_generation_holds_is_no_decode(tokenizer):

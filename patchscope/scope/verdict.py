@@ -7,14 +7,17 @@ The texts are part of ``results.json`` and of the printed summary; the case they
 ``"__getattr__"`` and ``▁getattr`` in ``-> getattr`` are different ids for the same text. So tokens are
 compared as *strings*: each decoded, with surrounding whitespace and the tokenizer's word-start marker
 (``▁``, ``Ġ``) stripped, case kept (`token_string`). A run **decodes** its source token when that string
-occurs in the patched generation's text and in neither the unpatched nor the random-direction
-control's: a token every generation contains (``-`` in an identity prompt full of ``->``) shows nothing.
+occurs in the patched generation's text (`occurs_in`: where the string begins or ends with a letter or
+digit, not inside a longer word, so ``a`` is not found in ``cat``; ``_`` counts as a boundary, so
+``getattr`` is found in ``__getattr__``) and in no control's generation: a token every generation
+contains (``-`` in an identity prompt full of ``->``) shows nothing.
 Alongside, `DecodeRelatedness.patched` and ``random_same_norm`` give the share of distinct generated
 token strings found among the source context's token strings, for a looser reading.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
@@ -31,7 +34,7 @@ WORD_START_MARKERS = "▁Ġ"
 DECODE_MEASURE = "source_token_in_generation"
 DECODE_MEASURE_TEXT = (
     "the source token's string (decoded; whitespace and word-start marker stripped; case kept) occurs in the patched "
-    "generation and in no control's generation"
+    "generation, not inside a longer word, and in no control's generation"
 )
 OVERLAP_TEXT = f"share of distinct generated token strings found among the source context's (+-{CONTEXT_TOKENS} tokens)"
 
@@ -72,6 +75,15 @@ def generated_text(tokenizer: PreTrainedTokenizerBase, tokens: list[int]) -> str
     return str(tokenizer.decode(tokens, skip_special_tokens=True))
 
 
+def occurs_in(wanted: str, text: str) -> bool:
+    """``wanted`` in ``text``, not inside a longer run of letters and digits at an end where it has one."""
+    if not wanted:
+        return False
+    before = r"(?<![^\W_])" if wanted[0].isalnum() else ""
+    after = r"(?![^\W_])" if wanted[-1].isalnum() else ""
+    return re.search(before + re.escape(wanted) + after, text) is not None
+
+
 def reactivation_text(patched: float, controls: dict[str, float]) -> str:
     """Which controls the patched activation beats."""
     if not controls:
@@ -98,7 +110,7 @@ def decode_relatedness(
     unpatched = controls.get(Condition.UNPATCHED.value)
     wanted = token_string(tokenizer, source)
     generations = {Condition.PATCHED.value: patched, **{k: v for k, v in controls.items() if v.generated_tokens}}
-    found = {k: bool(wanted) and wanted in generated_text(tokenizer, o.generated_tokens) for k, o in generations.items()}
+    found = {k: occurs_in(wanted, generated_text(tokenizer, o.generated_tokens)) for k, o in generations.items()}
     measurable = bool(wanted) and bool(patched.generated_tokens)
     strings = {token_string(tokenizer, i) for i in context} - {""}
 
