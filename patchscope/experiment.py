@@ -41,11 +41,12 @@ from patchscope.sae.attribution import FeatureContribution, attribute_neuron
 from patchscope.sae.jumprelu import FeatureHit, JumpReLUSAE, SAEError, check_for_model, check_site, top_features
 from patchscope.sae.loaders import load_sae, sae_spec_for_site
 from patchscope.scope.config import PatchscopeConfig
+from patchscope.scope.controls import Case
 from patchscope.scope.extract import Extraction, extract
 from patchscope.scope.inject import Observation
 from patchscope.scope.placeholder import PromptPlan, plan_prompt
 from patchscope.scope.readout import NeuronReadout, NeuronTarget, read_neurons
-from patchscope.scope.verdict import DecodeRelatedness
+from patchscope.scope.verdict import DecodeRelatedness, case_explanation, reactivation_text
 from patchscope.util.lock import output_lock
 from patchscope.util.signals import Interrupted
 from patchscope.util.storage import check_writable, write_json
@@ -150,7 +151,7 @@ class NeuronResult:
     case: str
     """What the reactivation can show: same_layer (by construction), earlier_target_layer (evidence) or later_target_layer."""
     decode: DecodeRelatedness
-    """Decode relatedness: the generated tokens' overlap with the source context, patched against the random control."""
+    """Whether the generation carries the source token's string, against the controls' (`patchscope.scope.verdict`)."""
 
 
 @dataclass
@@ -214,12 +215,15 @@ class ExperimentResult:
     results_file: str = ""
     """Where this result was written: ``results.json``, or ``results-<settings>.json`` when
     ``results.json`` holds a run with other settings (earlier results are never overwritten)."""
+    report_file: str = ""
+    """Its page: ``report.html`` (or ``report-<settings>.html``) beside the results file."""
 
     def to_json(self) -> dict[str, Any]:
         """``results.json``: plain data, the atlas's record flattened."""
         return {
             "config": dataclasses.asdict(self.config),
             "prompt": dataclasses.asdict(self.prompt),
+            "sites": {"source": self.config.source_site, "target": self.config.target_site, "neuron": self.config.neuron_site},
             "neurons": [dataclasses.asdict(n) for n in self.neurons],
             "timings": self.timings,
             "versions": self.versions,
@@ -227,6 +231,7 @@ class ExperimentResult:
             "notes": self.notes,
             "key": self.key,
             "results_file": self.results_file,
+            "report_file": self.report_file,
         }
 
     def summary(self) -> str:
@@ -562,9 +567,10 @@ def _write_results(result: ExperimentResult, out: Path, model, tokenizer, texts:
     result.results_file = str(path)
     if path.name != RESULTS:
         result.notes.append(f"{out / RESULTS} holds a run with other settings; this run's results are in {path.name}")
+    result.report_file = str(path.with_name(path.stem.replace("results", "report", 1) + ".html"))
     data = result.to_json()
     write_json(path, data)
-    write_run_report(data, path.with_name(path.stem.replace("results", "report", 1) + ".html"), model, tokenizer, texts)
+    write_run_report(data, result.report_file, model, tokenizer, texts)
 
 
 def _rows(rows: tuple[int, int] | None) -> str:
@@ -580,9 +586,13 @@ def format_summary(result: ExperimentResult) -> str:
         f"   {meta.n_documents} documents, {result.atlas.n_tokens} tokens",
         f"prompt {prompt.text!r}: vector written at position {prompt.position} ({prompt.token!r})",
     ]
+    for case in dict.fromkeys(Case(n.case) for n in result.neurons):  # said once, not per neuron
+        lines.append(f"{case.description}: {case_explanation(case, cfg.target_site, cfg.neuron_site)}")
     for n in result.neurons:
         lines += ["", *_neuron_lines(n)]
     lines.append("")
+    if result.neurons:
+        lines.append(f"decode: {result.neurons[0].decode.measure_text}")
     lines.append("timings (s): " + ", ".join(f"{k} {v}" for k, v in result.timings.items()))
     lines += [f"note: {note}" for note in result.notes]
     return "\n".join(lines)
@@ -604,6 +614,11 @@ def _neuron_lines(n: NeuronResult) -> list[str]:
     ratio = f"{p.ratio:.3f}" if p.ratio is not None else "n/a"
     lines.append(f"  patched activation at placeholder: {p.at_placeholder:.4f}   reactivation ratio {ratio}")
     lines += [f"    control {name:17s} {c.at_placeholder:.4f}" for name, c in n.controls.items()]
-    verdict, _, decode = n.verdict.partition("; ")
-    lines += [f"  verdict: {verdict}", f"  decode: {decode}", f"  generated: {p.generated_text!r}"]
+    reactivation = reactivation_text(p.at_placeholder, {name: c.at_placeholder for name, c in n.controls.items()})
+    decode = n.verdict.partition("; ")[2]
+    lines += [
+        f"  verdict: {Case(n.case).description}; {reactivation}",
+        f"  decode: {decode}",
+        f"  generated: {p.generated_text!r}",
+    ]
     return lines

@@ -162,6 +162,18 @@ def test_sae_command(gemma_dir, tmp_path, capsys):
     assert "allow-site-mismatch" in capsys.readouterr().err
 
 
+def test_sae_command_checks_position_and_neuron_before_the_model_loads(gemma_dir, tmp_path, capsys, monkeypatch):
+    from sae_files import sae_params, write_npz
+
+    sae = write_npz(tmp_path / "layer_1/width_16k/average_l0_30/params.npz", sae_params())
+    monkeypatch.setattr("patchscope.model.loading.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    argv = ["sae", "--sae", str(sae), "--model", str(gemma_dir), "--text", "The quick brown fox"]
+    assert main([*argv, "--position", "40"]) == 2
+    assert "--position 40 is outside the text's" in capsys.readouterr().err
+    assert main([*argv, "--position", "2", "--neuron", "100000"]) == 2
+    assert "--neuron 100000 is out of range" in capsys.readouterr().err
+
+
 def test_library_messages_name_parameters_and_the_cli_names_flags(tmp_path, capsys):
     from patchscope.atlas.profile_config import ProfileConfig
 

@@ -67,6 +67,14 @@ def test_unknown_column_and_empty(tmp_path):
         TextSource(SourceConfig(dataset=str(tmp_path / "missing.csv"), split=""))
 
 
+@pytest.mark.parametrize("content", [b"", b"\n \n"])
+def test_an_empty_file_is_called_empty(tmp_path, content):
+    path = tmp_path / "empty.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=r"empty.jsonl' is empty \((0 bytes|only whitespace)\): it holds no documents"):
+        TextSource(SourceConfig(dataset=str(path), split=""))
+
+
 def test_parse_split():
     assert parse_split("train[100:250]") == ("train", 100, 250)
     assert parse_split("validation") == ("validation", 0, None)

@@ -135,3 +135,13 @@ def test_export_finishes_an_atlas_whose_run_stopped_before_its_exports(gemma, ge
     (out / ATLAS_JSON).unlink()  # as if killed before the commit marker
     assert main(["export", str(out)]) == 0
     assert (out / ATLAS_JSON).exists() and (out / f"gemma2_neuron_mapping_layer_{LAYER}.json").exists()
+
+
+def test_the_mapping_file_is_named_for_the_model_family(llama_dir, tmp_path, capsys):
+    """Gemma-2 keeps the original's gemma2_neuron_mapping_layer_L.json (above); other families use their model_type."""
+    data = write_corpus(tmp_path / "c.jsonl", run_inputs.TEXTS)
+    out = tmp_path / "out"
+    argv = profile_argv(llama_dir, data, out, "--layer", str(LAYER), "--top-k", "2", "--max-length", "16")
+    assert main(argv) == 0, capsys.readouterr().err
+    assert json.loads((out / ATLAS_JSON).read_text())["model_type"] == "llama"
+    assert [p.name for p in out.glob("*_neuron_mapping_layer_*.json")] == [f"llama_neuron_mapping_layer_{LAYER}.json"]

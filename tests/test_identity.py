@@ -35,3 +35,24 @@ def test_forgotten_hashes_are_computed_again(tmp_path):
     assert sha256_file(path) == then
     forget_hashes()
     assert sha256_file(path) != then
+
+
+def test_an_embedded_model_is_its_package_version_and_gguf_sha256(tmp_path, monkeypatch):
+    import hashlib
+    from importlib.metadata import version
+
+    from patchscope.atlas.key import Inputs
+    from patchscope.model import loading
+    from patchscope.util.identity import compare
+
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"GGUF and some weights")
+    preset = loading.ModelPreset("org/tiny", None, "tiny", lambda: gguf, "pytest")  # any installed distribution
+    monkeypatch.setitem(loading.PRESETS, "tiny-embedded", preset)
+    then = Inputs.of("tiny-embedded", None).model
+    sha = hashlib.sha256(b"GGUF and some weights").hexdigest()
+    assert then == {"kind": "package", "package": "pytest", "version": version("pytest"), "file": "tiny.gguf", "sha256": sha}
+    assert compare("the model", then, then) == [] and compare("the model", {"kind": "hub", "revision": None}, then) == []
+    gguf.write_bytes(b"other weights")
+    (change,) = compare("the model", then, Inputs.of("tiny-embedded", None).model)
+    assert change.startswith(f"the model changed: pytest {version('pytest')} (tiny.gguf, sha256 {sha[:12]}) then")

@@ -38,10 +38,22 @@ def test_gated_model_message(monkeypatch):
     def refuse(*args, **kwargs):  # what transformers raises for a gated repo without a token
         raise OSError("You are trying to access a gated repo. 401 Client Error. Access to model google/gemma-2-2b is restricted.")
 
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):  # a user's shell may set them (offline runs do)
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr("patchscope.model.loading.AutoConfig.from_pretrained", refuse)
     monkeypatch.setattr("patchscope.model.loading.hub_reachable", lambda endpoint: True)
-    with pytest.raises(ModelLoadError, match="gated.*`hf auth login`.*local directory"):
+    with pytest.raises(ModelLoadError, match="gated.*`hf auth login`.*local directory.*embedded gemma-3-270m runs offline"):
         load_model("google/gemma-2-2b", device="cpu")
+
+
+def test_a_typo_suggests_the_nearest_presets_and_the_offline_model(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="did you mean 'gemma-3-270m'") as caught:
+        load_config("gemma-3-270")
+    assert "patchscope run --model gemma-3-270m --dataset python-docs" in str(caught.value)
+    with pytest.raises(ModelLoadError) as exact:  # a preset's own hub id gets no suggestion
+        load_config("google/gemma-2-2b")
+    assert "did you mean" not in str(exact.value) and "embedded gemma-3-270m runs offline" in str(exact.value)
 
 
 @pytest.mark.parametrize("name", ["./no-such-model", "no/such/model", "/tmp/definitely-not-here-patchscope", "~/no-such-model"])

@@ -193,6 +193,7 @@ def test_result_summary_is_the_text_report(gemma_dir, corpus, tmp_path):
 
 def test_run_verdict_names_the_case_and_never_sells_same_layer_reactivation(gemma, gemma_dir, tmp_path):
     from patchscope.experiment import format_summary
+    from patchscope.scope.verdict import occurs_in  # tested on hand-made cases in tests/test_verdict.py
 
     data = tmp_path / "c.jsonl"
     data.write_text("\n".join(json.dumps({"text": t}) for t in FIXTURE_CORPUS))
@@ -219,10 +220,21 @@ def test_run_verdict_names_the_case_and_never_sells_same_layer_reactivation(gemm
     assert record.decode.same_as_unpatched == (generated == record.controls["unpatched"].generated_tokens)
     ids = tokenizer(FIXTURE_CORPUS[record.source.doc]).input_ids[:16]
     position = record.source.position
-    context = set(ids[max(0, position - 5) : position + 6])  # the source token and 5 tokens either side
-    assert record.decode.patched == pytest.approx(len(set(generated) & context) / len(set(generated)))
-    assert record.decode.random_same_norm == pytest.approx(len(set(random) & context) / len(set(random)))
-    assert "decode:" in format_summary(same)
+    # the source token and 5 tokens either side, compared as stripped strings
+    context = {tokenizer.decode([i]).strip() for i in ids[max(0, position - 5) : position + 6]} - {""}
+
+    def share(tokens):
+        strings = {tokenizer.decode([i]).strip() for i in tokens} - {""}
+        return len(strings & context) / len(strings)
+
+    assert record.decode.patched == pytest.approx(share(generated))
+    assert record.decode.random_same_norm == pytest.approx(share(random))
+    source = tokenizer.decode([ids[position]]).strip()
+    text = tokenizer.decode(generated, skip_special_tokens=True)
+    assert record.decode.found_in["patched"] == occurs_in(source, text) and record.decode.source_token == source
+    text = format_summary(same)
+    assert "  decode: " in text and text.count("almost by construction") == 1  # explained once, above the neurons
+    assert "  verdict: same layer: reactivation by construction, not evidence; " in text
     earlier = run("blocks.1.hook_resid_pre", "earlier").neurons[0]
     assert earlier.case == "earlier_target_layer" and "by construction" not in earlier.verdict
     later = run("blocks.3.hook_resid_pre", "later").neurons[0]
@@ -232,4 +244,6 @@ def test_run_verdict_names_the_case_and_never_sells_same_layer_reactivation(gemm
         "patched",
         "random_same_norm",
         "same_as_unpatched",
+        "measure",
+        "decoded",
     }

@@ -4,6 +4,7 @@ import json
 import math
 import re
 import shutil
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -266,3 +267,69 @@ def test_neuron_pages_at_two_layers_render_and_say_where_neighbours_mean_somethi
     links = [a["href"] for a, _ in Elements(dom).having("a") if a.get("class") == "neighbour"]
     assert links == ["../neurons/blocks.2.hook_resid_post-9.html"]
     assert (root / "site" / "neurons/blocks.2.hook_resid_post-9.html").exists()
+
+
+class _SummaryRows(HTMLParser):
+    """The run report's summary table: per ``tr[data-neuron]``, each cell's ``data-col`` -> (attrs, text)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.rows: dict[int, dict[str, tuple[dict[str, str], str]]] = {}
+        self.row: int | None = None
+        self.cell: tuple[str, dict[str, str]] | None = None
+        self.text: list[str] = []
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        found = {k: v or "" for k, v in attrs}
+        if tag == "tr" and "data-neuron" in found:
+            self.row = int(found["data-neuron"])
+            self.rows[self.row] = {}
+        elif tag == "td" and self.row is not None:
+            self.cell, self.text = (found.get("data-col") or found.get("class", ""), found), []
+
+    def handle_data(self, data):
+        if self.cell is not None:
+            self.text.append(data)
+
+    def handle_endtag(self, tag):
+        if tag == "td" and self.cell is not None and self.row is not None:
+            self.rows[self.row][self.cell[0]] = (self.cell[1], "".join(self.text))
+            self.cell = None
+        elif tag in ("tr", "table"):
+            self.row = None
+
+
+def test_run_report_summary_equals_results_json(gemma, gemma_dir, tmp_path, capsys):
+    """`patchscope run` without an SAE: the summary table's rows are results.json's, each links to its card,
+    the SAE's absence is said once, the page links results.json, and stdout names the report as a file URL."""
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    out = tmp_path / "out"
+    argv = ["run", "--model", str(gemma_dir), "--device", "cpu", "--dataset", str(corpus), "--layer", "2"]
+    argv += ["--max-length", "16", "--top-neurons", "3", "--sae", "none", "--max-new-tokens", "4", "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert f"open {(out / 'report.html').resolve().as_uri()}" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert results["report_file"] == str(out / "report.html")
+    dom, requests = render((out / "report.html").as_uri(), tmp_path)
+    assert requests == []
+    rows = _SummaryRows(dom).rows
+    assert list(rows) == [n["neuron"] for n in results["neurons"]] and len(rows) == 3
+    for n in results["neurons"]:
+        row = rows[n["neuron"]]
+        assert float(row["max_activation"][0]["data-v"]) == n["max_activation"]
+        assert float(row["patched"][0]["data-v"]) == n["patched"]["at_placeholder"]
+        assert [float(row[c][0]["data-v"]) for c in n["controls"]] == [c["at_placeholder"] for c in n["controls"].values()]
+        assert row["token"][1] == repr(n["source"]["token"]) and row["context"][1] == n["source"]["context"]
+        assert row["generated"][0]["data-full"] == n["patched"]["generated_text"]
+        assert row["decode"][1] == {True: "decoded", False: "not decoded", None: "not measured"}[n["decode"]["decoded"]]
+        assert f'href="#neuron-{n["neuron"]}"' in dom and f'id="neuron-{n["neuron"]}"' in dom
+    elements = Elements(dom)
+    verdicts = [a for a, _ in elements.having("p", "verdict")]
+    assert len(verdicts) == 3 and dom.count("holds by construction") == 0  # the long sentence is not repeated per card
+    assert dom.count("by construction") == 1 + 3  # the explanation once, plus one short headline per card
+    assert len(elements.having("section", None)) and dom.count('id="sae-absent"') == 1 and "SAE features" not in dom
+    assert [a["href"] for a, _ in elements.having("a") if a.get("id") == "results-link"] == ["results.json"]
+    assert 'id="legend"' in dom and "symmetric log scale" in dom and results["versions"]["torch"] in dom

@@ -418,8 +418,11 @@ def test_sweep_command(gemma_dir, tmp_path, capsys):
         str(out),
     ]
     assert main(argv) == 0
-    assert "best cell" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "best cell" in printed and "nats over 1 source\n" in printed
     data = json.loads((out / SWEEP_JSON).read_text())
+    assert data["notes"] and all(f"note: {note}" in printed for note in data["notes"])  # a text source has no corpus mean
+    assert "corpus_mean control skipped for source layers 1, 3" in printed
     assert [(c["source_layer"], c["target_layer"]) for c in data["cells"]] == [(1, 0), (1, 1), (3, 0), (3, 1), (3, 3)]
     assert data["prompt"]["name"] == "description" and data["sources"][0]["position"] == 4
     assert main(["sweep", "--model", str(gemma_dir), "--text", TEXT, "--position", "99", "--out", str(out)]) == 2
@@ -431,6 +434,10 @@ def test_sweep_command(gemma_dir, tmp_path, capsys):
         == 2
     )
     assert "leave --placeholder unset" in capsys.readouterr().err
+    prompt = ["--prompt", "The capital of y is", "--placeholder", "x"]
+    assert main(["sweep", "--model", str(gemma_dir), "--text", TEXT, "--position", "2", *prompt, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "use a preset --prompt (identity, entity, description)" in err and "--position" not in err  # the source's flag
 
 
 def test_sweep_command_from_an_atlas_entry(gemma, gemma_dir, tmp_path, capsys):

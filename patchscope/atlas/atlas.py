@@ -89,6 +89,8 @@ class AtlasMeta:
     versions: dict[str, str] = field(default_factory=dict)
     has_bos: bool | None = None
     """Whether the tokenizer put a BOS token at position 0 (None: not recorded)."""
+    model_type: str = ""
+    """The model's HF ``config.model_type`` (``gemma2``, ``gemma3_text``, ``llama``); "" when not recorded."""
     dataset_version: str = ""
     """What a built-in dataset's text depends on, e.g. ``python 3.11.7`` for python-docs."""
     fingerprint: str = ""

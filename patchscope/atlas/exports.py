@@ -130,12 +130,19 @@ def _json_float(value: float) -> float | None:
 Exporter = Callable[[Atlas, Path, Mapping[int, str], PreTrainedTokenizerBase], list[Path]]
 
 
-def mapping_path(directory: Path, site: str) -> Path | None:
-    """Where the original's mapping file for ``site`` goes; None for sites that are not MLP neurons."""
+ORIGINAL_FAMILY = "gemma2"
+"""The family of the original experiment, whose mapping file was ``gemma2_neuron_mapping_layer_{L}.json``."""
+
+
+def mapping_path(directory: Path, site: str, model_type: str = "") -> Path | None:
+    """Where the original's mapping file for ``site`` goes: ``{model_type}_neuron_mapping_layer_{L}.json``, so
+    Gemma-2 keeps the original's name and Gemma 3 writes ``gemma3_text_...``, Llama ``llama_...``. An atlas that
+    did not record its model type keeps the original name. None for sites that are not MLP neurons."""
     if is_feature_site(site):
         return None
     layer, suffix = parse_site(site)
-    return directory / f"gemma2_neuron_mapping_layer_{layer}.json" if suffix == "mlp.hook_post" else None
+    family = model_type or ORIGINAL_FAMILY
+    return directory / f"{family}_neuron_mapping_layer_{layer}.json" if suffix == "mlp.hook_post" else None
 
 
 def parquet_path(directory: Path, site: str) -> Path:
@@ -143,7 +150,7 @@ def parquet_path(directory: Path, site: str) -> Path:
 
 
 def _write_mapping(atlas: Atlas, directory: Path, texts: Mapping[int, str], tokenizer: PreTrainedTokenizerBase) -> list[Path]:
-    paths = [(site, mapping_path(directory, site)) for site in atlas.sites]
+    paths = [(site, mapping_path(directory, site, atlas.meta.model_type)) for site in atlas.sites]
     return [export_original(atlas, path, site, texts, tokenizer) for site, path in paths if path is not None]
 
 

@@ -16,14 +16,16 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError
 from pathlib import Path
 
 from torch import nn
 
 from patchscope.atlas.profile_config import ProfileConfig
 from patchscope.atlas.sources import SourceConfig, is_local, parse_split
-from patchscope.model.loading import preset_for
-from patchscope.util.identity import Identity, compare, path_identity
+from patchscope.model.gguf import GGUFError
+from patchscope.model.loading import ModelLoadError, preset_for
+from patchscope.util.identity import Identity, compare, package_identity, path_identity
 
 TEXTS = "<texts>"
 """The dataset name of an atlas profiled from texts given in Python."""
@@ -41,7 +43,7 @@ class Inputs:
         """Identify the inputs; with the loaded ``model``, a hub model is known by the commit it came from."""
         commit = getattr(getattr(model, "config", None), "_commit_hash", None)
         return cls(
-            model=path_identity(model_name, "model", commit) if model_name else None,
+            model=_model_identity(model_name, commit) if model_name else None,
             data=path_identity(source.dataset, "dataset") if source is not None else None,
         )
 
@@ -57,6 +59,17 @@ class Inputs:
     @classmethod
     def from_json(cls, raw: object) -> Inputs:
         return cls(raw.get("model"), raw.get("data")) if isinstance(raw, dict) else cls()
+
+
+def _model_identity(model_name: str, commit: str | None) -> Identity:
+    """An embedded preset by its package and GGUF file; anything else by `path_identity`."""
+    preset = preset_for(model_name)
+    if preset is not None and preset.package and preset.gguf is not None:
+        try:
+            return package_identity(preset.package, preset.gguf())
+        except (GGUFError, PackageNotFoundError) as error:
+            raise ModelLoadError(str(error)) from error
+    return path_identity(model_name, "model", commit)
 
 
 def canonical_split(split: str, *, named: bool = True) -> str:

@@ -285,6 +285,7 @@ def _meta(run: _Run, loop: _Loop) -> AtlasMeta:
         skipped_empty=text_source.skipped_empty if text_source else 0,
         versions=versions(),
         has_bos=adds_bos(run.tokenizer),
+        model_type=str(getattr(getattr(run.model, "config", None), "model_type", "") or ""),
         dataset_version=builtin_version(source.dataset) if source else "",
         fingerprint=run.key.fingerprint,
         inputs=run.key.inputs,

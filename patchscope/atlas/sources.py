@@ -90,6 +90,12 @@ class TextSource:
                 raise DataError(f"no such file: {config.dataset!r}")
             if path.suffix.lower() not in LOCAL_SUFFIXES:
                 raise DataError(f"{path.name}: unsupported file type; use one of {', '.join(LOCAL_SUFFIXES)}")
+            size = path.stat().st_size
+            if size == 0 or (size < 4096 and not path.read_bytes().strip()):  # only a small file can be blank
+                what = "0 bytes" if size == 0 else "only whitespace"
+                raise DataError(
+                    f"{config.dataset!r} is empty ({what}): it holds no documents; point `dataset` at a file with texts"
+                )
 
     def describe(self) -> str:
         return f"{self.config.dataset} {self.config.resolved_split}".strip()

@@ -110,7 +110,7 @@ def add_scale_flags(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=1,
         help="processes on this machine, one per GPU (torchrun --standalone --nproc-per-node N); "
-        "for several nodes, run torchrun yourself (see README, Scaling out)",
+        "for several nodes, run torchrun yourself (see docs/scaling-out.md)",
     )
     group.add_argument("--device-map", default=None, help="accelerate device map, e.g. auto: one model over several GPUs")
     group.add_argument(

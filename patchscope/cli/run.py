@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -38,4 +39,5 @@ def run(args: argparse.Namespace) -> int:
     flags = {"--" + name.replace("_", "-") for name in vars(args)}
     print(as_flags(format_summary(result), flags))
     print(f"\nwrote {result.results_file}")
+    print(f"wrote {result.report_file}: open {Path(result.report_file).resolve().as_uri()}")
     return 0

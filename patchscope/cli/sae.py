@@ -21,21 +21,30 @@ def register(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from patchscope.cli.common import check_layers
     from patchscope.model.hooks import run_with_cache
-    from patchscope.model.loading import load_config, load_model
+    from patchscope.model.loading import load_config, load_model, load_tokenizer
+    from patchscope.model.sites import parse_site
     from patchscope.sae.attribution import attribute_neuron
     from patchscope.sae.jumprelu import check_site, top_features
     from patchscope.sae.loaders import load_sae
 
-    sae = load_sae(args.sae, d_model=load_config(args.model).hidden_size)
+    # every check that needs no weights: the SAE, its site, the layer, the neuron and the position
+    model_config = load_config(args.model)
+    sae = load_sae(args.sae, d_model=model_config.hidden_size)
     site = args.site or sae.info.site
     if site is None:
         raise ValueError("this SAE does not record its site; pass --site")
     check_site(sae, site, allow_site_mismatch=args.allow_site_mismatch)
+    if parse_site(site)[0] >= 0:  # hook_embed has no layer
+        check_layers(args.model, [parse_site(site)[0]])
+    if args.neuron is not None and not 0 <= args.neuron < model_config.intermediate_size:
+        raise ValueError(f"--neuron {args.neuron} is out of range: the MLP has neurons 0..{model_config.intermediate_size - 1}")
+    length = len(load_tokenizer(args.model)(args.text).input_ids)
+    if not 0 <= args.position < length:
+        raise IndexError(f"--position {args.position} is outside the text's {length} tokens (BOS is 0)")
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     ids = tokenizer(args.text, return_tensors="pt").input_ids.to(model.device)
-    if not 0 <= args.position < ids.shape[1]:
-        raise IndexError(f"--position {args.position} is outside the text's {ids.shape[1]} tokens (BOS is 0)")
     with torch.no_grad():
         _, cache = run_with_cache(model, ids, site)
     vector = cache[site][0, args.position]

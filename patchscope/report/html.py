@@ -88,15 +88,31 @@ def tokens_html(tokens: Sequence[str], values: Sequence[float | None], scale: fl
     return "<span class=ctx>" + "".join(spans) + "</span>"
 
 
+def symlog(value: float) -> float:
+    """``sign(v) * log10(1 + |v|)``: keeps 0.003, 19.8 and -300 apart on one axis."""
+    return math.copysign(math.log10(1.0 + abs(value)), value)
+
+
+SYMLOG_NOTE = "symmetric log scale: bar length sign(v)·log10(1 + |v|); the value is printed beside each bar"
+
+
 def bar_chart(
-    labels: Sequence[str], values: Sequence[float], *, width: int = 560, reference: tuple[str, float] | None = None
+    labels: Sequence[str],
+    values: Sequence[float],
+    *,
+    width: int = 560,
+    reference: tuple[str, float] | None = None,
+    log_scale: bool = False,
 ) -> str:
-    """Horizontal bars around a zero line; an optional dashed reference value (e.g. the neuron's maximum)."""
+    """Horizontal bars around a zero line; an optional dashed reference value (e.g. the neuron's maximum).
+    ``log_scale`` draws lengths on the `symlog` scale, so a control of -300 does not squash a bar of 20;
+    say so beside the chart (`SYMLOG_NOTE`)."""
     row, left, pad = 24, 170, 60
-    extent = [0.0, *values] + ([reference[1]] if reference else [])
+    f = symlog if log_scale else float
+    extent = [0.0, *(f(v) for v in values)] + ([f(reference[1])] if reference else [])
     low, high = min(extent), max(extent)
     span = (high - low) or 1.0
-    x = lambda v: left + pad + (v - low) / span * (width - left - 2 * pad)  # noqa: E731  (room for value labels)
+    x = lambda v: left + pad + (f(v) - low) / span * (width - left - 2 * pad)  # noqa: E731  (room for value labels)
     height = row * len(values) + 30
     parts = [f"<svg width={width} height={height} role=img>"]
     for i, (label, value) in enumerate(zip(labels, values)):

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from patchscope.model.sites import parse_site
 from patchscope.scope.controls import CONTROLS
+from patchscope.scope.placeholder import POSITION_FALLBACK
 from patchscope.scope.prompts import TargetPrompt
 from patchscope.scope.rows import Generation
 
@@ -35,6 +36,10 @@ class PromptSpec:
     def target_position(self) -> int | None:
         """An explicit patch position (BOS = 0) instead of the placeholder's; None searches for it."""
         return None
+
+    def placeholder_fallback(self) -> str:
+        """The way out a placeholder error offers: here a preset prompt (a sweep takes no explicit position)."""
+        return "use a preset `prompt` (identity, entity, description), whose placeholders are known to work"
 
     def generation(self) -> Generation:
         return Generation(max_new_tokens=self.max_new_tokens, seed=self.seed)
@@ -72,6 +77,9 @@ class PatchscopeConfig(PromptSpec):
 
     def target_position(self) -> int | None:
         return self.position
+
+    def placeholder_fallback(self) -> str:
+        return POSITION_FALLBACK
 
     def generation(self) -> Generation:
         return Generation(self.max_new_tokens, self.temperature, self.top_p, self.seed)

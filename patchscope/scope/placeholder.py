@@ -18,15 +18,21 @@ class PlaceholderError(ValueError):
     """The placeholder cannot be found as exactly one token of the prompt."""
 
 
-def find_placeholder(tokenizer: PreTrainedTokenizerBase, prompt: str, placeholder: str = "x") -> int:
+POSITION_FALLBACK = "pass `position`"
+
+
+def find_placeholder(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, placeholder: str = "x", *, fallback: str = POSITION_FALLBACK
+) -> int:
     """Position (BOS counted) of the one token whose text is exactly ``placeholder``.
 
     Whole-word match on characters, then on the tokenizer's offsets; leading whitespace inside a
     token (``' x'``, ``'▁x'``) is allowed. Raises `PlaceholderError` when the word is absent, occurs
-    more than once, or is split across or merged into other tokens.
+    more than once, or is split across or merged into other tokens; its message ends with ``fallback``,
+    the way out that the caller offers (`PromptSpec.placeholder_fallback`).
     """
     if not getattr(tokenizer, "is_fast", False):
-        raise PlaceholderError("finding the placeholder needs a fast tokenizer (offset mapping); pass `position` instead")
+        raise PlaceholderError(f"finding the placeholder needs a fast tokenizer (offset mapping); {fallback}")
     if not placeholder.strip():
         raise PlaceholderError("the placeholder must be a non-empty word")
     hits = [m.span() for m in re.finditer(rf"(?<!\w){re.escape(placeholder)}(?!\w)", prompt)]
@@ -35,12 +41,12 @@ def find_placeholder(tokenizer: PreTrainedTokenizerBase, prompt: str, placeholde
         raise PlaceholderError(
             f"placeholder {placeholder!r} is not a word of the prompt {prompt!r}"
             + (" (it only appears inside other words)" if inside else "")
-            + "; put it in the prompt, choose `placeholder`, or pass `position`"
+            + f"; put it in the prompt, choose `placeholder`, or {fallback}"
         )
     if len(hits) > 1:
         raise PlaceholderError(
             f"placeholder {placeholder!r} appears {len(hits)} times in the prompt (characters {hits}); "
-            "make it unique or pass `position`"
+            f"make it unique or {fallback}"
         )
     start, end = hits[0]
     encoding = tokenizer(prompt, return_offsets_mapping=True)
@@ -57,7 +63,7 @@ def find_placeholder(tokenizer: PreTrainedTokenizerBase, prompt: str, placeholde
     how = "split across" if len(overlapping) > 1 else "merged into"
     raise PlaceholderError(
         f"placeholder {placeholder!r} is {how} tokens {pieces}, so no single position holds it; "
-        "choose a placeholder that is one token, or pass `position`"
+        f"choose a placeholder that is one token, or {fallback}"
     )
 
 
@@ -83,7 +89,7 @@ def plan_prompt(tokenizer: PreTrainedTokenizerBase, config: PromptSpec) -> Promp
             raise PlaceholderError(f"`position` {explicit} is outside the prompt's {len(ids)} tokens (BOS is 0)")
         position = explicit
     else:
-        position = find_placeholder(tokenizer, chosen.text, chosen.placeholder)
+        position = find_placeholder(tokenizer, chosen.text, chosen.placeholder, fallback=config.placeholder_fallback())
     if position == 0 and adds_bos(tokenizer):
         raise PlaceholderError("position 0 is BOS; patching it is almost never meant")
     return PromptPlan(ids, position, cast(list[str], tokenizer.convert_ids_to_tokens(ids)))  # a list for a list of ids

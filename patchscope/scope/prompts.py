@@ -40,7 +40,7 @@ PROMPTS: dict[str, TargetPrompt] = {
     "description": TargetPrompt(
         "A detailed description of x is that",
         "x",
-        "the reference experiment this project reproduces (README, Quick start)",
+        "the reference experiment this project reproduces (docs/reference-experiment.md)",
         "a free-text description of what the vector stands for",
     ),
     "identity": TargetPrompt(

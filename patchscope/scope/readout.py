@@ -88,15 +88,24 @@ def read_neurons(
     )
     case = case_of(parse_site(target_site)[0], parse_site(neuron_site)[0])
     return [
-        _readout(target, observations[start:end], case, target_site, neuron_site) for target, (start, end) in zip(targets, spans)
+        _readout(tokenizer, target, observations[start:end], case, target_site, neuron_site)
+        for target, (start, end) in zip(targets, spans)
     ]
 
 
-def _readout(target: NeuronTarget, mine: list[Observation], case: Case, target_site: str, neuron_site: str) -> NeuronReadout:
+def _readout(
+    tokenizer: PreTrainedTokenizerBase,
+    target: NeuronTarget,
+    mine: list[Observation],
+    case: Case,
+    target_site: str,
+    neuron_site: str,
+) -> NeuronReadout:
     for observation in mine:
         observation.ratio = reactivation_ratio(observation.at_placeholder, target.activation)
     patched, controls = mine[0], {o.label: o for o in mine[1:]}
-    decode = decode_relatedness(patched, controls, set(context_window(target.segment_ids, target.local_position)))
+    context = context_window(target.segment_ids, target.local_position)
+    decode = decode_relatedness(tokenizer, patched, controls, context, target.segment_ids[target.local_position])
     text = verdict(
         case, patched.at_placeholder, {k: v.at_placeholder for k, v in controls.items()}, decode, target_site, neuron_site
     )

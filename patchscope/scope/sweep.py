@@ -413,7 +413,11 @@ def sweep(
     pairs = config.layer_pairs(layers)
     notes = []
     if Condition.CORPUS_MEAN in config.controls and (means is None or any(s not in means for s, _ in pairs)):
-        notes.append("corpus_mean control skipped where no mean was given for the source layer")
+        missing = sorted({s for s, _ in pairs if means is None or s not in means})
+        notes.append(
+            f"corpus_mean control skipped for source layers {', '.join(map(str, missing))}: no corpus mean was given for them "
+            "(a sweep from an atlas takes the means of the layers it profiled at hook_resid_pre)"
+        )
     timings: dict[str, float] = {}
 
     started = time.perf_counter()
@@ -598,7 +602,7 @@ def summary_lines(result: SweepResult) -> list[str]:
     best = max(result.cells(), key=lambda c: (c["precision_at_1"] or 0.0, -(c["surprisal"] or 0.0)))
     lines.append(
         f"best cell s={best['source_layer']} t={best['target_layer']}: precision@1 {best['precision_at_1']:.3f}, "
-        f"surprisal {best['surprisal']:.2f} nats over {len(result.sources)} sources"
+        f"surprisal {best['surprisal']:.2f} nats over {len(result.sources)} source{'' if len(result.sources) == 1 else 's'}"
     )
     for condition in ("random_same_norm", "corpus_mean", "unpatched"):
         if condition in conditions:
@@ -627,4 +631,5 @@ def summary_lines(result: SweepResult) -> list[str]:
             )
         else:
             lines.append(f"no target layer below {L} was swept, so the reactivation here is no evidence of a decode")
+    lines += [f"note: {note}" for note in result.notes]
     return lines

@@ -5,7 +5,9 @@ A path says where data was, not what it was. An atlas (and a checkpoint) records
 - a local file: its size and sha256 (streamed, so any size works);
 - a local folder (a model, a data folder): each file's size and sha256, or size and modification
   time for files above `HASH_LIMIT` (weights of billions of parameters would take minutes to hash);
-- a hub id: the commit the local HF cache resolved it to, when known.
+- a hub id: the commit the local HF cache resolved it to, when known;
+- a model embedded in a pip package (``gemma-3-270m``): the package, its version, and the GGUF file's
+  name and sha256.
 
 `compare` lists what differs in words, for a refusal message.
 """
@@ -87,10 +89,27 @@ def path_identity(name: str, repo_type: str = "model", commit: str | None = None
     return {"kind": "hub", "revision": commit or hub_revision(name, repo_type)}
 
 
+def package_identity(package: str, file: str | Path) -> Identity:
+    """A model file shipped in (or assembled from) the pip package ``package``."""
+    from importlib.metadata import version
+
+    path = Path(file)
+    return {"kind": "package", "package": package, "version": version(package), "file": path.name, "sha256": sha256_file(path)}
+
+
 def compare(label: str, recorded: Identity | None, current: Identity | None) -> list[str]:
     """What changed in ``label`` between two identities, in words; empty when nothing did (or it cannot be told)."""
     if not recorded or not current:
         return []
+    if recorded.get("kind") == "hub" and current.get("kind") == "package":
+        return []  # recorded before embedded models had their own identity: nothing to compare
+    if current.get("kind") == "package" and recorded.get("kind") == "package":
+        if recorded.get("sha256") == current.get("sha256"):
+            return []
+        return [
+            f"{label} changed: {recorded.get('package')} {recorded.get('version')} ({recorded.get('file')}, sha256 "
+            f"{str(recorded.get('sha256'))[:12]}) then; {current['version']} (sha256 {current['sha256'][:12]}) now"
+        ]
     if recorded.get("kind") in ("file", "folder") and current.get("kind") == "hub":
         return [f"{label} is no longer there (it was a local {recorded['kind']})"]
     if recorded.get("kind") != current.get("kind"):
