@@ -32,6 +32,8 @@ _EXPORTS: dict[str, str] = {
     "AtlasError": "patchscope.atlas.atlas",
     "AtlasMeta": "patchscope.atlas.atlas",
     "SiteAtlas": "patchscope.atlas.atlas",
+    "SiteNeuron": "patchscope.atlas.atlas",
+    "FeatureSite": "patchscope.atlas.feature_site",
     "AtlasFolder": "patchscope.atlas.folder",
     "RunKey": "patchscope.atlas.key",
     "load_atlas": "patchscope.atlas.store",
@@ -157,10 +159,21 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and editors: the same names, imported eagerly
-    from patchscope.atlas.atlas import Atlas, AtlasEntry, AtlasError, AtlasMeta, AtlasNeuron, Provenance, RankShare, SiteAtlas
+    from patchscope.atlas.atlas import (
+        Atlas,
+        AtlasEntry,
+        AtlasError,
+        AtlasMeta,
+        AtlasNeuron,
+        Provenance,
+        RankShare,
+        SiteAtlas,
+        SiteNeuron,
+    )
     from patchscope.atlas.distributed import World
     from patchscope.atlas.exact import ExactSum
     from patchscope.atlas.exports import export_original, export_parquet
+    from patchscope.atlas.feature_site import FeatureSite
     from patchscope.atlas.folder import Action, AtlasFolder, Cursor, Plan, Policy
     from patchscope.atlas.key import Inputs, RunKey
     from patchscope.atlas.profile_config import ProfileConfig

@@ -10,7 +10,7 @@ from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from patchscope.atlas.atlas import CONTEXT_TOKENS, Atlas, AtlasEntry
 from patchscope.atlas.batching import Segment, adds_bos, document_segments, locate
-from patchscope.atlas.feature_site import is_feature_site
+from patchscope.atlas.feature_site import is_feature_site, reads_of
 from patchscope.model.sites import parse_site
 from patchscope.util.storage import atomic_write, write_json
 
@@ -103,7 +103,7 @@ def export_parquet(
     neuron, rank = filled.nonzero(as_tuple=True)
     doc, position, token = (part.T[filled].long() for part in (top.doc, top.pos, top.token))
     strings = place_strings(atlas, list(zip(doc.tolist(), position.tolist())), texts, tokenizer)
-    layer, _ = parse_site(site)
+    layer, _ = parse_site(reads_of(site))  # a feature site is filed under the layer its SAE reads
     table = pa.table(
         {
             "site": pa.array([site] * len(neuron), pa.string()),

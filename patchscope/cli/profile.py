@@ -37,8 +37,8 @@ def run(args: argparse.Namespace) -> int:
     from patchscope.atlas.profiling import profile
     from patchscope.atlas.sources import SourceConfig, TextSource
     from patchscope.cli.args import from_namespace
-    from patchscope.model.loading import load_model, load_model_until, resolve_device, resolve_dtype
-    from patchscope.model.sites import is_raw, parse_site
+    from patchscope.model.loading import resolve_device, resolve_dtype
+    from patchscope.model.sites import parse_site
     from patchscope.util.storage import check_writable
 
     if args.nproc > 1 and distributed.detect().size == 1:
@@ -61,15 +61,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(
             "`device_map` spreads one model over this node's GPUs: run one process per node (torchrun --nproc-per-node 1)"
         )
-    # profiling never needs the layers after the deepest site, nor the LM head; a raw site outside the
-    # decoder layers (the final norm, the head) needs the whole model
-    outside = any(is_raw(site) and parse_site(site)[0] < 0 for site in config.site_names())
-    if args.truncated_load and not outside:
-        model, tokenizer = load_model_until(
-            args.model, max(layers, default=0), dtype=args.dtype, device=device, device_map=args.device_map
-        )
-    else:
-        model, tokenizer = load_model(args.model, dtype=args.dtype, device=device, device_map=args.device_map)
+    model, tokenizer = _load(args, config, layers, device)
     from patchscope.sae.features import load_feature_sites
 
     features = load_feature_sites(args.sae, d_model=model.config.hidden_size, device=next(model.parameters()).device)
@@ -90,6 +82,18 @@ def run(args: argparse.Namespace) -> int:
     print(summarize_atlas(atlas))
     print(f"wrote {out}/atlas.safetensors, atlas.json, the neuron mapping and top_examples_*.parquet")
     return 0
+
+
+def _load(args: argparse.Namespace, config, layers: list[int], device: str):
+    """The model for a profile: never the layers after the deepest site, nor the LM head, unless a raw
+    site outside the decoder layers (the final norm, the head) needs the whole model."""
+    from patchscope.model.loading import load_model, load_model_until
+    from patchscope.model.sites import is_raw, parse_site
+
+    outside = any(is_raw(site) and parse_site(site)[0] < 0 for site in config.site_names())
+    if args.truncated_load and not outside:
+        return load_model_until(args.model, max(layers, default=0), dtype=args.dtype, device=device, device_map=args.device_map)
+    return load_model(args.model, dtype=args.dtype, device=device, device_map=args.device_map)
 
 
 def say_footprint(model_name: str, config, dtype_bytes: int) -> str:

@@ -23,7 +23,7 @@ from transformers import PreTrainedTokenizerBase
 
 from patchscope.atlas.atlas import Atlas
 from patchscope.atlas.exports import place_strings
-from patchscope.atlas.feature_site import FeatureSite
+from patchscope.atlas.feature_site import FeatureSite, is_feature_site, reads_of
 from patchscope.atlas.output_tokens import OutputTokens, output_tokens
 from patchscope.kernels.histogram import bin_ranges
 from patchscope.kernels.quantiles import INTERVALS
@@ -150,6 +150,8 @@ def neighbour_note(site: str, n: int, chosen: Mapping[str, list[int]]) -> str:
     it) has one basis at every layer, so dimension ``n`` is the same coordinate before and after a block. An
     MLP neuron is a row of one layer's weights: neuron ``n`` of the next layer is unrelated, so no link is given.
     """
+    if is_feature_site(site):
+        return "<p class=muted>No links to other layers: SAE features are the rows of this SAE alone.</p>"
     layer, suffix = parse_site(site)
     if suffix.startswith("mlp."):
         return (
@@ -341,8 +343,8 @@ fromHash();
 
 
 def _site_label(site: str) -> str:
-    layer, suffix = parse_site(site)
-    return f"layer {layer} · {suffix}" if layer >= 0 else site
+    layer, suffix = parse_site(reads_of(site))
+    return f"layer {layer} · {suffix}{site[len(reads_of(site)) :]}" if layer >= 0 else site
 
 
 def _site_section(site: str, atlas: Atlas, pages: list[int], strings: Sequence[tuple[str, str]] | None) -> str:
