@@ -51,6 +51,11 @@ class DeviceCounter(TorchDispatchMode):
 
 @pytest.fixture
 def meta_model(gemma_dir):
+    """The tiny Gemma-2 on the meta device, where any host read raises."""
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) < 5:  # CI's second stage runs 4.57
+        pytest.skip("transformers 4.x's Gemma-2 rotary embedding opens torch.autocast on the meta device, which has no backend")
     from patchscope import load_model
 
     model, tokenizer = load_model(str(gemma_dir), dtype="float32", device="cpu")
