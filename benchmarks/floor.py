@@ -131,6 +131,7 @@ def variants(
     device: str,
     compiled: bool,
     clock: str = "wall",
+    only: tuple[str, ...] = (),
 ) -> dict:
     batches = random_batches(n_batches, batch, seq_len, model.config.vocab_size, device)
     tokens = n_batches * batch * seq_len
@@ -147,6 +148,8 @@ def variants(
         "whole call: patchscope.profile(texts), defaults": whole_call(model, batches, layer),
         "whole call: patchscope.profile(texts), top-k and moments only": whole_call(model, batches, layer, extras=False),
     }
+    if only:  # the floor stays: every ratio is to it
+        table = {name: fn for name, fn in table.items() if name.startswith("floor:") or any(part in name for part in only)}
     # On CUDA the defaults row is the Triton pass (`auto`); a row of its own would time the same thing twice.
     compile_seconds = {}
     if compiled:
@@ -236,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
         help="cpu: time the process's CPU time (use with --threads 1 on a shared machine)",
     )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--only", nargs="+", default=(), help="time only the rows whose name contains one of these (the floor always)"
+    )
     parser.add_argument("--note", default="", help="a line printed under the conditions (e.g. 'machine shared with ...')")
     parser.add_argument("--json", default=str(HERE / "floor.json"))
     parser.add_argument("--results", default=str(HERE / "RESULTS.md"), help="markdown file whose section is rewritten")
@@ -281,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
             compiled=not args.no_compile,
             clock=args.clock,
+            only=tuple(args.only),
         )
         clock = "process CPU time" if args.clock == "cpu" else "wall clock"
         section.update(conditions=conditions.line() + f"; {args.batches} batches per run; {clock}", note=args.note)
