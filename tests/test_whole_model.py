@@ -236,13 +236,13 @@ def test_run_layers_studies_each_neuron_at_its_own_layer(family, pick, request, 
     model_dir = request.getfixturevalue(family)
     data = write_corpus(tmp_path / "corpus.jsonl", CORPUS)
     out = tmp_path / "run"
-    assert main(_run_argv(model_dir, data, out, "--layers", "all", "--pick", pick, "--top-neurons", "3")) == 0
+    assert main(_run_argv(model_dir, data, out, "--layers", "all", "--pick", pick, "--top-neurons", "4")) == 0
     printed = capsys.readouterr().out
     atlas, results = load_atlas(out), json.loads((out / "results.json").read_text())
     layers = list(range(n_layers_of(model_dir)))
     mlp = [f"blocks.{layer}.mlp.hook_post" for layer in layers]
     assert set(atlas.sites) == {*mlp, *(f"blocks.{layer}.hook_resid_pre" for layer in layers)}  # profiled in one pass
-    assert [(n["site"], n["neuron"]) for n in results["neurons"]] == _brute_force_pick(atlas, mlp, 3, pick)
+    assert [(n["site"], n["neuron"]) for n in results["neurons"]] == _brute_force_pick(atlas, mlp, 4, pick)
     assert results["sites"]["layers"] == layers and results["sites"]["pick"] == pick
     model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager", dtype=torch.float32).eval()
     tokenizer, texts, prompt = AutoTokenizer.from_pretrained(model_dir), atlas.texts(), results["prompt"]
