@@ -302,12 +302,13 @@ def test_a_neuron_without_a_page_opens_one_drawn_from_the_atlas(layers_site, gem
     assert neuron not in (5, 9)  # the fixture's `--neurons`
     index = root / "site" / "index.html"
     dom, _ = render(f"{index.as_uri()}#site={site_name}", root)
-    links = {a["href"].rsplit("=", 1)[1]: a["href"] for a, _ in Elements(dom).having("a", "view")}
+    links = {int(next(t[1]["data-n"] for t in path if t[0] == "tr")): a["href"] for a, path in Elements(dom).having("a", "view")}
     pages = [a["href"] for a, _ in Elements(dom).having("a", "page")]
     assert pages == [f"neurons/{site_name}-5.html", f"neurons/{site_name}-9.html"]
     assert len(links) == atlas[site_name].n_neurons - 2  # every other row opens the drawn page
     assert "patchscopeShard" not in index.read_text()  # the index loads no shard
-    dom, stats, shown, tokens = _view(root, links[str(neuron)])
+    assert links[neuron] == f"neurons/view.html#site={site_name}&n={neuron}"
+    dom, stats, shown, tokens = _view(root, links[neuron])
     s = atlas[site_name]
     assert stats == {
         "max": float(s.max[neuron]),
