@@ -268,6 +268,28 @@ def n_layers_of(model_dir) -> int:
     return AutoConfig.from_pretrained(model_dir).num_hidden_layers
 
 
+def test_run_layers_reuses_a_profile_of_those_layers_and_computes_their_means_once(gemma_dir, tmp_path, capsys):
+    """A `profile --layers all` folder serves `run --layers all`: the missing source sites' means come from one
+    extra pass, and the results equal those of a run that profiled everything itself."""
+    import json
+
+    data = write_corpus(tmp_path / "corpus.jsonl", CORPUS)
+    reused, fresh = tmp_path / "reused", tmp_path / "fresh"
+    assert main(profile_argv(gemma_dir, data, reused, "--layers", "all", "--top-k", "3", "--max-length", "16")) == 0
+    for out in (reused, fresh):
+        assert main(_run_argv(gemma_dir, data, out, "--layers", "all", "--top-neurons", "2")) == 0
+    printed = capsys.readouterr().out
+    assert "the atlas has no blocks.0.hook_resid_pre, blocks.1.hook_resid_pre, blocks.2.hook_resid_pre, " in printed
+    assert "their corpus means were computed in this run" in printed
+    first, second = (json.loads((out / "results.json").read_text()) for out in (reused, fresh))
+    assert "atlas reused from --out" in first["notes"] or "atlas reused from `out`" in first["notes"]
+    assert [(n["site"], n["neuron"]) for n in first["neurons"]] == [(n["site"], n["neuron"]) for n in second["neurons"]]
+    for a, b in zip(first["neurons"], second["neurons"]):
+        assert a["patched"]["at_placeholder"] == b["patched"]["at_placeholder"]
+        got, want = a["controls"]["corpus_mean"]["at_placeholder"], b["controls"]["corpus_mean"]["at_placeholder"]
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-5)
+
+
 def test_run_layer_alone_studies_that_layer_as_before(gemma_dir, tmp_path):
     """Without `--layers`, `--pick` changes nothing: the `--layer` neurons, the same sites, the same results key."""
     import json
