@@ -290,6 +290,31 @@ def test_run_layers_reuses_a_profile_of_those_layers_and_computes_their_means_on
         assert got == pytest.approx(want, rel=1e-4, abs=1e-5)
 
 
+def test_run_layers_reads_with_an_sae_only_the_vectors_of_its_own_site(gemma_dir, tmp_path, capsys):
+    """Over several layers a given SAE reads the layer it was trained on, as the single-layer run of that layer does."""
+    import json
+
+    from sae_files import sae_params, write_npz
+
+    data = write_corpus(tmp_path / "corpus.jsonl", CORPUS)
+    sae = write_npz(
+        tmp_path / "sae" / "layer_1/width_16k/average_l0_30/params.npz", sae_params(seed=7)
+    )  # blocks.2.hook_resid_pre
+    whole, single = tmp_path / "whole", tmp_path / "single"
+    flags = ("--top-neurons", "2", "--sae", str(sae))
+    assert main([*_run_argv(gemma_dir, data, whole, "--layers", "all", *flags)]) == 0
+    assert (
+        "reads the vectors of blocks.2.hook_resid_pre; the other layers' neurons have no SAE read-out" in capsys.readouterr().out
+    )
+    assert main([*_run_argv(gemma_dir, data, single, "--layer", "2", *flags)]) == 0
+    many, one = (json.loads((out / "results.json").read_text())["neurons"] for out in (whole, single))
+    assert [n["layer"] for n in many if n["sae"]] == [2, 2] and all(n["sae"] is None for n in many if n["layer"] != 2)
+    assert [n["sae"] for n in many if n["layer"] == 2] == [n["sae"] for n in one]
+    wrong = write_npz(tmp_path / "sae" / "layer_3/width_16k/average_l0_30/params.npz", sae_params(seed=7))  # after the last layer
+    assert main([*_run_argv(gemma_dir, data, tmp_path / "refused", "--layers", "0-2", "--sae", str(wrong))]) == 2
+    assert "no studied layer's vector comes from there" in capsys.readouterr().err
+
+
 def test_run_layer_alone_studies_that_layer_as_before(gemma_dir, tmp_path):
     """Without `--layers`, `--pick` changes nothing: the `--layer` neurons, the same sites, the same results key."""
     import json
