@@ -10,16 +10,18 @@ import dataclasses
 import hashlib
 import json
 import time
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 
-from patchscope.atlas.atlas import Atlas, AtlasEntry, AtlasMeta
+from patchscope.atlas.atlas import Atlas, AtlasEntry, AtlasMeta, SiteNeuron
 from patchscope.atlas.distributed import World
 from patchscope.atlas.folder import Action, AtlasFolder, Plan, Policy, plan_before_loading
+from patchscope.atlas.layer_selection import parse_layers
 from patchscope.atlas.profile_config import ProfileConfig
 from patchscope.atlas.profiling import profile
 from patchscope.atlas.sources import SourceConfig, TextSource
@@ -54,6 +56,9 @@ from patchscope.util.versions import versions
 
 RESULTS = "results.json"
 
+Pick = Literal["per-layer", "overall"]
+"""Which neurons a run over several layers studies (`pick_neurons`)."""
+
 
 @dataclass(frozen=True)
 class ExperimentConfig:
@@ -70,6 +75,15 @@ class ExperimentConfig:
     )
     top_neurons: int = field(
         default=1, metadata={"help": "Sweep the N neurons with the largest maxima in one batched Patchscope run."}
+    )
+    pick: Pick = field(
+        default="per-layer",
+        metadata={
+            "help": "With --layers: study the --top-neurons neurons of each layer (per-layer), or the --top-neurons "
+            "with the largest maxima over all the layers together (overall). Each neuron's vector is read and written "
+            "at its own layer's hook_resid_pre, and the neuron read at its own layer. Without --layers there is one "
+            "layer, and both give the same neurons. See docs/whole-model.md."
+        },
     )
     sae: str | None = field(
         default=None,
@@ -98,9 +112,34 @@ class ExperimentConfig:
         return f"blocks.{self.profile.layer}.mlp.hook_post"
 
     def profile_config(self) -> ProfileConfig:
-        """The profile also records the source site, whose mean is the corpus-mean control."""
-        sites = tuple(dict.fromkeys((self.neuron_site, self.source_site, *self.profile.sites)))
-        return dataclasses.replace(self.profile, sites=sites)
+        """The profile also records the source sites, whose means are the corpus-mean controls."""
+        runs = self.layer_runs()
+        own = (*(run.neuron_site for run in runs), *(run.source_site for run in runs))
+        return dataclasses.replace(self.profile, layers="", sites=tuple(dict.fromkeys((*own, *self.profile.sites))))
+
+    # -- a run over several layers (`profile.layers`): each layer is studied as a single-layer run of its own
+
+    def for_model(self, n_layers: int) -> ExperimentConfig:
+        """This config with `profile.layers` written out as a list (``all`` expanded) for a model of
+        ``n_layers`` blocks, and checked against it; unchanged without `profile.layers`."""
+        if not self.profile.layers:
+            return self
+        layers = ",".join(map(str, parse_layers(self.profile.layers, n_layers)))
+        return dataclasses.replace(self, profile=dataclasses.replace(self.profile, layers=layers))
+
+    def layer_runs(self) -> tuple[ExperimentConfig, ...]:
+        """One single-layer config per studied layer: this config itself without `profile.layers`; else, for
+        each layer L of them (after `for_model`), the MLP neurons of L with the vector read and written at
+        ``blocks.L.hook_resid_pre``."""
+        if not self.profile.layers:
+            return (self,)
+        default_sites = dataclasses.replace(self.patchscope, source_site=None, target_site=None)
+        return tuple(
+            dataclasses.replace(
+                self, profile=dataclasses.replace(self.profile, layer=layer, layers="", sites=()), patchscope=default_sites
+            )
+            for layer in parse_layers(self.profile.layers)
+        )
 
 
 @dataclass
@@ -141,6 +180,10 @@ class NeuronResult:
     """One studied neuron: its strongest token, the SAE read-out, the Patchscope run and what it shows."""
 
     neuron: int
+    site: str
+    """The neuron's site, ``blocks.L.mlp.hook_post``."""
+    layer: int
+    """The layer the neuron belongs to: its vector was read and written, and the neuron read, at this layer."""
     max_activation: float
     source: SourceToken
     sae: SAEResult | None
@@ -223,7 +266,7 @@ class ExperimentResult:
         return {
             "config": dataclasses.asdict(self.config),
             "prompt": dataclasses.asdict(self.prompt),
-            "sites": {"source": self.config.source_site, "target": self.config.target_site, "neuron": self.config.neuron_site},
+            "sites": _sites_json(self.config),
             "neurons": [dataclasses.asdict(n) for n in self.neurons],
             "timings": self.timings,
             "versions": self.versions,
@@ -264,6 +307,8 @@ class _Checked:
     out: Path
     folder: Plan
     """What the run will do with the atlas folder ``out`` (`AtlasFolder.plan`)."""
+    sae_sites: tuple[str, ...] = ()
+    """The source sites whose vectors `sae` reads (every studied layer's, or over several layers those it was trained on)."""
 
 
 def _preflight(config: ExperimentConfig) -> _Checked:
@@ -272,26 +317,82 @@ def _preflight(config: ExperimentConfig) -> _Checked:
     config.profile.validate()
     if config.top_neurons < 1:
         raise ValueError(f"`top_neurons` must be at least 1, got {config.top_neurons}")
+    _check_layer_picks(config)
     model_config = load_config(config.model)
     n_layers = model_config.num_hidden_layers
-    for site in (config.source_site, config.target_site, config.neuron_site):
-        layer, _ = parse_site(site)
-        if not -1 <= layer < n_layers:
-            raise ValueError(f"site {site}: layer {layer} is out of range, the model has layers 0..{n_layers - 1}")
+    for run in config.layer_runs():
+        for site in (run.source_site, run.target_site, run.neuron_site):
+            layer, _ = parse_site(site)
+            if not -1 <= layer < n_layers:
+                raise ValueError(f"site {site}: layer {layer} is out of range, the model has layers 0..{n_layers - 1}")
     if config.neuron is not None and not 0 <= config.neuron < model_config.intermediate_size:
         raise IndexError(f"`neuron` {config.neuron} is out of range: the MLP has neurons 0..{model_config.intermediate_size - 1}")
     prompt = plan_prompt(load_tokenizer(config.model), config.patchscope)
-    sae, sae_note = _load_matching_sae(config, model_config.hidden_size)
+    if config.profile.layers:
+        sae, sae_note, sae_sites = _load_layers_sae(config, model_config.hidden_size)
+    else:
+        sae, sae_note = _load_matching_sae(config, model_config.hidden_size)
+        sae_sites = (config.source_site,) if sae is not None else ()
     out = check_writable(config.out)
-    return _Checked(prompt, sae, sae_note, out, _plan_folder(config, out))
+    return _Checked(prompt, sae, sae_note, out, _plan_folder(config, out), sae_sites)
+
+
+def _check_layer_picks(config: ExperimentConfig) -> None:
+    """What a run over several layers (`profile.layers`) cannot do, refused before the model loads."""
+    if config.pick not in get_args(Pick):
+        raise ValueError(f"`pick` must be one of {', '.join(get_args(Pick))}; got {config.pick!r}")
+    if not config.profile.layers:
+        return
+    if config.patchscope.source_site or config.patchscope.target_site:
+        raise ValueError(
+            "`source_site` and `target_site` name one layer; with `layers` each neuron's vector is read and written at "
+            "its own layer's hook_resid_pre (docs/whole-model.md)"
+        )
+    if config.profile.site_kind != "mlp.hook_post":
+        raise ValueError(
+            f"`run` studies MLP neurons, so with `layers` the `site_kind` is mlp.hook_post, not {config.profile.site_kind}; "
+            "add other sites with `sites`, or profile them with `patchscope profile`"
+        )
+    if config.neuron is not None and config.pick == "overall":
+        raise ValueError("`neuron` names one index to study at every layer: use it with `pick` per-layer")
+
+
+def _load_layers_sae(config: ExperimentConfig, d_model: int) -> tuple[JumpReLUSAE | None, str, tuple[str, ...]]:
+    """Over several layers an SAE reads the vectors of the layer it was trained on; none is chosen by default."""
+    if config.sae is None or config.sae.lower() == "none":
+        why = "(`sae` none)" if config.sae else "over several layers: pass `sae` to read the vectors of its layer"
+        return None, f"SAE read-out skipped {why}", ()
+    sae = load_sae(config.sae)
+    check_for_model(sae, d_model)
+    sources = [run.source_site for run in config.layer_runs()]
+    reads = tuple(site for site in sources if _sae_reads(sae, site, config.allow_site_mismatch))
+    if not reads:
+        raise SAEError(
+            f"the SAE was trained on {sae.info.site}, and no studied layer's vector comes from there ({', '.join(sources)}); "
+            "for the vector at blocks.L.hook_resid_pre use the layer L-1 residual SAE, or set `allow_site_mismatch`"
+        )
+    others = "" if len(reads) == len(sources) else "; the other layers' neurons have no SAE read-out"
+    return sae, f"SAE {sae.info.source} (trained on {sae.info.site}) reads the vectors of {', '.join(reads)}{others}", reads
+
+
+def _sae_reads(sae: JumpReLUSAE, site: str, allow_site_mismatch: bool) -> bool:
+    """Whether `check_site` lets ``sae`` read the vector at ``site`` (an SAE no site can feed is refused)."""
+    try:
+        check_site(sae, site, allow_site_mismatch=allow_site_mismatch)
+    except SAEError:
+        if sae.info.unreadable:
+            raise
+        return False
+    return True
 
 
 def _plan_folder(config: ExperimentConfig, out: Path) -> Plan:
     """Reuse a finished atlas of the same reading, resume this run's checkpoint, finish its exports, or start."""
     dtype = str(resolve_dtype(config.dtype, resolve_device(config.device))).removeprefix("torch.")
     profile_config = config.profile_config()
-    # the source site only feeds the corpus-mean control, whose mean a reused atlas may lack (`_corpus_mean`)
-    policy = Policy(resume=True, reuse=True, sites=profile_config.site_names(), optional_sites=(config.source_site,))
+    # the source site only feeds the corpus-mean control, whose mean a reused atlas may lack (`_corpus_means`)
+    optional = tuple(run.source_site for run in config.layer_runs())
+    policy = Policy(resume=True, reuse=True, sites=profile_config.site_names(), optional_sites=optional)
     return plan_before_loading(out, World(), config.model, TextSource(config.source), profile_config, dtype, policy)
 
 
@@ -345,22 +446,26 @@ def _profile_or_reuse(
     return atlas, plan
 
 
-def _corpus_mean(
+def _corpus_means(
     model, tokenizer, config: ExperimentConfig, atlas: Atlas, timer: _Timer, progress: bool
-) -> tuple[torch.Tensor | None, str | None]:
-    """The mean of the source site over the corpus, first slots left out, for the corpus-mean control.
+) -> tuple[dict[str, torch.Tensor | None], str | None]:
+    """Each studied layer's source-site mean over the corpus, first slots left out, for the corpus-mean control.
 
-    A reused atlas made by ``patchscope profile`` may lack that site; then only its mean is
-    recomputed (one pass up to the source site, nothing stored).
+    A reused atlas made by ``patchscope profile`` may lack those sites; then only their means are
+    recomputed (one pass up to the deepest of them, nothing stored).
     """
-    if config.source_site in atlas.sites:
-        return atlas.mean_without_first_slots(config.source_site, model, tokenizer), None
-    if not config.patchscope.controls:
-        return None, None
+    sites = list(dict.fromkeys(run.source_site for run in config.layer_runs()))
+    means: dict[str, torch.Tensor | None] = {
+        site: atlas.mean_without_first_slots(site, model, tokenizer) for site in sites if site in atlas.sites
+    }
+    missing = tuple(site for site in sites if site not in atlas.sites)
+    if not missing or not config.patchscope.controls:
+        return {**means, **dict.fromkeys(missing)}, None
     meta = atlas.meta
     only_mean = dataclasses.replace(  # first slots (BOS or an attention sink) never enter the mean
         config.profile,
-        sites=(config.source_site,),
+        sites=missing,
+        layers="",
         top_k=1,
         max_length=meta.max_length,
         overflow=meta.overflow,
@@ -368,17 +473,20 @@ def _corpus_mean(
         checkpoint_every=0,
     )
     with timer.phase("corpus_mean"):
-        mean = profile(model, tokenizer, TextSource(config.source), only_mean, model_name=config.model, progress=progress)[
-            config.source_site
-        ].mean
-    return mean.float(), f"the atlas has no {config.source_site}; its corpus mean was computed in this run"
+        found = profile(model, tokenizer, TextSource(config.source), only_mean, model_name=config.model, progress=progress)
+    means.update({site: found[site].mean.float() for site in missing})
+    one = len(missing) == 1
+    return (
+        means,
+        f"the atlas has no {', '.join(missing)}; {'its corpus mean was' if one else 'their corpus means were'} computed in this run",
+    )
 
 
 def _extract_top(
-    model, tokenizer, config: ExperimentConfig, atlas: Atlas
+    model, tokenizer, config: ExperimentConfig, atlas: Atlas, neurons: list[int]
 ) -> tuple[list[AtlasEntry], list[Extraction], dict[int, str]]:
-    """The studied neurons' top examples, the source-site vector of each recomputed from its text, and the texts."""
-    neurons = [config.neuron] if config.neuron is not None else atlas.top_neurons(config.neuron_site, config.top_neurons)
+    """The neurons' top examples, the source-site vector of each recomputed from its text, and the texts
+    (``config``: a single-layer run, `ExperimentConfig.layer_runs`)."""
     entries = [atlas.entry(config.neuron_site, n) for n in neurons]
     texts = atlas.texts({e.doc for e in entries})
     extractions = [
@@ -437,10 +545,15 @@ def _results_key(config: ExperimentConfig, folder: Plan) -> str:
     own = {
         k: v for k, v in dataclasses.asdict(config).items() if k not in ("out", "source", "profile", "dtype", "device", "model")
     }
+    if not config.profile.layers:
+        del own["pick"]  # one layer: both picks study the same neurons, and the key stays what it was before `pick`
+    runs = config.layer_runs()
     payload = {
         "atlas": folder.key.reading_digest,
         "inputs": folder.key.inputs.to_json(),  # two local models or corpora of the same settings differ here
-        "sites": (config.neuron_site, config.source_site, config.target_site),
+        "sites": [(run.neuron_site, run.source_site, run.target_site) for run in runs]
+        if config.profile.layers
+        else (config.neuron_site, config.source_site, config.target_site),
         "device": str(resolve_device(config.device)),
         "experiment": own,
     }
@@ -477,10 +590,9 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True) -> Experi
     """
     timer = _Timer()
     with timer.phase("prepare"):  # checks every input; includes a GGUF model's one-time conversion
-        if config.profile.layers:  # `layers` are profiled in the same pass; the Patchscope studies `layer` (docs/whole-model.md)
+        if config.profile.layers:  # every layer profiled in one pass, its neurons picked by `pick` (docs/whole-model.md)
             config.profile.validate()
-            n_layers = load_config(config.model).num_hidden_layers
-            config = dataclasses.replace(config, profile=config.profile.for_model(n_layers))
+            config = config.for_model(load_config(config.model).num_hidden_layers)
         checked = _preflight(config)
     with output_lock(checked.out):
         return _run_locked(config, checked, timer, progress)
@@ -493,16 +605,8 @@ def _run_locked(config: ExperimentConfig, checked: _Checked, timer: _Timer, prog
     atlas, plan = _profile_or_reuse(model, tokenizer, config, checked, timer, progress)
     reused = plan.action is Action.REUSE
     notes.append("atlas reused from `out`" if reused else "atlas profiled in this run")
-    with timer.phase("extract"):
-        entries, extractions, texts = _extract_top(model, tokenizer, config, atlas)
-    sae_results: list[SAEResult | None] = [None] * len(entries)
-    if checked.sae is not None:
-        with timer.phase("sae"):
-            sae_results = _read_with_sae(model, config, checked.sae, entries, extractions)
-    mean, mean_note = _corpus_mean(model, tokenizer, config, atlas, timer, progress)
-    notes += [mean_note] if mean_note else []
-    with timer.phase("patchscope"):
-        readouts = _patchscope(model, tokenizer, config, checked.prompt, entries, extractions, mean)
+    neurons, texts, study_notes = _study_layers(model, tokenizer, config, checked, atlas, timer, progress)
+    notes += study_notes
     result = ExperimentResult(
         config=config,
         prompt=PromptRecord(
@@ -511,7 +615,7 @@ def _run_locked(config: ExperimentConfig, checked: _Checked, timer: _Timer, prog
             checked.prompt.position,
             checked.prompt.tokens[checked.prompt.position],
         ),
-        neurons=[_neuron_result(config, *parts) for parts in zip(entries, extractions, sae_results, readouts)],
+        neurons=neurons,
         timings=timer.phases,
         versions=versions(),
         atlas=AtlasRecord(str(checked.out), reused, atlas.n_tokens, atlas.meta),
@@ -520,6 +624,51 @@ def _run_locked(config: ExperimentConfig, checked: _Checked, timer: _Timer, prog
     )
     _write_results(result, checked.out, model, tokenizer, texts)
     return result
+
+
+def pick_neurons(atlas: Atlas, sites: Sequence[str], n: int, pick: Pick = "per-layer") -> list[SiteNeuron]:
+    """The neurons a run studies: the ``n`` with the largest maxima of each site, sites in the order given
+    (per-layer), or the ``n`` largest over all the sites together (overall, `Atlas.top_neurons_across`).
+    Best first within a site; ties go to the lower index."""
+    if pick == "overall":
+        return atlas.top_neurons_across(n, sites)
+    return [SiteNeuron(site, neuron, float(atlas[site].max[neuron])) for site in sites for neuron in atlas.top_neurons(site, n)]
+
+
+def _study_layers(
+    model, tokenizer, config: ExperimentConfig, checked: _Checked, atlas: Atlas, timer: _Timer, progress: bool
+) -> tuple[list[NeuronResult], dict[int, str], list[str]]:
+    """Pick the neurons, then study each layer's as a single-layer run of that layer (`ExperimentConfig.layer_runs`):
+    extract, read with the SAE, patch (one batched run per layer). Results in the order of the pick."""
+    runs = {run.neuron_site: run for run in config.layer_runs()}
+    if config.neuron is not None:
+        picked = [SiteNeuron(site, config.neuron, float(atlas[site].max[config.neuron])) for site in runs]
+    else:
+        picked = pick_neurons(atlas, list(runs), config.top_neurons, config.pick)
+    chosen = {site: [p.neuron for p in picked if p.site == site] for site in runs}
+    chosen = {site: neurons for site, neurons in chosen.items() if neurons}
+    found: dict[str, tuple[list[AtlasEntry], list[Extraction]]] = {}
+    texts: dict[int, str] = {}
+    with timer.phase("extract"):
+        for site, neurons in chosen.items():
+            entries, extractions, its_texts = _extract_top(model, tokenizer, runs[site], atlas, neurons)
+            found[site] = entries, extractions
+            texts.update(its_texts)
+    sae: dict[str, list[SAEResult | None]] = {site: [None] * len(neurons) for site, neurons in chosen.items()}
+    if checked.sae is not None:
+        with timer.phase("sae"):
+            for site in chosen:
+                if runs[site].source_site in checked.sae_sites:
+                    sae[site] = _read_with_sae(model, runs[site], checked.sae, *found[site])
+    means, mean_note = _corpus_means(model, tokenizer, config, atlas, timer, progress)
+    results: dict[str, list[NeuronResult]] = {}
+    with timer.phase("patchscope"):
+        for site in chosen:
+            run = runs[site]
+            readouts = _patchscope(model, tokenizer, run, checked.prompt, *found[site], means[run.source_site])
+            results[site] = [_neuron_result(run, *parts) for parts in zip(*found[site], sae[site], readouts)]
+    ordered = [results[p.site][chosen[p.site].index(p.neuron)] for p in picked]
+    return ordered, texts, [mean_note] if mean_note else []
 
 
 def _patchscope(
@@ -550,6 +699,8 @@ def _neuron_result(
     )
     return NeuronResult(
         neuron=entry.neuron,
+        site=config.neuron_site,
+        layer=config.profile.layer,
         max_activation=entry.activation,
         source=source,
         sae=sae,
@@ -573,6 +724,16 @@ def _write_results(result: ExperimentResult, out: Path, model, tokenizer, texts:
     write_run_report(data, result.report_file, model, tokenizer, texts)
 
 
+def _sites_json(config: ExperimentConfig) -> dict[str, Any]:
+    """``results.json``'s ``sites``: the run's three sites; over several layers, their pattern, ``L`` being
+    each neuron's own ``layer``, and the layers and pick."""
+    if not config.profile.layers:
+        return {"source": config.source_site, "target": config.target_site, "neuron": config.neuron_site}
+    layers = [run.profile.layer for run in config.layer_runs()]
+    pattern = {"source": "blocks.L.hook_resid_pre", "target": "blocks.L.hook_resid_pre", "neuron": "blocks.L.mlp.hook_post"}
+    return {**pattern, "layers": layers, "pick": config.pick}
+
+
 def _rows(rows: tuple[int, int] | None) -> str:
     return f" rows {rows[0]}-{rows[1]}" if rows else ""
 
@@ -580,16 +741,18 @@ def _rows(rows: tuple[int, int] | None) -> str:
 def format_summary(result: ExperimentResult) -> str:
     """The original's "Experiment Results" block, plus the controls."""
     cfg, meta, prompt = result.config, result.atlas.meta, result.prompt
+    sites, several = _sites_json(cfg), bool(cfg.profile.layers)
+    layers = f"layers {','.join(map(str, sites['layers']))} ({cfg.pick})" if several else f"layer {cfg.profile.layer}"
     lines = [
         "=== Experiment Results ===",
-        f"model {cfg.model}   layer {cfg.profile.layer}   data {cfg.source.dataset}{_rows(meta.rows_read)}"
+        f"model {cfg.model}   {layers}   data {cfg.source.dataset}{_rows(meta.rows_read)}"
         f"   {meta.n_documents} documents, {result.atlas.n_tokens} tokens",
         f"prompt {prompt.text!r}: vector written at position {prompt.position} ({prompt.token!r})",
     ]
     for case in dict.fromkeys(Case(n.case) for n in result.neurons):  # said once, not per neuron
-        lines.append(f"{case.description}: {case_explanation(case, cfg.target_site, cfg.neuron_site)}")
+        lines.append(f"{case.description}: {case_explanation(case, sites['target'], sites['neuron'])}")
     for n in result.neurons:
-        lines += ["", *_neuron_lines(n)]
+        lines += ["", *_neuron_lines(n, several)]
     lines.append("")
     if result.neurons:
         lines.append(f"decode: {result.neurons[0].decode.measure_text}")
@@ -598,10 +761,11 @@ def format_summary(result: ExperimentResult) -> str:
     return "\n".join(lines)
 
 
-def _neuron_lines(n: NeuronResult) -> list[str]:
+def _neuron_lines(n: NeuronResult, with_layer: bool = False) -> list[str]:
     src, p = n.source, n.patched
+    name = f"layer {n.layer} neuron {n.neuron}" if with_layer else f"neuron {n.neuron}"
     lines = [
-        f"neuron {n.neuron}: max activation {n.max_activation:.4f} on {src.token!r} (document {src.doc}, position {src.position})",
+        f"{name}: max activation {n.max_activation:.4f} on {src.token!r} (document {src.doc}, position {src.position})",
         f"  context: {src.context!r}",
     ]
     if n.sae:

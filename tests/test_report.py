@@ -1,5 +1,6 @@
 """The dashboard and the run report, rendered in a real (headless) Chromium."""
 
+import html
 import json
 import math
 import re
@@ -267,6 +268,81 @@ def test_neuron_pages_at_two_layers_render_and_say_where_neighbours_mean_somethi
     links = [a["href"] for a, _ in Elements(dom).having("a") if a.get("class") == "neighbour"]
     assert links == ["../neurons/blocks.2.hook_resid_post-9.html"]
     assert (root / "site" / "neurons/blocks.2.hook_resid_post-9.html").exists()
+
+
+def _view(root: Path, href: str) -> tuple[str, dict[str, float], dict[str, list[tuple[float, int, int]]], list[str]]:
+    """Render a drawn page: its DOM, its statistics, its examples ``(value, doc, position)`` per section, its tokens."""
+    dom, requests = render(f"{(root / 'site').as_uri()}/{href}", root)
+    assert requests == []
+    elements = Elements(dom)
+    stats = {a["data-stat"]: float(a["data-v"]) for a, _ in elements.having("b") if "data-stat" in a}
+    shown = {
+        key: [
+            (float(a["data-act"]), int(a["data-doc"]), int(a["data-pos"]))
+            for a, path in elements.having("div", "ex")
+            if any(p[1].get("id") == key for p in path)
+        ]
+        for key in ("top", "bottom")
+    }
+    main = dom[dom.index("<main>") : dom.index("</main>")]  # the drawn part, not the script's text
+    tokens = [json.loads(html.unescape(t)) for t in re.findall(r'<span class="ctx tok"[^>]*>(.*?)</span>', main)]
+    return dom, stats, shown, tokens
+
+
+def _slots(slots, neuron: int, limit: int) -> list[tuple[float, int, int]]:
+    found = zip(slots.values[:limit, neuron].tolist(), slots.doc[:limit, neuron].tolist(), slots.pos[:limit, neuron].tolist())
+    return [(v, d, p) for v, d, p in found if d >= 0]
+
+
+@pytest.mark.parametrize("site_name, neuron", [("blocks.0.mlp.hook_post", 17), ("blocks.3.mlp.hook_post", 100)])
+def test_a_neuron_without_a_page_opens_one_drawn_from_the_atlas(layers_site, gemma, site_name, neuron):
+    """A neuron outside `--neurons`, at two layers: its index row opens the drawn page, which shows the atlas's values."""
+    root, atlas = layers_site
+    _, tokenizer = gemma
+    assert neuron not in (5, 9)  # the fixture's `--neurons`
+    index = root / "site" / "index.html"
+    dom, _ = render(f"{index.as_uri()}#site={site_name}", root)
+    links = {int(next(t[1]["data-n"] for t in path if t[0] == "tr")): a["href"] for a, path in Elements(dom).having("a", "view")}
+    pages = [a["href"] for a, _ in Elements(dom).having("a", "page")]
+    assert pages == [f"neurons/{site_name}-5.html", f"neurons/{site_name}-9.html"]
+    assert len(links) == atlas[site_name].n_neurons - 2  # every other row opens the drawn page
+    assert "patchscopeShard" not in index.read_text()  # the index loads no shard
+    assert links[neuron] == f"neurons/view.html#site={site_name}&n={neuron}"
+    dom, stats, shown, tokens = _view(root, links[neuron])
+    s = atlas[site_name]
+    assert stats == {
+        "max": float(s.max[neuron]),
+        "min": float(s.min[neuron]),
+        "mean": float(s.mean[neuron]),
+        "std": float(s.std[neuron]),
+        "density": float(s.fire_rate[neuron]),
+    }
+    assert shown["top"] == _slots(s.top, neuron, 2) and len(shown["top"]) == 2  # the fixture's `--examples 2`
+    assert shown["bottom"] == _slots(s.bottom, neuron, 2) and len(shown["bottom"]) == 2
+    texts = atlas.texts()
+    for (_, doc, position), token in zip(shown["top"] + shown["bottom"], tokens, strict=True):
+        ids = tokenizer(texts[doc]).input_ids[:20]  # the fixture's `max_length`, truncated
+        assert token == tokenizer.decode([ids[position]])
+    assert f"{site_name} · neuron {neuron}" in dom
+
+
+def test_the_drawn_page_finds_neurons_across_shards_and_says_what_it_lacks(layers_site, gemma, tmp_path):
+    from patchscope.report.neuron_view import shard_file, write_neuron_data
+
+    root, atlas = layers_site
+    _, tokenizer = gemma
+    site = tmp_path / "site"
+    count = write_neuron_data(atlas, site, texts=atlas.texts(), tokenizer=tokenizer, examples=3, shard_neurons=32)
+    assert count == sum(-(-s.n_neurons // 32) for s in atlas.sites.values())
+    assert (site / shard_file("blocks.2.mlp.hook_post", 3)).exists()
+    for neuron in (0, 31, 32, 127):
+        _, stats, shown, _ = _view(tmp_path, f"neurons/view.html#site=blocks.2.mlp.hook_post&n={neuron}")
+        assert stats["max"] == float(atlas["blocks.2.mlp.hook_post"].max[neuron])
+        assert shown["top"] == _slots(atlas["blocks.2.mlp.hook_post"].top, neuron, 3)
+    dom, *_ = _view(tmp_path, "neurons/view.html#site=blocks.2.mlp.hook_post&n=128")
+    assert "no data for blocks.2.mlp.hook_post neuron 128" in dom
+    dom, *_ = _view(tmp_path, "neurons/view.html#site=blocks.1.hook_resid_post&n=63")
+    assert float(Elements(dom).having("b")[0][0]["data-v"]) == float(atlas["blocks.1.hook_resid_post"].max[63])
 
 
 class _SummaryRows(HTMLParser):

@@ -182,18 +182,179 @@ def test_the_footprint_said_before_starting_is_the_state_the_atlas_holds(gemma, 
     assert "atlas state:" in said.describe() and "x 3 sites" in said.describe()
 
 
-def test_run_layers_profiles_every_layer_in_its_one_pass_and_studies_layer(gemma_dir, tmp_path, capsys):
+def _run_argv(model_dir, data, out, *flags: str) -> list[str]:
+    argv = ["run", "--model", str(model_dir), "--device", "cpu", "--dataset", str(data), "--split", "", "--max-length", "16"]
+    return argv + ["--top-k", "3", "--sae", "none", "--max-new-tokens", "2", "--out", str(out), *flags]
+
+
+def _brute_force_pick(atlas, sites: list[str], n: int, pick: str) -> list[tuple[str, int]]:
+    """The pick, from the atlas's max tensors alone: largest max first, ties to the earlier site, then the lower index."""
+    ranked = {site: sorted(range(atlas[site].n_neurons), key=lambda i: (-float(atlas[site].max[i]), i)) for site in sites}
+    if pick == "per-layer":
+        return [(site, i) for site in sites for i in ranked[site][:n]]
+    every = [
+        (-float(atlas[site].max[i]), order, i, site) for order, site in enumerate(sites) for i in range(atlas[site].n_neurons)
+    ]
+    return [(site, i) for *_, i, site in sorted(every)[:n]]
+
+
+def _hand_patched(model, tokenizer, text: str, position: int, max_length: int, layer: int, neuron: int, prompt: str, at: int):
+    """A plain HF forward with hand-written hooks: the vector entering layer ``layer`` at the top example, written
+    at ``at`` of the prompt entering the same layer, and the neuron read there (the input of its down_proj)."""
+    ids = tokenizer(text, return_tensors="pt").input_ids[:, :max_length]
+    with torch.no_grad():
+        vector = model(ids, output_hidden_states=True).hidden_states[layer][0, position]  # blocks.L.hook_resid_pre
+    block, seen = model.model.layers[layer], {}
+
+    def write(module, args, kwargs):
+        hidden = (args[0] if args else kwargs["hidden_states"]).clone()
+        hidden[0, at] = vector
+        return ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
+
+    handles = [
+        block.register_forward_pre_hook(write, with_kwargs=True),
+        block.mlp.down_proj.register_forward_pre_hook(lambda module, args: seen.update(post=args[0])),
+    ]
+    try:
+        with torch.no_grad():
+            model(tokenizer(prompt, return_tensors="pt").input_ids, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen["post"][0, :, neuron]  # [pos]
+
+
+@pytest.mark.parametrize("pick", ["per-layer", "overall"])
+@pytest.mark.parametrize("family", ["gemma_dir", "llama_dir"])
+def test_run_layers_studies_each_neuron_at_its_own_layer(family, pick, request, tmp_path, capsys):
+    """`run --layers all --pick ...`: the neurons are the brute-force pick over the atlas, and each one's patched
+    readout is a plain HF forward that writes its own top example's vector at its own layer."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = request.getfixturevalue(family)
+    data = write_corpus(tmp_path / "corpus.jsonl", CORPUS)
+    out = tmp_path / "run"
+    assert main(_run_argv(model_dir, data, out, "--layers", "all", "--pick", pick, "--top-neurons", "4")) == 0
+    printed = capsys.readouterr().out
+    atlas, results = load_atlas(out), json.loads((out / "results.json").read_text())
+    layers = list(range(n_layers_of(model_dir)))
+    mlp = [f"blocks.{layer}.mlp.hook_post" for layer in layers]
+    assert set(atlas.sites) == {*mlp, *(f"blocks.{layer}.hook_resid_pre" for layer in layers)}  # profiled in one pass
+    assert [(n["site"], n["neuron"]) for n in results["neurons"]] == _brute_force_pick(atlas, mlp, 4, pick)
+    assert results["sites"]["layers"] == layers and results["sites"]["pick"] == pick
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager", dtype=torch.float32).eval()
+    tokenizer, texts, prompt = AutoTokenizer.from_pretrained(model_dir), atlas.texts(), results["prompt"]
+    for n in results["neurons"]:
+        layer, source = n["layer"], n["source"]
+        assert n["site"] == f"blocks.{layer}.mlp.hook_post" and source["site"] == f"blocks.{layer}.hook_resid_pre"
+        assert n["max_activation"] == float(atlas[n["site"]].max[n["neuron"]])
+        along = _hand_patched(
+            model, tokenizer, texts[source["doc"]], source["position"], 16, layer, n["neuron"], prompt["text"], prompt["position"]
+        )
+        torch.testing.assert_close(torch.tensor(n["patched"]["prompt_activations"]), along, rtol=1e-4, atol=1e-5)
+        assert n["patched"]["at_placeholder"] == n["patched"]["prompt_activations"][prompt["position"]]
+        assert f"layer {layer} neuron {n['neuron']}: max activation" in printed
+    report = (out / "report.html").read_text()
+    for n in results["neurons"]:  # the run report names each neuron's layer
+        assert f"<tr data-neuron={n['neuron']} data-layer={n['layer']}>" in report
+        assert f"id='neuron-{n['layer']}-{n['neuron']}'" in report or f'id="neuron-{n["layer"]}-{n["neuron"]}"' in report
+
+
+def n_layers_of(model_dir) -> int:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_dir).num_hidden_layers
+
+
+def test_run_layers_reuses_a_profile_of_those_layers_and_computes_their_means_once(gemma_dir, tmp_path, capsys):
+    """A `profile --layers all` folder serves `run --layers all`: the missing source sites' means come from one
+    extra pass, and the results equal those of a run that profiled everything itself."""
     import json
 
     data = write_corpus(tmp_path / "corpus.jsonl", CORPUS)
-    out = tmp_path / "run"
-    argv = ["run", "--model", str(gemma_dir), "--device", "cpu", "--dataset", str(data), "--split", "", "--layers", "all"]
-    argv += ["--layer", "2", "--max-length", "16", "--top-k", "3", "--sae", "none", "--max-new-tokens", "2", "--out", str(out)]
-    assert main(argv) == 0, capsys.readouterr().err
-    atlas = load_atlas(out)
-    assert set(atlas.sites) == {f"blocks.{layer}.mlp.hook_post" for layer in range(4)} | {"blocks.2.hook_resid_pre"}
-    results = json.loads((out / "results.json").read_text())
-    assert [n["neuron"] for n in results["neurons"]] == atlas.top_neurons("blocks.2.mlp.hook_post", 1)
+    reused, fresh = tmp_path / "reused", tmp_path / "fresh"
+    assert main(profile_argv(gemma_dir, data, reused, "--layers", "all", "--top-k", "3", "--max-length", "16")) == 0
+    for out in (reused, fresh):
+        assert main(_run_argv(gemma_dir, data, out, "--layers", "all", "--top-neurons", "2")) == 0
+    printed = capsys.readouterr().out
+    assert "the atlas has no blocks.0.hook_resid_pre, blocks.1.hook_resid_pre, blocks.2.hook_resid_pre, " in printed
+    assert "their corpus means were computed in this run" in printed
+    first, second = (json.loads((out / "results.json").read_text()) for out in (reused, fresh))
+    assert "atlas reused from --out" in first["notes"] or "atlas reused from `out`" in first["notes"]
+    assert [(n["site"], n["neuron"]) for n in first["neurons"]] == [(n["site"], n["neuron"]) for n in second["neurons"]]
+    for a, b in zip(first["neurons"], second["neurons"]):
+        assert a["patched"]["at_placeholder"] == b["patched"]["at_placeholder"]
+        got, want = a["controls"]["corpus_mean"]["at_placeholder"], b["controls"]["corpus_mean"]["at_placeholder"]
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-5)
+
+
+def test_run_layers_reads_with_an_sae_only_the_vectors_of_its_own_site(gemma_dir, tmp_path, capsys):
+    """Over several layers a given SAE reads the layer it was trained on, as the single-layer run of that layer does."""
+    import json
+
+    from sae_files import sae_params, write_npz
+
+    data = write_corpus(tmp_path / "corpus.jsonl", CORPUS)
+    sae = write_npz(
+        tmp_path / "sae" / "layer_1/width_16k/average_l0_30/params.npz", sae_params(seed=7)
+    )  # blocks.2.hook_resid_pre
+    whole, single = tmp_path / "whole", tmp_path / "single"
+    flags = ("--top-neurons", "2", "--sae", str(sae))
+    assert main([*_run_argv(gemma_dir, data, whole, "--layers", "all", *flags)]) == 0
+    assert (
+        "reads the vectors of blocks.2.hook_resid_pre; the other layers' neurons have no SAE read-out" in capsys.readouterr().out
+    )
+    assert main([*_run_argv(gemma_dir, data, single, "--layer", "2", *flags)]) == 0
+    many, one = (json.loads((out / "results.json").read_text())["neurons"] for out in (whole, single))
+    assert [n["layer"] for n in many if n["sae"]] == [2, 2] and all(n["sae"] is None for n in many if n["layer"] != 2)
+    assert [n["sae"] for n in many if n["layer"] == 2] == [n["sae"] for n in one]
+    wrong = write_npz(tmp_path / "sae" / "layer_3/width_16k/average_l0_30/params.npz", sae_params(seed=7))  # after the last layer
+    assert main([*_run_argv(gemma_dir, data, tmp_path / "refused", "--layers", "0-2", "--sae", str(wrong))]) == 2
+    assert "no studied layer's vector comes from there" in capsys.readouterr().err
+
+
+def test_run_layer_alone_studies_that_layer_as_before(gemma_dir, tmp_path):
+    """Without `--layers`, `--pick` changes nothing: the `--layer` neurons, the same sites, the same results key."""
+    import json
+
+    data = write_corpus(tmp_path / "corpus.jsonl", CORPUS)
+    keys = []
+    for pick in ("per-layer", "overall"):
+        out = tmp_path / pick
+        assert main(_run_argv(gemma_dir, data, out, "--layer", "2", "--top-neurons", "2", "--pick", pick)) == 0
+        results, atlas = json.loads((out / "results.json").read_text()), load_atlas(out)
+        assert list(atlas.sites) == ["blocks.2.mlp.hook_post", "blocks.2.hook_resid_pre"]
+        assert results["sites"] == {
+            "source": "blocks.2.hook_resid_pre",
+            "target": "blocks.2.hook_resid_pre",
+            "neuron": "blocks.2.mlp.hook_post",
+        }
+        assert [n["neuron"] for n in results["neurons"]] == atlas.top_neurons("blocks.2.mlp.hook_post", 2)
+        assert {n["layer"] for n in results["neurons"]} == {2}
+        keys.append(results["key"])
+    assert keys[0] == keys[1]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (("--pick", "overall", "--neuron", "3"), "use it with --pick per-layer"),
+        (("--source-site", "blocks.1.hook_resid_pre"), "--source-site and --target-site name one layer"),
+        (("--site-kind", "hook_resid_post"), "the --site-kind is mlp.hook_post, not hook_resid_post"),
+        (("--pick", "both"), "invalid choice: 'both'"),
+    ],
+)
+def test_run_layers_refuses_what_it_cannot_pick_before_the_model_loads(gemma_dir, tmp_path, capsys, monkeypatch, flags, message):
+    monkeypatch.setattr("patchscope.experiment.load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    data = write_corpus(tmp_path / "corpus.jsonl", CORPUS)
+    try:
+        code = main(_run_argv(gemma_dir, data, tmp_path / "out", "--layers", "all", *flags))
+    except SystemExit as stopped:  # argparse's own refusals (a bad choice)
+        code = stopped.code
+    assert code == 2
+    assert message in capsys.readouterr().err
 
 
 def test_the_progress_bar_counts_what_is_known_and_estimates_from_the_first_batches():

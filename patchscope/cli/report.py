@@ -33,6 +33,10 @@ def run(args: argparse.Namespace) -> int:
     docs = {
         e.doc for site, ns in chosen.items() for n in ns for g in shown_examples(atlas, site, n, config).values() for _, e in g
     }
+    if config.all_neurons:  # every neuron's page quotes its top and bottom examples
+        from patchscope.report.neuron_view import shown_documents
+
+        docs |= shown_documents(atlas, config.examples)
     texts = atlas.texts(docs | top_documents(atlas))  # the index quotes every neuron's top token
     model, tokenizer = atlas_model(atlas, args.model, args.dtype, args.device)
     from typing import Any, cast
@@ -41,5 +45,8 @@ def run(args: argparse.Namespace) -> int:
 
     features = load_feature_sites(args.sae, d_model=cast(Any, model.config).hidden_size, device=next(model.parameters()).device)
     index = write_dashboard(atlas, out, model=model, tokenizer=tokenizer, texts=texts, config=config, features=features)
-    print(f"wrote {index} and {sum(len(ns) for ns in chosen.values())} neuron pages; open it in a browser (works offline)")
+    pages = f"{sum(len(ns) for ns in chosen.values())} neuron pages"
+    if config.all_neurons:
+        pages += f", and every other neuron's page drawn from the atlas's numbers ({out / 'neurons' / 'data'})"
+    print(f"wrote {index} and {pages}; open it in a browser (works offline)")
     return 0

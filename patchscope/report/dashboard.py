@@ -28,7 +28,8 @@ from patchscope.atlas.output_tokens import OutputTokens, output_tokens
 from patchscope.kernels.histogram import bin_ranges
 from patchscope.kernels.quantiles import INTERVALS
 from patchscope.model.sites import parse_site
-from patchscope.report.html import bar_chart, esc, histogram_chart, number, page, scatter_chart, tokens_html
+from patchscope.report.html import JS_FORMAT, bar_chart, esc, histogram_chart, number, page, scatter_chart, tokens_html
+from patchscope.report.neuron_view import VIEW, write_neuron_data
 from patchscope.report.neuronpedia_links import feature_of, page_url
 from patchscope.report.replay import Context, Example, replay_contexts
 from patchscope.util.storage import atomic_write
@@ -49,6 +50,14 @@ class DashboardConfig:
     before: int = field(default=24, metadata={"help": "Context tokens shown before each example's token."})
     after: int = field(default=8, metadata={"help": "Context tokens shown after it."})
     output_k: int = field(default=12, metadata={"help": "Tokens in the output-token view, each direction."})
+    all_neurons: bool = field(
+        default=True,
+        metadata={
+            "help": "Give every other neuron a page too: its index row opens neurons/view.html, drawn in the browser from "
+            "the atlas's numbers in neurons/data/ (statistics, and the top and bottom examples as text; no replay). "
+            "--no-all-neurons leaves those neurons as table rows."
+        },
+    )
 
     def validate(self) -> None:
         if self.top < 1 and not self.neurons:
@@ -134,8 +143,10 @@ def write_dashboard(
                 return Path(tmp).write_text(text, encoding="utf-8")
 
             atomic_write(out / neuron_file(site, n), write_page)
+    if config.all_neurons:
+        write_neuron_data(atlas, out, texts=texts, tokenizer=tokenizer, examples=config.examples)
     index = out / INDEX
-    html_text = index_page(atlas, chosen, top_strings(atlas, texts, tokenizer))
+    html_text = index_page(atlas, chosen, top_strings(atlas, texts, tokenizer), all_neurons=config.all_neurons)
     atomic_write(index, lambda tmp: Path(tmp).write_text(html_text, encoding="utf-8"))
     return index
 
@@ -261,7 +272,9 @@ def neuron_page(
 
 # -- the index page: a layer selector; each site's table and plot are built from embedded data when shown
 
-INDEX_SCRIPT = r"""
+INDEX_SCRIPT = (
+    JS_FORMAT
+    + r"""
 function rows(table){return Array.from(table.tBodies[0].rows);}
 function sortTable(table, key, desc){
   const col = Array.from(table.tHead.rows[0].cells).findIndex(c => c.dataset.key === key);
@@ -289,18 +302,14 @@ function filterTable(table){
   });
   box.querySelector('.count').textContent = shown + ' shown';
 }
-function fmt(v, digits){
-  if (v === null || isNaN(v)) return 'n/a';
-  if (v !== 0 && (Math.abs(v) >= 1e5 || Math.abs(v) < Math.pow(10, -digits))) return v.toPrecision(digits);
-  return v.toFixed(digits);
-}
-function escHtml(s){return String(s).replace(/[&<>"']/g, c => ({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;',"'":'&#39;'})[c]);}
 function build(section){
   if (section.dataset.built) return;
   const data = JSON.parse(section.querySelector('script.rows').textContent);
+  const view = data.view && (data.view + '#site=' + encodeURIComponent(section.dataset.site) + '&n=');
   const html = data.rows.map(r => {
     const [n, page, token, context] = [r[0], r[1], r[2], r[3]], values = r.slice(4).map(v => v === null ? NaN : v);
-    const label = page ? '<a href="' + escHtml(page) + '">' + n + '</a>' : String(n);
+    const href = page || (view && view + n);  // a full page, else the page drawn from the atlas's numbers
+    const label = href ? '<a class="' + (page ? 'page' : 'view') + '" href="' + escHtml(href) + '">' + n + '</a>' : String(n);
     const cells = values.map(v => '<td data-v="' + String(v) + '">' + fmt(v, 4) + '</td>').join('');
     return '<tr data-n=' + n + ' data-max="' + String(values[0]) + '" data-density="' + String(values[2]) + '">'
       + '<td class=l data-v=' + n + '>' + label + '</td>' + cells
@@ -340,6 +349,7 @@ function fromHash(){
 window.addEventListener('hashchange', fromHash);
 fromHash();
 """
+)
 
 
 def _site_label(site: str) -> str:
@@ -347,7 +357,9 @@ def _site_label(site: str) -> str:
     return f"layer {layer} · {suffix}{site[len(reads_of(site)) :]}" if layer >= 0 else site
 
 
-def _site_section(site: str, atlas: Atlas, pages: list[int], strings: Sequence[tuple[str, str]] | None) -> str:
+def _site_section(
+    site: str, atlas: Atlas, pages: list[int], strings: Sequence[tuple[str, str]] | None, all_neurons: bool = True
+) -> str:
     stats = atlas[site]
     columns = {
         "max": stats.max.tolist(),
@@ -379,12 +391,18 @@ def _site_section(site: str, atlas: Atlas, pages: list[int], strings: Sequence[t
     ]
     plot = scatter_chart(points, x_label="density (share of tokens > 0)", y_label="max activation")
     links = ", ".join(f"<a href='{esc(neuron_file(site, n))}'>{n}</a>" for n in pages)
-    payload = json.dumps({"rows": data}, allow_nan=False).replace("</", "<\\/")
+    payload = json.dumps({"rows": data, "view": VIEW if all_neurons else None}, allow_nan=False).replace("</", "<\\/")
     return (
         f"<section class=site data-site='{esc(site)}' hidden><h2>{esc(site)} · {stats.n_neurons} neurons</h2>"
         f"<div class=cols><div class=plot-here><template class=plot>{plot}</template></div>"
         f"<div style='max-width:520px'><h3>Neuron pages</h3><p>{links}</p>"
-        "<p class=muted>Orange dots have a page. Click a column header to sort; the URL hash "
+        "<p class=muted>Orange dots have a full page. "
+        + (
+            "Every other neuron's number opens a page drawn from the atlas's numbers (statistics, top and bottom examples). "
+            if all_neurons
+            else ""
+        )
+        + "Click a column header to sort; the URL hash "
         "<code>#sort=max&amp;desc=1</code> does the same, and <code>#site=...</code> picks the layer. Every neuron's top "
         "token and context are in the table; all its top examples are in the atlas folder's Parquet files.</p></div></div>"
         "<div class=controls><label>neuron <input class=search type=search placeholder='e.g. 1234' size=8></label>"
@@ -411,9 +429,14 @@ def _layers_overview(atlas: Atlas) -> str:
 
 
 def index_page(
-    atlas: Atlas, chosen: Mapping[str, list[int]], strings: Mapping[str, Sequence[tuple[str, str]]] | None = None
+    atlas: Atlas,
+    chosen: Mapping[str, list[int]],
+    strings: Mapping[str, Sequence[tuple[str, str]]] | None = None,
+    *,
+    all_neurons: bool = True,
 ) -> str:
-    """The index; ``strings`` gives each site's ``(top token, context)`` per neuron (`top_strings`)."""
+    """The index; ``strings`` gives each site's ``(top token, context)`` per neuron (`top_strings`). With
+    ``all_neurons``, each row without a page of its own opens `patchscope.report.neuron_view`'s page."""
     options = "".join(f"<option value='{esc(site)}'>{esc(_site_label(site))}</option>" for site in atlas.sites)
     selector = (
         f"<section id=choose><label>site <select id=site-select>{options}</select></label> "
@@ -421,7 +444,7 @@ def index_page(
         f"{sum(s.n_neurons for s in atlas.sites.values())} neurons in all</span></section>"
     )
     sections = [
-        _site_section(site, atlas, chosen.get(site, []), strings.get(site) if strings is not None else None)
+        _site_section(site, atlas, chosen.get(site, []), strings.get(site) if strings is not None else None, all_neurons)
         for site in atlas.sites
     ]
     overview = _layers_overview(atlas) if len(atlas.sites) > 1 else ""

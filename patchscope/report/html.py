@@ -39,6 +39,17 @@ a{color:#0b63b6}
 """
 
 
+JS_FORMAT = r"""
+function fmt(v, digits){
+  if (v === null || isNaN(v)) return 'n/a';
+  if (v !== 0 && (Math.abs(v) >= 1e5 || Math.abs(v) < Math.pow(10, -digits))) return v.toPrecision(digits);
+  return v.toFixed(digits);
+}
+function escHtml(s){return String(s).replace(/[&<>"']/g, c => ({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;',"'":'&#39;'})[c]);}
+"""
+"""The pages' scripts format numbers as `number` does (``fmt``) and escape text as `esc` does (``escHtml``)."""
+
+
 def esc(text: object) -> str:
     return html.escape(str(text), quote=True)
 

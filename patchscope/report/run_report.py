@@ -51,6 +51,8 @@ def write_run_report(
     cards = [_neuron_section(n, results, site, texts, model, tokenizer) for n in results["neurons"]]
     body = [_explanation(results), _summary_table(results), _legend(), _sae_absent(results), *cards, _run_section(results)]
     prompt = results["prompt"]
+    if _several_layers(results):
+        site = f"{site}, L in {', '.join(map(str, results['sites']['layers']))} ({results['sites']['pick']})"
     subtitle = (
         f"{esc(config['model'])} · {esc(site)} · prompt {esc(repr(prompt['text']))}, vector written at "
         f"position {prompt['position']} ({esc(repr(prompt['token']))}) · {esc(source.dataset)} {esc(source.split)}"
@@ -71,26 +73,40 @@ def _explanation(results: dict[str, Any]) -> str:
     )
 
 
+def _several_layers(results: dict[str, Any]) -> bool:
+    """A run over several layers (``sites`` gives their pattern and ``layers``; each neuron its own ``layer``)."""
+    return "layers" in results["sites"]
+
+
+def _anchor(n: dict[str, Any], several: bool) -> str:
+    """The card's id: the neuron index, with its layer where one index may appear at several layers."""
+    return f"neuron-{n['layer']}-{n['neuron']}" if several else f"neuron-{n['neuron']}"
+
+
 def _summary_table(results: dict[str, Any]) -> str:
     controls = list(results["neurons"][0]["controls"]) if results["neurons"] else []
     head = "".join(f"<th>{esc(c)}</th>" for c in controls)
-    rows = [_summary_row(n, controls) for n in results["neurons"]]
+    several = _several_layers(results)
+    rows = [_summary_row(n, controls, several) for n in results["neurons"]]
     return (
-        "<section id=summary><h2>Summary</h2><table class=summary><tr><th>neuron</th><th>max activation</th>"
+        f"<section id=summary><h2>Summary</h2><table class=summary><tr>{'<th>layer</th>' if several else ''}"
+        "<th>neuron</th><th>max activation</th>"
         f"<th class=l>trigger token</th><th class=l>context</th><th>patched</th>{head}<th class=l>decode</th>"
         f"<th class=l>generated</th></tr>{''.join(rows)}</table></section>"
     )
 
 
-def _summary_row(n: dict[str, Any], controls: list[str]) -> str:
+def _summary_row(n: dict[str, Any], controls: list[str], several: bool = False) -> str:
     src, patched = n["source"], n["patched"]
     decode = n["decode"]
     label = _decode_label(decode)
     values = "".join(_value_cell(n["controls"][c]["at_placeholder"], c) for c in controls)
     generated = patched["generated_text"]
     shown = generated if len(generated) <= GENERATED_SHOWN else generated[:GENERATED_SHOWN] + "…"
+    attrs = f" data-layer={n['layer']}" if several else ""
+    layer = f"<td data-col=layer data-v={n['layer']}>{n['layer']}</td>" if several else ""
     return (
-        f"<tr data-neuron={n['neuron']}><td class=neuron><a href='#neuron-{n['neuron']}'>{n['neuron']}</a></td>"
+        f"<tr data-neuron={n['neuron']}{attrs}>{layer}<td class=neuron><a href='#{_anchor(n, several)}'>{n['neuron']}</a></td>"
         f"{_value_cell(n['max_activation'], 'max_activation')}"
         f"<td class='l ctx' data-col=token>{esc(repr(src['token']))}</td><td class='l ctx' data-col=context>{esc(src['context'])}</td>"
         f"{_value_cell(patched['at_placeholder'], 'patched')}{values}"
@@ -147,7 +163,7 @@ def _run_section(results: dict[str, Any]) -> str:
 
 
 def _trigger(result, config, site, texts, model, tokenizer) -> str:
-    src = result["source"]
+    src, site = result["source"], result.get("site", site)  # over several layers, the neuron's own
     profile = config["profile"]
     segment, local = segment_at(tokenizer, texts[src["doc"]], src["position"], profile["max_length"], profile["overflow"])
     with torch.inference_mode():
@@ -203,8 +219,10 @@ def _neuron_section(result, results, site, texts, model, tokenizer) -> str:
     chart = bar_chart(labels, values, reference=("original max", result["max_activation"]), log_scale=True)
     src, ratio, decode = result["source"], patched.get("ratio"), result["decode"]
     line = f"{Case(result['case']).description} · {_decode_label(decode)}"
+    several = _several_layers(results)
+    title = f"Layer {result['layer']} · neuron {result['neuron']}" if several else f"Neuron {result['neuron']}"
     return (
-        f"<section class=card id='neuron-{result['neuron']}'><h2>Neuron {result['neuron']} · max {number(result['max_activation'], 4)}</h2>"
+        f"<section class=card id='{_anchor(result, several)}'><h2>{title} · max {number(result['max_activation'], 4)}</h2>"
         f"<p class=verdict data-verdict>{esc(line)}</p><p class=muted>decode: {esc(result['verdict'].partition('; ')[2])}</p>"
         f"<h3>Trigger context (document {src['doc']}, position {src['position']}, token {esc(repr(src['token']))})</h3>"
         f"<div class=ex>{_trigger(result, results['config'], site, texts, model, tokenizer)}</div>"
