@@ -292,7 +292,7 @@ def _plan_folder(config: ExperimentConfig, out: Path) -> Plan:
     profile_config = config.profile_config()
     # the source site only feeds the corpus-mean control, whose mean a reused atlas may lack (`_corpus_mean`)
     policy = Policy(resume=True, reuse=True, sites=profile_config.site_names(), optional_sites=(config.source_site,))
-    return plan_before_loading(out, World(), config.model, TextSource(config.source), profile_config, dtype, policy)
+    return plan_before_loading(out, World(), config.model, TextSource(config.source), profile_config, dtype, policy, features=())
 
 
 def _load_matching_sae(config: ExperimentConfig, d_model: int):

@@ -7,7 +7,9 @@ from factories import FIXTURE_CORPUS
 from sae_files import numpy_jumprelu, sae_params, write_gemma_scope_2
 
 from patchscope.atlas.profile_config import ProfileConfig
+from patchscope.atlas.feature_site import SEPARATOR
 from patchscope.atlas.profiling import profile
+from patchscope.atlas.sources import SourceConfig
 from patchscope.atlas.store import load_atlas
 from patchscope.sae.features import feature_site
 from patchscope.sae.jumprelu import SAEError
@@ -136,3 +138,114 @@ def test_profile_and_report_with_sae_write_feature_pages(gemma_dir, tmp_path, ca
     pages = sorted(p.name for p in (tmp_path / "site" / "neurons").glob(f"{name}-*.html"))
     assert len(pages) == 2
     assert "Top activations" in (tmp_path / "site" / "neurons" / pages[0]).read_text()
+
+
+# -- resume, merge and torchrun: a feature atlas equals the one run, every tensor
+
+
+@pytest.fixture(scope="module")
+def feature_run(tmp_path_factory):
+    """A corpus file, a Gemma Scope 2 folder (with exact ties), and the flags of one feature run."""
+    from run_inputs import write_corpus
+
+    base = tmp_path_factory.mktemp("feature-run")
+    corpus = write_corpus(base / "corpus.jsonl", [*CORPUS, *(t.lower() for t in CORPUS)])
+    folder = write_gemma_scope_2(base / "resid_post/layer_1_width_16k_l0_medium", _tied_params(), f"model.layers.{LAYER}.output")
+    flags = ["--site", NEURONS, "--sae", str(folder), "--top-k", "4", "--bottom-k", "2", "--max-length", "12",
+             "--batch-tokens", "48", "--sort-buffer", "4", "--dtype", "float32"]  # fmt: skip
+    return corpus, folder, flags
+
+
+def assert_same_atlas(ours, expected) -> None:
+    mine, theirs = ours.tensors(), expected.tensors()
+    assert mine.keys() == theirs.keys()
+    assert any(SEPARATOR in name for name in theirs)
+    for name, tensor in theirs.items():
+        assert torch.equal(mine[name], tensor), name
+
+
+def test_an_interrupted_feature_run_resumes_to_the_one_run(gemma_dir, feature_run, tmp_path):
+    from run_inputs import ctrl_c_at_batch, profile_argv
+
+    from patchscope.atlas.folder import CHECKPOINT
+    from patchscope.cli.main import main
+
+    corpus, _, flags = feature_run
+    argv = profile_argv(gemma_dir, corpus, tmp_path / "o", *flags, "--checkpoint-every", "1")
+    with ctrl_c_at_batch(3):
+        assert main(argv) == 130  # stopped, with a checkpoint of 3 batches
+    assert (tmp_path / "o" / CHECKPOINT).exists()
+    assert main([*argv, "--resume"]) == 0
+    assert main(profile_argv(gemma_dir, corpus, tmp_path / "one", *flags)) == 0
+    resumed = load_atlas(tmp_path / "o")
+    assert resumed.meta.provenance.resumed_after_batches == 3
+    assert_same_atlas(resumed, load_atlas(tmp_path / "one"))
+
+
+def _other_sae(folder):
+    """The same folder name and site, other weights: another SAE under the same feature-site name."""
+    params = _tied_params()
+    params["W_enc"][:, 5:] *= -1.0
+    return write_gemma_scope_2(folder.parent.parent / "other" / folder.relative_to(folder.parent.parent), params,
+                               f"model.layers.{LAYER}.output")  # fmt: skip
+
+
+def test_a_resume_with_another_sae_is_refused_before_loading(gemma_dir, feature_run, tmp_path, capsys):
+    from run_inputs import ctrl_c_at_batch, profile_argv
+
+    from patchscope.cli.main import main
+
+    corpus, folder, flags = feature_run
+    argv = profile_argv(gemma_dir, corpus, tmp_path / "o", *flags, "--checkpoint-every", "1")
+    with ctrl_c_at_batch(2):
+        assert main(argv) == 130
+    other = [str(_other_sae(folder)) if arg == str(folder) else arg for arg in argv]
+    assert main([*other, "--resume"]) == 2
+    assert "made with other settings" in capsys.readouterr().err
+
+
+def _slices(gemma, corpus, config, features, tmp_path, splits):
+    model, tokenizer = gemma
+    for split in splits:
+        source = SourceConfig(dataset=str(corpus), split=split)
+        profile(model, tokenizer, source, config, features=features, out=tmp_path / split, progress=False)
+
+
+def test_merged_slices_of_a_feature_run_equal_the_one_run(gemma, feature_run, tmp_path):
+    from patchscope.cli.main import main
+
+    corpus, folder, _ = feature_run
+    model, tokenizer = gemma
+    features = [feature_site(load_sae(folder))]
+    config = ProfileConfig(sites=(NEURONS,), top_k=4, bottom_k=2, max_length=12, batch_tokens=48, sort_buffer=4)
+    _slices(gemma, corpus, config, features, tmp_path, ("[0:8]", "[8:20]", "[20:]"))  # block boundaries: the one run's batches
+    union = profile(model, tokenizer, SourceConfig(dataset=str(corpus), split=""), config, features=features, progress=False)
+    assert main(["merge", str(tmp_path / "m"), *(str(tmp_path / s) for s in ("[20:]", "[0:8]", "[8:20]"))]) == 0
+    merged = load_atlas(tmp_path / "m")
+    assert_same_atlas(merged, union)
+    assert merged.meta.features == union.meta.features == {features[0].name: features[0].identity}
+
+    other = [feature_site(load_sae(_other_sae(folder)))]
+    assert other[0].name == features[0].name and other[0].identity != features[0].identity
+    _slices(gemma, corpus, config, other, tmp_path / "other", ("[8:20]",))
+    assert main(["merge", str(tmp_path / "mixed"), str(tmp_path / "[0:8]"), str(tmp_path / "other" / "[8:20]")]) == 2
+    assert not (tmp_path / "mixed" / "atlas.safetensors").exists()
+
+
+def test_two_ranks_of_a_feature_run_equal_one_process(gemma_dir, feature_run, tmp_path):
+    from run_inputs import profile_argv, torchrun
+
+    from patchscope.cli.main import main
+
+    corpus, _, flags = feature_run
+    result = torchrun(profile_argv(gemma_dir, corpus, tmp_path / "two", *flags))
+    assert result.returncode == 0, result.stderr[-3000:]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # like each rank: CPU kernels round differently with another thread count
+    try:
+        assert main(profile_argv(gemma_dir, corpus, tmp_path / "one", *flags)) == 0
+    finally:
+        torch.set_num_threads(previous)
+    two = load_atlas(tmp_path / "two")
+    assert two.meta.provenance.world_size == 2 and all(rank.batches > 0 for rank in two.meta.provenance.ranks)
+    assert_same_atlas(two, load_atlas(tmp_path / "one"))

@@ -14,13 +14,11 @@ The atlas layer knows no SAE class (`patchscope.sae` sits above it): a feature s
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from torch import Tensor
 
-from patchscope.atlas.key import RunKey
 from patchscope.atlas.profile_config import ProfileConfig
 
 SEPARATOR = "@sae-"
@@ -93,11 +91,3 @@ def check_feature_run(features: Sequence[FeatureSite], config: ProfileConfig) ->
             "`quantile_examples` with SAE features: the second pass re-reads neuron sites only; "
             "profile the features without quantile examples"
         )
-
-
-def key_with_features(key: RunKey, features: Sequence[FeatureSite]) -> RunKey:
-    """The run's key, with each SAE (name and identity) among its statistics: a resume or reuse with another SAE is refused."""
-    if not features:
-        return key
-    entry = ("features", tuple(sorted(f"{f.name}={f.identity}" for f in features)))
-    return dataclasses.replace(key, statistics=tuple(sorted((*key.statistics, entry))))
