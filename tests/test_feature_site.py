@@ -6,8 +6,8 @@ import torch
 from factories import FIXTURE_CORPUS
 from sae_files import numpy_jumprelu, sae_params, write_gemma_scope_2
 
-from patchscope.atlas.profile_config import ProfileConfig
 from patchscope.atlas.feature_site import SEPARATOR
+from patchscope.atlas.profile_config import ProfileConfig
 from patchscope.atlas.profiling import profile
 from patchscope.atlas.sources import SourceConfig
 from patchscope.atlas.store import load_atlas
