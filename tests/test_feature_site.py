@@ -129,7 +129,7 @@ def test_profile_and_report_with_sae_write_feature_pages(gemma_dir, tmp_path, ca
     folder = write_gemma_scope_2(tmp_path / "resid_post/layer_1_width_16k_l0_medium", _tied_params(), "model.layers.1.output")
     common = ["--model", str(gemma_dir)]
     assert main(["profile", *common, "--dataset", str(corpus), "--site", NEURONS, "--max-length", "12",
-                 "--top-k", "4", "--sae", str(folder), "--out", str(tmp_path / "atlas")]) == 0  # fmt: skip
+                 "--top-k", "4", "--quantile-examples", "1", "--sae", str(folder), "--out", str(tmp_path / "atlas")]) == 0  # fmt: skip
     name = f"{READS}@sae-16k"
     assert name in load_atlas(tmp_path / "atlas").sites
     assert main(["report", str(tmp_path / "atlas"), "--out", str(tmp_path / "bare"), "--top", "2"]) == 2  # "pass that SAE"
@@ -137,7 +137,8 @@ def test_profile_and_report_with_sae_write_feature_pages(gemma_dir, tmp_path, ca
     assert main(["report", str(tmp_path / "atlas"), "--out", str(tmp_path / "site"), "--top", "2", "--sae", str(folder)]) == 0
     pages = sorted(p.name for p in (tmp_path / "site" / "neurons").glob(f"{name}-*.html"))
     assert len(pages) == 2
-    assert "Top activations" in (tmp_path / "site" / "neurons" / pages[0]).read_text()
+    page = (tmp_path / "site" / "neurons" / pages[0]).read_text()
+    assert "Top activations" in page and "Examples across the activation range" in page
 
 
 # -- resume, merge and torchrun: a feature atlas equals the one run, every tensor
@@ -249,3 +250,63 @@ def test_two_ranks_of_a_feature_run_equal_one_process(gemma_dir, feature_run, tm
     two = load_atlas(tmp_path / "two")
     assert two.meta.provenance.world_size == 2 and all(rank.batches > 0 for rank in two.meta.provenance.ranks)
     assert_same_atlas(two, load_atlas(tmp_path / "one"))
+
+
+# -- quantile examples: each feature gets what a neuron gets
+
+
+def _brute_quantiles(rows, upper: float, feature: int, m: int, tol: float = 1e-5):
+    """Per interval of ``(0, upper]``: the m (hash, doc, pos) with the smallest hashes among the tokens inside it,
+    how many are inside, and whether a value within float rounding of an edge makes the interval uncertain."""
+    from patchscope.kernels.quantiles import INTERVALS, example_hash
+
+    cells = [{"inside": [], "uncertain": False} for _ in range(INTERVALS)]
+    for acts, doc, pos, _ in rows:
+        value = float(acts[feature])
+        if value <= tol:  # zero (or all but): never picked; a value this small is not in this test's SAE
+            continue
+        edges = [upper * b / INTERVALS for b in range(1, INTERVALS)]
+        interval = min(sum(value > edge for edge in edges), INTERVALS - 1)  # the maximum itself is in the last one
+        near = [b for b, edge in enumerate(edges) if abs(value - edge) <= tol * max(1.0, upper)]
+        for b in near:  # an edge between intervals b and b + 1
+            cells[b]["uncertain"] = cells[b + 1]["uncertain"] = True
+        hashed = int(example_hash(torch.tensor([doc]), torch.tensor([pos]))[0])
+        cells[interval]["inside"].append((hashed, doc, pos, value))
+    return [(sorted(c["inside"])[:m], len(c["inside"]), c["uncertain"]) for c in cells]
+
+
+def test_feature_quantile_examples_match_numpy_brute_force(gemma, profiled):
+    model, tokenizer = gemma
+    _, _, rows, feature, _ = profiled
+    m = 2
+    config = ProfileConfig(sites=(NEURONS,), top_k=K, bottom_k=3, max_length=12, batch_tokens=48, quantile_examples=m)
+    atlas = profile(model, tokenizer, CORPUS, config, features=[feature], progress=False)
+    picks = atlas[feature.name].quantiles
+    assert picks is not None and atlas[NEURONS].quantiles is not None
+    checked = 0
+    for f in range(feature.d_sae):
+        upper = float(atlas[feature.name].max[f])
+        for b, (expected, count, uncertain) in enumerate(_brute_quantiles(rows, upper, f, m)):
+            if uncertain:
+                continue
+            assert int(picks.count[b, f]) == count, (f, b)
+            got = [(int(picks.hash[b, s, f]), int(picks.doc[b, s, f]), int(picks.pos[b, s, f])) for s in range(m)]
+            assert [g for g in got if g[1] >= 0] == [e[:3] for e in expected], (f, b)
+            np.testing.assert_allclose(picks.values[b, : len(expected), f].numpy(), [e[3] for e in expected], rtol=1e-5)
+            checked += bool(expected)
+    assert checked > feature.d_sae  # most features have examples in several intervals
+    assert int(picks.count[-1, 0]) == len(rows) and int(picks.count[:, 1].sum()) == 0  # the constant features
+
+
+def test_the_quantile_pass_needs_the_profiled_sae(gemma, profiled, tmp_path):
+    from patchscope.atlas.quantile_pass import quantile_examples
+
+    model, tokenizer = gemma
+    atlas, _, _, feature, _ = profiled
+    config = ProfileConfig(sites=(NEURONS,), top_k=K, max_length=12, batch_tokens=48, quantile_examples=1)
+    with pytest.raises(ValueError, match="pass that SAE"):
+        quantile_examples(model, tokenizer, [], atlas, config)
+    other = feature_site(load_sae(_other_sae(write_gemma_scope_2(
+        tmp_path / "resid_post/layer_1_width_16k_l0_medium", _tied_params(), f"model.layers.{LAYER}.output"))), label="tiny")  # fmt: skip
+    with pytest.raises(ValueError, match="profiled with the SAE"):
+        quantile_examples(model, tokenizer, [], atlas, config, [other])

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from patchscope.atlas.atlas import SiteAtlas
 from patchscope.atlas.batching import Batch, Segment, collate
 from patchscope.atlas.compiled import CompiledLayers
-from patchscope.atlas.feature_site import FeatureSite, check_features, reads_of
+from patchscope.atlas.feature_site import FeatureSite, check_features, encoded_chunks, reads_of
 from patchscope.atlas.profile_config import ProfileConfig
 from patchscope.atlas.stats import Moments, TokenFields, TopK
 from patchscope.kernels.bottomk import bottomk_candidates, empty_bottomk, merge_bottomk_fast
@@ -118,10 +118,8 @@ class Profiler:
             x = value.reshape(-1, value.shape[-1])  # [tokens, d_in]
             fields = cast(TokenFields, self._fields)
             try:
-                for start in range(0, x.shape[0], feature.chunk_tokens):
-                    rows = slice(start, start + feature.chunk_tokens)
+                for rows, acts in encoded_chunks(feature, x):  # acts: [chunk, d_sae] float32
                     self._fields = fields[rows]
-                    acts = feature.encode(x[rows])  # [chunk, d_sae] float32
                     self._pending.setdefault(feature.name, []).append(self._reduce(feature.name, acts))
             finally:
                 self._fields = fields

@@ -14,12 +14,10 @@ The atlas layer knows no SAE class (`patchscope.sae` sits above it): a feature s
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from torch import Tensor
-
-from patchscope.atlas.profile_config import ProfileConfig
 
 SEPARATOR = "@sae-"
 ENCODE_BYTES = 64 * 2**20
@@ -84,10 +82,28 @@ def check_features(features: Sequence[FeatureSite], widths: dict[str, int]) -> N
             )
 
 
-def check_feature_run(features: Sequence[FeatureSite], config: ProfileConfig) -> None:
-    """What a profile with SAE features cannot do yet, refused before any work."""
-    if features and config.quantile_examples:
-        raise ValueError(
-            "`quantile_examples` with SAE features: the second pass re-reads neuron sites only; "
-            "profile the features without quantile examples"
-        )
+def encoded_chunks(feature: FeatureSite, x: Tensor) -> Iterator[tuple[slice, Tensor]]:
+    """``x`` (``[tokens, d_in]``, the site's activations) encoded a chunk of `FeatureSite.chunk_tokens` at a time:
+    ``(rows, [chunk, d_sae] float32)``. The one encode path of both passes (`patchscope.atlas.engine`,
+    `patchscope.atlas.quantile_pass`), so that the second pass cuts its intervals from the very values the first ranked."""
+    for start in range(0, x.shape[0], feature.chunk_tokens):
+        rows = slice(start, start + feature.chunk_tokens)
+        yield rows, feature.encode(x[rows])
+
+
+def features_of(
+    atlas_features: Mapping[str, str], sites: Sequence[str], features: Sequence[FeatureSite]
+) -> dict[str, FeatureSite]:
+    """The `FeatureSite` of each feature site among ``sites`` (an atlas's), checked against the SAEs the atlas
+    recorded (``atlas_features``, `patchscope.atlas.atlas.AtlasMeta.features`): the second pass must encode
+    with the SAE the first pass profiled."""
+    given = {feature.name: feature for feature in features}
+    found: dict[str, FeatureSite] = {}
+    for site in filter(is_feature_site, sites):
+        if site not in given:
+            raise ValueError(f"the atlas profiles the SAE features {site}: pass that SAE (`features`) to re-read them")
+        recorded = atlas_features.get(site)
+        if recorded is not None and recorded != given[site].identity:
+            raise ValueError(f"{site} was profiled with the SAE {recorded}, not {given[site].identity}: pass that SAE")
+        found[site] = given[site]
+    return found
