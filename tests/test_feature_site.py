@@ -1,5 +1,7 @@
 """SAE features as a profiled site (patchscope/atlas/feature_site.py, sae/features.py) against a brute force."""
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -171,12 +173,17 @@ def test_an_interrupted_feature_run_resumes_to_the_one_run(gemma_dir, feature_ru
     from patchscope.atlas.folder import CHECKPOINT
     from patchscope.cli.main import main
 
-    corpus, _, flags = feature_run
+    corpus, folder, flags = feature_run
     argv = profile_argv(gemma_dir, corpus, tmp_path / "o", *flags, "--checkpoint-every", "1")
     with ctrl_c_at_batch(3):
         assert main(argv) == 130  # stopped, with a checkpoint of 3 batches
     assert (tmp_path / "o" / CHECKPOINT).exists()
-    assert main([*argv, "--resume"]) == 0
+    copy = shutil.copytree(
+        folder, tmp_path / "copy" / "resid_post" / folder.name
+    )  # one SAE, known by its content wherever it lies
+    same = [str(copy) if arg == str(folder) else arg for arg in argv]
+    assert load_sae(same[same.index("--sae") + 1]).info.source != load_sae(folder).info.source
+    assert main([*same, "--resume"]) == 0
     assert main(profile_argv(gemma_dir, corpus, tmp_path / "one", *flags)) == 0
     resumed = load_atlas(tmp_path / "o")
     assert resumed.meta.provenance.resumed_after_batches == 3

@@ -59,6 +59,12 @@ class FeatureSite:
         return 4 * self.d_sae * min(batch_tokens, self.chunk_tokens)
 
 
+def sae_digest(identity: str) -> str:
+    """The content digest of a `FeatureSite.identity` (``location#digest``): what the SAE *is*, wherever it lies,
+    so that ``./sae`` and ``sae``, or a copy moved elsewhere, are one SAE to a resume, a reuse or a merge."""
+    return identity.rpartition("#")[2]
+
+
 def is_feature_site(name: str) -> bool:
     return SEPARATOR in name
 
@@ -103,7 +109,7 @@ def features_of(
         if site not in given:
             raise ValueError(f"the atlas profiles the SAE features {site}: pass that SAE (`features`) to re-read them")
         recorded = atlas_features.get(site)
-        if recorded is not None and recorded != given[site].identity:
+        if recorded is not None and sae_digest(recorded) != sae_digest(given[site].identity):
             raise ValueError(f"{site} was profiled with the SAE {recorded}, not {given[site].identity}: pass that SAE")
         found[site] = given[site]
     return found

@@ -19,18 +19,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from torch import nn
 
+from patchscope.atlas.feature_site import FeatureSite, sae_digest
 from patchscope.atlas.profile_config import ProfileConfig
 from patchscope.atlas.sources import SourceConfig, is_local, parse_split
 from patchscope.model.gguf import GGUFError
 from patchscope.model.loading import ModelLoadError, preset_for
 from patchscope.util.identity import Identity, compare, package_identity, path_identity
-
-if TYPE_CHECKING:
-    from patchscope.atlas.feature_site import FeatureSite
 
 TEXTS = "<texts>"
 """The dataset name of an atlas profiled from texts given in Python."""
@@ -157,7 +154,8 @@ class RunKey:
     def fingerprint(self) -> str:
         """A digest of the settings a checkpoint may only be resumed with (the inputs are compared apart)."""
         settings = {"model": self.model, "source": self.source, "reading": self.reading, "statistics": self.statistics}
-        return _digest({**settings, "features": self.features} if self.features else settings)  # a run without SAEs as before
+        saes = [(name, sae_digest(identity)) for name, identity in self.features]  # by content, not location
+        return _digest({**settings, "features": saes} if saes else settings)  # a run without SAEs as before
 
     @property
     def reading_digest(self) -> str:
@@ -186,7 +184,11 @@ class RunKey:
         reading, saes = dict(self.reading), dict(self.features)
         found += [(f"`{name}`", was, reading[name]) for name, was in recorded.reading if reading[name] != was]
         # a feature site both hold must be the same SAE (a site only one holds is the callers' `sites` check)
-        return found + [(f"the SAE of {name}", was, saes[name]) for name, was in recorded.features if saes.get(name, was) != was]
+        return found + [
+            (f"the SAE of {name}", was, saes[name])
+            for name, was in recorded.features
+            if sae_digest(saes.get(name, was)) != sae_digest(was)
+        ]
 
     def reuse_changes(self, recorded: RunKey, but: tuple[str, ...] = ()) -> list[str]:
         """Why an atlas recorded under ``recorded`` cannot serve this run (empty: it can), in words."""
