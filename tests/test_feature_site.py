@@ -1,6 +1,8 @@
 """SAE features as a profiled site (patchscope/atlas/feature_site.py, sae/features.py) against a brute force."""
 
+import dataclasses
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -317,3 +319,51 @@ def test_the_quantile_pass_needs_the_profiled_sae(gemma, profiled, tmp_path):
         tmp_path / "resid_post/layer_1_width_16k_l0_medium", _tied_params(), f"model.layers.{LAYER}.output"))), label="tiny")  # fmt: skip
     with pytest.raises(ValueError, match="profiled with the SAE"):
         quantile_examples(model, tokenizer, [], atlas, config, [other])
+
+
+# -- the experiment: the vector's top features link to their atlas pages
+
+
+def test_a_run_that_profiles_the_sae_links_its_top_features_to_their_pages(gemma_dir, feature_run, tmp_path):
+    import json
+    import re
+
+    from patchscope.experiment import ExperimentConfig, run_experiment
+    from patchscope.scope.config import PatchscopeConfig
+
+    corpus, folder, _ = feature_run
+    config = ExperimentConfig(
+        model=str(gemma_dir),
+        device="cpu",
+        out=str(tmp_path / "out"),
+        sae=str(folder),
+        profile_features=True,
+        top_neurons=2,
+        source=SourceConfig(dataset=str(corpus), split=""),
+        profile=ProfileConfig(layer=LAYER + 1, max_length=12, top_k=3),  # its resid_pre is the SAE's resid_post
+        patchscope=PatchscopeConfig(max_new_tokens=2),
+    )
+    result = run_experiment(config, progress=False)
+    name = f"{READS}@sae-16k"
+    atlas = load_atlas(tmp_path / "out")
+    assert name in atlas.sites and atlas.meta.features[name].endswith(feature_site(load_sae(folder)).identity.split("#")[1])
+    html = (tmp_path / "out" / "report.html").read_text()
+    links = set(re.findall(r"href='(dashboard/neurons/[^']+)'", html))
+    for neuron in json.loads((tmp_path / "out" / "results.json").read_text())["neurons"]:
+        sae = neuron["sae"]
+        listed = {f["index"] for f in sae["top_features"] + sae["features_driving_neuron"]}
+        assert {int(i) for i in sae["feature_pages"]} == listed
+        for index in listed:
+            page = sae["feature_pages"][str(index)]
+            assert page == f"dashboard/neurons/{name}-{index}.html" and page in links
+            text = (tmp_path / "out" / page).read_text()
+            assert "Top activations" in text and f"data-stat='max' data-v='{float(atlas[name].max[index])!r}'" in text
+        for hit in sae["top_features"]:  # the vector is read at a corpus token: no feature exceeds its corpus maximum
+            assert hit["activation"] <= float(atlas[name].max[hit["index"]]) + 1e-4
+    assert len(result.neurons) == 2 and links
+
+    # a later run on the same atlas with another SAE under the same name: no links to pages of that other SAE
+    other = run_experiment(dataclasses.replace(config, sae=str(_other_sae(folder)), profile_features=False), progress=False)
+    assert result.results_file != other.results_file
+    assert all(n.sae is not None and n.sae.feature_pages == {} for n in other.neurons)
+    assert "dashboard/neurons/" not in Path(other.report_file).read_text()
