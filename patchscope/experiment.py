@@ -85,7 +85,7 @@ class ExperimentConfig:
         default=False,
         metadata={
             "help": "Also profile the SAE's features in the run's one pass; the vector's top features then link to "
-            "their atlas pages (dashboard/ in `out`). docs/gemma-scope-2.md"
+            "their atlas pages (dashboard/ in the output directory). See docs/gemma-scope-2.md."
         },
     )
     allow_site_mismatch: bool = field(
