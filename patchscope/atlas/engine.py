@@ -130,9 +130,9 @@ class Profiler:
         """One hook per hooked site: its neurons' reduction, then each SAE reading it."""
         by_site: dict[str, list[Callable]] = {}
         for site in self.neuron_sites:
-            by_site.setdefault(site, []).append(self._on_site_device(self._site_hook(site)))
+            by_site.setdefault(site, []).append(self._on_site_device(self._site_hook(site), site))
         for feature in self.features.values():
-            by_site.setdefault(feature.reads, []).append(self._feature_hook(feature))
+            by_site.setdefault(feature.reads, []).append(self._on_site_device(self._feature_hook(feature), feature.name))
 
         def chain(hooks: list[Callable]) -> Callable:
             def run_all(value: Tensor, step) -> None:
@@ -171,21 +171,25 @@ class Profiler:
         counts = batch_histogram(values, counted) if config.histogram else None  # [n, N_BINS]
         return BatchPieces(top, moments, bottom, counts)
 
-    def _on_site_device(self, hook):
+    def _on_site_device(self, hook, name: str):
         """Under a device_map a site may live on another GPU than the inputs: reduce its activations
-        there (only the ``[tokens]`` fields travel), then bring the small results to the state's device."""
+        there (only the ``[tokens]`` fields travel; an SAE's encode follows them), then bring the small
+        results of ``name`` (a neuron site, or the feature site reading it: one piece per chunk) to the state's device."""
 
         def reduce_where_it_lives(value: Tensor, step) -> None:
             if value.device == self.device:
                 return hook(value, step)
             fields, scratch = self._fields, self._scratch
             self._fields, self._scratch = cast(TokenFields, fields).to(value.device), torch.empty(0, device=value.device)
+            before = len(self._pending.get(name, []))
             try:
                 hook(value, step)
             finally:
                 self._fields, self._scratch = fields, scratch
-            pieces = self._pending[step.site]
-            pieces[-1] = BatchPieces(*(part.to(self.device) if part is not None else None for part in pieces[-1]))
+            pieces = self._pending[name]
+            pieces[before:] = [
+                BatchPieces(*(part.to(self.device) if part is not None else None for part in piece)) for piece in pieces[before:]
+            ]
 
         return reduce_where_it_lives
 

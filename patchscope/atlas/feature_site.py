@@ -14,10 +14,14 @@ The atlas layer knows no SAE class (`patchscope.sae` sits above it): a feature s
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from patchscope.atlas.atlas import Atlas
 
 SEPARATOR = "@sae-"
 ENCODE_BYTES = 64 * 2**20
@@ -97,18 +101,15 @@ def encoded_chunks(feature: FeatureSite, x: Tensor) -> Iterator[tuple[slice, Ten
         yield rows, feature.encode(x[rows])
 
 
-def features_of(
-    atlas_features: Mapping[str, str], sites: Sequence[str], features: Sequence[FeatureSite]
-) -> dict[str, FeatureSite]:
-    """The `FeatureSite` of each feature site among ``sites`` (an atlas's), checked against the SAEs the atlas
-    recorded (``atlas_features``, `patchscope.atlas.atlas.AtlasMeta.features`): the second pass must encode
-    with the SAE the first pass profiled."""
+def features_of(atlas: Atlas, features: Sequence[FeatureSite]) -> dict[str, FeatureSite]:
+    """The `FeatureSite` of each feature site of ``atlas``, checked against the SAE the atlas recorded
+    (`patchscope.atlas.atlas.AtlasMeta.features`): a second pass must encode with the SAE the first pass profiled."""
     given = {feature.name: feature for feature in features}
     found: dict[str, FeatureSite] = {}
-    for site in filter(is_feature_site, sites):
+    for site in filter(is_feature_site, atlas.sites):
         if site not in given:
             raise ValueError(f"the atlas profiles the SAE features {site}: pass that SAE (`features`) to re-read them")
-        recorded = atlas_features.get(site)
+        recorded = atlas.meta.features.get(site)
         if recorded is not None and sae_digest(recorded) != sae_digest(given[site].identity):
             raise ValueError(f"{site} was profiled with the SAE {recorded}, not {given[site].identity}: pass that SAE")
         found[site] = given[site]

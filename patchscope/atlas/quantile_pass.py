@@ -48,7 +48,7 @@ def quantile_examples(
         raise ValueError(f"`quantile_examples` must be at least 1 for the quantile pass, got {config.quantile_examples}")
     device = model_device(model)
     sites = list(atlas.sites)
-    saes = features_of(atlas.meta.features, sites, features)
+    saes = features_of(atlas, features)
     deepest = stop_site(model, [reads_of(site) for site in sites])
     upper = {site: atlas[site].max.float().clamp(min=0).to(device) for site in sites}  # [n]
     state = {site: QuantileExamples.empty(upper[site], config.quantile_examples) for site in sites}
