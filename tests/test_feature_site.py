@@ -367,3 +367,31 @@ def test_a_run_that_profiles_the_sae_links_its_top_features_to_their_pages(gemma
     assert result.results_file != other.results_file
     assert all(n.sae is not None and n.sae.feature_pages == {} for n in other.neurons)
     assert "dashboard/neurons/" not in Path(other.report_file).read_text()
+
+
+# -- the Neuronpedia batch export of features
+
+
+def test_the_neuronpedia_export_of_features_replays_them_through_their_sae(gemma, profiled, tmp_path):
+    import json
+
+    from patchscope.report.neuronpedia import export_neuronpedia
+
+    model, tokenizer = gemma
+    atlas, _, rows, feature, _ = profiled
+    stats = atlas[feature.name]
+    fired = [f for f in range(feature.d_sae) if float(stats.max[f]) > 0][:6]
+    texts = dict(enumerate(CORPUS))
+    with pytest.raises(ValueError, match="pass that SAE"):
+        export_neuronpedia(atlas, tmp_path / "bare", model=model, tokenizer=tokenizer, texts=texts, site=feature.name)
+    (path,) = export_neuronpedia(atlas, tmp_path / "np", model=model, tokenizer=tokenizer, texts=texts, site=feature.name,
+                                 neurons=fired, features=[feature])  # fmt: skip
+    batch = json.loads(path.read_text())
+    assert batch["layer"] == LAYER and [f["feature_index"] for f in batch["features"]] == fired
+    for record in batch["features"]:
+        f = record["feature_index"]
+        column = np.array([r[0][f] for r in rows])  # the brute force's NumPy encode of every counted token
+        assert record["frac_nonzero"] == pytest.approx(float((column > 0).mean()))
+        first = record["activations"][0]  # the top example: its qualifying token holds the feature's maximum
+        assert first["values"][first["qualifying_token_index"]] == pytest.approx(column.max(), rel=1e-4, abs=1e-4)
+        assert record["pos_str"] == [] and record["logits_hist_data_bar_heights"] == []
