@@ -163,7 +163,8 @@ def _trigger(result, config, site, texts, model, tokenizer) -> str:
 
 def _features_table(features: list[dict[str, Any]], value_key: str, pages: Mapping[str, str]) -> str:
     """One row per feature: its index, linked to its atlas page where the run's atlas profiled the SAE
-    (`patchscope.report.feature_pages`), else to Neuronpedia where the SAE is a known release; then both links."""
+    (`patchscope.report.feature_pages`), else to Neuronpedia where the SAE is a known release (with both,
+    the Neuronpedia link follows the index)."""
     rows = []
     for f in features:
         page, url = pages.get(str(f["index"])), f.get("url")
