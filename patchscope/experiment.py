@@ -20,6 +20,7 @@ import torch
 
 from patchscope.atlas.atlas import Atlas, AtlasEntry, AtlasMeta, SiteNeuron
 from patchscope.atlas.distributed import World
+from patchscope.atlas.feature_site import FeatureSite
 from patchscope.atlas.folder import Action, AtlasFolder, Plan, Policy, plan_before_loading
 from patchscope.atlas.layer_selection import parse_layers
 from patchscope.atlas.profile_config import ProfileConfig
@@ -38,8 +39,10 @@ from patchscope.model.loading import (
     resolve_dtype,
 )
 from patchscope.model.sites import parse_site
+from patchscope.report.feature_pages import profiled_as, write_feature_pages
 from patchscope.report.run_report import write_run_report
 from patchscope.sae.attribution import FeatureContribution, attribute_neuron
+from patchscope.sae.features import feature_site
 from patchscope.sae.jumprelu import FeatureHit, JumpReLUSAE, SAEError, check_for_model, check_site, top_features
 from patchscope.sae.loaders import load_sae, sae_spec_for_site
 from patchscope.scope.config import PatchscopeConfig
@@ -92,6 +95,13 @@ class ExperimentConfig:
         },
     )
     sae_top_k: int = field(default=10, metadata={"help": "SAE features to report."})
+    profile_features: bool = field(
+        default=False,
+        metadata={
+            "help": "Also profile the SAE's features in the run's one pass; the vector's top features then link to "
+            "their atlas pages (dashboard/ in the output directory). See docs/gemma-scope-2.md."
+        },
+    )
     allow_site_mismatch: bool = field(
         default=False, metadata={"help": "Apply an SAE to a vector from a site it was not trained on (warns)."}
     )
@@ -173,6 +183,8 @@ class SAEResult:
     top_features: list[FeatureHit]
     warnings: list[str]
     features_driving_neuron: list[FeatureContribution]
+    feature_pages: dict[str, str] = field(default_factory=dict)
+    """``{feature index: its atlas page, relative to out}`` where the atlas profiled this SAE (`patchscope.report.feature_pages`)."""
 
 
 @dataclass
@@ -309,6 +321,8 @@ class _Checked:
     """What the run will do with the atlas folder ``out`` (`AtlasFolder.plan`)."""
     sae_sites: tuple[str, ...] = ()
     """The source sites whose vectors `sae` reads (every studied layer's, or over several layers those it was trained on)."""
+    features: tuple[FeatureSite, ...] = ()
+    """The SAE's features, when the run profiles them (`ExperimentConfig.profile_features`)."""
 
 
 def _preflight(config: ExperimentConfig) -> _Checked:
@@ -333,8 +347,9 @@ def _preflight(config: ExperimentConfig) -> _Checked:
     else:
         sae, sae_note = _load_matching_sae(config, model_config.hidden_size)
         sae_sites = (config.source_site,) if sae is not None else ()
+    features = _features_to_profile(config, sae)
     out = check_writable(config.out)
-    return _Checked(prompt, sae, sae_note, out, _plan_folder(config, out), sae_sites)
+    return _Checked(prompt, sae, sae_note, out, _plan_folder(config, out, features), sae_sites, features)
 
 
 def _check_layer_picks(config: ExperimentConfig) -> None:
@@ -386,14 +401,25 @@ def _sae_reads(sae: JumpReLUSAE, site: str, allow_site_mismatch: bool) -> bool:
     return True
 
 
-def _plan_folder(config: ExperimentConfig, out: Path) -> Plan:
+def _plan_folder(config: ExperimentConfig, out: Path, features: tuple[FeatureSite, ...] = ()) -> Plan:
     """Reuse a finished atlas of the same reading, resume this run's checkpoint, finish its exports, or start."""
     dtype = str(resolve_dtype(config.dtype, resolve_device(config.device))).removeprefix("torch.")
     profile_config = config.profile_config()
     # the source site only feeds the corpus-mean control, whose mean a reused atlas may lack (`_corpus_means`)
     optional = tuple(run.source_site for run in config.layer_runs())
-    policy = Policy(resume=True, reuse=True, sites=profile_config.site_names(), optional_sites=optional)
-    return plan_before_loading(out, World(), config.model, TextSource(config.source), profile_config, dtype, policy)
+    sites = (*profile_config.site_names(), *(f.name for f in features))
+    policy = Policy(resume=True, reuse=True, sites=sites, optional_sites=optional)
+    source = TextSource(config.source)
+    return plan_before_loading(out, World(), config.model, source, profile_config, dtype, policy, features=features)
+
+
+def _features_to_profile(config: ExperimentConfig, sae: JumpReLUSAE | None) -> tuple[FeatureSite, ...]:
+    """``profile_features``: the SAE's features, a site of the run's one profiling pass."""
+    if not config.profile_features:
+        return ()
+    if sae is None:
+        raise ValueError("`profile_features` profiles the SAE's features: pass `sae` (this run has none)")
+    return (feature_site(sae, site=sae.info.site or config.source_site),)
 
 
 def _load_matching_sae(config: ExperimentConfig, d_model: int):
@@ -425,7 +451,7 @@ def _profile_or_reuse(
     model, tokenizer, config: ExperimentConfig, checked: _Checked, timer: _Timer, progress: bool
 ) -> tuple[Atlas, Plan]:
     """Carry the folder's plan out, made again under the lock of ``out`` (another run may have changed it)."""
-    plan = _plan_folder(config, checked.out)
+    plan = _plan_folder(config, checked.out, checked.features)
     if plan.action is Action.REUSE:
         return AtlasFolder(checked.out).load(), plan
     with timer.phase("profile"):
@@ -439,6 +465,7 @@ def _profile_or_reuse(
                 resume=plan.action is Action.RESUME,
                 model_name=config.model,
                 progress=progress,
+                features=checked.features,
             )
         except Interrupted as stop:
             stop.hint = "rerun the same command to continue from it"  # a run resumes from its checkpoint by itself
@@ -538,6 +565,25 @@ def _read_with_sae(
             )
         )
     return results
+
+
+def _link_feature_pages(model, tokenizer, config: ExperimentConfig, atlas: Atlas, checked: _Checked, results) -> None:
+    """Where the atlas profiled the run's SAE, the listed features' atlas pages (`patchscope.report.feature_pages`)."""
+    sae = checked.sae
+    if sae is None or not atlas.meta.features:
+        return
+    feature = profiled_as(
+        atlas, checked.features[0] if checked.features else feature_site(sae, site=sae.info.site or config.source_site)
+    )
+    if feature is None:
+        return
+    listed = [[f.index for f in (*r.top_features, *r.features_driving_neuron)] if r else [] for r in results]
+    pages = write_feature_pages(
+        atlas, checked.out, feature, {i for indices in listed for i in indices}, model=model, tokenizer=tokenizer
+    )
+    for result, indices in zip(results, listed):
+        if result is not None:
+            result.feature_pages = {str(i): pages[i] for i in indices}
 
 
 def _results_key(config: ExperimentConfig, folder: Plan) -> str:
@@ -660,6 +706,7 @@ def _study_layers(
             for site in chosen:
                 if runs[site].source_site in checked.sae_sites:
                     sae[site] = _read_with_sae(model, runs[site], checked.sae, *found[site])
+                    _link_feature_pages(model, tokenizer, runs[site], atlas, checked, sae[site])
     means, mean_note = _corpus_means(model, tokenizer, config, atlas, timer, progress)
     results: dict[str, list[NeuronResult]] = {}
     with timer.phase("patchscope"):

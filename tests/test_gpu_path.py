@@ -190,3 +190,26 @@ def test_a_patch_at_positions_decides_on_the_host(meta_model):
     with DeviceCounter() as counter, patch(model, "blocks.1.hook_resid_pre", torch.ones(64, device="meta"), positions=[3]):
         model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)  # without a mask HF reads one
     assert counter.host_reads == [] and counter.ops["aten.index_put_.default"] == 1
+
+
+def test_a_feature_site_is_encoded_and_reduced_where_its_site_lives(meta_model, kernel_on_meta, monkeypatch):
+    """Under a device_map the SAE's site may live on another device than the inputs and the state: the SAE
+    follows the activations there, every chunk is reduced there, and only the small results travel back."""
+    from sae_files import sae_params
+
+    from patchscope.atlas import engine
+    from patchscope.sae.features import feature_site
+    from patchscope.sae.jumprelu import JumpReLUSAE
+
+    model, tokenizer = meta_model
+    monkeypatch.setattr(engine, "model_device", lambda model: torch.device("cpu"))  # the inputs' and the state's device
+    params = sae_params(d_model=64, d_sae=40)
+    sae = JumpReLUSAE(*(torch.from_numpy(params[k]) for k in ("W_enc", "b_enc", "threshold", "W_dec", "b_dec")))
+    feature = dataclasses.replace(feature_site(sae, site="blocks.1.hook_resid_post", label="tiny"), encode_bytes=4 * 40 * 7)
+    config = ProfileConfig(sites=(SITES[1],), top_k=3, bottom_k=2, max_length=16, batch_tokens=64)  # a later site
+    profiler = Profiler(model, config, [feature])
+    profiler._reduction = "triton"
+    with DeviceCounter() as counter, pytest.raises(NotImplementedError, match="meta tensor"):  # the copy to the state:
+        profiler.fold(_batches(tokenizer, 64)[0], tokenizer.pad_token_id)  # meta holds no data
+    assert set(counter.mixed) == {"aten.embedding.default"}  # only where the fake put the ids on the CPU
+    assert sae.W_enc.device.type == "meta"  # the SAE moved to the site's device to encode there

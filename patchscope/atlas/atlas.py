@@ -102,6 +102,8 @@ class AtlasMeta:
     paused_at_tokens: int | None = None
     """Counted tokens after which a `max_tokens` budget paused the run (None: it read all its data). The
     folder keeps the checkpoint beside it, and a resumed run continues from there."""
+    features: dict[str, str] = field(default_factory=dict)
+    """``{feature site: SAE identity}`` of the SAEs profiled (`RunKey.features`): their file or hub location and content digest."""
     provenance: Provenance = field(default_factory=Provenance)
 
     @property
@@ -120,7 +122,8 @@ class AtlasMeta:
         """The recorded run's key, to compare a new run with (`RunKey.reuse_changes`); its statistics are
         only recorded as `fingerprint`."""
         reading = ProfileConfig(max_length=self.max_length, overflow=self.overflow, exclude_bos=self.exclude_bos)
-        return dataclasses.replace(RunKey.of(self.model, self.source, reading, self.dtype, self.inputs), statistics=())
+        key = RunKey.of(self.model, self.source, reading, self.dtype, self.inputs)
+        return dataclasses.replace(key, statistics=(), features=tuple(sorted(self.features.items())))
 
     def to_json(self) -> dict[str, Any]:
         """As written to ``atlas.json``: the fields, plus the source's dataset, split and column for people and tools."""

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from patchscope.atlas.atlas import SiteAtlas
 from patchscope.atlas.batching import Batch, Segment, collate
 from patchscope.atlas.compiled import CompiledLayers
-from patchscope.atlas.feature_site import FeatureSite, check_features, reads_of
+from patchscope.atlas.feature_site import FeatureSite, check_features, encoded_chunks, reads_of
 from patchscope.atlas.profile_config import ProfileConfig
 from patchscope.atlas.stats import Moments, TokenFields, TopK
 from patchscope.kernels.bottomk import bottomk_candidates, empty_bottomk, merge_bottomk_fast
@@ -118,10 +118,8 @@ class Profiler:
             x = value.reshape(-1, value.shape[-1])  # [tokens, d_in]
             fields = cast(TokenFields, self._fields)
             try:
-                for start in range(0, x.shape[0], feature.chunk_tokens):
-                    rows = slice(start, start + feature.chunk_tokens)
+                for rows, acts in encoded_chunks(feature, x):  # acts: [chunk, d_sae] float32
                     self._fields = fields[rows]
-                    acts = feature.encode(x[rows])  # [chunk, d_sae] float32
                     self._pending.setdefault(feature.name, []).append(self._reduce(feature.name, acts))
             finally:
                 self._fields = fields
@@ -132,9 +130,9 @@ class Profiler:
         """One hook per hooked site: its neurons' reduction, then each SAE reading it."""
         by_site: dict[str, list[Callable]] = {}
         for site in self.neuron_sites:
-            by_site.setdefault(site, []).append(self._on_site_device(self._site_hook(site)))
+            by_site.setdefault(site, []).append(self._on_site_device(self._site_hook(site), site))
         for feature in self.features.values():
-            by_site.setdefault(feature.reads, []).append(self._feature_hook(feature))
+            by_site.setdefault(feature.reads, []).append(self._on_site_device(self._feature_hook(feature), feature.name))
 
         def chain(hooks: list[Callable]) -> Callable:
             def run_all(value: Tensor, step) -> None:
@@ -173,21 +171,25 @@ class Profiler:
         counts = batch_histogram(values, counted) if config.histogram else None  # [n, N_BINS]
         return BatchPieces(top, moments, bottom, counts)
 
-    def _on_site_device(self, hook):
+    def _on_site_device(self, hook, name: str):
         """Under a device_map a site may live on another GPU than the inputs: reduce its activations
-        there (only the ``[tokens]`` fields travel), then bring the small results to the state's device."""
+        there (only the ``[tokens]`` fields travel; an SAE's encode follows them), then bring the small
+        results of ``name`` (a neuron site, or the feature site reading it: one piece per chunk) to the state's device."""
 
         def reduce_where_it_lives(value: Tensor, step) -> None:
             if value.device == self.device:
                 return hook(value, step)
             fields, scratch = self._fields, self._scratch
             self._fields, self._scratch = cast(TokenFields, fields).to(value.device), torch.empty(0, device=value.device)
+            before = len(self._pending.get(name, []))
             try:
                 hook(value, step)
             finally:
                 self._fields, self._scratch = fields, scratch
-            pieces = self._pending[step.site]
-            pieces[-1] = BatchPieces(*(part.to(self.device) if part is not None else None for part in pieces[-1]))
+            pieces = self._pending[name]
+            pieces[before:] = [
+                BatchPieces(*(part.to(self.device) if part is not None else None for part in piece)) for piece in pieces[before:]
+            ]
 
         return reduce_where_it_lives
 

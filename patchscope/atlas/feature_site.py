@@ -14,14 +14,14 @@ The atlas layer knows no SAE class (`patchscope.sae` sits above it): a feature s
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from torch import Tensor
 
-from patchscope.atlas.key import RunKey
-from patchscope.atlas.profile_config import ProfileConfig
+if TYPE_CHECKING:
+    from patchscope.atlas.atlas import Atlas
 
 SEPARATOR = "@sae-"
 ENCODE_BYTES = 64 * 2**20
@@ -63,6 +63,12 @@ class FeatureSite:
         return 4 * self.d_sae * min(batch_tokens, self.chunk_tokens)
 
 
+def sae_digest(identity: str) -> str:
+    """The content digest of a `FeatureSite.identity` (``location#digest``): what the SAE *is*, wherever it lies,
+    so that ``./sae`` and ``sae``, or a copy moved elsewhere, are one SAE to a resume, a reuse or a merge."""
+    return identity.rpartition("#")[2]
+
+
 def is_feature_site(name: str) -> bool:
     return SEPARATOR in name
 
@@ -86,18 +92,25 @@ def check_features(features: Sequence[FeatureSite], widths: dict[str, int]) -> N
             )
 
 
-def check_feature_run(features: Sequence[FeatureSite], config: ProfileConfig) -> None:
-    """What a profile with SAE features cannot do yet, refused before any work."""
-    if features and config.quantile_examples:
-        raise ValueError(
-            "`quantile_examples` with SAE features: the second pass re-reads neuron sites only; "
-            "profile the features without quantile examples"
-        )
+def encoded_chunks(feature: FeatureSite, x: Tensor) -> Iterator[tuple[slice, Tensor]]:
+    """``x`` (``[tokens, d_in]``, the site's activations) encoded a chunk of `FeatureSite.chunk_tokens` at a time:
+    ``(rows, [chunk, d_sae] float32)``. The one encode path of both passes (`patchscope.atlas.engine`,
+    `patchscope.atlas.quantile_pass`), so that the second pass cuts its intervals from the very values the first ranked."""
+    for start in range(0, x.shape[0], feature.chunk_tokens):
+        rows = slice(start, start + feature.chunk_tokens)
+        yield rows, feature.encode(x[rows])
 
 
-def key_with_features(key: RunKey, features: Sequence[FeatureSite]) -> RunKey:
-    """The run's key, with each SAE (name and identity) among its statistics: a resume or reuse with another SAE is refused."""
-    if not features:
-        return key
-    entry = ("features", tuple(sorted(f"{f.name}={f.identity}" for f in features)))
-    return dataclasses.replace(key, statistics=tuple(sorted((*key.statistics, entry))))
+def features_of(atlas: Atlas, features: Sequence[FeatureSite]) -> dict[str, FeatureSite]:
+    """The `FeatureSite` of each feature site of ``atlas``, checked against the SAE the atlas recorded
+    (`patchscope.atlas.atlas.AtlasMeta.features`): a second pass must encode with the SAE the first pass profiled."""
+    given = {feature.name: feature for feature in features}
+    found: dict[str, FeatureSite] = {}
+    for site in filter(is_feature_site, atlas.sites):
+        if site not in given:
+            raise ValueError(f"the atlas profiles the SAE features {site}: pass that SAE (`features`) to re-read them")
+        recorded = atlas.meta.features.get(site)
+        if recorded is not None and sae_digest(recorded) != sae_digest(given[site].identity):
+            raise ValueError(f"{site} was profiled with the SAE {recorded}, not {given[site].identity}: pass that SAE")
+        found[site] = given[site]
+    return found

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -30,6 +30,7 @@ from safetensors import safe_open
 from patchscope.atlas import distributed
 from patchscope.atlas.atlas import Atlas, AtlasError, AtlasMeta, SiteAtlas
 from patchscope.atlas.exports import write_exports
+from patchscope.atlas.feature_site import FeatureSite
 from patchscope.atlas.key import Inputs, RunKey
 from patchscope.atlas.profile_config import ProfileConfig
 from patchscope.atlas.sources import TextSource, count_documents
@@ -292,13 +293,22 @@ class AtlasFolder:
 
 
 def plan_before_loading(
-    out: Path, world: distributed.World, model_name: str, source: TextSource, config: ProfileConfig, dtype: str, policy: Policy
+    out: Path,
+    world: distributed.World,
+    model_name: str,
+    source: TextSource,
+    config: ProfileConfig,
+    dtype: str,
+    policy: Policy,
+    *,
+    features: Sequence[FeatureSite],
 ) -> Plan:
     """What a run would do with ``out``, or why it may not, found before the model loads: unreadable or
-    empty data first, then the folder's work against this run's key (``dtype`` as it will resolve)."""
+    empty data first, then the folder's work against this run's key (``dtype`` as it will resolve, the
+    SAEs it will profile as ``features``: `RunKey.of` makes the key `profile` will make)."""
     source.check()
     config = config.capped_for(count_documents(source), warn=False)  # as `profile` will run it
-    key = RunKey.of(model_name, source.config, config, dtype, Inputs.of(model_name, source.config))
+    key = RunKey.of(model_name, source.config, config, dtype, Inputs.of(model_name, source.config), features)
     folder = AtlasFolder(out, world)
     plan = folder.plan(key, policy)
     if plan.action in (Action.REUSE, Action.FINISH):

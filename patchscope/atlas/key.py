@@ -15,12 +15,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError
 from pathlib import Path
 
 from torch import nn
 
+from patchscope.atlas.feature_site import FeatureSite, sae_digest
 from patchscope.atlas.profile_config import ProfileConfig
 from patchscope.atlas.sources import SourceConfig, is_local, parse_split
 from patchscope.model.gguf import GGUFError
@@ -108,10 +110,21 @@ class RunKey:
     inputs: Inputs = field(default_factory=Inputs)
     names: tuple[str, str] = ("", TEXTS)
     """The model and dataset as given, for messages."""
+    features: tuple[tuple[str, str], ...] = ()
+    """``(feature site, SAE identity)`` of each SAE profiled (`patchscope.atlas.feature_site`): another SAE under
+    the same site name is another run, so a resume, a reuse or a merge with it is refused."""
 
     @classmethod
-    def of(cls, model_name: str, source: SourceConfig | None, config: ProfileConfig, dtype: str, inputs: Inputs) -> RunKey:
-        """The key of a run about to happen (``dtype`` as resolved, e.g. ``float32``)."""
+    def of(
+        cls,
+        model_name: str,
+        source: SourceConfig | None,
+        config: ProfileConfig,
+        dtype: str,
+        inputs: Inputs,
+        features: Sequence[FeatureSite] = (),
+    ) -> RunKey:
+        """The key of a run about to happen (``dtype`` as resolved, e.g. ``float32``), with the SAEs it profiles."""
         settings = dataclasses.asdict(config)
         # `layer` and `sites` are folded into `site_names`; the reductions give the same atlas bit for bit
         # (tests/test_profiler.py), so the one chosen, like how often to checkpoint, is no part of the run
@@ -134,12 +147,15 @@ class RunKey:
             statistics=tuple(sorted((k, v) for k, v in settings.items() if k not in reading)),
             inputs=inputs,
             names=(model_name, source.dataset if source is not None else TEXTS),
+            features=tuple(sorted((feature.name, feature.identity) for feature in features)),
         )
 
     @property
     def fingerprint(self) -> str:
         """A digest of the settings a checkpoint may only be resumed with (the inputs are compared apart)."""
-        return _digest({"model": self.model, "source": self.source, "reading": self.reading, "statistics": self.statistics})
+        settings = {"model": self.model, "source": self.source, "reading": self.reading, "statistics": self.statistics}
+        saes = [(name, sae_digest(identity)) for name, identity in self.features]  # by content, not location
+        return _digest({**settings, "features": saes} if saes else settings)  # a run without SAEs as before
 
     @property
     def reading_digest(self) -> str:
@@ -165,8 +181,14 @@ class RunKey:
             for n in ("split", "text_column", "txt_mode")
             if n not in but and n in old and n in new and old[n] != new[n]
         ]
-        reading = dict(self.reading)
-        return found + [(f"`{name}`", was, reading[name]) for name, was in recorded.reading if reading[name] != was]
+        reading, saes = dict(self.reading), dict(self.features)
+        found += [(f"`{name}`", was, reading[name]) for name, was in recorded.reading if reading[name] != was]
+        # a feature site both hold must be the same SAE (a site only one holds is the callers' `sites` check)
+        return found + [
+            (f"the SAE of {name}", was, saes[name])
+            for name, was in recorded.features
+            if sae_digest(saes.get(name, was)) != sae_digest(was)
+        ]
 
     def reuse_changes(self, recorded: RunKey, but: tuple[str, ...] = ()) -> list[str]:
         """Why an atlas recorded under ``recorded`` cannot serve this run (empty: it can), in words."""

@@ -26,7 +26,7 @@ from patchscope.atlas.batching import adds_bos, plan
 from patchscope.atlas.corpora import builtin_version
 from patchscope.atlas.engine import Profiler
 from patchscope.atlas.exports import write_exports
-from patchscope.atlas.feature_site import FeatureSite, check_feature_run, key_with_features
+from patchscope.atlas.feature_site import FeatureSite
 from patchscope.atlas.folder import Action, AtlasFolder, Cursor, Plan, Policy, rank_zero_lock
 from patchscope.atlas.key import Inputs, RunKey
 from patchscope.atlas.prefetch import prefetch
@@ -119,14 +119,12 @@ class _Run:
 
 
 def _prepare(model, tokenizer, source, config: ProfileConfig, model_name: str | None, features=()) -> _Run:
-    check_feature_run(features, config)
     profiler = Profiler(model, config, features)
     documents, text_source = _documents(source)
     source_config = text_source.config if text_source else None
     model_name = model_name or str(getattr(model.config, "_name_or_path", ""))
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    key = RunKey.of(model_name, source_config, config, dtype, Inputs.of(model_name, source_config, model))
-    key = key_with_features(key, features)
+    key = RunKey.of(model_name, source_config, config, dtype, Inputs.of(model_name, source_config, model), features)
     world = distributed.join(profiler.device)  # torchrun's world; one process without it
     if config.quantile_examples and world.size > 1:
         raise ValueError(
@@ -258,7 +256,8 @@ def _conclude(run: _Run, folder: AtlasFolder | None, loop: _Loop) -> Atlas:
         distributed.meet(run.world)
         atlas = distributed.merge_ranks(atlas, run.world)
     if run.config.quantile_examples:  # the optional second pass, cut from this pass's maxima
-        atlas = add_quantile_examples(run.model, run.tokenizer, run.documents, atlas, run.config)
+        features = list(run.profiler.features.values())
+        atlas = add_quantile_examples(run.model, run.tokenizer, run.documents, atlas, run.config, features)
     nonfinite = atlas.nonfinite_total()
     atlas.meta.provenance.nonfinite_activations = nonfinite
     if nonfinite:
@@ -291,6 +290,7 @@ def _meta(run: _Run, loop: _Loop) -> AtlasMeta:
         inputs=run.key.inputs,
         rows_read=text_source.rows_read if text_source else None,
         paused_at_tokens=loop.tokens_done if loop.paused else None,
+        features=dict(run.key.features),
         provenance=Provenance(
             batches=loop.batches,
             resumed_after_batches=loop.restored.batches_done,

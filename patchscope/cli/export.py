@@ -26,6 +26,10 @@ def register(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", help=f"output folder of the {NEURONPEDIA} format (default: ATLAS_DIR/{NEURONPEDIA})")
     parser.add_argument("--neurons", type=int, nargs="+", help=f"neurons for the {NEURONPEDIA} format (default: all)")
+    parser.add_argument("--site", help=f"the site of the {NEURONPEDIA} format (default: the atlas's first)")
+    parser.add_argument(
+        "--sae", action="append", default=[], metavar="SPEC", help=f"the SAE of a feature site, for the {NEURONPEDIA} format"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,9 +42,14 @@ def run(args: argparse.Namespace) -> int:
     directory = Path(args.atlas_dir)
     requested = tuple(dict.fromkeys(args.format or DEFAULT_EXPORTS))
     if NEURONPEDIA in requested:
+        from patchscope.model.loading import load_config
         from patchscope.report.neuronpedia import export_neuronpedia
+        from patchscope.sae.features import load_feature_sites
 
-        for path in export_neuronpedia(load_atlas(directory), Path(args.out or directory / NEURONPEDIA), neurons=args.neurons):
+        atlas = load_atlas(directory)
+        saes = load_feature_sites(args.sae, d_model=load_config(atlas.meta.model).hidden_size) if args.sae else []
+        target = Path(args.out or directory / NEURONPEDIA)
+        for path in export_neuronpedia(atlas, target, site=args.site, neurons=args.neurons, features=saes):
             print(f"wrote {path}")
         requested = tuple(name for name in requested if name != NEURONPEDIA)
         if not requested:

@@ -53,18 +53,16 @@ def run(args: argparse.Namespace) -> int:
     out = check_writable(args.out)
     resolved = resolve_dtype(args.dtype, resolve_device(args.device))
     dtype = str(resolved).removeprefix("torch.")
+    features = _load_features(args.model, args.sae)  # before the model: the SAEs are part of the run's key
     if world.is_main:
-        print(say_footprint(args.model, config, resolved.itemsize), file=sys.stderr)
-    plan_before_loading(out, world, args.model, source, config, dtype, Policy(resume=args.resume))
+        print(say_footprint(args.model, config, resolved.itemsize, features), file=sys.stderr)
+    plan_before_loading(out, world, args.model, source, config, dtype, Policy(resume=args.resume), features=features)
     device = distributed.rank_device(args.device, world)  # cuda:LOCAL_RANK under torchrun
     if args.device_map and world.size > 1 and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
         raise ValueError(
             "`device_map` spreads one model over this node's GPUs: run one process per node (torchrun --nproc-per-node 1)"
         )
     model, tokenizer = _load(args, config, layers, device)
-    from patchscope.sae.features import load_feature_sites
-
-    features = load_feature_sites(args.sae, d_model=model.config.hidden_size, device=next(model.parameters()).device)
     atlas = profile(
         model,
         tokenizer,
@@ -96,14 +94,24 @@ def _load(args: argparse.Namespace, config, layers: list[int], device: str):
     return load_model(args.model, dtype=args.dtype, device=device, device_map=args.device_map)
 
 
-def say_footprint(model_name: str, config, dtype_bytes: int) -> str:
+def _load_features(model_name: str, specs: list[str]) -> list:
+    """``--sae`` as feature sites, on the CPU (each SAE follows its site's activations to their device when it encodes)."""
+    if not specs:
+        return []
+    from patchscope.model.loading import load_config
+    from patchscope.sae.features import load_feature_sites
+
+    return load_feature_sites(specs, d_model=load_config(model_name).hidden_size)
+
+
+def say_footprint(model_name: str, config, dtype_bytes: int, features=()) -> str:
     """The atlas state and workspace of this run, from the model's config alone (`patchscope.atlas.footprint`)."""
     from patchscope.atlas.footprint import footprint, widths_from_config
     from patchscope.model.loading import load_config
 
     model_config = load_config(model_name)
     widths = widths_from_config(config.site_names(), model_config.hidden_size, model_config.intermediate_size)
-    return footprint(config, widths, dtype_bytes).describe()
+    return footprint(config, widths | {f.name: f.d_sae for f in features}, dtype_bytes).describe()
 
 
 def add_scale_flags(parser: argparse.ArgumentParser) -> None:

@@ -24,7 +24,7 @@ What goes where, for a neuron instead of an SAE feature:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -33,11 +33,13 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from patchscope.atlas.atlas import Atlas
+from patchscope.atlas.feature_site import FeatureSite, reads_of
 from patchscope.atlas.output_tokens import output_directions, output_tokens
 from patchscope.kernels.histogram import CENTER, bin_values
 from patchscope.kernels.quantiles import INTERVALS
 from patchscope.model.sites import parse_site
 from patchscope.report.inputs import as_atlas, atlas_model
+from patchscope.report.neuronpedia_links import feature_of
 from patchscope.report.replay import Example, replay_contexts
 from patchscope.util.storage import write_json
 
@@ -57,11 +59,14 @@ def export_neuronpedia(
     model_id: str | None = None,
     source_set: str = "patchscope-neurons",
     logit_k: int = 10,
+    features: Sequence[FeatureSite] = (),
 ) -> list[Path]:
     """Write ``batch-0.json``, ``batch-1.json``, ... (`BATCH_FEATURES` neurons each) into ``out``.
 
     ``atlas`` is an `Atlas` or its directory. Without ``model`` / ``tokenizer`` the model the atlas
-    names is loaded; without ``texts`` the shown documents are read from the atlas's source.
+    names is loaded; without ``texts`` the shown documents are read from the atlas's source. An SAE
+    feature ``site`` is exported like a neuron site, its examples replayed through its SAE (among
+    ``features``); its output-token fields are left empty, as on its dashboard page.
     """
     atlas = as_atlas(atlas)
     site = site or next(iter(atlas.sites))
@@ -70,7 +75,7 @@ def export_neuronpedia(
     bad = [n for n in neurons if not 0 <= n < stats.n_neurons]
     if bad:
         raise IndexError(f"`neurons` {bad[:5]} are out of range: {site} has neurons 0..{stats.n_neurons - 1}")
-    layer, _ = parse_site(site)
+    layer, _ = parse_site(reads_of(site))  # a feature site is filed under the layer its SAE reads
     if texts is None:
         texts = atlas.texts({e.doc for n in neurons for examples, *_ in _groups(atlas, site, n) for _, e in examples})
     if model is None or tokenizer is None:
@@ -78,13 +83,13 @@ def export_neuronpedia(
     written = []
     for number, start in enumerate(range(0, len(neurons), BATCH_FEATURES)):
         chunk = neurons[start : start + BATCH_FEATURES]
-        features = _features(atlas, site, chunk, model, tokenizer, texts, logit_k)
+        records = _features(atlas, site, chunk, model, tokenizer, texts, logit_k, feature_of(site, features))
         batch = {
             "model_id": model_id or Path(atlas.meta.model).name or atlas.meta.model,
             "layer": layer,
             "sae_set": source_set,
             "sae_id_suffix": None,
-            "features": features,
+            "features": records,
         }
         written.append(write_json(Path(out) / f"batch-{number}.json", batch))
     return written
@@ -119,14 +124,15 @@ def _groups(atlas: Atlas, site: str, n: int) -> list[tuple[list[tuple[float, Exa
     return groups
 
 
-def _features(atlas, site, neurons, model, tokenizer, texts, logit_k) -> list[dict[str, Any]]:
+def _features(atlas, site, neurons, model, tokenizer, texts, logit_k, sae: FeatureSite | None) -> list[dict[str, Any]]:
     stats = atlas[site]
     groups = {n: _groups(atlas, site, n) for n in neurons}
     wanted = [example for per in groups.values() for examples, *_ in per for _, example in examples]
     length = atlas.meta.max_length
-    contexts = replay_contexts(model, tokenizer, atlas, site, wanted, texts, before=length, after=length)
-    view = output_tokens(model, site, neurons, logit_k)
-    directions = output_directions(model, site, neurons)
+    encode = sae.encode if sae else None
+    contexts = replay_contexts(model, tokenizer, atlas, site, wanted, texts, before=length, after=length, encode=encode)
+    view = None if sae else output_tokens(model, site, neurons, logit_k)
+    directions = None if sae else output_directions(model, site, neurons)
     centres = bin_values()[CENTER + 1 :].tolist()
     features = []
     for row, n in enumerate(neurons):

@@ -3,7 +3,8 @@
 Top down: what the case means (said once), a summary table with one row per neuron linking to its
 card, the legend of the token shading, then one card per neuron: a one-line verdict, its trigger
 context (each token shaded by the neuron's activation, the trigger token outlined), the SAE features
-of the source vector with their Neuronpedia links (when an SAE was used; otherwise the page says once
+of the source vector with links to their atlas pages where the run profiled that SAE
+(`patchscope.report.feature_pages`) and to Neuronpedia (when an SAE was used; otherwise the page says once
 why not), the patched activation against each control as bars on a symmetric log scale, and the
 generated text with the neuron along the prompt and the generated tokens. Last, the run's settings,
 versions, timings and notes, and a link to ``results.json``.
@@ -176,10 +177,17 @@ def _trigger(result, config, site, texts, model, tokenizer) -> str:
     return tokens_html(tokens, values, abs(result["max_activation"]) or 1.0, local - lo)
 
 
-def _features_table(features: list[dict[str, Any]], value_key: str) -> str:
+def _features_table(features: list[dict[str, Any]], value_key: str, pages: Mapping[str, str]) -> str:
+    """One row per feature: its index, linked to its atlas page where the run's atlas profiled the SAE
+    (`patchscope.report.feature_pages`), else to Neuronpedia where the SAE is a known release (with both,
+    the Neuronpedia link follows the index)."""
     rows = []
     for f in features:
-        link = f"<a href='{esc(f['url'])}'>{f['index']}</a>" if f.get("url") else str(f["index"])
+        page, url = pages.get(str(f["index"])), f.get("url")
+        target = page or url
+        link = f"<a href='{esc(target)}'>{f['index']}</a>" if target else str(f["index"])
+        if page and url:
+            link += f" <a class=np href='{esc(url)}'>Neuronpedia</a>"
         rows.append(f"<tr><td class=l>{link}</td><td data-v='{f[value_key]!r}'>{number(f[value_key])}</td></tr>")
     return f"<table><tr><th class=l>feature</th><th>{esc(value_key)}</th></tr>{''.join(rows)}</table>"
 
@@ -192,12 +200,15 @@ def _sae_section(sae: dict[str, Any] | None) -> str:
         f"L0 {sae['l0']} · relative error {number(sae['relative_error'])} · cosine {number(sae['cosine'])}</p>"
     )
     warnings = "".join(f"<p class=warn>{esc(w)}</p>" for w in sae.get("warnings", []))
+    pages = sae.get("feature_pages") or {}
+    if pages:
+        head += "<p class=muted>Each feature links to its page in this run's atlas (dashboard/).</p>"
     drivers = sae.get("features_driving_neuron") or []
     chart = bar_chart([f"feature {f['index']}" for f in drivers], [f["contribution"] for f in drivers]) if drivers else ""
     return (
         head + warnings + "<div class=cols>"
-        f"<div><h3>top features (activation)</h3>{_features_table(sae['top_features'], 'activation')}</div>"
-        f"<div><h3>contributions to the neuron</h3>{_features_table(drivers, 'contribution')}{chart}</div></div>"
+        f"<div><h3>top features (activation)</h3>{_features_table(sae['top_features'], 'activation', pages)}</div>"
+        f"<div><h3>contributions to the neuron</h3>{_features_table(drivers, 'contribution', pages)}{chart}</div></div>"
     )
 
 

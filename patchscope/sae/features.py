@@ -13,8 +13,9 @@ from patchscope.sae.jumprelu import JumpReLUSAE, SAEError
 def feature_site(sae: JumpReLUSAE, *, site: str | None = None, label: str | None = None) -> FeatureSite:
     """Profile ``sae``'s features at the site it was trained on (or ``site``, which must be that tensor).
 
-    Encoding is the SAE's own float32 `JumpReLUSAE.encode`, on the device the SAE is on: move the SAE
-    to the model's device first (``sae.to(device)``).
+    Encoding is the SAE's own float32 `JumpReLUSAE.encode`, on the device of the activations it reads:
+    the SAE moves there at its first chunk (once; a site under a device map may live on another GPU
+    than the inputs).
     """
     from patchscope.sae.jumprelu import check_site
 
@@ -27,7 +28,7 @@ def feature_site(sae: JumpReLUSAE, *, site: str | None = None, label: str | None
         label=label or sae.info.width or str(sae.d_sae),
         d_in=sae.d_model,
         d_sae=sae.d_sae,
-        encode=lambda x: sae.encode(x),  # [tokens, d_in] -> [tokens, d_sae] float32
+        encode=lambda x: sae.to(x.device).encode(x),  # [tokens, d_in] -> [tokens, d_sae] float32, on x's device
         identity=f"{sae.info.source}#{_digest(sae)}",
         neuronpedia=sae.info.neuronpedia,
     )
