@@ -117,6 +117,7 @@ def test_index_sorts_filters_and_makes_no_request(site):
         int(a["data-n"]) for a, _ in Elements(dom).having("tr") if "data-n" in a and "display: none" not in a.get("style", "")
     ]
     assert visible == [n for n in range(stats.n_neurons) if str(n).startswith("7")]
+    assert not (root / "site" / "neurons" / "data").exists()  # every neuron's data only with --all-neurons
 
 
 def test_pages_reference_nothing_outside_themselves(site):
@@ -196,7 +197,7 @@ def layers_site(gemma, gemma_dir, tmp_path_factory):
     config = ProfileConfig(layers="all", sites=("blocks.1.hook_resid_post", "blocks.2.hook_resid_post"), top_k=3, max_length=20)
     source = TextSource(SourceConfig(dataset=str(corpus), split=""))
     profile(model, tokenizer, source, config, out=root / "atlas", model_name=str(gemma_dir), progress=False)
-    argv = ["report", str(root / "atlas"), "--out", str(root / "site"), "--neurons", "5", "9", "--examples", "2"]
+    argv = ["report", str(root / "atlas"), "--out", str(root / "site"), "--neurons", "5", "9", "--examples", "2", "--all-neurons"]
     assert main(argv + ["--dtype", "float32", "--device", "cpu"]) == 0
     return root, load_atlas(root / "atlas")
 

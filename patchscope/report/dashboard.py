@@ -51,11 +51,11 @@ class DashboardConfig:
     after: int = field(default=8, metadata={"help": "Context tokens shown after it."})
     output_k: int = field(default=12, metadata={"help": "Tokens in the output-token view, each direction."})
     all_neurons: bool = field(
-        default=True,
+        default=False,
         metadata={
             "help": "Give every other neuron a page too: its index row opens neurons/view.html, drawn in the browser from "
             "the atlas's numbers in neurons/data/ (statistics, and the top and bottom examples as text; no replay). "
-            "--no-all-neurons leaves those neurons as table rows."
+            "Off by default: the data grows with every neuron (about 66 MB for 18 x 2,048 neurons with 10 examples each)."
         },
     )
 
