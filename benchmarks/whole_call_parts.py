@@ -8,8 +8,8 @@ again and again, its state long full). This script splits the difference, in one
 - **inside the calls:** the time in the reductions (`Profiler._reduce`, the site hook's work), in the
   merges (`Profiler.flush`), and in the forward without its reductions; and the process's minor page
   faults per call (`getrusage`);
-- **per batch, the reductions alone,** on activations captured once at the site: a fresh state (what a
-  call starts from) against the full one, each batch's `cpu_pass` and the merges after it.
+- **per batch,** each `Profiler.fold` of a fresh state (what a call starts from) against the full one: the
+  time of its reductions (`cpu_pass`) and of the merges after it.
 
 Results go to ``benchmarks/whole_call_parts.json``; `render` writes the RESULTS.md section.
 """
@@ -17,7 +17,6 @@ Results go to ``benchmarks/whole_call_parts.json``; `render` writes the RESULTS.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import random
 import resource
@@ -29,14 +28,13 @@ from pathlib import Path
 
 import torch
 
-from patchscope.atlas.engine import MERGE_EVERY, Profiler
+from patchscope.atlas.engine import Profiler
 from patchscope.atlas.profile_config import ProfileConfig
-from patchscope.atlas.stats import TokenFields
-from patchscope.model.hooks import run_with_cache
 from patchscope.util.storage import write_json
 
 from .common import Conditions, build_model, random_batches
 from .floor import profiler_run, whole_call
+from .profiling import _segments
 from .sections import write_section
 
 HERE = Path(__file__).parent
@@ -90,56 +88,40 @@ def inside_the_calls(model, batches, layer: int, runs: int) -> dict[str, dict[st
 
 
 def per_batch(model, batches, layer: int, runs: int) -> dict[str, dict[str, list[float]]]:
-    """Milliseconds of each batch's reductions and of the merges after it, fresh state against full state."""
-    site = f"blocks.{layer}.mlp.hook_post"
-    acts = []
-    with torch.inference_mode():
-        for ids in batches:
-            _, capture = run_with_cache(model, {"input_ids": ids}, [site])
-            acts.append(capture[site].reshape(-1, capture[site].shape[-1]).clone())  # [tokens, d_mlp]
-    batch, seq_len = batches[0].shape
-    pos = torch.arange(seq_len).repeat(batch)
-    fields = [
-        TokenFields((torch.arange(batch) + i * batch).repeat_interleave(seq_len), pos, ids.reshape(-1), pos > 0)
-        for i, ids in enumerate(batches)
-    ]
+    """Milliseconds of each batch's reductions and of the merges after it, fresh state against full state.
+
+    Each batch goes through `Profiler.fold` itself (forward, reductions, the engine's own merge rule); only the
+    reductions and the merges are read off its clock. The full state is one profiler folding the batches again.
+    """
     config = ProfileConfig(layer=layer, checkpoint_every=0)
+    planned = _segments(batches)
     full = Profiler(model, config)
-    _fold_captured(full, site, acts, fields)
+    _fold_timed(full, planned)
     times: dict[str, list[list[tuple[float, float]]]] = {"fresh state": [], "full state": []}
     for _ in range(runs):
-        times["fresh state"].append(_fold_captured(Profiler(model, config), site, acts, fields))
-        times["full state"].append(_fold_captured(full, site, acts, fields))
+        times["fresh state"].append(_fold_timed(Profiler(model, config), planned))
+        times["full state"].append(_fold_timed(full, planned))
     return {
         name: {
-            "reductions ms": [1e3 * statistics.median(run[i][0] for run in rows) for i in range(len(acts))],
-            "merges ms": [1e3 * statistics.median(run[i][1] for run in rows) for i in range(len(acts) + 1)],
+            "reductions ms": [1e3 * statistics.median(run[i][0] for run in rows) for i in range(len(planned))],
+            "merges ms": [1e3 * statistics.median(run[i][1] for run in rows) for i in range(len(planned) + 1)],
         }
         for name, rows in times.items()
     }
 
 
-def _fold_captured(profiler: Profiler, site: str, acts: list, fields: list) -> list[tuple[float, float]]:
-    """`Profiler.fold`'s bookkeeping on captured activations: (reduction, merge) seconds per batch, then the final merge."""
+def _fold_timed(profiler: Profiler, planned: list) -> list[tuple[float, float]]:
+    """(reduction, merge) seconds of each `Profiler.fold`, then of the final `flush`."""
     spent = []
-    for values, batch_fields in zip(acts, fields, strict=True):
-        started = time.perf_counter()
-        profiler._fields = batch_fields
-        pieces = profiler._reduce(site, values)
-        reduced = time.perf_counter()
-        state = profiler.state[site].add(pieces.moments)
-        if pieces.histogram is not None and state.histogram is not None:
-            state = dataclasses.replace(state, histogram=state.histogram + pieces.histogram)
-        profiler.state[site] = state
-        profiler._unmerged[site].append(pieces.top)
-        if pieces.bottom is not None:
-            profiler._unmerged_bottom[site].append(pieces.bottom)
-        if bool(torch.isneginf(state.top.values[-1]).any()) or len(profiler._unmerged[site]) >= MERGE_EVERY:
-            profiler.flush(site)
-        spent.append((reduced - started, time.perf_counter() - reduced))
-    started = time.perf_counter()
-    profiler.flush()
-    return [*spent, (0.0, time.perf_counter() - started)]
+    for rows in planned:
+        parts = dict.fromkeys(("reductions", "merges", "forward"), 0.0)
+        with timing_parts(parts):
+            profiler.fold(rows, pad_id=0)
+        spent.append((parts["reductions"], parts["merges"]))
+    parts = dict.fromkeys(("reductions", "merges", "forward"), 0.0)
+    with timing_parts(parts):
+        profiler.flush()
+    return [*spent, (0.0, parts["merges"])]
 
 
 def render(results: dict) -> str:
@@ -147,7 +129,7 @@ def render(results: dict) -> str:
         "## Where a short whole call spends its time (`python -m benchmarks.whole_call_parts`)",
         "",
         "The whole call against the steady state (one `Profiler` folding the same batches again, its state full), "
-        "split inside the calls, medians per call; then the reductions alone per batch, on activations captured once.",
+        "split inside the calls, medians per call; then per batch, each fold's reductions and the merges after it.",
         "",
     ]
     for key, r in results.items():
