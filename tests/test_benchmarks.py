@@ -93,3 +93,21 @@ def test_the_gpu_paths_rows_name_what_they_skip(monkeypatch):
         dict(kind="all", device="cuda", note="skipped: CUDA is not available here")
     ]
     assert "needs CUDA" in gpu_paths._skip("triton", "cpu") and gpu_paths._skip("separate", "cpu") == ""
+
+
+def test_whole_model_at_a_shape_writes_its_section(tmp_path):
+    """`benchmarks.whole_model_shape` on the tiny shape: its three peers, their ratios, its section."""
+    data, results = tmp_path / "shape.json", tmp_path / "RESULTS.md"
+    args = ["--shape", "tiny", "--docs", "4", "--seq-len", "16", "--batch-tokens", "32", "--runs", "1"]
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.whole_model_shape", *args, "--json", str(data), "--results", str(results)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = json.loads(data.read_text()).values()
+    assert set(run["seconds"]) == {"one pass", "one pass, top-k and moments only (bottom_k=0, histogram=False)", "floor"}
+    assert run["tokens"] == 4 * 16 and run["floor_over_one_pass"] > 0
+    assert "<!-- whole-model-shape:begin -->" in results.read_text() and "4 layers, d_model 64" in results.read_text()

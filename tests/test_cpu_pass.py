@@ -122,3 +122,22 @@ def test_bottomk_candidates_rank_ties_past_the_margin_exactly():
         bottomk.batch_bottomk(acts, doc, pos, token, counted, 3),
         "bottom",
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_histogram_counts_every_group_of_neurons(dtype):
+    """300 neurons: two full groups of `HISTOGRAM_GROUP` and a partial one, each counted by its own bincount,
+    over magnitudes from below the centre bin to past the overflow bin, of both signs."""
+    from patchscope.kernels.cpu_pass import HISTOGRAM_GROUP
+
+    n = 300
+    assert n > 2 * HISTOGRAM_GROUP and n % HISTOGRAM_GROUP
+    gen = torch.Generator().manual_seed(5)
+    acts = torch.randn(77, n, generator=gen) * torch.pow(2.0, torch.randint(-14, 14, (77, n), generator=gen).float())
+    acts[:, 130] = 0.0  # a neuron in the second group that never fires
+    acts = acts.to(dtype)
+    ids = torch.arange(77)
+    counted = torch.rand(77, generator=gen) > 0.2
+    pieces = cpu_pass(acts, TokenFields(ids, ids, ids, counted), top_k=2, bottom_k=0, histogram=True, workspace=Workspace())
+    assert pieces is not None and pieces.histogram is not None
+    assert torch.equal(pieces.histogram, histogram.batch_histogram_reference(acts, counted))

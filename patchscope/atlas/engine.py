@@ -231,9 +231,9 @@ class Profiler:
                     self._unmerged[site].append(piece.top)
                 if piece.bottom is not None and piece.bottom.k:
                     self._unmerged_bottom[site].append(piece.bottom)
-                if piece.histogram is not None:
+                if piece.histogram is not None:  # the state's own counts, added in place (no 2.7 MB copy per site and batch)
                     current = stats.histogram if stats.histogram is not None else empty_histogram(stats.n_neurons, self.device)
-                    stats = dataclasses.replace(stats, histogram=current + piece.histogram)
+                    stats = dataclasses.replace(stats, histogram=current.add_(piece.histogram))
             self.state[site] = stats
             # While a neuron holds fewer than k examples its floor is -inf and no block can be skipped:
             # merge at once until the state is full (on the CPU, where reading that costs no sync).

@@ -36,6 +36,7 @@ from patchscope.atlas.quantile_pass import add_quantile_examples
 from patchscope.atlas.sources import Document, SourceConfig, TextSource, count_documents
 from patchscope.atlas.store import save_atlas
 from patchscope.model.sites import n_layers
+from patchscope.util.heap import steady_heap
 from patchscope.util.signals import Interrupted, InterruptFlag
 from patchscope.util.storage import check_writable, remove_stale_temp_files
 from patchscope.util.versions import versions
@@ -158,7 +159,8 @@ def _profile_into(run: _Run, folder: AtlasFolder | None, plan: Plan, progress: b
         log.info("resuming after %d batches (%d documents)", cursor.batches_done, cursor.documents_done)
         if progress:
             print(f"resuming after {cursor.batches_done} batches ({cursor.documents_done} documents)", file=sys.stderr)
-    loop = _fold_all(run, folder, cursor, progress)
+    with steady_heap(run.profiler.device.type == "cpu"):  # large tensors reused, not mapped afresh (util/heap.py)
+        loop = _fold_all(run, folder, cursor, progress)
     atlas = _conclude(run, folder, loop)
     if folder is not None and run.world.is_main:
         save_atlas(atlas, folder.path, before_commit=before_commit)
