@@ -30,18 +30,15 @@ from pathlib import Path
 
 import torch
 
-from patchscope.util.storage import write_json
-
-from .common import PeakMemory
+from .common import PeakMemory, planned_batches
 from .end_to_end import python_docs
-from .sections import write_section
+from .sections import record
 
 HERE = Path(__file__).parent
 
 
 def measure(args: argparse.Namespace) -> dict:
     from patchscope import profile
-    from patchscope.atlas.batching import collate, plan
     from patchscope.atlas.profile_config import ProfileConfig
     from patchscope.model import gguf, loading
 
@@ -51,18 +48,7 @@ def measure(args: argparse.Namespace) -> dict:
     texts = [json.loads(line)["text"] for line in corpus.read_text(encoding="utf-8").splitlines()]
     model, tokenizer = loading.load_model(str(gguf.converted(gguf.gemma3_270m())), dtype=args.dtype, device="cpu")
     n_layers = model.config.num_hidden_layers
-    config = ProfileConfig()
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    planned = plan(
-        [_doc(i, t) for i, t in enumerate(texts)],
-        tokenizer,
-        max_length=config.max_length,
-        overflow=config.overflow,
-        exclude_bos=config.exclude_bos,
-        batch_tokens=config.batch_tokens,
-        sort_buffer=config.sort_buffer,
-    )
-    batches = [collate(rows, pad_id) for rows in planned]
+    batches = planned_batches(texts, tokenizer, ProfileConfig())
     tokens = sum(int(b.attention_mask.sum()) for b in batches)
 
     def one_pass():
@@ -127,12 +113,6 @@ def measure(args: argparse.Namespace) -> dict:
     }
 
 
-def _doc(index: int, text: str):
-    from patchscope.atlas.sources import Document
-
-    return Document(index, text)
-
-
 def render(results: dict) -> str:
     lines = [
         "## A whole model in one pass (`--layers all`) on Gemma 3 270M",
@@ -185,13 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    store = Path(args.json)
-    results = json.loads(store.read_text()) if store.exists() else {}
-    if not args.render:
-        results[f"cpu/{args.dtype}/gemma-3-270m/python-docs-{args.docs}"] = dict(measure(args), note=args.note)
-        write_json(store, results)
-    write_section(Path(args.results), "whole-model", render(results))
-    print(render(results))
+    new = None if args.render else {f"cpu/{args.dtype}/gemma-3-270m/python-docs-{args.docs}": dict(measure(args), note=args.note)}
+    print(record(Path(args.json), Path(args.results), "whole-model", render, new))
     return 0
 
 

@@ -16,26 +16,21 @@ filling (the expensive regime, see "The whole call a user pays").
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from patchscope.util.storage import write_json
-
-from .common import SHAPES, build_model, random_batches, word_texts, word_tokenizer
-from .sections import write_section
+from .common import SHAPES, build_model, planned_batches, random_batches, word_texts, word_tokenizer
+from .sections import record
 
 HERE = Path(__file__).parent
 
 
 def measure(args: argparse.Namespace) -> dict:
     from patchscope import profile
-    from patchscope.atlas.batching import collate, plan
     from patchscope.atlas.profile_config import ProfileConfig
-    from patchscope.atlas.sources import Document
 
     started = time.perf_counter()
     model = build_model(args.shape, layers=None, dtype=torch.float32, device="cpu")
@@ -45,16 +40,7 @@ def measure(args: argparse.Namespace) -> dict:
     texts = word_texts(random_batches(args.docs, 1, args.seq_len, vocab, "cpu"))
     defaults = ProfileConfig(layers="all", batch_tokens=args.batch_tokens, max_length=args.seq_len)
     lean = ProfileConfig(layers="all", batch_tokens=args.batch_tokens, max_length=args.seq_len, bottom_k=0, histogram=False)
-    planned = plan(
-        [Document(i, t) for i, t in enumerate(texts)],
-        tokenizer,
-        max_length=defaults.max_length,
-        overflow=defaults.overflow,
-        exclude_bos=defaults.exclude_bos,
-        batch_tokens=defaults.batch_tokens,
-        sort_buffer=defaults.sort_buffer,
-    )
-    batches = [collate(rows, tokenizer.pad_token_id or 0) for rows in planned]
+    batches = planned_batches(texts, tokenizer, defaults)
     tokens = sum(int(b.attention_mask.sum()) for b in batches)
 
     def floor() -> None:
@@ -84,7 +70,8 @@ def measure(args: argparse.Namespace) -> dict:
             f"random weights ({model.config.num_hidden_layers} layers, d_model {model.config.hidden_size}, d_mlp "
             f"{model.config.intermediate_size}; built in {built:.0f} s); {args.docs} random-word "
             f"texts of {args.seq_len} tokens, {tokens} tokens in {len(batches)} batches of at most {args.batch_tokens}; "
-            f"{args.runs} interleaved rounds after a warm-up, medians"
+            f"{args.runs} interleaved rounds after a warm-up, medians; the floor runs after `profile` calls, so under "
+            "`patchscope.util.heap.steady_heap`'s allocator settings too"
         ),
         "tokens": tokens,
         "seconds": {name: dict(median=median[name], min=min(v), max=max(v)) for name, v in seconds.items()},
@@ -134,13 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    store = Path(args.json)
-    results = json.loads(store.read_text()) if store.exists() else {}
-    if not args.render:
-        results[f"cpu/float32/{args.shape}/{args.docs}x{args.seq_len}"] = dict(measure(args), note=args.note)
-        write_json(store, results)
-    write_section(Path(args.results), "whole-model-shape", render(results))
-    print(render(results))
+    new = (
+        None
+        if args.render
+        else {f"cpu/float32/{args.shape}/{args.docs}x{args.seq_len}-b{args.batch_tokens}": dict(measure(args), note=args.note)}
+    )
+    print(record(Path(args.json), Path(args.results), "whole-model-shape", render, new))
     return 0
 
 

@@ -6,8 +6,9 @@ holding inf or nan. Three things make it cheaper, each measured on a 2-core CPU 
 ``[1024, 2048]`` batch:
 
 - **Reused buffers.** A fresh ``[tokens, n]`` temporary costs about 2 ms of page faults; the same
-  elementwise op into a `Workspace` buffer costs about 0.1 ms. Every large intermediate lives in
-  one, and the moments are GEMVs over them (0.15-0.3 ms each).
+  elementwise op into a `Workspace` buffer costs about 0.1 ms. Every ``[tokens, n]`` intermediate
+  lives in one (not the histogram's copy of one group of 128 columns, about 1 MB), and the moments
+  are GEMVs over them (0.15-0.3 ms each).
 - **Blocks below the running k-th value are skipped.** Once a neuron's state holds k examples, a
   value below its k-th one (``floor``) can never enter its top-k, so only the blocks of 8 rows
   whose maximum reaches the floor are read, and only their entries at or above it are kept
@@ -42,6 +43,7 @@ from .topk_merge_fast import BLOCK_ROWS, TIE_MARGIN
 # Neurons per histogram bincount: 163 bins x 128 int64 counters = 167 KB, inside a core's L2; the int16
 # keys reach N_BINS * 128 = 20,864 (at most 201 fit).
 HISTOGRAM_GROUP = 128
+assert N_BINS * HISTOGRAM_GROUP < 2**15, "the histogram's keys are int16"
 
 
 class BatchPieces(NamedTuple):
@@ -50,7 +52,7 @@ class BatchPieces(NamedTuple):
     top: TopK  # [rows, n] candidates, unordered (rows vary per batch; 0 when none can enter the top-k)
     moments: Moments  # [n]
     bottom: TopK | None  # [rows, n] bottom-k candidates (real values), or None when bottom-k is off
-    histogram: Tensor | None  # [n, N_BINS] int64, or None when histograms are off
+    histogram: Tensor | None  # [n, N_BINS] int64 (from `cpu_pass`, a transposed view: add it, do not save it), or None when off
 
 
 class Workspace:
@@ -140,7 +142,7 @@ def _histogram(acts: Tensor, values: Tensor, uncounted: Tensor, workspace: Works
     key.bitwise_and_(0x3FF).sub_(LOW_KEY - 1).clamp_(0, LOG_BINS + 1)  # magnitude bin: 0 near zero .. 81 overflow
     key.bitwise_xor_(sign).sub_(sign)  # the signed bin minus CENTER: -81 .. 81
     width = HISTOGRAM_GROUP
-    column = (torch.arange(n, dtype=torch.int16) % width).add_(CENTER * width)  # [n]
+    column = (torch.arange(n) % width + CENTER * width).to(torch.int16)  # [n]
     torch.add(column, key, alpha=width, out=key)  # bin * width + the column inside its group
     key.index_fill_(0, uncounted, N_BINS * width)  # past the last real slot: dropped below
 

@@ -197,7 +197,7 @@ class ProfileConfig:
 
 ATLAS_BYTES_PER_SLOT = 4 + 3 * 8
 HISTOGRAM_BYTES_PER_NEURON = 8 * 163  # kernels.histogram.N_BINS int64 counts (tests/test_profile_config.py checks the count)
-WORKSPACE_BYTES_PER_ENTRY = 4 + 4 + 2 + 2  # float32 values and scratch, int16 magnitude and sign
+WORKSPACE_BYTES_PER_ENTRY = 4 + 4 + 2 + 2  # float32 values and scratch, the histogram's int16 key and sign
 
 
 def _memory_bytes(device: torch.device) -> int | None:

@@ -14,9 +14,11 @@ and the values that adjustment reaches with large tensors (mmap threshold 32 MiB
 64 MiB), set after the loop, made a later bare forward of the same model fault 130,000-144,000
 pages and run 39.1-41.1 s instead of 37.8-38.7 s. Leaving the loop it returns the heap's free memory
 to the system (``malloc_trim``); afterwards the heap keeps up to 1 GiB of freed memory for reuse.
-Nothing happens where the C library is not glibc (a jemalloc or tcmalloc preload brings its own
-policy, which glibc's settings do not reach), or where the user has set glibc's malloc settings
-through the environment.
+Nothing happens where the C library is not glibc, where an allocator is preloaded (``LD_PRELOAD`` naming
+jemalloc, tcmalloc or mimalloc: glibc's settings would not reach it), where the user has set any of glibc's
+``MALLOC_*`` variables or ``GLIBC_TUNABLES``, or where glibc refuses the 1 GiB threshold (releases before
+2.35 cap it at 32 MiB; then the trim threshold is left alone too, since setting it would freeze the mmap
+threshold wherever it stands).
 """
 
 from __future__ import annotations
@@ -32,12 +34,16 @@ M_TRIM_THRESHOLD = -1  # glibc <malloc.h>
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 1 << 30  # requests below 1 GiB come from the heap
 TRIM_THRESHOLD = 1 << 30  # the heap keeps up to 1 GiB free at its top (2**31 - 1, the most an int holds, measured worse)
-_USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "GLIBC_TUNABLES")
+_PRELOADED_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
 
 
 def _glibc() -> ctypes.CDLL | None:
-    """The process's glibc, when it is glibc and the user has not tuned its allocator."""
-    if platform.libc_ver()[0] != "glibc" or any(name in os.environ for name in _USER_SETTINGS):
+    """The process's glibc, when it is glibc, no other allocator is preloaded and the user has not tuned it."""
+    if platform.libc_ver()[0] != "glibc" or "GLIBC_TUNABLES" in os.environ:
+        return None
+    if any(name.startswith("MALLOC_") for name in os.environ):
+        return None
+    if any(allocator in os.environ.get("LD_PRELOAD", "") for allocator in _PRELOADED_ALLOCATORS):
         return None
     name = ctypes.util.find_library("c")
     if name is None:
@@ -56,10 +62,9 @@ def steady_heap(enabled: bool = True) -> Iterator[bool]:
     """From here on large tensors are reused from the heap instead of mapped afresh; leaving, the free
     memory goes back to the system. Yields whether it applied."""
     libc = _glibc() if enabled else None
-    if libc is None:
+    if libc is None or libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) != 1:  # 1: accepted
         yield False
         return
-    libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
     libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
     try:
         yield True
