@@ -16,8 +16,8 @@ pages and run 39.1-41.1 s instead of 37.8-38.7 s. Leaving the loop it returns th
 to the system (``malloc_trim``); afterwards the heap keeps up to 1 GiB of freed memory for reuse.
 Nothing happens where the C library is not glibc, where an allocator is preloaded (``LD_PRELOAD`` naming
 jemalloc, tcmalloc or mimalloc: glibc's settings would not reach it), where the user has set any of glibc's
-``MALLOC_*`` variables or ``GLIBC_TUNABLES``, or where glibc refuses the 1 GiB threshold (releases before
-2.35 cap it at 32 MiB; then the trim threshold is left alone too, since setting it would freeze the mmap
+``MALLOC_*`` variables or ``GLIBC_TUNABLES``, or where glibc refuses the 1 GiB threshold (some older releases
+cap it at 32 MiB; then the trim threshold is left alone too, since setting it would freeze the mmap
 threshold wherever it stands).
 """
 
