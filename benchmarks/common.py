@@ -265,17 +265,9 @@ def random_batches(n_batches: int, batch: int, seq_len: int, vocab: int, device:
 
 def planned_batches(texts: list[str], tokenizer, config) -> list:
     """The batches `patchscope.profile(model, tokenizer, texts, config)` folds, collated (a floor runs over them)."""
-    from patchscope.atlas.batching import collate, plan
+    from patchscope.atlas.batching import collate
     from patchscope.atlas.sources import Document
 
-    planned = plan(
-        [Document(i, t) for i, t in enumerate(texts)],
-        tokenizer,
-        max_length=config.max_length,
-        overflow=config.overflow,
-        exclude_bos=config.exclude_bos,
-        batch_tokens=config.batch_tokens,
-        sort_buffer=config.sort_buffer,
-    )
+    planned = config.plan([Document(i, t) for i, t in enumerate(texts)], tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return [collate(rows, pad_id) for rows in planned]

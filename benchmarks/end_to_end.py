@@ -91,7 +91,7 @@ def busy_core() -> Iterator[None]:
 
 def measure(args: argparse.Namespace) -> dict:
     from patchscope.atlas import profiling as run_module
-    from patchscope.atlas.batching import collate, plan
+    from patchscope.atlas.batching import collate
     from patchscope.atlas.profile_config import ProfileConfig
     from patchscope.atlas.sources import SourceConfig, TextSource
     from patchscope.cli.main import main as cli
@@ -108,15 +108,7 @@ def measure(args: argparse.Namespace) -> dict:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     def planned(path: Path):
-        return plan(
-            TextSource(SourceConfig(dataset=str(path), split="")),
-            tokenizer,
-            max_length=config.max_length,
-            overflow=config.overflow,
-            exclude_bos=config.exclude_bos,
-            batch_tokens=config.batch_tokens,
-            sort_buffer=config.sort_buffer,
-        )
+        return config.plan(TextSource(SourceConfig(dataset=str(path), split="")), tokenizer)
 
     batches = {path: [collate(rows, pad_id) for rows in planned(path)] for path in (corpus, warmup_corpus)}
     real_tokens = sum(int(b.attention_mask.sum()) for b in batches[corpus])

@@ -41,6 +41,7 @@ _EXPORTS: dict[str, str] = {
     "export_original": "patchscope.atlas.exports",
     "export_parquet": "patchscope.atlas.exports",
     "ProfileConfig": "patchscope.atlas.profile_config",
+    "Segment": "patchscope.atlas.batching",
     "profile": "patchscope.atlas.profiling",
     "SourceConfig": "patchscope.atlas.sources",
     "TextSource": "patchscope.atlas.sources",
@@ -170,6 +171,7 @@ if TYPE_CHECKING:  # for type checkers and editors: the same names, imported eag
         SiteAtlas,
         SiteNeuron,
     )
+    from patchscope.atlas.batching import Segment
     from patchscope.atlas.distributed import World
     from patchscope.atlas.exact import ExactSum
     from patchscope.atlas.exports import export_original, export_parquet

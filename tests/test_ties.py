@@ -23,7 +23,7 @@ import torch
 from run_inputs import TEXTS, ctrl_c_at_batch, profile_argv, torchrun, write_corpus
 
 from patchscope import load_model
-from patchscope.atlas.batching import collate, plan
+from patchscope.atlas.batching import collate
 from patchscope.atlas.folder import CHECKPOINT
 from patchscope.atlas.profile_config import ProfileConfig
 from patchscope.atlas.profiling import profile
@@ -96,15 +96,7 @@ def replayed(model, tokenizer, texts, config: ProfileConfig) -> dict[str, Rows]:
     """Both sites as computed in the profiler's own batches (its plan, its padding, its order)."""
     parts: dict[str, list[tuple[torch.Tensor, ...]]] = {EMBED: [], MLP: []}
     documents = (Document(i, t) for i, t in enumerate(texts))
-    batches = plan(
-        documents,
-        tokenizer,
-        max_length=config.max_length,
-        overflow=config.overflow,
-        exclude_bos=config.exclude_bos,
-        batch_tokens=config.batch_tokens,
-        sort_buffer=config.sort_buffer,
-    )
+    batches = config.plan(documents, tokenizer)
     with Capture(model) as hooks, torch.inference_mode():
         for rows in batches:
             batch = collate(rows, tokenizer.pad_token_id)

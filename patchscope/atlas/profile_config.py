@@ -5,17 +5,23 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Literal, get_args
 
 import torch
 
-from patchscope.atlas.batching import Overflow
+from patchscope.atlas.batching import Overflow, Segment, plan
 from patchscope.atlas.layer_selection import SiteKind, check_spelling, layer_sites, needs_count, parse_layers
 
 Reduction = Literal["auto", "one_pass", "separate", "triton", "inductor"]
 """How the profiler reduces each batch to its statistics; every choice gives the same atlas."""
+
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from patchscope.atlas.sources import Document
 
 
 @dataclass(frozen=True)
@@ -100,6 +106,19 @@ class ProfileConfig:
             "help": "Examples kept in each of 5 activation intervals below the maximum; a second pass over the data (0: none)."
         },
     )
+
+    def plan(self, documents: Iterable[Document], tokenizer: PreTrainedTokenizerBase) -> Iterator[list[Segment]]:
+        """The batches this config cuts ``documents`` into (`batching.plan` with its length, overflow, BOS and
+        batch settings): the profiler's, the quantile pass's, and any replay of them."""
+        return plan(
+            documents,
+            tokenizer,
+            max_length=self.max_length,
+            overflow=self.overflow,
+            exclude_bos=self.exclude_bos,
+            batch_tokens=self.batch_tokens,
+            sort_buffer=self.sort_buffer,
+        )
 
     def site_names(self) -> tuple[str, ...]:
         """The sites profiled: those of `layers` then `sites`, else the MLP neurons of `layer`."""

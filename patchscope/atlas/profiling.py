@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerBase
 
 from patchscope.atlas import distributed
 from patchscope.atlas.atlas import Atlas, AtlasMeta, Provenance
-from patchscope.atlas.batching import adds_bos, plan
+from patchscope.atlas.batching import adds_bos
 from patchscope.atlas.corpora import builtin_version
 from patchscope.atlas.engine import Profiler
 from patchscope.atlas.exports import write_exports
@@ -196,10 +196,7 @@ def _fold_all(run: _Run, folder: AtlasFolder | None, restored: Cursor, progress:
     config = run.config
     loop = _Loop(restored, restored.batches_done, restored.documents_done, tokens_done=restored.tokens_done)
     count = _Counter(distributed.shard(run.documents, config.sort_buffer, run.world))  # this rank's blocks
-    batches = prefetch(  # tokenized in a background thread, overlapping the forward
-        plan(count, run.tokenizer, max_length=config.max_length, overflow=config.overflow, exclude_bos=config.exclude_bos,
-             batch_tokens=config.batch_tokens, sort_buffer=config.sort_buffer)
-    )  # fmt: skip
+    batches = prefetch(config.plan(count, run.tokenizer))  # tokenized in a background thread, overlapping the forward
     pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
     bar = Progress(
         _bar_title(run.profiler.sites),

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from patchscope.atlas.atlas import Atlas
-from patchscope.atlas.batching import collate, plan
+from patchscope.atlas.batching import collate
 from patchscope.atlas.feature_site import FeatureSite, encoded_chunks, features_of, reads_of
 from patchscope.atlas.profile_config import ProfileConfig
 from patchscope.atlas.sources import Document
@@ -75,15 +75,7 @@ def quantile_examples(
 
         return on_site
 
-    batches = plan(
-        documents,
-        tokenizer,
-        max_length=config.max_length,
-        overflow=config.overflow,
-        exclude_bos=config.exclude_bos,
-        batch_tokens=config.batch_tokens,
-        sort_buffer=config.sort_buffer,
-    )
+    batches = config.plan(documents, tokenizer)
     with torch.inference_mode(), add_hooks(model, {reads: hook(reads) for reads in dict.fromkeys(map(reads_of, sites))}):
         for rows in batches:
             batch = collate(rows, pad_id).to(device)
