@@ -16,13 +16,13 @@ filling (the expensive regime, see "The whole call a user pays").
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from .common import SHAPES, build_model, planned_batches, random_batches, word_texts, word_tokenizer
+from .common import SHAPES, build_model, interleaved, planned_batches, random_batches, word_texts, word_tokenizer
 from .sections import record
 
 HERE = Path(__file__).parent
@@ -48,33 +48,31 @@ def measure(args: argparse.Namespace) -> dict:
             for b in batches:
                 model.model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
 
+    def one_pass(config: ProfileConfig) -> Callable[[], None]:
+        def run() -> None:
+            profile(model, tokenizer, texts, config, progress=False)
+
+        return run
+
     peers = {
-        "one pass": lambda: profile(model, tokenizer, texts, defaults, progress=False),
-        "one pass, top-k and moments only (bottom_k=0, histogram=False)": lambda: profile(
-            model, tokenizer, texts, lean, progress=False
-        ),
-        "floor": floor,
+        "one pass": (one_pass(defaults), tokens),
+        "one pass, top-k and moments only (bottom_k=0, histogram=False)": (one_pass(lean), tokens),
+        "floor": (floor, tokens),
     }
-    profile(model, tokenizer, texts[:2], defaults, progress=False)  # warm-up
-    seconds: dict[str, list[float]] = {name: [] for name in peers}
-    for _ in range(args.runs):
-        for name, run in peers.items():
-            begun = time.perf_counter()
-            run()
-            seconds[name].append(time.perf_counter() - begun)
-            print(f"{name}: {seconds[name][-1]:.1f} s", flush=True)
-    median = {name: statistics.median(v) for name, v in seconds.items()}
+    profile(model, tokenizer, texts[:2], defaults, progress=False)  # warm-up: a full extra run costs minutes here
+    timings = interleaved(peers, warmup=0, runs=args.runs, device="cpu", memory=False)
+    median = {name: t.median for name, t in timings.items()}
     return {
         "conditions": (
             f"CPU, {torch.get_num_threads()} torch threads; float32; torch {torch.__version__}; Gemma-2 of shape {args.shape}, "
             f"random weights ({model.config.num_hidden_layers} layers, d_model {model.config.hidden_size}, d_mlp "
             f"{model.config.intermediate_size}; built in {built:.0f} s); {args.docs} random-word "
             f"texts of {args.seq_len} tokens, {tokens} tokens in {len(batches)} batches of at most {args.batch_tokens}; "
-            f"{args.runs} interleaved rounds after a warm-up, medians; the floor runs after `profile` calls, so under "
+            f"{args.runs} interleaved rounds (order shuffled, seeded) after a warm-up, medians; the floor runs after `profile` calls, so under "
             "`patchscope.util.heap.steady_heap`'s allocator settings too"
         ),
         "tokens": tokens,
-        "seconds": {name: dict(median=median[name], min=min(v), max=max(v)) for name, v in seconds.items()},
+        "seconds": {name: dict(median=t.median, min=min(t.seconds), max=max(t.seconds)) for name, t in timings.items()},
         "floor_over_one_pass": median["floor"] / median["one pass"],
         "floor_over_lean_one_pass": median["floor"] / median["one pass, top-k and moments only (bottom_k=0, histogram=False)"],
     }
